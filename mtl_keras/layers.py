@@ -1,0 +1,49 @@
+"""Small layers shared by the architectures. ``keras.ops`` only, so they run on any backend."""
+
+import keras
+from keras import ops
+
+IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)  # in 0..255 pixel units
+IMAGENET_STD_RGB = (58.395, 57.12, 57.375)
+
+
+@keras.saving.register_keras_serializable(package="mtl_keras")
+class ResizeLike(keras.layers.Layer):
+    """Resizes ``inputs[0]`` to the spatial size of ``inputs[1]`` (NHWC).
+
+    The target size is read at run time, so an exported model accepts any image size. With a 1x1 input (the ASPP
+    image-pooling branch) bilinear resizing is a broadcast.
+    """
+
+    def __init__(self, interpolation="bilinear", **kwargs):
+        super().__init__(**kwargs)
+        self.interpolation = interpolation
+
+    def call(self, inputs):
+        x, reference = inputs
+        size = ops.shape(reference)[1:3]
+        return ops.image.resize(x, size, interpolation=self.interpolation, data_format="channels_last")
+
+    def compute_output_shape(self, input_shapes):
+        x_shape, ref_shape = input_shapes
+        return (x_shape[0], ref_shape[1], ref_shape[2], x_shape[3])
+
+    def get_config(self):
+        return {**super().get_config(), "interpolation": self.interpolation}
+
+
+def image_normalization(name="image_normalization"):
+    """Maps float RGB images in 0..255 to ImageNet-standardised values (the convention of torchvision weights).
+
+    Preprocessing lives inside the model so that an exported model takes raw images.
+    """
+    return keras.layers.Normalization(
+        axis=-1, mean=list(IMAGENET_MEAN_RGB), variance=[s * s for s in IMAGENET_STD_RGB], name=name)
+
+
+def conv_bn_relu(x, filters, kernel_size, dilation_rate=1, name=None, use_bias=False):
+    """Conv -> BN -> ReLU, the unit of ASPP branches and task decoders."""
+    x = keras.layers.Conv2D(filters, kernel_size, padding="same", dilation_rate=dilation_rate, use_bias=use_bias,
+                            name=f"{name}_conv")(x)
+    x = keras.layers.BatchNormalization(epsilon=1e-5, name=f"{name}_bn")(x)
+    return keras.layers.Activation("relu", name=f"{name}_relu")(x)

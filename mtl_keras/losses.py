@@ -1,0 +1,79 @@
+"""Per-task losses as masked means, in ``keras.ops`` only.
+
+Each loss is a sum over the pixels that carry a label divided by their number, so an image with many labelled
+pixels counts for more than one with few, as in the paper ("averaged over the pixels with labels in each
+mini-batch"). A batch with no labelled pixel gives exactly 0 (never NaN): the count is clipped to at least 1.
+
+These are plain functions, not ``keras.losses.Loss`` objects: a ``Loss`` with the default reduction divides by the
+number of replicas under ``tf.distribute``, and the trainer divides ``add_loss`` terms once more (see
+``shared/reference/keras3-notes.md``); the weighting layer adds the weighted total once, with ``add_loss``.
+"""
+
+from keras import ops
+
+from mtl_keras.tasks import IGNORE_LABEL
+
+
+def masked_mean(values, mask):
+    """sum(values * mask) / max(sum(mask), 1); ``values`` and ``mask`` broadcast together."""
+    mask = ops.cast(mask, values.dtype)
+    total = ops.sum(values * mask)
+    count = ops.sum(ops.broadcast_to(mask, ops.shape(values)))
+    return total / ops.maximum(count, 1.0)
+
+
+def semantic_cross_entropy(labels, logits, ignore_label=IGNORE_LABEL):
+    """Softmax cross entropy averaged over pixels whose label is not ``ignore_label``.
+
+    labels: int (B, H, W) training ids; logits: (B, H, W, C).
+    """
+    logits = ops.cast(logits, "float32")
+    labels = ops.cast(labels, "int32")
+    valid = ops.not_equal(labels, ignore_label)
+    num_classes = ops.shape(logits)[-1]
+    # Ignored pixels get a placeholder class so the per-pixel loss stays finite; the mask then drops them.
+    safe_labels = ops.where(valid, labels, ops.zeros_like(labels))
+    safe_labels = ops.clip(safe_labels, 0, num_classes - 1)
+    per_pixel = ops.sparse_categorical_crossentropy(safe_labels, logits, from_logits=True)
+    return masked_mean(per_pixel, valid)
+
+
+def masked_l1(targets, predictions, mask):
+    """Per-pixel L1 norm over channels (||x - x_hat||_1, seed 002) averaged over pixels where ``mask`` is 1.
+
+    targets, predictions: (B, H, W, K); mask: (B, H, W, 1) or (B, H, W).
+    """
+    predictions = ops.cast(predictions, "float32")
+    targets = ops.cast(targets, "float32")
+    mask = ops.cast(mask, "float32")
+    if len(mask.shape) == len(targets.shape) - 1:
+        mask = ops.expand_dims(mask, -1)
+    # Targets may hold NaN/inf where invalid (e.g. unmeasured depth): replace them before the difference, since a
+    # NaN behind a mask still turns the gradient into NaN.
+    targets = ops.where(mask > 0, targets, ops.zeros_like(targets))
+    per_pixel = ops.sum(ops.abs(targets - predictions), axis=-1)
+    mask = ops.squeeze(mask, axis=-1)
+    return masked_mean(per_pixel, mask)
+
+
+def instance_l1(targets, predictions, mask):
+    """L1 between predicted and true centroid vectors, averaged over instance pixels only."""
+    return masked_l1(targets, predictions, mask)
+
+
+def depth_l1(targets, predictions, mask):
+    """L1 between predicted and true inverse depth, averaged over valid pixels only."""
+    return masked_l1(targets, predictions, mask)
+
+
+def task_loss(task, targets, predictions, ignore_label=IGNORE_LABEL):
+    """The loss of ``task`` from the target dict of the data pipeline and the model's output dict.
+
+    Masks default to every pixel valid when the pipeline gives none.
+    """
+    if task == "semantic":
+        return semantic_cross_entropy(targets["semantic"], predictions["semantic"], ignore_label)
+    mask = targets.get(f"{task}_mask")
+    if mask is None:
+        mask = ops.ones_like(ops.cast(targets[task][..., :1], "float32"))
+    return masked_l1(targets[task], predictions[task], mask)

@@ -1,0 +1,128 @@
+"""Kendall, Gal & Cipolla (2018): a DeepLabV3 encoder shared by light per-task decoders.
+
+Order of this file: blocks (ASPP, task decoder), the model, registered entry points.
+
+Encoder (seed 001, appendix A): dilated ResNet-101 at output stride 8, then ASPP with four parallel convolutions
+(1x1; 3x3 at rates 12, 24, 36) of 256 channels and an image-pooling branch (global average pool, 1x1 conv to 256),
+each followed by BN (and ReLU, as in DeepLabV3), concatenated to 1280 channels: the shared representation.
+Decoder per task: conv to 256 + BN + ReLU, 1x1 conv to the task's channels, bilinear upsampling to the input size.
+
+``decoder_kernel_size`` defaults to 1: the appendix (seed 001), which details the architecture layer by layer, says
+1x1, while the main text (seed 002) summarises the decoder as 3x3. 1x1 keeps each decoder at 0.33M parameters
+("very little flexibility in each task decoder", appendix); 3 is available for the main text's variant.
+"""
+
+import keras
+
+from mtl_keras.layers import ResizeLike, conv_bn_relu, image_normalization
+from mtl_keras.models.heads import task_output
+from mtl_keras.models.resnet import dilated_resnet
+from mtl_keras.registry import register_model
+from mtl_keras.tasks import validate_tasks
+
+
+# --------------------------------------------------------------------------------------------------------- blocks
+def aspp(x, channels=256, rates=(12, 24, 36), name="aspp"):
+    """Atrous spatial pyramid pooling: a 1x1 branch, one 3x3 branch per rate and image pooling, concatenated."""
+    branches = [conv_bn_relu(x, channels, 1, name=f"{name}_1x1")]
+    for rate in rates:
+        branches.append(conv_bn_relu(x, channels, 3, dilation_rate=rate, name=f"{name}_rate{rate}"))
+    pooled = keras.layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}_pool")(x)
+    pooled = conv_bn_relu(pooled, channels, 1, name=f"{name}_pool")
+    branches.append(ResizeLike(interpolation="bilinear", name=f"{name}_pool_resize")([pooled, x]))
+    return keras.layers.Concatenate(name=f"{name}_concat")(branches)
+
+
+def task_decoder(x, task, num_classes, image, channels=256, kernel_size=1):
+    """Conv (``kernel_size``) to ``channels`` + BN + ReLU, then the task's output conv and upsampling."""
+    x = conv_bn_relu(x, channels, kernel_size, name=f"{task}_decoder")
+    return task_output(x, task, num_classes, image, name=f"{task}_decoder")
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+@keras.saving.register_keras_serializable(package="mtl_keras")
+class KendallMultiTaskModel(keras.Model):
+    """Shared dilated-ResNet + ASPP encoder, one light decoder per task; images (0..255 RGB) -> {task: output}.
+
+    Outputs: ``semantic`` logits (C channels), ``instance`` (dy, dx) vectors from each pixel to its instance's
+    centroid in pixels, ``depth`` inverse depth (disparity in pixels), all at the input resolution.
+    """
+
+    def __init__(self, tasks=("semantic", "instance", "depth"), num_classes=19, input_shape=(128, 256, 3),
+                 backbone_depth=101, backbone_width=64, output_stride=8, aspp_channels=256,
+                 aspp_rates=(12, 24, 36), decoder_channels=256, decoder_kernel_size=1, **kwargs):
+        tasks = validate_tasks(tasks)
+        input_shape = tuple(input_shape)
+        # === Functional graph ===
+        image = keras.Input(shape=input_shape, name="image")
+        x = image_normalization()(image)
+        features = dilated_resnet(x, depth=backbone_depth, output_stride=output_stride, width=backbone_width)
+        shared = aspp(features, channels=aspp_channels, rates=tuple(aspp_rates))
+        outputs = {task: task_decoder(shared, task, num_classes, image, channels=decoder_channels,
+                                      kernel_size=decoder_kernel_size) for task in tasks}
+        super().__init__(inputs=image, outputs=outputs, **kwargs)
+        # === Config ===
+        self.tasks = tasks
+        self.num_classes = num_classes
+        self.image_shape = input_shape
+        self.backbone_depth = backbone_depth
+        self.backbone_width = backbone_width
+        self.output_stride = output_stride
+        self.aspp_channels = aspp_channels
+        self.aspp_rates = tuple(aspp_rates)
+        self.decoder_channels = decoder_channels
+        self.decoder_kernel_size = decoder_kernel_size
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "tasks": list(self.tasks),
+            "num_classes": self.num_classes,
+            "input_shape": list(self.image_shape),
+            "backbone_depth": self.backbone_depth,
+            "backbone_width": self.backbone_width,
+            "output_stride": self.output_stride,
+            "aspp_channels": self.aspp_channels,
+            "aspp_rates": list(self.aspp_rates),
+            "decoder_channels": self.decoder_channels,
+            "decoder_kernel_size": self.decoder_kernel_size,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+# ------------------------------------------------------------------------------------------- registered entry points
+@register_model
+def kendall_deeplabv3_resnet101(tasks=("semantic", "instance", "depth"), num_classes=19, input_shape=(128, 256, 3),
+                                **overrides):
+    """The paper's model: dilated ResNet-101 (output stride 8) + ASPP, one decoder per task."""
+    kwargs = dict(backbone_depth=101, output_stride=8)
+    kwargs.update(overrides)
+    kwargs.setdefault("name", "kendall_deeplabv3_resnet101")
+    return KendallMultiTaskModel(tasks=tasks, num_classes=num_classes, input_shape=input_shape, **kwargs)
+
+
+@register_model
+def kendall_deeplabv3_resnet50(tasks=("semantic", "instance", "depth"), num_classes=19, input_shape=(128, 256, 3),
+                               **overrides):
+    """The same design on ResNet-50."""
+    kwargs = dict(backbone_depth=50, output_stride=8)
+    kwargs.update(overrides)
+    kwargs.setdefault("name", "kendall_deeplabv3_resnet50")
+    return KendallMultiTaskModel(tasks=tasks, num_classes=num_classes, input_shape=input_shape, **kwargs)
+
+
+@register_model
+def kendall_deeplabv3_resnet26_slim(tasks=("semantic", "instance", "depth"), num_classes=19,
+                                    input_shape=(128, 256, 3), **overrides):
+    """A small member of the family for CPU runs: ResNet-26 at half width, output stride 8, ASPP of 128 channels.
+
+    Same structure as the paper's model; the default of ``experiments/train.py`` so that a run ends in minutes.
+    """
+    kwargs = dict(backbone_depth=26, backbone_width=32, output_stride=8, aspp_channels=128, decoder_channels=128)
+    kwargs.update(overrides)
+    kwargs.setdefault("name", "kendall_deeplabv3_resnet26_slim")
+    return KendallMultiTaskModel(tasks=tasks, num_classes=num_classes, input_shape=input_shape, **kwargs)

@@ -1,0 +1,111 @@
+"""The training wrapper: an inference model plus a loss weighting, trained with ``model.fit``.
+
+``MultiTaskTrainer(model, weighting).fit(ds)`` takes ``ds`` yielding ``(images, {task: target, ...})`` (masks
+``instance_mask`` and ``depth_mask`` where the data has invalid pixels). The inference model stays a separate object
+that takes images only: that is what is exported and served.
+"""
+
+import keras
+from keras import ops
+
+from mtl_keras.losses import task_loss
+from mtl_keras.tasks import IGNORE_LABEL, validate_tasks
+from mtl_keras.weighting import LossWeighting
+
+
+@keras.saving.register_keras_serializable(package="mtl_keras")
+class MultiTaskTrainer(keras.Model):
+    """Adds the per-task losses, weighted by ``weighting``, to an inference model's outputs.
+
+    Logged each step (progress bar, history, TensorBoard): ``loss`` (the weighted total), ``{task}_loss`` and the
+    weighting's ``log_values()`` (``{task}_weight``, ``{task}_sigma2``).
+    """
+
+    def __init__(self, model, weighting, ignore_label=IGNORE_LABEL, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(weighting, LossWeighting):
+            raise TypeError(f"weighting must be a mtl_keras LossWeighting, got {type(weighting).__name__}.")
+        outputs = tuple(model.output.keys()) if isinstance(model.output, dict) else ()
+        missing = [t for t in weighting.tasks if t not in outputs]
+        if missing:
+            raise ValueError(f"The weighting has tasks {weighting.tasks} but the model outputs {outputs}.")
+        self.inference_model = model
+        self.loss_weighting = weighting
+        self.tasks = validate_tasks(weighting.tasks)
+        self.ignore_label = ignore_label
+        self.task_loss_trackers = [keras.metrics.Mean(name=f"{t}_loss") for t in self.tasks]
+        self.weight_trackers = [keras.metrics.Mean(name=n) for n in weighting.log_values()]
+
+    def call(self, images, training=None):
+        return self.inference_model(images, training=training)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        if y is None:
+            raise ValueError("MultiTaskTrainer needs targets: the dataset must yield (images, {task: target}).")
+        missing = [t for t in self.tasks if t not in y]
+        if missing:
+            raise ValueError(f"The dataset's targets lack tasks {missing}; it gives {sorted(y)}.")
+        task_losses = {t: task_loss(t, y, y_pred, self.ignore_label) for t in self.tasks}
+        total = self.loss_weighting(task_losses)  # add_loss(total) happens inside
+        for tracker, t in zip(self.task_loss_trackers, self.tasks):
+            tracker.update_state(task_losses[t])
+        for tracker, value in zip(self.weight_trackers, self.loss_weighting.log_values().values()):
+            tracker.update_state(value)
+        loss = super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
+        if keras.config.backend() == "jax":
+            # JAX evaluates compute_loss in a stateless scope that drops add_loss terms made there: add the total
+            # here instead (JAX has no tf.distribute replica scaling to keep consistent).
+            loss = loss + total
+        return loss
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "model": keras.saving.serialize_keras_object(self.inference_model),
+            "weighting": keras.saving.serialize_keras_object(self.loss_weighting),
+            "ignore_label": self.ignore_label,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        model = keras.saving.deserialize_keras_object(config.pop("model"))
+        weighting = keras.saving.deserialize_keras_object(config.pop("weighting"))
+        return cls(model, weighting, **config)
+
+
+def kendall_sgd(learning_rate=2.5e-3, total_steps=50_000, power=0.9, momentum=0.9, weight_decay=1e-4):
+    """Seed 001's optimiser: SGD, Nesterov momentum 0.9, lr 2.5e-3 with (1 - step/total)^0.9 decay, wd 1e-4.
+
+    Keras applies ``weight_decay`` as ``w -= lr * wd * w`` (decoupled from the momentum, unlike PyTorch's L2 term);
+    batch-norm parameters and the loss weights are excluded from it, since decaying ``log sigma^2`` towards 0 would
+    bias the learned task weights.
+    """
+    schedule = keras.optimizers.schedules.PolynomialDecay(
+        learning_rate, decay_steps=max(int(total_steps), 1), end_learning_rate=0.0, power=power)
+    optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=momentum, nesterov=True,
+                                     weight_decay=weight_decay)
+    optimizer.exclude_from_weight_decay(var_names=["log_variance", "gamma", "beta", "moving_", "bias"])
+    return optimizer
+
+
+class WeightingHistory(keras.callbacks.Callback):
+    """Records the weighting's ``log_values()`` (sigma^2 and effective weights) every ``every`` training steps.
+
+    ``history`` is ``{"step": [...], name: [...]}``; it feeds the sigma^2 plot.
+    """
+
+    def __init__(self, weighting, every=1):
+        super().__init__()
+        self.weighting = weighting
+        self.every = max(int(every), 1)
+        self.history = {"step": []}
+        self._step = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step += 1
+        if self._step % self.every:
+            return
+        self.history["step"].append(self._step)
+        for name, value in self.weighting.log_values().items():
+            self.history.setdefault(name, []).append(float(ops.convert_to_numpy(value)))
