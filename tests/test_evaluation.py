@@ -1,0 +1,260 @@
+import math
+
+import numpy as np
+import pytest
+
+from mtl_keras.evaluation import (MultiTaskEvaluator, confusion_matrix, delta_m, evaluate_model,
+                                  segmentation_scores)
+
+
+def one_hot_logits(labels, num_classes):
+    return np.eye(num_classes, dtype=np.float32)[labels]
+
+
+# ------------------------------------------------------------------------------------------------ confusion / scores
+
+def test_confusion_matrix_hand_case_and_ignore():
+    labels = np.array([[0, 0, 1], [1, 255, 2]])
+    preds = np.array([[0, 1, 1], [1, 2, 0]])
+    cm = confusion_matrix(labels, preds, num_classes=3)
+    expected = np.array([[1, 1, 0],
+                         [0, 2, 0],
+                         [1, 0, 0]])  # the ignored pixel (predicted 2) is not counted
+    np.testing.assert_array_equal(cm, expected)
+    assert cm.dtype == np.int64
+
+
+def test_confusion_matrix_rejects_bad_labels_naming_them():
+    with pytest.raises(ValueError, match=r"\[3, 7\]"):
+        confusion_matrix(np.array([0, 3, 7, 255]), np.array([0, 0, 0, 0]), num_classes=3)
+    with pytest.raises(ValueError, match="-1"):
+        confusion_matrix(np.array([-1, 0]), np.array([0, 0]), num_classes=3)
+    with pytest.raises(ValueError, match="Predictions"):
+        confusion_matrix(np.array([0, 1]), np.array([0, 5]), num_classes=3)
+    with pytest.raises(ValueError, match="same shape"):
+        confusion_matrix(np.zeros((2, 2)), np.zeros((2, 3)), num_classes=3)
+
+
+def test_segmentation_scores_absent_and_false_positive_classes():
+    # class 2 is never in the ground truth but predicted once -> IoU 0 (included in the mean);
+    # class 3 is absent from both -> NaN (excluded). The ignored pixel (predicted 3) counts nowhere.
+    labels = np.array([0, 0, 0, 1, 1, 255])
+    preds = np.array([0, 0, 1, 1, 2, 3])
+    scores = segmentation_scores(confusion_matrix(labels, preds, num_classes=4))
+    iou = scores["per_class_iou"]
+    # class 0: TP 2, FN 1, FP 0 -> 2/3 ; class 1: TP 1, FN 1 (->2), FP 1 -> 1/3 ; class 2: TP 0, FP 1 -> 0
+    assert iou[0] == pytest.approx(2 / 3)
+    assert iou[1] == pytest.approx(1 / 3)
+    assert iou[2] == 0.0
+    assert math.isnan(iou[3])
+    assert scores["mean_iou"] == pytest.approx((2 / 3 + 1 / 3 + 0) / 3)
+    assert scores["pixel_accuracy"] == pytest.approx(3 / 5)
+    assert scores["mean_class_accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)  # over GT classes 0 and 1
+    assert all(isinstance(v, float) for v in iou)
+
+
+def test_segmentation_scores_empty_confusion_is_nan():
+    scores = segmentation_scores(np.zeros((3, 3), np.int64))
+    assert math.isnan(scores["mean_iou"]) and math.isnan(scores["pixel_accuracy"])
+
+
+def test_mean_iou_matches_cityscapes_convention():
+    """The CityScapes script averages over classes with a non-NaN IoU (denominator tp + fp + fn > 0)."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, size=(4, 8, 8))
+    labels[labels == 4] = 255  # class 4 never in GT...
+    preds = rng.integers(0, 4, size=(4, 8, 8))  # ...nor predicted -> NaN
+    cm = confusion_matrix(labels, preds, 5)
+    ious = []
+    for c in range(5):
+        tp, fn, fp = cm[c, c], cm[c].sum() - cm[c, c], cm[:, c].sum() - cm[c, c]
+        ious.append(float("nan") if tp + fp + fn == 0 else tp / (tp + fp + fn))
+    scores = segmentation_scores(cm)
+    assert math.isnan(scores["per_class_iou"][4])
+    assert scores["mean_iou"] == pytest.approx(np.nanmean(ious))
+
+
+# ------------------------------------------------------------------------------------------------ evaluator
+
+def make_split(num_images=7, h=6, w=5, num_classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    sem = rng.integers(0, num_classes, size=(num_images, h, w))
+    sem[rng.random(sem.shape) < 0.2] = 255
+    targets = {
+        "semantic": sem,
+        "instance": rng.normal(size=(num_images, h, w, 2)).astype(np.float32) * 5,
+        "instance_mask": (rng.random((num_images, h, w, 1)) < 0.3).astype(np.float32),
+        "depth": rng.uniform(0, 30, size=(num_images, h, w, 1)).astype(np.float32),
+        "depth_mask": (rng.random((num_images, h, w, 1)) < 0.6).astype(np.float32),
+    }
+    targets["depth"][0, 0, 0, 0] = 0.0  # a zero disparity: counted in the abs error, not in the relative one
+    targets["depth_mask"][0, 0, 0, 0] = 1.0
+    # Image 0 has a lot of instance pixels, image 1 none: a mean of per-image means would differ.
+    targets["instance_mask"][0] = 1.0
+    targets["instance_mask"][1] = 0.0
+    predictions = {
+        "semantic": rng.normal(size=(num_images, h, w, num_classes)).astype(np.float32),
+        "instance": rng.normal(size=(num_images, h, w, 2)).astype(np.float32) * 5,
+        "depth": rng.uniform(0, 30, size=(num_images, h, w, 1)).astype(np.float32),
+    }
+    return targets, predictions
+
+
+def slice_dict(d, a, b):
+    return {k: v[a:b] for k, v in d.items()}
+
+
+def assert_results_equal(r1, r2):
+    assert r1.keys() == r2.keys()
+    for k in r1:
+        np.testing.assert_allclose(r1[k], r2[k], rtol=1e-12, err_msg=k)
+
+
+def test_streaming_is_independent_of_batching():
+    targets, predictions = make_split()
+    whole = MultiTaskEvaluator(3)
+    whole.update(targets, predictions)
+    split = MultiTaskEvaluator(3)
+    for a, b in [(0, 1), (1, 4), (4, 6), (6, 7)]:
+        split.update(slice_dict(targets, a, b), slice_dict(predictions, a, b))
+    r1, r2 = whole.result(), split.result()
+    assert_results_equal(r1, r2)
+    assert r1["num_images"] == 7
+
+    # ...and it is the pixel-weighted mean, not the mean of per-batch means.
+    per_batch = []
+    for a, b in [(0, 1), (2, 4)]:
+        ev = MultiTaskEvaluator(3, tasks=("instance",))
+        ev.update(slice_dict(targets, a, b), slice_dict(predictions, a, b))
+        per_batch.append(ev.result()["instance_mean_error_px"])
+    ev = MultiTaskEvaluator(3, tasks=("instance",))
+    ev.update(slice_dict(targets, 0, 1), slice_dict(predictions, 0, 1))
+    ev.update(slice_dict(targets, 2, 4), slice_dict(predictions, 2, 4))
+    assert ev.result()["instance_mean_error_px"] != pytest.approx(np.mean(per_batch))
+
+    # Semantic metrics equal those of one confusion matrix over everything.
+    cm = confusion_matrix(targets["semantic"], predictions["semantic"].argmax(-1), 3)
+    scores = segmentation_scores(cm)
+    assert r1["semantic_miou"] == pytest.approx(scores["mean_iou"])
+    assert r1["semantic_pixel_accuracy"] == pytest.approx(scores["pixel_accuracy"])
+
+
+def test_instance_and_depth_errors_hand_case():
+    # 1 image, 1x3 pixels.
+    targets = {
+        "instance": np.array([[[[0.0, 0.0], [3.0, 4.0], [1.0, 1.0]]]]),
+        "instance_mask": np.array([[[[1.0], [1.0], [0.0]]]]),
+        "depth": np.array([[[[2.0], [4.0], [np.nan]]]]),
+        "depth_mask": np.array([[[[1.0], [1.0], [0.0]]]]),
+    }
+    predictions = {
+        "instance": np.array([[[[3.0, 4.0], [3.0, 5.0], [100.0, 100.0]]]]),  # errors (3,4), (0,1), masked out
+        "depth": np.array([[[[3.0], [3.0], [50.0]]]]),  # errors 1, 1, masked out (NaN target ignored)
+    }
+    ev = MultiTaskEvaluator(2, tasks=("instance", "depth"))
+    ev.update(targets, predictions)
+    r = ev.result()
+    assert r["instance_mean_error_px"] == pytest.approx((5.0 + 1.0) / 2)
+    assert r["instance_mean_l1_px"] == pytest.approx((7.0 + 1.0) / 2)
+    assert r["depth_mean_error_px"] == pytest.approx(1.0)
+    assert r["depth_rel_error"] == pytest.approx((1 / 2 + 1 / 4) / 2)
+    assert r["num_images"] == 1
+    assert "semantic_miou" not in r
+    assert all(isinstance(v, float) for v in r.values())
+
+
+def test_empty_masks_give_nan_and_missing_tasks_are_skipped():
+    targets, predictions = make_split(num_images=2)
+    targets["instance_mask"][:] = 0
+    targets["depth_mask"][:] = 0
+    targets["semantic"][:] = 255
+    ev = MultiTaskEvaluator(3)
+    ev.update(targets, predictions)
+    ev.update({"depth": targets["depth"], "depth_mask": targets["depth_mask"]}, predictions)  # no semantic/instance
+    r = ev.result()
+    for key in ("semantic_miou", "semantic_pixel_accuracy", "instance_mean_error_px", "instance_mean_l1_px",
+                "depth_mean_error_px", "depth_rel_error"):
+        assert math.isnan(r[key]), key
+    assert r["num_images"] == 4
+
+    ev.reset()
+    r = ev.result()
+    assert r["num_images"] == 0 and math.isnan(r["depth_mean_error_px"])
+
+
+def test_label_map_predictions_and_errors():
+    ev = MultiTaskEvaluator(3, tasks=("semantic",))
+    labels = np.array([[[0, 1], [2, 255]]])
+    ev.update({"semantic": labels[..., None]}, {"semantic": labels})  # (B,H,W,1) target, label-map prediction
+    assert ev.result()["semantic_miou"] == 1.0
+    with pytest.raises(ValueError, match="Resize"):
+        ev.update({"semantic": labels}, {"semantic": np.zeros((1, 4, 4, 3))})
+    with pytest.raises(ValueError, match="predictions have only"):
+        ev.update({"semantic": labels}, {"depth": np.zeros((1, 2, 2, 1))})
+    with pytest.raises(ValueError, match="Unknown task"):
+        MultiTaskEvaluator(3, tasks=("normals",))
+
+
+# ------------------------------------------------------------------------------------------------ evaluate_model
+
+def test_evaluate_model_with_fake_keras_model():
+    keras = pytest.importorskip("keras")
+    targets, predictions = make_split(num_images=5, h=4, w=4)
+
+    class FixedModel(keras.Model):
+        """Returns the stored predictions for the images, indexed by the image's first pixel value."""
+
+        def __init__(self, preds):
+            super().__init__()
+            self.preds = {k: keras.ops.convert_to_tensor(v) for k, v in preds.items()}
+
+        def call(self, images, training=False):
+            idx = keras.ops.cast(images[:, 0, 0, 0], "int32")
+            return {k: keras.ops.take(v, idx, axis=0) for k, v in self.preds.items()}
+
+    images = np.zeros((5, 4, 4, 3), np.float32)
+    images[:, 0, 0, 0] = np.arange(5)
+    batches = [(images[a:b], slice_dict(targets, a, b)) for a, b in [(0, 2), (2, 3), (3, 5)]]
+
+    model = FixedModel(predictions)
+    result = evaluate_model(model, batches, num_classes=3, tasks=("semantic", "instance", "depth"))
+    ev = MultiTaskEvaluator(3)
+    ev.update(targets, predictions)
+    expected = ev.result()
+    assert result.keys() == expected.keys()
+    for k in expected:
+        np.testing.assert_allclose(result[k], expected[k], rtol=1e-6, err_msg=k)
+
+    # max_batches and inferred tasks
+    result = evaluate_model(model, batches, num_classes=3, max_batches=1)
+    assert result["num_images"] == 2
+    assert {"semantic_miou", "instance_mean_error_px", "depth_mean_error_px"} <= result.keys()
+
+
+def test_evaluate_model_with_functional_model_and_tf_dataset():
+    keras = pytest.importorskip("keras")
+    tf = pytest.importorskip("tensorflow")
+    inputs = keras.Input((4, 4, 3))
+    depth = keras.layers.Lambda(lambda x: x[..., :1] * 0.0 + 2.0)(inputs)
+    model = keras.Model(inputs, {"depth": depth})
+    images = np.zeros((3, 4, 4, 3), np.float32)
+    targets = {"depth": np.full((3, 4, 4, 1), 4.0, np.float32), "depth_mask": np.ones((3, 4, 4, 1), np.float32)}
+    ds = tf.data.Dataset.from_tensor_slices((images, targets)).batch(2)
+    result = evaluate_model(model, ds, num_classes=19, tasks=("depth",))
+    assert result == {"depth_mean_error_px": 2.0, "depth_rel_error": 0.5, "num_images": 3.0}
+
+
+# ------------------------------------------------------------------------------------------------ delta_m
+
+def test_delta_m_sign_convention():
+    single = {"miou": 0.50, "depth_err": 1.0}
+    better = {"miou": 0.55, "depth_err": 0.9}  # +10 % mIoU, -10 % error
+    hib = {"miou": True, "depth_err": False}
+    assert delta_m(better, single, hib) == pytest.approx(-10.0)
+    worse = {"miou": 0.45, "depth_err": 1.2}  # -10 %, +20 %
+    assert delta_m(worse, single, hib) == pytest.approx(15.0)
+    assert delta_m({"miou": 0.55, "depth_err": 1.1}, single, hib) == pytest.approx(0.0)
+    with pytest.raises(KeyError):
+        delta_m({"miou": 0.5}, single, hib)
+    with pytest.raises(ValueError):
+        delta_m(better, {"miou": 0.0, "depth_err": 1.0}, hib)
