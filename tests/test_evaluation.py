@@ -242,6 +242,8 @@ def test_evaluate_model_with_functional_model_and_tf_dataset():
     ds = tf.data.Dataset.from_tensor_slices((images, targets)).batch(2)
     result = evaluate_model(model, ds, num_classes=19, tasks=("depth",))
     assert result == {"depth_mean_error_px": 2.0, "depth_rel_error": 0.5, "num_images": 3.0}
+    dict_batches = [{"images": images, **targets}]  # dict batches with the images under "images"
+    assert evaluate_model(model, dict_batches, num_classes=19, tasks=("depth",)) == result
 
 
 # ------------------------------------------------------------------------------------------------ delta_m
