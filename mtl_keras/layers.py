@@ -41,9 +41,30 @@ def image_normalization(name="image_normalization"):
         axis=-1, mean=list(IMAGENET_MEAN_RGB), variance=[s * s for s in IMAGENET_STD_RGB], name=name)
 
 
+@keras.saving.register_keras_serializable(package="mtl_keras")
+class AtrousConv2D(keras.layers.Conv2D):
+    """``keras.layers.Conv2D`` whose dilated convolutions take TensorFlow's native kernel on the TF backend.
+
+    Keras' TF backend runs ``tf.nn.convolution``, which lowers any dilation > 1 to space-to-batch + conv +
+    batch-to-space. On CPU that is 5x (rate 2) to 40x (rate 36, a 16x32 map) slower than ``tf.nn.conv2d`` with
+    ``dilations``, whose forward and backward kernels exist on CPU and GPU (measured: fwd+bwd of a 512->128 3x3 conv
+    on 8x16x32: 2.45 s vs 0.056 s at rate 36). Other backends, and undilated or strided convs, use ``ops.conv``.
+    Same weights and config as Conv2D, so checkpoints and ImageNet weights load by layer name either way.
+    """
+
+    def convolution_op(self, inputs, kernel):
+        if (keras.config.backend() == "tensorflow" and max(self.dilation_rate) > 1
+                and tuple(self.strides) == (1, 1) and self.data_format == "channels_last"):
+            import tensorflow as tf  # backend fast path only
+
+            return tf.nn.conv2d(inputs, kernel, strides=1, padding=self.padding.upper(),
+                                dilations=list(self.dilation_rate))
+        return super().convolution_op(inputs, kernel)
+
+
 def conv_bn_relu(x, filters, kernel_size, dilation_rate=1, name=None, use_bias=False):
     """Conv -> BN -> ReLU, the unit of ASPP branches and task decoders."""
-    x = keras.layers.Conv2D(filters, kernel_size, padding="same", dilation_rate=dilation_rate, use_bias=use_bias,
+    x = AtrousConv2D(filters, kernel_size, padding="same", dilation_rate=dilation_rate, use_bias=use_bias,
                             name=f"{name}_conv")(x)
     x = keras.layers.BatchNormalization(epsilon=1e-5, name=f"{name}_bn")(x)
     return keras.layers.Activation("relu", name=f"{name}_relu")(x)

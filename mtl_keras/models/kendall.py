@@ -25,8 +25,8 @@ from mtl_keras.tasks import validate_tasks
 def aspp(x, channels=256, rates=(12, 24, 36), name="aspp"):
     """Atrous spatial pyramid pooling: a 1x1 branch, one 3x3 branch per rate and image pooling, concatenated."""
     branches = [conv_bn_relu(x, channels, 1, name=f"{name}_1x1")]
-    for rate in rates:
-        branches.append(conv_bn_relu(x, channels, 3, dilation_rate=rate, name=f"{name}_rate{rate}"))
+    for i, rate in enumerate(rates, start=1):
+        branches.append(conv_bn_relu(x, channels, 3, dilation_rate=rate, name=f"{name}_atrous{i}"))
     pooled = keras.layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}_pool")(x)
     pooled = conv_bn_relu(pooled, channels, 1, name=f"{name}_pool")
     branches.append(ResizeLike(interpolation="bilinear", name=f"{name}_pool_resize")([pooled, x]))

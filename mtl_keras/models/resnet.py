@@ -8,6 +8,8 @@ keeps the previous dilation and the following blocks use the new one.
 
 import keras
 
+from mtl_keras.layers import AtrousConv2D
+
 RESNET_BLOCKS = {
     26: (2, 2, 2, 2),  # small depth for quick runs and tests
     50: (3, 4, 6, 3),
@@ -26,7 +28,7 @@ def bottleneck_block(x, filters, stride=1, dilation=1, conv_shortcut=False, name
     x = keras.layers.Conv2D(filters, 1, strides=stride, name=f"{name}_1_conv")(x)
     x = keras.layers.BatchNormalization(epsilon=_BN_EPS, name=f"{name}_1_bn")(x)
     x = keras.layers.Activation("relu", name=f"{name}_1_relu")(x)
-    x = keras.layers.Conv2D(filters, 3, padding="same", dilation_rate=dilation, name=f"{name}_2_conv")(x)
+    x = AtrousConv2D(filters, 3, padding="same", dilation_rate=dilation, name=f"{name}_2_conv")(x)
     x = keras.layers.BatchNormalization(epsilon=_BN_EPS, name=f"{name}_2_bn")(x)
     x = keras.layers.Activation("relu", name=f"{name}_2_relu")(x)
     x = keras.layers.Conv2D(4 * filters, 1, name=f"{name}_3_conv")(x)
