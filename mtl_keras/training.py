@@ -35,6 +35,9 @@ class MultiTaskTrainer(keras.Model):
         self.ignore_label = ignore_label
         self.task_loss_trackers = [keras.metrics.Mean(name=f"{t}_loss") for t in self.tasks]
         self.weight_trackers = [keras.metrics.Mean(name=n) for n in weighting.log_values()]
+        # Every variable exists now (functional model, eager weighting variables): callbacks such as
+        # BackupAndRestore may load weights before the first step.
+        self.built = True
 
     def call(self, images, training=None):
         return self.inference_model(images, training=training)

@@ -1,0 +1,36 @@
+"""mtl_keras: multi-task dense prediction (semantic, instance, depth) in Keras 3 / TensorFlow.
+
+``pip install -e .`` installs the CPU build of TensorFlow. On a GPU machine, install with
+``MTL_KERAS_TENSORFLOW="tensorflow[and-cuda]" pip install -e .`` (the CUDA build of TensorFlow instead).
+"""
+
+import os
+
+from setuptools import find_packages, setup
+
+TENSORFLOW = os.environ.get("MTL_KERAS_TENSORFLOW", "tensorflow-cpu>=2.16,<2.22")
+
+setup(
+    name="mtl_keras",
+    version="0.1.0",
+    description="Multi-task dense prediction (semantic, instance, depth) with learned uncertainty weighting, "
+                "Keras 3",
+    long_description=open(os.path.join(os.path.dirname(__file__), "README.md")).read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["mtl_keras", "mtl_keras.*"]),
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=[
+        TENSORFLOW,
+        "keras>=3.8,<4",
+        "tensorboard",
+        "numpy",
+        "opencv-python-headless",
+        "scikit-learn",
+        "absl-py",
+        "h5py",
+        "matplotlib",
+        "cityscapesscripts",
+    ],
+    extras_require={"test": ["pytest", "pytest-xdist"]},
+)

@@ -1,0 +1,104 @@
+import itertools
+
+import keras
+import numpy as np
+import pytest
+
+import mtl_keras
+from mtl_keras.layers import AtrousConv2D, ResizeLike
+from mtl_keras.models.kendall import KendallMultiTaskModel
+from mtl_keras.models.resnet import stage_strides_and_dilations
+from tests.helpers import (assert_config_round_trip, assert_keras_save_load, assert_model_config_round_trip,
+                           random_images, tiny_kendall_kwargs)
+
+TASK_SUBSETS = [s for r in (1, 2, 3) for s in itertools.combinations(("semantic", "instance", "depth"), r)]
+
+
+@pytest.mark.parametrize("tasks", TASK_SUBSETS, ids=["+".join(s) for s in TASK_SUBSETS])
+def test_every_task_subset_builds_with_right_shapes(tasks):
+    model = mtl_keras.build_model("kendall_deeplabv3_resnet50", tasks=tasks, num_classes=7, input_shape=(64, 96, 3),
+                                  **tiny_kendall_kwargs())
+    out = model(random_images(2, 64, 96), training=False)
+    expected = {"semantic": (2, 64, 96, 7), "instance": (2, 64, 96, 2), "depth": (2, 64, 96, 1)}
+    assert set(out) == set(tasks)
+    for task in tasks:
+        assert tuple(out[task].shape) == expected[task]
+        assert keras.backend.standardize_dtype(out[task].dtype) == "float32"
+
+
+def test_output_stride_plan_turns_strides_into_dilation():
+    # (stride, dilation of first block, dilation of later blocks) for conv2..conv5
+    assert stage_strides_and_dilations(8) == [(1, 1, 1), (2, 1, 1), (1, 1, 2), (1, 2, 4)]
+    assert stage_strides_and_dilations(16) == [(1, 1, 1), (2, 1, 1), (2, 1, 1), (1, 1, 2)]
+    assert stage_strides_and_dilations(32) == [(1, 1, 1), (2, 1, 1), (2, 1, 1), (2, 1, 1)]
+    with pytest.raises(ValueError, match="output_stride"):
+        stage_strides_and_dilations(4)
+
+
+@pytest.mark.parametrize("output_stride", [8, 16, 32])
+def test_encoder_feature_map_size_follows_output_stride(output_stride):
+    model = KendallMultiTaskModel(tasks=("depth",), input_shape=(64, 64, 3), output_stride=output_stride,
+                                  **tiny_kendall_kwargs())
+    features = model.get_layer("conv5_block2_out").output
+    assert tuple(features.shape[1:3]) == (64 // output_stride, 64 // output_stride)
+
+
+def test_aspp_is_four_convolutions_plus_image_pooling_concatenated_to_1280():
+    model = mtl_keras.build_model("kendall_deeplabv3_resnet50", input_shape=(64, 64, 3))
+    assert model.get_layer("aspp_concat").output.shape[-1] == 1280
+    assert model.get_layer("aspp_1x1_conv").kernel.shape[:2] == (1, 1)
+    for i, rate in enumerate((12, 24, 36), start=1):
+        layer = model.get_layer(f"aspp_atrous{i}_conv")
+        assert tuple(layer.dilation_rate) == (rate, rate) and layer.kernel.shape[:2] == (3, 3)
+    assert model.get_layer("aspp_pool_conv").kernel.shape == (1, 1, 2048, 256)
+    assert model.get_layer("semantic_decoder_conv").kernel.shape == (1, 1, 1280, 256)
+
+
+def test_full_resnet101_model_parameter_count_and_shapes_on_a_tiny_input():
+    model = mtl_keras.build_model("kendall_deeplabv3_resnet101", num_classes=19, input_shape=(64, 64, 3))
+    out = model(random_images(1, 64, 64), training=False)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "semantic": (1, 64, 64, 19), "instance": (1, 64, 64, 2), "depth": (1, 64, 64, 1)}
+    # ResNet-101 (42,658,176, as keras.applications without top) + ASPP (15,218,688) + decoders + normalisation.
+    backbone = keras.applications.ResNet101(weights=None, include_top=False, input_shape=(64, 64, 3))
+    encoder_params = sum(int(np.prod(w.shape)) for layer in model.layers if layer.name.startswith("conv")
+                         for w in layer.weights)
+    assert encoder_params == backbone.count_params() == 42_658_176
+    assert model.count_params() == 58_859_414
+
+
+def test_decoder_kernel_size_is_an_argument():
+    model = KendallMultiTaskModel(tasks=("depth",), input_shape=(32, 32, 3), decoder_kernel_size=3,
+                                  **tiny_kendall_kwargs())
+    assert model.get_layer("depth_decoder_conv").kernel.shape[:2] == (3, 3)
+
+
+def test_config_round_trip_and_keras_save_load(tmp_path):
+    model = KendallMultiTaskModel(num_classes=5, input_shape=(32, 64, 3), output_stride=16, decoder_kernel_size=3,
+                                  **tiny_kendall_kwargs())
+    images = random_images(2, 32, 64)
+    assert_model_config_round_trip(model, images)
+    assert_keras_save_load(model, images, str(tmp_path))
+
+
+def test_layer_config_round_trips():
+    assert_config_round_trip(ResizeLike(interpolation="nearest", name="r"))
+    assert_config_round_trip(AtrousConv2D(4, 3, dilation_rate=2, padding="same", name="c"))
+
+
+@pytest.mark.parametrize("rate", [1, 2, 5])
+def test_atrous_conv_equals_keras_conv(rate):
+    x = random_images(2, 17, 23)
+    fast = AtrousConv2D(6, 3, padding="same", dilation_rate=rate)
+    reference = keras.layers.Conv2D(6, 3, padding="same", dilation_rate=rate)
+    fast.build(x.shape), reference.build(x.shape)
+    reference.set_weights(fast.get_weights())
+    np.testing.assert_allclose(np.asarray(fast(x)), np.asarray(reference(x)), rtol=1e-4, atol=1e-3)
+
+
+def test_model_accepts_other_image_sizes_when_built_without_a_fixed_size():
+    model = KendallMultiTaskModel(tasks=("semantic", "depth"), num_classes=3, input_shape=(None, None, 3),
+                                  **tiny_kendall_kwargs())
+    for h, w in ((32, 64), (48, 40)):
+        out = model(random_images(1, h, w), training=False)
+        assert tuple(out["semantic"].shape) == (1, h, w, 3)

@@ -1,0 +1,147 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import mtl_keras
+from mtl_keras.config import TrainConfig
+from mtl_keras.experiment import run_training
+from mtl_keras.training import MultiTaskTrainer, kendall_sgd
+from mtl_keras.weighting import FixedWeighting, UncertaintyWeightingLayer
+from tests.helpers import assert_outputs_close, tiny_kendall_kwargs
+
+TASKS = ("semantic", "instance", "depth")
+
+
+def learnable_batch(n=8, h=32, w=32, seed=0):
+    """Bright squares are class 1 with instance vectors to their centre; depth grows with the row."""
+    rng = np.random.default_rng(seed)
+    images = np.full((n, h, w, 3), 40.0, "float32")
+    semantic = np.zeros((n, h, w), "int32")
+    instance = np.zeros((n, h, w, 2), "float32")
+    instance_mask = np.zeros((n, h, w, 1), "float32")
+    rows = np.arange(h, dtype="float32")[:, None, None] * np.ones((1, w, 1), "float32")
+    depth = np.repeat((rows / h * 4.0)[None], n, axis=0)
+    for i in range(n):
+        y, x = rng.integers(0, h - 12), rng.integers(0, w - 12)
+        images[i, y:y + 12, x:x + 12] = 220.0
+        semantic[i, y:y + 12, x:x + 12] = 1
+        yy, xx = np.mgrid[y:y + 12, x:x + 12].astype("float32")
+        instance[i, y:y + 12, x:x + 12, 0] = y + 5.5 - yy
+        instance[i, y:y + 12, x:x + 12, 1] = x + 5.5 - xx
+        instance_mask[i, y:y + 12, x:x + 12] = 1.0
+    semantic[:, 0, :] = 255  # an ignored row
+    targets = {"semantic": semantic, "instance": instance, "instance_mask": instance_mask, "depth": depth,
+               "depth_mask": np.ones_like(depth)}
+    return images, targets
+
+
+def tiny_trainer(weighting=None, num_classes=2):
+    model = mtl_keras.build_model("kendall_deeplabv3_resnet50", tasks=TASKS, num_classes=num_classes,
+                                  input_shape=(32, 32, 3), output_stride=16, **tiny_kendall_kwargs())
+    return MultiTaskTrainer(model, weighting or UncertaintyWeightingLayer(TASKS))
+
+
+def test_short_training_run_lowers_every_task_loss():
+    keras.utils.set_random_seed(1)
+    images, targets = learnable_batch()
+    ds = tf.data.Dataset.from_tensor_slices((images, targets)).batch(4).repeat()
+    trainer = tiny_trainer()
+    trainer.compile(optimizer=keras.optimizers.Adam(3e-3))
+    history = trainer.fit(ds, epochs=8, steps_per_epoch=4, verbose=0).history
+    for task in TASKS:
+        losses = history[f"{task}_loss"]
+        assert losses[-1] < 0.8 * losses[0], (task, losses)
+    # The learned log variances moved, and sigma^2 is logged per task.
+    assert history["instance_sigma2"][-1] != pytest.approx(1.0)
+
+
+def test_trainer_loss_is_the_weighted_total_added_once():
+    images, targets = learnable_batch(n=2)
+    trainer = tiny_trainer(FixedWeighting(TASKS, task_weights=[0.89, 0.01, 0.1]))
+    trainer.compile(optimizer=keras.optimizers.SGD(0.0))
+    predictions = trainer(images, training=False)
+    from mtl_keras.losses import task_loss
+
+    expected = sum(w * float(task_loss(t, targets, predictions)) for t, w in zip(TASKS, (0.89, 0.01, 0.1)))
+    assert float(trainer.compute_loss(images, targets, predictions)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_missing_targets_are_a_clear_error():
+    images, targets = learnable_batch(n=2)
+    del targets["depth"]
+    trainer = tiny_trainer()
+    with pytest.raises(ValueError, match="lack tasks \\['depth'\\]"):
+        trainer.compute_loss(images, targets, trainer(images))
+
+
+def test_trainer_round_trips_through_keras_file_with_its_log_variances(tmp_path):
+    images, targets = learnable_batch(n=4)
+    trainer = tiny_trainer(UncertaintyWeightingLayer(TASKS, initial_log_variance={"depth": 1.5}))
+    trainer.compile(optimizer=kendall_sgd(total_steps=10))
+    trainer.fit(images, targets, batch_size=2, epochs=1, verbose=0)
+    path = str(tmp_path / "trainer.keras")
+    trainer.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, MultiTaskTrainer)
+    for task in TASKS:
+        assert float(loaded.loss_weighting.log_variances[task]) == float(trainer.loss_weighting.log_variances[task])
+    assert_outputs_close(trainer(images), loaded(images))
+
+
+def test_sgd_excludes_loss_weights_and_batch_norm_from_weight_decay():
+    trainer = tiny_trainer()
+    optimizer = kendall_sgd(total_steps=100)
+    optimizer.build(trainer.trainable_variables)
+    decayed = {v.path for v in trainer.trainable_variables if optimizer._use_weight_decay(v)}
+    assert not any("log_variance" in p or "gamma" in p or "beta" in p for p in decayed)
+    assert any(p.endswith("kernel") for p in decayed)
+    assert optimizer.nesterov and optimizer.momentum == 0.9
+    assert float(optimizer.learning_rate) == pytest.approx(2.5e-3)
+
+
+def test_run_training_writes_every_output_and_the_export_serves_in_a_fresh_process(tmp_path):
+    out = tmp_path / "run"
+    config = TrainConfig(
+        data_dir=str(tmp_path / "synthetic"), synthetic_num_train=8, synthetic_num_val=4, image_size=(32, 64),
+        batch_size=4, steps=3, output_dir=str(out), model="kendall_deeplabv3_resnet26_slim",
+        model_overrides=dict(backbone_width=8, aspp_channels=16, decoder_channels=16), num_sample_images=2)
+    results = run_training(config, verbose=0)
+    for name in ("config.json", "metrics.json", "task_weights.png", "model.keras", "checkpoints/last.weights.h5",
+                 "samples/val_00.png", "export/saved_model.pb"):
+        assert (out / name).exists(), name
+    assert os.listdir(out / "logs")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and set(metrics["final_task_weights"]) >= {"semantic_sigma2", "depth_weight"}
+    for key in ("semantic_miou", "instance_mean_error_px", "depth_mean_error_px"):
+        assert key in metrics["val"] and key in metrics["val_untrained"]
+    assert results["val"] == metrics["val"]
+
+    # The SavedModel takes images only and gives the same outputs as the .keras model, in a process without
+    # mtl_keras on its path.
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 64, 3)).astype("float32")
+    np.save(tmp_path / "images.npy", images)
+    script = textwrap.dedent(f"""
+        import sys, numpy as np
+        sys.path = [p for p in sys.path if p not in ('', {os.getcwd()!r})]
+        try:
+            import mtl_keras
+            raise SystemExit('mtl_keras must not be importable here')
+        except ImportError:
+            pass
+        import tensorflow as tf
+        served = tf.saved_model.load({str(out / 'export')!r})
+        out = served.serve(tf.constant(np.load({str(tmp_path / 'images.npy')!r})))
+        np.savez({str(tmp_path / 'served.npz')!r}, **{{k: v.numpy() for k, v in out.items()}})
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=str(tmp_path), env=env)
+    served = dict(np.load(tmp_path / "served.npz"))
+    model = keras.saving.load_model(str(out / "model.keras"))
+    assert_outputs_close(model(images, training=False), served, atol=1e-4)
