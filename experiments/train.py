@@ -19,7 +19,7 @@ from mtl_keras.config import TrainConfig  # noqa: E402
 _D = TrainConfig()
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", _D.model, "Registered model name (mtl_keras.list_models()).")
-flags.DEFINE_string("dataset", _D.dataset, "synthetic | cityscapes.")
+flags.DEFINE_string("dataset", _D.dataset, "Dataset name (mtl_keras.data.datasets.DATASETS): synthetic, cityscapes, ...")
 flags.DEFINE_string("data_dir", _D.data_dir, "Dataset root (default for synthetic: data/synthetic).")
 flags.DEFINE_list("tasks", list(_D.tasks), "Comma-separated tasks: semantic,instance,depth.")
 flags.DEFINE_integer("num_classes", _D.num_classes, "19 (trainIds) or 7 (categories).")

@@ -23,14 +23,14 @@ from mtl_keras.weighting import build_weighting
 
 log = logging.getLogger("mtl_keras")
 
-DATASETS = ("synthetic", "cityscapes")
 DEFAULT_SYNTHETIC_DIR = os.path.join("data", "synthetic")
 
 
 def resolve_data_dir(config):
     """The folder to read; for ``synthetic``, generated (once) when absent."""
-    if config.dataset not in DATASETS:
-        raise ValueError(f"Unknown dataset {config.dataset!r}. Valid: {', '.join(DATASETS)}.")
+    from mtl_keras.data.datasets import dataset_entry
+
+    dataset_entry(config.dataset)  # validates the name
     if config.dataset == "synthetic":
         from mtl_keras.data import generate_synthetic_cityscapes
 
@@ -41,8 +41,8 @@ def resolve_data_dir(config):
     if not config.data_dir:
         raise ValueError(f"--data_dir is required with --dataset {config.dataset}.")
     if not os.path.isdir(config.data_dir):
-        raise FileNotFoundError(f"--data_dir {config.data_dir!r} is not a folder (expected the dataset root with "
-                                f"leftImg8bit/, gtFine/, disparity/).")
+        raise FileNotFoundError(f"--data_dir {config.data_dir!r} is not a folder (expected the root of the "
+                                f"{config.dataset} dataset; see datasets/{config.dataset}.md).")
     return config.data_dir
 
 
@@ -94,7 +94,7 @@ def _to_jsonable(value):
 
 def run_training(config: TrainConfig, verbose=1):
     """Trains, evaluates and exports; returns the dict written to ``metrics.json``."""
-    from mtl_keras.data import list_cityscapes_files, load_cityscapes
+    from mtl_keras.data.datasets import count_examples, load_dataset
     from mtl_keras.evaluation import evaluate_model
     from mtl_keras.visualize import plot_task_weights, save_prediction_panel
 
@@ -108,13 +108,13 @@ def run_training(config: TrainConfig, verbose=1):
     keras.utils.set_random_seed(config.seed)
 
     data_dir = resolve_data_dir(config)
-    num_train = len(list_cityscapes_files(data_dir, "train"))
+    num_train = count_examples(config.dataset, data_dir, "train")
     epochs, steps_per_epoch = plan_steps(config, num_train)
     total_steps = epochs * steps_per_epoch
     data_kwargs = dict(image_size=(height, width), batch_size=config.batch_size, num_classes=config.num_classes,
                        tasks=tasks, seed=config.seed)
-    train_ds = load_cityscapes(data_dir, "train", flip=config.flip, repeat=True, **data_kwargs)
-    val_ds = load_cityscapes(data_dir, "val", shuffle=False, flip=False, **data_kwargs)
+    train_ds = load_dataset(config.dataset, data_dir, "train", flip=config.flip, repeat=True, **data_kwargs)
+    val_ds = load_dataset(config.dataset, data_dir, "val", shuffle=False, flip=False, **data_kwargs)
     if config.val_batches:
         val_ds = val_ds.take(config.val_batches)
 
