@@ -66,6 +66,24 @@ def depth_l1(targets, predictions, mask):
     return masked_l1(targets, predictions, mask)
 
 
+def normals_cosine(targets, predictions, mask, eps=1e-6):
+    """1 - cosine similarity between predicted and true surface normals, averaged over pixels where ``mask`` is 1.
+
+    targets, predictions: (B, H, W, 3); mask: (B, H, W, 1) or (B, H, W). Both vectors are normalised here (the head
+    need not output unit vectors); a zero prediction counts as cosine 0 (loss 1) with a finite gradient.
+    """
+    predictions = ops.cast(predictions, "float32")
+    targets = ops.cast(targets, "float32")
+    mask = ops.cast(mask, "float32")
+    if len(mask.shape) == len(targets.shape) - 1:
+        mask = ops.expand_dims(mask, -1)
+    targets = ops.where(mask > 0, targets, ops.zeros_like(targets))
+    pred_unit = predictions / ops.sqrt(ops.sum(ops.square(predictions), axis=-1, keepdims=True) + eps)
+    target_unit = targets / ops.maximum(ops.sqrt(ops.sum(ops.square(targets), axis=-1, keepdims=True)), eps)
+    cosine = ops.sum(pred_unit * target_unit, axis=-1)
+    return masked_mean(1.0 - cosine, ops.squeeze(mask, axis=-1))
+
+
 def task_loss(task, targets, predictions, ignore_label=IGNORE_LABEL):
     """The loss of ``task`` from the target dict of the data pipeline and the model's output dict.
 
@@ -76,4 +94,6 @@ def task_loss(task, targets, predictions, ignore_label=IGNORE_LABEL):
     mask = targets.get(f"{task}_mask")
     if mask is None:
         mask = ops.ones_like(ops.cast(targets[task][..., :1], "float32"))
+    if task == "normals":
+        return normals_cosine(targets["normals"], predictions["normals"], mask)
     return masked_l1(targets[task], predictions[task], mask)

@@ -8,6 +8,7 @@ TASK_TYPES = {
     "semantic": "classification",
     "instance": "regression",
     "depth": "regression",
+    "normals": "regression",  # optional fourth task where the data has surface normals (NYUv2 .npy release)
 }
 TASK_NAMES = tuple(TASK_TYPES)
 IGNORE_LABEL = 255
@@ -29,5 +30,5 @@ def validate_tasks(tasks):
 
 
 def task_channels(task, num_classes):
-    """Output channels of a task head: C logits, a 2-vector (dy, dx) or 1 inverse-depth value."""
-    return {"semantic": num_classes, "instance": 2, "depth": 1}[task]
+    """Output channels of a task head: C logits, a 2-vector (dy, dx), 1 inverse-depth value or a 3-vector normal."""
+    return {"semantic": num_classes, "instance": 2, "depth": 1, "normals": 3}[task]
