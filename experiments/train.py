@@ -2,10 +2,15 @@
 al. model, uncertainty weighting, a few minutes on a CPU. Outputs go to --output_dir (see mtl_keras/experiment.py).
 
     python experiments/train.py
-    python experiments/train.py --model kendall_deeplabv3_resnet101 --optimizer sgd --learning_rate 2.5e-3 \
-        --dataset cityscapes --data_dir /data/cityscapes --steps 50000
+    python experiments/train.py --preset kendall_tiny_cityscapes --data_dir /data/cityscapes
+    python experiments/train.py --model mt_unet --weighting dwa --tasks semantic,depth
+
+A preset (experiments/presets/NAME.json) sets a paper's configuration; any flag given on the command line overrides
+it.
 """
 
+import glob
+import json
 import logging
 import os
 import sys
@@ -16,43 +21,66 @@ from absl import app, flags  # noqa: E402
 
 from mtl_keras.config import TrainConfig  # noqa: E402
 
+PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
+PRESETS = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(PRESET_DIR, "*.json")))
+DEFAULT_SYNTHETIC_STEPS = 200  # the default job: about 6 minutes of training on 2 CPU cores
+
 _D = TrainConfig()
 FLAGS = flags.FLAGS
+flags.DEFINE_enum("preset", None, PRESETS, "A paper's configuration from experiments/presets/.")
 flags.DEFINE_string("model", _D.model, "Registered model name (mtl_keras.list_models()).")
-flags.DEFINE_string("dataset", _D.dataset, "Dataset name (mtl_keras.data.datasets.DATASETS): synthetic, cityscapes, ...")
+flags.DEFINE_string("dataset", _D.dataset, "Dataset name (mtl_keras.data.datasets.DATASETS): synthetic, cityscapes, "
+                    "cityscapes_npy, nyuv2, nyuv2_npy.")
 flags.DEFINE_string("data_dir", _D.data_dir, "Dataset root (default for synthetic: data/synthetic).")
 flags.DEFINE_list("tasks", list(_D.tasks), "Comma-separated tasks: semantic,instance,depth.")
-flags.DEFINE_integer("num_classes", _D.num_classes, "19 (trainIds) or 7 (categories).")
-flags.DEFINE_enum("weighting", _D.weighting, ["uncertainty", "equal", "fixed"], "Loss weighting.")
+flags.DEFINE_integer("num_classes", _D.num_classes, "19 (trainIds) or 7 (categories) on CityScapes; 13 on NYUv2.")
+flags.DEFINE_enum("weighting", _D.weighting, ["uncertainty", "equal", "fixed", "dwa", "mtunet"], "Loss weighting.")
 flags.DEFINE_list("task_weights", [], "Weights for --weighting fixed, in task order, e.g. 0.89,0.01,0.1.")
-flags.DEFINE_float("initial_log_variance", _D.initial_log_variance, "Initial log sigma^2 of every task.")
+flags.DEFINE_float("initial_log_variance", _D.initial_log_variance, "uncertainty: initial log sigma^2 of every task.")
+flags.DEFINE_float("dwa_temperature", _D.dwa_temperature, "dwa: softmax temperature.")
+flags.DEFINE_float("weight_learning_rate", _D.weight_learning_rate, "mtunet: learning rate of the weights W_i.")
 flags.DEFINE_list("image_size", [str(v) for v in _D.image_size], "Training height,width.")
+flags.DEFINE_list("scale_range", [str(v) for v in _D.scale_range], "Random scale range min,max (1,1: none).")
+flags.DEFINE_list("crop_size", [], "Random crop height,width (padded with the ignore label); empty: none.")
+flags.DEFINE_boolean("flip", _D.flip, "Random horizontal flips.")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size.")
-flags.DEFINE_integer("steps", _D.steps, "Total training steps (0: use --epochs).")
+flags.DEFINE_integer("steps", _D.steps, f"Total training steps (0: use --epochs; synthetic default "
+                     f"{DEFAULT_SYNTHETIC_STEPS}).")
 flags.DEFINE_integer("epochs", _D.epochs, "Passes over the training split when --steps is 0 (0: 10).")
-flags.DEFINE_enum("optimizer", _D.optimizer, ["adam", "sgd"], "adam, or sgd = seed 001 (Nesterov, poly, wd).")
+flags.DEFINE_enum("optimizer", _D.optimizer, ["adam", "sgd"], "sgd = seed 001 (Nesterov, poly decay, wd); adam.")
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Initial learning rate (polynomial decay to 0).")
-flags.DEFINE_float("weight_decay", _D.weight_decay, "Weight decay (sgd).")
+flags.DEFINE_float("lr_power", _D.lr_power, "Power of the polynomial decay (0: constant).")
+flags.DEFINE_float("momentum", _D.momentum, "sgd: Nesterov momentum.")
+flags.DEFINE_float("weight_decay", _D.weight_decay, "sgd: weight decay.")
 flags.DEFINE_boolean("jit_compile", _D.jit_compile, "Compile the train step with XLA.")
 flags.DEFINE_integer("seed", _D.seed, "Random seed.")
 flags.DEFINE_string("output_dir", _D.output_dir, "Output folder.")
 flags.DEFINE_integer("val_batches", _D.val_batches, "Validation batches to evaluate (0: all).")
 flags.DEFINE_boolean("export", _D.export, "Write a SavedModel to OUTPUT_DIR/export.")
 
+_TUPLE_FLAGS = {"tasks": str, "task_weights": float, "image_size": int, "scale_range": float, "crop_size": int}
+
+
+def load_preset(name):
+    with open(os.path.join(PRESET_DIR, f"{name}.json")) as f:
+        return TrainConfig.from_dict(json.load(f))
+
 
 def config_from_flags():
-    steps = FLAGS.steps
-    epochs = FLAGS.epochs
-    if FLAGS.dataset == "synthetic" and not steps and not epochs:
-        steps = 200  # the default job: about 6 minutes of training on 2 CPU cores
-    return TrainConfig(
-        model=FLAGS.model, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, tasks=tuple(FLAGS.tasks),
-        num_classes=FLAGS.num_classes, weighting=FLAGS.weighting,
-        task_weights=tuple(float(w) for w in FLAGS.task_weights), initial_log_variance=FLAGS.initial_log_variance,
-        image_size=tuple(int(v) for v in FLAGS.image_size), batch_size=FLAGS.batch_size, steps=steps,
-        epochs=epochs, optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,
-        weight_decay=FLAGS.weight_decay, jit_compile=FLAGS.jit_compile, seed=FLAGS.seed,
-        output_dir=FLAGS.output_dir, val_batches=FLAGS.val_batches, export=FLAGS.export)
+    """The preset (or the defaults), overridden by every flag given on the command line."""
+    config = load_preset(FLAGS.preset) if FLAGS.preset else TrainConfig()
+    overrides = {}
+    for name in flags.FLAGS:
+        if name == "preset" or name not in {f for f in TrainConfig.__dataclass_fields__} or not FLAGS[name].present:
+            continue
+        value = FLAGS[name].value
+        if name in _TUPLE_FLAGS:
+            value = tuple(_TUPLE_FLAGS[name](v) for v in value)
+        overrides[name] = value
+    config = config.replace(**overrides)
+    if config.dataset == "synthetic" and not config.steps and not config.epochs:
+        config = config.replace(steps=DEFAULT_SYNTHETIC_STEPS)
+    return config
 
 
 def main(argv):
@@ -60,10 +88,11 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from mtl_keras.experiment import run_training
 
-    results = run_training(config_from_flags())
+    config = config_from_flags()
+    results = run_training(config)
     val, untrained = results["val"], results["val_untrained"]
     print(f"\nDone in {results['wall_seconds']:.0f} s ({results['train_images_per_s']:.1f} training images/s). "
-          f"Outputs in {FLAGS.output_dir}")
+          f"Outputs in {config.output_dir}")
     for key in ("semantic_miou", "instance_mean_error_px", "depth_mean_error_px"):
         if key in val:
             print(f"  {key:24s} trained {val[key]:.4f}   untrained {untrained[key]:.4f}")

@@ -18,10 +18,14 @@ class TrainConfig:
     synthetic_num_train: int = 200
     synthetic_num_val: int = 50
     flip: bool = True
+    scale_range: tuple = (1.0, 1.0)  # random scaling of training images (seed 001's full-size run: 0.7-2.0)
+    crop_size: tuple = ()  # random training crops (height, width), padded with the ignore label; () = none
     # Loss weighting
-    weighting: str = "uncertainty"  # uncertainty | equal | fixed
+    weighting: str = "uncertainty"  # uncertainty | equal | fixed | dwa | mtunet
     task_weights: tuple = ()  # for "fixed", in task order
-    initial_log_variance: float = 0.0
+    initial_log_variance: float = 0.0  # uncertainty: initial log sigma^2
+    dwa_temperature: float = 2.0
+    weight_learning_rate: float = 1e-3  # mtunet: the learning rate of its weights W_i (seed 003)
     # Optimisation
     # Seed 001's optimiser (SGD, Nesterov 0.9, poly 0.9, wd 1e-4). Its lr 2.5e-3 assumes ImageNet-initialised
     # weights and 50k steps; the from-scratch default uses 1e-2 (the paper's presets set 2.5e-3).
@@ -46,6 +50,19 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"Unknown config field(s) {unknown}. Valid: {[f.name for f in dataclasses.fields(self)]}.")
         return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def from_dict(cls, values):
+        """A config from a (JSON) dict: lists become tuples where the default is a tuple."""
+        defaults = cls()
+        converted = {}
+        for key, value in values.items():
+            if key in ("name", "description", "paper"):
+                continue  # preset metadata
+            if isinstance(getattr(defaults, key, None), tuple) and isinstance(value, list):
+                value = tuple(value)
+            converted[key] = value
+        return defaults.replace(**converted)
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

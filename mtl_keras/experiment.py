@@ -19,7 +19,7 @@ from mtl_keras.config import TrainConfig
 from mtl_keras.registry import build_model
 from mtl_keras.tasks import validate_tasks
 from mtl_keras.training import MultiTaskTrainer, WeightingHistory, kendall_sgd
-from mtl_keras.weighting import build_weighting
+from mtl_keras.weighting import WeightingEpochCallback, build_weighting
 
 log = logging.getLogger("mtl_keras")
 
@@ -61,6 +61,10 @@ def build_loss_weighting(config, tasks):
     kwargs = {}
     if config.weighting == "uncertainty":
         kwargs["initial_log_variance"] = config.initial_log_variance
+    elif config.weighting == "dwa":
+        kwargs["temperature"] = config.dwa_temperature
+    elif config.weighting == "mtunet":
+        kwargs["weight_learning_rate"] = config.weight_learning_rate
     elif config.weighting == "fixed":
         if len(config.task_weights) != len(tasks):
             raise ValueError(f"--task_weights needs one value per task {tasks}, got {list(config.task_weights)}.")
@@ -113,7 +117,13 @@ def run_training(config: TrainConfig, verbose=1):
     total_steps = epochs * steps_per_epoch
     data_kwargs = dict(image_size=(height, width), batch_size=config.batch_size, num_classes=config.num_classes,
                        tasks=tasks, seed=config.seed)
-    train_ds = load_dataset(config.dataset, data_dir, "train", flip=config.flip, repeat=True, **data_kwargs)
+    augment = {}
+    if tuple(config.scale_range) != (1.0, 1.0):
+        augment["scale_range"] = tuple(config.scale_range)
+    if config.crop_size:
+        augment["crop_size"] = tuple(config.crop_size)
+    train_ds = load_dataset(config.dataset, data_dir, "train", flip=config.flip, repeat=True, **augment,
+                            **data_kwargs)
     val_ds = load_dataset(config.dataset, data_dir, "val", shuffle=False, flip=False, **data_kwargs)
     if config.val_batches:
         val_ds = val_ds.take(config.val_batches)
@@ -135,6 +145,7 @@ def run_training(config: TrainConfig, verbose=1):
                                         save_weights_only=True),
         keras.callbacks.TensorBoard(os.path.join(out, "logs"), update_freq=max(steps_per_epoch // 4, 1)),
         history_cb,
+        WeightingEpochCallback(weighting),
     ]
     os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
     fit_start = time.time()

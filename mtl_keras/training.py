@@ -49,7 +49,7 @@ class MultiTaskTrainer(keras.Model):
         if missing:
             raise ValueError(f"The dataset's targets lack tasks {missing}; it gives {sorted(y)}.")
         task_losses = {t: task_loss(t, y, y_pred, self.ignore_label) for t in self.tasks}
-        total = self.loss_weighting(task_losses)  # add_loss(total) happens inside
+        total = self.loss_weighting(task_losses, training=training)  # add_loss(total) happens inside
         for tracker, t in zip(self.task_loss_trackers, self.tasks):
             tracker.update_state(task_losses[t])
         for tracker, value in zip(self.weight_trackers, self.loss_weighting.log_values().values()):

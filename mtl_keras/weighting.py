@@ -8,6 +8,7 @@ task's loss) and, where the method has one, ``{task}_sigma2``.
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 from mtl_keras.tasks import TASK_TYPES, validate_tasks
@@ -32,11 +33,20 @@ class LossWeighting(keras.layers.Layer):
     def log_values(self):
         return {f"{t}_weight": w for t, w in self.task_weights().items()}
 
-    def call(self, task_losses):
+    def observe(self, task_losses):
+        """Called with each training step's losses (no gradient); methods that adapt between epochs record here."""
+
+    def on_epoch_end(self):
+        """Called once per training epoch by ``WeightingEpochCallback``."""
+
+    def call(self, task_losses, training=None):
         missing = [t for t in self.tasks if t not in task_losses]
         if missing:
             raise ValueError(f"{type(self).__name__} expects losses for tasks {self.tasks}; missing {missing}.")
-        total = self.weighted_total({t: ops.cast(task_losses[t], "float32") for t in self.tasks})
+        task_losses = {t: ops.cast(task_losses[t], "float32") for t in self.tasks}
+        if training:
+            self.observe({t: ops.stop_gradient(v) for t, v in task_losses.items()})
+        total = self.weighted_total(task_losses)
         self.add_loss(total)
         return total
 
@@ -161,10 +171,190 @@ class EqualWeighting(FixedWeighting):
         return config
 
 
+class EpochStatisticsWeighting(LossWeighting):
+    """Base of the weightings that adapt from per-epoch statistics of the task losses (DWA, MT-UNet Eq. 5).
+
+    Each training step adds its losses to per-task running sums (non-trainable variables, summed over replicas);
+    ``on_epoch_end`` turns them into the epoch's mean and variance and resets them. All state lives in variables,
+    so a checkpoint or a resumed run keeps it.
+    """
+
+    def __init__(self, tasks, **kwargs):
+        super().__init__(tasks, **kwargs)
+        n = len(self.tasks)
+        zeros = keras.initializers.Zeros()
+        self.loss_sum = self.add_weight(name="loss_sum", shape=(n,), initializer=zeros, trainable=False,
+                                        aggregation="sum")
+        self.loss_square_sum = self.add_weight(name="loss_square_sum", shape=(n,), initializer=zeros,
+                                               trainable=False, aggregation="sum")
+        self.loss_count = self.add_weight(name="loss_count", shape=(), initializer=zeros, trainable=False,
+                                          aggregation="sum")
+        self.epochs_seen = self.add_weight(name="epochs_seen", shape=(), initializer=zeros, trainable=False,
+                                           aggregation="only_first_replica")
+
+    def observe(self, task_losses):
+        values = ops.stack([task_losses[t] for t in self.tasks])
+        self.loss_sum.assign_add(values)
+        self.loss_square_sum.assign_add(values * values)
+        self.loss_count.assign_add(1.0)
+
+    def _epoch_statistics(self):
+        """(mean, variance) of each task's step losses over the epoch just ended (numpy), then reset."""
+        count = max(float(ops.convert_to_numpy(self.loss_count)), 1.0)
+        mean = ops.convert_to_numpy(self.loss_sum) / count
+        variance = np.maximum(ops.convert_to_numpy(self.loss_square_sum) / count - mean ** 2, 0.0)
+        for v in (self.loss_sum, self.loss_square_sum):
+            v.assign(ops.zeros_like(v))
+        self.loss_count.assign(0.0)
+        self.epochs_seen.assign(self.epochs_seen + 1.0)
+        return mean, variance
+
+
+@keras.saving.register_keras_serializable(package="mtl_keras")
+class DWAWeighting(EpochStatisticsWeighting):
+    """Dynamic Weight Average (Liu, Johns & Davison, CVPR 2019, "End-to-end multi-task learning with attention").
+
+    ``w_k(t) = K exp(r_k(t-1) / T) / sum_i exp(r_i(t-1) / T)`` with ``r_k(t-1) = L_k(t-1) / L_k(t-2)``, the ratio of
+    the task's mean training loss over the last two epochs, temperature ``T = 2``; the weights sum to K, the number
+    of tasks. During the first two epochs every weight is 1.
+    """
+
+    def __init__(self, tasks, temperature=2.0, **kwargs):
+        super().__init__(tasks, **kwargs)
+        self.temperature = float(temperature)
+        n = len(self.tasks)
+        ones = keras.initializers.Ones()
+        self.current_weights = self.add_weight(name="task_weights", shape=(n,), initializer=ones, trainable=False,
+                                               aggregation="only_first_replica")
+        self.previous_mean_losses = self.add_weight(name="previous_mean_losses", shape=(2, n), initializer=ones,
+                                                    trainable=False, aggregation="only_first_replica")
+        self.built = True
+
+    @staticmethod
+    def weights_from_losses(last, before_last, temperature):
+        """The DWA weights from two epochs' mean losses (numpy), summing to the number of tasks."""
+        ratio = np.asarray(last, "float64") / np.maximum(np.asarray(before_last, "float64"), 1e-12)
+        e = np.exp((ratio - ratio.max()) / temperature)
+        return len(ratio) * e / e.sum()
+
+    def on_epoch_end(self):
+        mean, _ = self._epoch_statistics()
+        history = ops.convert_to_numpy(self.previous_mean_losses)
+        history = np.stack([history[1], mean])  # [L(t-2), L(t-1)] for the next epoch
+        self.previous_mean_losses.assign(history.astype("float32"))
+        if float(ops.convert_to_numpy(self.epochs_seen)) >= 2:
+            self.current_weights.assign(
+                self.weights_from_losses(history[1], history[0], self.temperature).astype("float32"))
+
+    def weighted_total(self, task_losses):
+        return sum(self.current_weights[i] * task_losses[t] for i, t in enumerate(self.tasks))
+
+    def task_weights(self):
+        return {t: self.current_weights[i] for i, t in enumerate(self.tasks)}
+
+    def get_config(self):
+        return {**super().get_config(), "temperature": self.temperature}
+
+
+@keras.saving.register_keras_serializable(package="mtl_keras")
+class MTUNetWeighting(EpochStatisticsWeighting):
+    """The learned, variance-normalised weighting of MT-UNet (seed 003, Eq. 5).
+
+    ``L = sum_i p_i L_i`` with ``p_i = W_i a_i / sum_j W_j a_j`` and ``a_i = (sigma_i(t-1) + eps) /
+    (sigma_i(t-2) + eps)``. Where the paper is vague we chose:
+
+    * ``sigma_i(t)``: the variance of task i's per-step training losses within epoch t, averaged over the last
+      ``window`` epochs ("the average variance of L_i over a fixed number of previous epochs"); ``a_i = 1`` until two
+      epochs have ended.
+    * ``W_i = exp(omega_i) > 0`` (the paper only says "learnable"; the exponential keeps the normalisation valid).
+    * The paper updates W "considering the loss measures fixed but with a different learning rate" (1e-3), in
+      alternation with the network. We do exactly that inside each training step: plain gradient descent on
+      ``omega`` with the losses held constant, ``omega_i -= lr * dL/domega_i = lr * p_i (L_i - L)``, with
+      ``weight_learning_rate`` (1e-3). omega is therefore not touched by the model's optimiser.
+    * Like any minimiser of L over the weights, this moves weight towards the tasks with the smaller loss; with the
+      paper's small rate the drift is slow. The logged ``{task}_weight`` is ``p_i`` (which sums to 1; the paper's
+      Eq. 5 form).
+    """
+
+    def __init__(self, tasks, weight_learning_rate=1e-3, window=3, epsilon=1e-8, **kwargs):
+        super().__init__(tasks, **kwargs)
+        self.weight_learning_rate = float(weight_learning_rate)
+        self.window = int(window)
+        self.epsilon = float(epsilon)
+        n = len(self.tasks)
+        zeros, ones = keras.initializers.Zeros(), keras.initializers.Ones()
+        self.log_w = self.add_weight(name="log_w", shape=(n,), initializer=zeros, trainable=False,
+                                     aggregation="mean")
+        self.alpha = self.add_weight(name="alpha", shape=(n,), initializer=ones, trainable=False,
+                                     aggregation="only_first_replica")
+        self.variance_history = self.add_weight(name="variance_history", shape=(self.window + 1, n),
+                                                initializer=zeros, trainable=False,
+                                                aggregation="only_first_replica")
+        self.built = True
+
+    def normalised_weights(self):
+        w = ops.exp(self.log_w) * self.alpha
+        return w / ops.sum(w)
+
+    def observe(self, task_losses):
+        super().observe(task_losses)
+        losses = ops.stack([task_losses[t] for t in self.tasks])
+        p = self.normalised_weights()
+        total = ops.sum(p * losses)
+        self.log_w.assign_sub(self.weight_learning_rate * p * (losses - total))
+
+    def on_epoch_end(self):
+        _, variance = self._epoch_statistics()
+        epochs = int(float(ops.convert_to_numpy(self.epochs_seen)))
+        history = ops.convert_to_numpy(self.variance_history)
+        history = np.concatenate([history[1:], variance[None]], axis=0)  # oldest first, newest last
+        self.variance_history.assign(history.astype("float32"))
+        if epochs >= 2:
+            self.alpha.assign(self.alpha_from_variances(history, epochs, self.window, self.epsilon)
+                              .astype("float32"))
+
+    @staticmethod
+    def alpha_from_variances(history, epochs_seen, window, epsilon):
+        """a_i = (sigma_i(t-1) + eps) / (sigma_i(t-2) + eps), sigma(t) the mean variance over the last ``window``
+        epochs up to t (fewer at the start). ``history``: (window + 1, tasks), newest row last."""
+        history = np.asarray(history, "float64")
+        available = min(epochs_seen, window + 1)
+        rows = history[len(history) - available:]
+        sigma_last = rows[-min(window, len(rows)):].mean(axis=0)
+        previous = rows[:-1]
+        sigma_before = previous[-min(window, len(previous)):].mean(axis=0)
+        return (sigma_last + epsilon) / (sigma_before + epsilon)
+
+    def weighted_total(self, task_losses):
+        p = self.normalised_weights()
+        return sum(p[i] * task_losses[t] for i, t in enumerate(self.tasks))
+
+    def task_weights(self):
+        p = self.normalised_weights()
+        return {t: p[i] for i, t in enumerate(self.tasks)}
+
+    def get_config(self):
+        return {**super().get_config(), "weight_learning_rate": self.weight_learning_rate, "window": self.window,
+                "epsilon": self.epsilon}
+
+
+class WeightingEpochCallback(keras.callbacks.Callback):
+    """Lets epoch-adaptive weightings (DWA, MT-UNet) update at the end of each training epoch."""
+
+    def __init__(self, weighting):
+        super().__init__()
+        self.weighting = weighting
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weighting.on_epoch_end()
+
+
 WEIGHTINGS = {
     "uncertainty": UncertaintyWeightingLayer,
     "equal": EqualWeighting,
     "fixed": FixedWeighting,
+    "dwa": DWAWeighting,
+    "mtunet": MTUNetWeighting,
 }
 
 

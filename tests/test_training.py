@@ -13,7 +13,7 @@ import mtl_keras
 from mtl_keras.config import TrainConfig
 from mtl_keras.experiment import run_training
 from mtl_keras.training import MultiTaskTrainer, kendall_sgd
-from mtl_keras.weighting import FixedWeighting, UncertaintyWeightingLayer
+from mtl_keras.weighting import FixedWeighting, UncertaintyWeightingLayer, WeightingEpochCallback, build_weighting
 from tests.helpers import assert_outputs_close, tiny_kendall_kwargs
 
 TASKS = ("semantic", "instance", "depth")
@@ -48,18 +48,26 @@ def tiny_trainer(weighting=None, num_classes=2):
     return MultiTaskTrainer(model, weighting or UncertaintyWeightingLayer(TASKS))
 
 
-def test_short_training_run_lowers_every_task_loss():
+@pytest.mark.parametrize("weighting", ["uncertainty", "equal", "fixed", "dwa", "mtunet"])
+def test_short_training_run_lowers_every_task_loss(weighting):
     keras.utils.set_random_seed(1)
     images, targets = learnable_batch()
     ds = tf.data.Dataset.from_tensor_slices((images, targets)).batch(4).repeat()
-    trainer = tiny_trainer()
+    kwargs = {"task_weights": [0.6, 0.2, 0.2]} if weighting == "fixed" else {}
+    layer = build_weighting(weighting, TASKS, **kwargs)
+    trainer = tiny_trainer(layer)
     trainer.compile(optimizer=keras.optimizers.Adam(3e-3))
-    history = trainer.fit(ds, epochs=8, steps_per_epoch=4, verbose=0).history
+    history = trainer.fit(ds, epochs=8, steps_per_epoch=4, verbose=0,
+                          callbacks=[WeightingEpochCallback(layer)]).history
     for task in TASKS:
         losses = history[f"{task}_loss"]
         assert losses[-1] < 0.8 * losses[0], (task, losses)
-    # The learned log variances moved, and sigma^2 is logged per task.
-    assert history["instance_sigma2"][-1] != pytest.approx(1.0)
+        assert f"{task}_weight" in history  # every weighting logs its weights the same way
+    if weighting == "uncertainty":  # the learned log variances moved
+        assert history["instance_sigma2"][-1] != pytest.approx(1.0)
+    if weighting == "dwa":  # adapted after two epochs, still summing to the number of tasks
+        final = [history[f"{t}_weight"][-1] for t in TASKS]
+        assert sum(final) == pytest.approx(3.0, rel=1e-4) and final != pytest.approx([1.0, 1.0, 1.0])
 
 
 def test_trainer_loss_is_the_weighted_total_added_once():

@@ -95,3 +95,55 @@ def test_missing_task_loss_and_unknown_weighting_are_clear_errors():
 ])
 def test_weighting_config_round_trip(layer):
     assert_config_round_trip(layer)
+
+
+def _run_epoch(layer, step_losses):
+    for losses in step_losses:
+        layer({t: tf.constant(v) for t, v in zip(layer.tasks, losses)}, training=True)
+    layer.on_epoch_end()
+
+
+def test_dwa_weights_follow_the_loss_ratio_of_the_last_two_epochs():
+    from mtl_keras.weighting import DWAWeighting
+
+    layer = DWAWeighting(("semantic", "depth"))
+    _run_epoch(layer, [(2.0, 1.0), (1.0, 1.0)])  # epoch means (1.5, 1.0)
+    np.testing.assert_allclose(layer.current_weights.numpy(), [1.0, 1.0])  # too early to adapt
+    _run_epoch(layer, [(4.0, 1.0), (2.0, 1.0)])  # epoch means (3.0, 1.0): ratios (2, 1)
+    e = np.exp(np.array([2.0, 1.0]) / 2.0)
+    np.testing.assert_allclose(layer.current_weights.numpy(), 2 * e / e.sum(), rtol=1e-6)
+    assert float(layer({"semantic": tf.constant(1.0), "depth": tf.constant(1.0)})) == pytest.approx(2.0)
+    # A weight computed from losses not seen in training mode: evaluation does not feed the statistics.
+    layer({"semantic": tf.constant(100.0), "depth": tf.constant(1.0)}, training=False)
+    assert float(layer.loss_count.numpy()) == 0.0
+
+
+def test_mtunet_weighting_alpha_is_the_ratio_of_windowed_loss_variances():
+    from mtl_keras.weighting import MTUNetWeighting
+
+    layer = MTUNetWeighting(("semantic", "depth"), weight_learning_rate=0.0, window=3)
+    _run_epoch(layer, [(2.0, 1.0), (1.0, 1.5), (1.2, 1.1)])
+    _run_epoch(layer, [(4.0, 1.0), (2.0, 1.5), (2.4, 1.1)])
+    var1 = np.var([2.0, 1.0, 1.2])
+    var2 = np.var([4.0, 2.0, 2.4])
+    expected = ((var1 + var2) / 2 + 1e-8) / (var1 + 1e-8)  # sigma(t-1): mean of both epochs; sigma(t-2): epoch 1
+    np.testing.assert_allclose(layer.alpha.numpy(), [expected, 1.0], rtol=1e-5)
+    p = np.array([expected, 1.0]) / (expected + 1.0)
+    total = layer({"semantic": tf.constant(3.0), "depth": tf.constant(5.0)})
+    assert float(total) == pytest.approx(p[0] * 3 + p[1] * 5, rel=1e-5)
+
+
+def test_mtunet_weights_take_a_gradient_step_with_their_own_rate_losses_held_fixed():
+    from mtl_keras.weighting import MTUNetWeighting
+
+    layer = MTUNetWeighting(("semantic", "depth"), weight_learning_rate=0.1)
+    layer({"semantic": tf.constant(3.0), "depth": tf.constant(1.0)}, training=True)
+    # p = (1/2, 1/2), L = 2: omega -= 0.1 * p * (L_i - L) = -0.1 * 0.5 * (1, -1)
+    np.testing.assert_allclose(layer.log_w.numpy(), [-0.05, 0.05], rtol=1e-6)
+    weights = [float(v) for v in layer.task_weights().values()]
+    assert sum(weights) == pytest.approx(1.0) and weights[0] < weights[1]
+
+
+@pytest.mark.parametrize("name", ["dwa", "mtunet"])
+def test_epoch_weighting_config_round_trip(name):
+    assert_config_round_trip(build_weighting(name, ("semantic", "depth")))
