@@ -1,7 +1,12 @@
-"""Data: CityScapes label tables, the synthetic CityScapes-layout generator and the tf.data loader.
+"""Data: label tables, the synthetic CityScapes-layout generator and the tf.data loaders of every format.
 
-``labels`` and ``synthetic`` need only numpy/cv2; ``load_cityscapes`` / ``list_cityscapes_files``
-import TensorFlow. Everything but the label tables is imported lazily, on first use.
+Formats (``mtl_keras.data.datasets.DATASETS`` maps the ``--dataset`` names to them): the CityScapes raw layout
+(``load_cityscapes``), NYUv2's labeled ``.mat`` (``load_nyuv2``), the pre-processed ``.npy`` release of CityScapes
+and NYUv2 (``load_cityscapes_npy``, ``load_nyuv2_npy``) and a prepared cache of any of them (``write_prepared``,
+``load_prepared``). All share one pipeline (``pipeline``) and one joint augmentation (``augment``).
+
+``labels`` and ``synthetic`` need only numpy/cv2; the loaders import TensorFlow. Everything but the label tables
+is imported lazily, on first use.
 """
 
 from mtl_keras.data.labels import (  # noqa: F401
@@ -19,10 +24,32 @@ _LAZY = {
     "load_cityscapes": "mtl_keras.data.cityscapes",
     "list_cityscapes_files": "mtl_keras.data.cityscapes",
     "instance_centroid_vectors": "mtl_keras.data.cityscapes",
+    "load_nyuv2": "mtl_keras.data.nyuv2",
+    "load_npy_release": "mtl_keras.data.npy_release",
+    "load_cityscapes_npy": "mtl_keras.data.npy_release",
+    "load_nyuv2_npy": "mtl_keras.data.npy_release",
+    "write_prepared": "mtl_keras.data.prepared",
+    "load_prepared": "mtl_keras.data.prepared",
+    "AugmentConfig": "mtl_keras.data.augment",
+    "augment_example": "mtl_keras.data.augment",
+    "centroid_vectors": "mtl_keras.data.pipeline",
+    "load_dataset": "mtl_keras.data.datasets",
+    "DataError": "mtl_keras.data.checks",
 }
 
 __all__ = [
+    "AugmentConfig",
+    "DataError",
     "IGNORE_INDEX",
+    "augment_example",
+    "centroid_vectors",
+    "load_cityscapes_npy",
+    "load_dataset",
+    "load_npy_release",
+    "load_nyuv2",
+    "load_nyuv2_npy",
+    "load_prepared",
+    "write_prepared",
     "class_colors",
     "class_names",
     "generate_synthetic_cityscapes",

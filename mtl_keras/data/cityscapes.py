@@ -10,16 +10,22 @@ Layout: ``{root}/{type}/{split}/{city}/{city}_{seq:06d}_{frame:06d}_{suffix}`` w
   invalid;
 * ``camera/..._camera.json``: baseline and intrinsics.
 
-Pipeline: file list -> (shard) -> shuffle file names -> decode + resize + map labels (parallel
-map) -> (cache) -> (shuffle decoded elements when cached) -> (repeat) -> flip + instance
-centroid vectors + depth targets (parallel map) -> batch -> prefetch. Everything runs in TF ops
-(no ``py_function``), so the pipeline is deterministic under ``seed``.
+Pipeline (``mtl_keras.data.pipeline``): file list (headers checked up front) -> (shard) -> shuffle file names ->
+decode + resize + map labels (parallel map) -> (cache) -> (shuffle decoded elements when cached) -> (repeat) ->
+instance centroid vectors + depth targets + augmentation (parallel map) -> batch -> prefetch. Everything runs in
+TF ops (no ``py_function``), so the pipeline is deterministic under ``seed``.
+
+The **test split** of the real release has no public labels: its ``gtFine`` files (when extracted) hold only void
+ids, which load as "ignore everywhere" (semantic 255, no instance pixel), and when ``gtFine/test`` (or
+``disparity/test``) is absent altogether the test split still loads, with every target masked out. Either way the
+test split is for predictions to submit, not for scores.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -27,9 +33,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from mtl_keras.data.checks import PNG_IEND, check_png  # noqa: E402
 from mtl_keras.data.labels import known_label_mask, label_lookup_table  # noqa: E402
+from mtl_keras.data.pipeline import (  # noqa: E402
+    Source,
+    build_dataset,
+    centroid_vectors,
+    check_image_size,
+    check_tasks,
+    make_augment,
+)
 
-__all__ = ["list_cityscapes_files", "load_cityscapes", "TASKS", "FILE_TYPES"]
+__all__ = ["list_cityscapes_files", "load_cityscapes", "cityscapes_source", "check_cityscapes_files",
+           "instance_centroid_vectors", "TASKS", "FILE_TYPES"]
+
+log = logging.getLogger("mtl_keras")
 
 TASKS = ("semantic", "instance", "depth")
 
@@ -42,6 +60,14 @@ FILE_TYPES = {
     "camera": ("camera", "camera.json"),
 }
 _ALL_KEYS = tuple(FILE_TYPES)
+# What each PNG must be: (description, bit depth, single channel)
+_PNG_EXPECT = {
+    "label_ids": ("labelIds", 8, True),
+    "instance_ids": ("instanceIds", 16, True),
+    "disparity": ("disparity", 16, True),
+}
+# Folders that may be absent for the test split, whose labels CityScapes withholds.
+_WITHHELD_ON_TEST = ("label_ids", "instance_ids", "disparity", "camera")
 
 
 def _stem(path: str, suffix: str) -> str:
@@ -49,9 +75,13 @@ def _stem(path: str, suffix: str) -> str:
     return name[: -len(suffix) - 1]  # strip "_" + suffix
 
 
+def _split_dir(data_dir, split, key):
+    return os.path.join(data_dir, FILE_TYPES[key][0], split)
+
+
 def _scan(data_dir: str, split: str, key: str) -> dict:
     folder, suffix = FILE_TYPES[key]
-    split_dir = os.path.join(data_dir, folder, split)
+    split_dir = _split_dir(data_dir, split, key)
     if not os.path.isdir(split_dir):
         raise FileNotFoundError(
             f"missing folder {split_dir}: expected {folder}/{split}/{{city}}/"
@@ -60,7 +90,8 @@ def _scan(data_dir: str, split: str, key: str) -> dict:
     return {(os.path.basename(os.path.dirname(p)), _stem(p, suffix)): p for p in files}
 
 
-def list_cityscapes_files(data_dir, split: str = "train", require=_ALL_KEYS) -> list[dict]:
+def list_cityscapes_files(data_dir, split: str = "train", require=_ALL_KEYS, check: bool = False,
+                          optional=()) -> list[dict]:
     """Lists the samples of a split of a CityScapes-layout folder.
 
     Returns a list sorted by (city, stem) of dicts with keys ``"id"`` (``city_seq_frame``),
@@ -70,7 +101,8 @@ def list_cityscapes_files(data_dir, split: str = "train", require=_ALL_KEYS) -> 
     Raises ``FileNotFoundError`` naming the folder when the root or a required
     ``{type}/{split}`` folder is missing, or naming the file when an image lacks one of its
     required files (or a required file has no image); ``ValueError`` for an empty split or an
-    unknown key.
+    unknown key. ``optional``: keys whose whole ``{type}/{split}`` folder may be absent (they are then left
+    out of the entries). ``check``: also read every PNG's header (:func:`check_cityscapes_files`).
     """
     data_dir = os.fspath(data_dir)
     require = tuple(dict.fromkeys(("image",) + tuple(require)))
@@ -85,6 +117,8 @@ def list_cityscapes_files(data_dir, split: str = "train", require=_ALL_KEYS) -> 
         raise ValueError(
             f"empty split {split!r}: no *_{FILE_TYPES['image'][1]} files in the city folders "
             f"of {folder}")
+    require = tuple(k for k in require
+                    if not (k in optional and not os.path.isdir(_split_dir(data_dir, split, k))))
     found = {"image": images}
     found.update({k: _scan(data_dir, split, k) for k in require[1:]})
     for key in require[1:]:
@@ -109,7 +143,28 @@ def list_cityscapes_files(data_dir, split: str = "train", require=_ALL_KEYS) -> 
         entry = {"id": city_stem[1], "city": city_stem[0]}
         entry.update({k: found[k][city_stem] for k in require})
         out.append(entry)
+    if check:
+        check_cityscapes_files(out)
     return out
+
+
+def check_cityscapes_files(files) -> dict:
+    """Reads the header of every PNG of ``files`` (entries of :func:`list_cityscapes_files`), no decoding.
+
+    Checks: each file is a complete PNG (signature, IHDR, final IEND: catches truncated downloads), labelIds are
+    8-bit grey, instanceIds and disparity 16-bit grey, and every label map has its image's size. Raises
+    :class:`mtl_keras.data.checks.DataError` naming the first bad file. Returns ``{(width, height): count}`` of
+    the images.
+    """
+    sizes = {}
+    for entry in files:
+        info = check_png(entry["image"], "image")
+        size = (info.width, info.height)
+        sizes[size] = sizes.get(size, 0) + 1
+        for key, (what, depth, grey) in _PNG_EXPECT.items():
+            if key in entry:
+                check_png(entry[key], what, bit_depth=depth, grey=grey, size=size)
+    return sizes
 
 
 def _read_baseline_fx(camera_path: str) -> float:
@@ -119,7 +174,8 @@ def _read_baseline_fx(camera_path: str) -> float:
         return float(cam["extrinsic"]["baseline"]) * float(cam["intrinsic"]["fx"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(
-            f"cannot read extrinsic.baseline and intrinsic.fx from {camera_path}: {e}") from e
+            f"cannot read extrinsic.baseline and intrinsic.fx from {camera_path} (expected the CityScapes "
+            f"camera.json: {{\"extrinsic\": {{\"baseline\", ...}}, \"intrinsic\": {{\"fx\", ...}}}}): {e}") from e
 
 
 # ----------------------------------------------------------------------------------------
@@ -127,8 +183,25 @@ def _read_baseline_fx(camera_path: str) -> float:
 # ----------------------------------------------------------------------------------------
 
 
-def _decode_stage(tasks, image_size, num_classes):
-    """Decoding + resizing + label mapping (cacheable, compact dtypes)."""
+def _read_png(path, what, bit_depth=None):
+    """read_file + in-graph checks that name the file: complete PNG (IEND at the end), bit depth."""
+    contents = tf.io.read_file(path)
+    n = tf.strings.length(contents)
+    checks = [tf.debugging.Assert(
+        tf.logical_and(n >= 45, tf.equal(tf.strings.substr(contents, tf.maximum(n - 12, 0), 12), PNG_IEND)),
+        [f"truncated or corrupt {what} PNG (no IEND chunk at its end):", path])]
+    if bit_depth is not None:
+        depth = tf.strings.substr(contents, 24, 1)
+        checks.append(tf.debugging.Assert(
+            tf.equal(depth, bytes([bit_depth])),
+            [f"expected a {bit_depth}-bit {what} PNG:", path, "has bit depth",
+             tf.io.decode_raw(depth, tf.uint8)]))
+    with tf.control_dependencies(checks):
+        return tf.identity(contents)
+
+
+def _decode_stage(tasks, image_size, num_classes, depth_target, present):
+    """Decoding + resizing + label mapping -> a prepared example (see ``mtl_keras.data.pipeline``)."""
     h, w = image_size
     lut = tf.constant(label_lookup_table(num_classes), dtype=tf.uint8)
     known = tf.constant(known_label_mask())
@@ -138,36 +211,50 @@ def _decode_stage(tasks, image_size, num_classes):
 
     def fn(elem):
         out = {}
-        img = tf.io.decode_png(tf.io.read_file(elem["image"]), channels=3)
+        img = tf.io.decode_png(_read_png(elem["image"], "image"), channels=3)
         img = tf.image.resize(img, (h, w), method="bilinear", antialias=True)
-        out["image"] = tf.cast(tf.clip_by_value(tf.round(img), 0.0, 255.0), tf.uint8)
+        out["image"] = tf.ensure_shape(tf.cast(tf.clip_by_value(tf.round(img), 0.0, 255.0), tf.uint8), (h, w, 3))
         if "semantic" in tasks:
-            path = elem["label_ids"]
-            ids = tf.io.decode_png(tf.io.read_file(path), channels=1, dtype=tf.uint8)
-            present = tf.math.bincount(tf.reshape(tf.cast(ids, tf.int32), [-1]), minlength=256,
-                                       maxlength=256) > 0
-            bad = tf.where(tf.logical_and(present, tf.logical_not(known)))[:, 0]
-            check = tf.debugging.Assert(
-                tf.equal(tf.size(bad), 0),
-                ["unknown CityScapes labelId(s) (not in cityscapesscripts' table) in labelIds "
-                 "file", path, "unknown ids:", bad], summarize=20)
-            with tf.control_dependencies([check]):
-                ids = tf.identity(ids)
-            sem = tf.gather(lut, tf.cast(resize_nearest(ids)[..., 0], tf.int32))
+            if "label_ids" in present:
+                path = elem["label_ids"]
+                ids = tf.io.decode_png(_read_png(path, "labelIds", 8), channels=1, dtype=tf.uint8)
+                hist = tf.math.bincount(tf.reshape(tf.cast(ids, tf.int32), [-1]), minlength=256, maxlength=256)
+                bad = tf.where(tf.logical_and(hist > 0, tf.logical_not(known)))[:, 0]
+                check = tf.debugging.Assert(
+                    tf.equal(tf.size(bad), 0),
+                    ["unknown CityScapes labelId(s) (not in cityscapesscripts' table, ids 0..33) in labelIds "
+                     "file", path, "unknown ids:", bad], summarize=20)
+                with tf.control_dependencies([check]):
+                    ids = tf.identity(ids)
+                sem = tf.gather(lut, tf.cast(resize_nearest(ids)[..., 0], tf.int32))
+            else:  # withheld test labels: ignore everywhere
+                sem = tf.fill((h, w), tf.constant(255, tf.uint8))
             out["semantic"] = tf.ensure_shape(sem, (h, w))
         if "instance" in tasks:
-            inst = tf.io.decode_png(tf.io.read_file(elem["instance_ids"]), channels=1,
-                                    dtype=tf.uint16)
-            out["instance_ids"] = tf.ensure_shape(
-                tf.cast(resize_nearest(inst)[..., 0], tf.int32), (h, w))
+            if "instance_ids" in present:
+                inst = tf.io.decode_png(_read_png(elem["instance_ids"], "instanceIds", 16), channels=1,
+                                        dtype=tf.uint16)
+                inst = tf.cast(resize_nearest(inst)[..., 0], tf.int32)
+                inst = tf.where(inst >= 1000, inst, 0)  # plain labelIds (incl. groups) are no instance
+            else:
+                inst = tf.zeros((h, w), tf.int32)
+            out["instance_ids"] = tf.ensure_shape(inst, (h, w))
         if "depth" in tasks:
-            disp = tf.io.decode_png(tf.io.read_file(elem["disparity"]), channels=1,
-                                    dtype=tf.uint16)
-            out["disparity_width"] = tf.cast(tf.shape(disp)[1], tf.float32)
-            out["disparity"] = tf.ensure_shape(resize_nearest(disp)[..., 0], (h, w))
-            if "baseline_fx" in elem:
-                out["baseline_fx"] = elem["baseline_fx"]
-        out["image"] = tf.ensure_shape(out["image"], (h, w, 3))
+            if "disparity" in present and (depth_target == "inverse" or "baseline_fx" in elem):
+                raw = tf.io.decode_png(_read_png(elem["disparity"], "disparity", 16), channels=1, dtype=tf.uint16)
+                png_width = tf.cast(tf.shape(raw)[1], tf.float32)
+                p = tf.cast(resize_nearest(raw), tf.float32)
+                d = (p - 1.0) / 256.0  # disparity in px at the PNG's (full) resolution
+                if depth_target == "inverse":
+                    valid = p > 0
+                    value = d * (float(w) / png_width)  # px at the training width
+                else:  # metric depth in metres; d == 0 (p == 1) is at infinity -> invalid
+                    valid = p > 1
+                    value = elem["baseline_fx"] / tf.where(valid, d, 1.0)
+                depth = tf.where(valid, value, float("nan"))
+            else:
+                depth = tf.fill((h, w, 1), float("nan"))
+            out["depth"] = tf.ensure_shape(depth, (h, w, 1))
         return out
 
     return fn
@@ -180,72 +267,47 @@ def instance_centroid_vectors(instance_ids):
     (vectors float32 HxWx2, mask float32 HxWx1); vectors are 0 outside instances.
     """
     ids = tf.cast(instance_ids, tf.int32)
-    shape = tf.shape(ids)
-    h, w = shape[0], shape[1]
-    is_inst = ids >= 1000
-    # non-instance pixels all go to one segment (id -1) that is masked out afterwards
-    flat = tf.reshape(tf.where(is_inst, ids, -1), [-1])
-    _, seg = tf.unique(flat)
-    n = tf.reduce_max(seg) + 1
-    yy, xx = tf.meshgrid(tf.range(h, dtype=tf.float64), tf.range(w, dtype=tf.float64),
-                         indexing="ij")
-    yy, xx = tf.reshape(yy, [-1]), tf.reshape(xx, [-1])
-    count = tf.math.unsorted_segment_sum(tf.ones_like(yy), seg, n)
-    cy = tf.math.unsorted_segment_sum(yy, seg, n) / count
-    cx = tf.math.unsorted_segment_sum(xx, seg, n) / count
-    vec = tf.stack([tf.gather(cy, seg) - yy, tf.gather(cx, seg) - xx], axis=-1)
-    mask = tf.reshape(is_inst, [-1, 1])
-    vec = tf.where(mask, vec, tf.zeros_like(vec))
-    vec = tf.reshape(tf.cast(vec, tf.float32), tf.stack([h, w, 2]))
-    return vec, tf.reshape(tf.cast(mask, tf.float32), tf.stack([h, w, 1]))
+    return centroid_vectors(tf.where(ids >= 1000, ids, 0))
 
 
-def _target_stage(tasks, image_size, flip, seed, depth_target, shard_id, num_shards):
-    h, w = image_size
-
-    def fn(epoch_index, elem):
-        image = elem["image"]
-        fields = {k: elem[k] for k in ("semantic", "instance_ids", "disparity") if k in elem}
-        if flip:
-            # stateless draw keyed on (seed, position in the stream), so deterministic
-            key = tf.stack([tf.constant(seed, tf.int64),
-                            epoch_index * num_shards + shard_id])
-            do_flip = tf.random.stateless_uniform([], seed=key) < 0.5
-            image = tf.cond(do_flip, lambda: tf.reverse(image, [1]), lambda: image)
-            fields = {k: tf.cond(do_flip, lambda v=v: tf.reverse(v, [1]), lambda v=v: v)
-                      for k, v in fields.items()}
-        targets = {}
-        if "semantic" in tasks:
-            targets["semantic"] = tf.ensure_shape(tf.cast(fields["semantic"], tf.int32), (h, w))
-        if "instance" in tasks:
-            vec, mask = instance_centroid_vectors(fields["instance_ids"])
-            targets["instance"] = tf.ensure_shape(vec, (h, w, 2))
-            targets["instance_mask"] = tf.ensure_shape(mask, (h, w, 1))
-        if "depth" in tasks:
-            p = tf.cast(fields["disparity"], tf.float32)[..., None]
-            d = (p - 1.0) / 256.0  # disparity in px at the PNG's (full) resolution
-            if depth_target == "inverse":
-                valid = p > 0
-                value = d * (float(w) / elem["disparity_width"])
-            else:  # metric depth in metres; d == 0 (p == 1) is at infinity -> invalid
-                valid = p > 1
-                value = elem["baseline_fx"] / tf.where(valid, d, 1.0)
-            targets["depth"] = tf.ensure_shape(tf.where(valid, value, 0.0), (h, w, 1))
-            targets["depth_mask"] = tf.ensure_shape(tf.cast(valid, tf.float32), (h, w, 1))
-        return tf.cast(image, tf.float32), targets
-
-    return fn
+def _check_image_size(image_size):  # kept for callers of the former private helper
+    return check_image_size(image_size)
 
 
-def _check_image_size(image_size):
-    try:
-        h, w = (int(v) for v in image_size)
-        ok = h > 0 and w > 0 and all(float(v) == int(v) for v in image_size)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"image_size must be (height, width) with positive ints, got {image_size!r}")
-    return h, w
+def cityscapes_source(data_dir, split="train", image_size=(128, 256), num_classes=19,
+                      tasks=("semantic", "instance", "depth"), depth_target="inverse", check_files=True,
+                      dataset_name="cityscapes") -> Source:
+    """The rows and decode function of a CityScapes-layout split (see ``mtl_keras.data.pipeline.Source``)."""
+    tasks = check_tasks(tasks, TASKS, dataset_name)
+    if depth_target not in ("inverse", "metric"):
+        raise ValueError(f"depth_target must be 'inverse' or 'metric', got {depth_target!r}")
+    label_lookup_table(num_classes)  # validates num_classes
+    h, w = check_image_size(image_size)
+
+    require = ["image"]
+    if "semantic" in tasks:
+        require.append("label_ids")
+    if "instance" in tasks:
+        require.append("instance_ids")
+    if "depth" in tasks:
+        require.append("disparity")
+        if depth_target == "metric":
+            require.append("camera")
+    optional = _WITHHELD_ON_TEST if split == "test" else ()
+    files = list_cityscapes_files(data_dir, split, require=require, check=check_files, optional=optional)
+    present = set(files[0])
+    withheld = [k for k in require if k not in present]
+    if withheld:
+        log.warning("CityScapes %s: no %s folder(s) for the test split (CityScapes withholds test labels): "
+                    "those targets are masked out everywhere", data_dir,
+                    ", ".join(os.path.join(FILE_TYPES[k][0], split) for k in withheld))
+
+    columns = {k: [f[k] for f in files] for k in require if k in present and k != "camera"}
+    if depth_target == "metric" and "depth" in tasks and "camera" in present:
+        columns["baseline_fx"] = np.array([_read_baseline_fx(f["camera"]) for f in files], np.float32)
+    return Source(columns=columns, decode=_decode_stage(tasks, (h, w), num_classes, depth_target, present),
+                  num_examples=len(files), tasks=tasks, image_size=(h, w),
+                  depth_scales_with_zoom=depth_target == "inverse")
 
 
 def load_cityscapes(data_dir, split: str = "train", image_size=(128, 256), batch_size: int = 8,
@@ -253,7 +315,9 @@ def load_cityscapes(data_dir, split: str = "train", image_size=(128, 256), batch
                     shuffle=None, seed: int = 0, flip=None, repeat: bool = False,
                     drop_remainder=None, depth_target: str = "inverse", cache=False,
                     num_parallel_calls=tf.data.AUTOTUNE,
-                    input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+                    input_context: tf.distribute.InputContext | None = None,
+                    scale_range=(1.0, 1.0), crop_size=None, random_crop=None,
+                    check_files: bool = True) -> tf.data.Dataset:
     """A ``tf.data.Dataset`` of ``(image, targets)`` batches from a CityScapes-layout folder.
 
     * ``image``: float32 ``(B, H, W, 3)`` RGB in 0..255 (not normalised).
@@ -266,65 +330,23 @@ def load_cityscapes(data_dir, split: str = "train", image_size=(128, 256), batch
       width (``depth_target="inverse"``) or metres (``"metric"``), 0 where invalid, and
       ``"depth_mask"`` float32 ``(B, H, W, 1)``.
 
-    ``shuffle``, ``flip`` default to ``split == "train"``; ``drop_remainder`` defaults to
+    ``image_size``: the resolution every file is resized to. Augmentation (``mtl_keras.data.augment``):
+    ``flip`` (default: ``split == "train"``), ``scale_range`` (random scale, default none; inverse depth is
+    multiplied by the scale, metric depth is not), ``crop_size`` (output size, default ``image_size``; padded with
+    the ignore label where the scaled image is smaller), ``random_crop`` (crop position at random; default:
+    ``split == "train"``, else centred).
+
+    ``shuffle`` defaults to ``split == "train"``; ``drop_remainder`` defaults to
     ``split == "train"``. ``cache``: False, True (memory) or a file name prefix. The random
-    order and flips are deterministic under ``seed``. With ``input_context`` the file list is
+    order and the augmentation are deterministic under ``seed``. With ``input_context`` the file list is
     sharded (``num_input_pipelines``, ``input_pipeline_id``) before shuffling and
-    ``batch_size`` is the per-replica batch size.
+    ``batch_size`` is the per-replica batch size. ``check_files``: read every PNG header up front (complete
+    file, bit depth, size), so that a broken file is reported, by name, before training starts.
     """
-    if isinstance(tasks, str):
-        tasks = (tasks,)
-    tasks = tuple(tasks)
-    bad = [t for t in tasks if t not in TASKS]
-    if bad or not tasks:
-        raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tasks!r}")
-    if depth_target not in ("inverse", "metric"):
-        raise ValueError(f"depth_target must be 'inverse' or 'metric', got {depth_target!r}")
-    label_lookup_table(num_classes)  # validates num_classes
-    h, w = _check_image_size(image_size)
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    source = cityscapes_source(data_dir, split, image_size, num_classes, tasks, depth_target, check_files)
     is_train = split == "train"
-    shuffle = is_train if shuffle is None else bool(shuffle)
-    flip = is_train if flip is None else bool(flip)
-    drop_remainder = is_train if drop_remainder is None else bool(drop_remainder)
-
-    require = ["image"]
-    if "semantic" in tasks:
-        require.append("label_ids")
-    if "instance" in tasks:
-        require.append("instance_ids")
-    if "depth" in tasks:
-        require.append("disparity")
-        if depth_target == "metric":
-            require.append("camera")
-    files = list_cityscapes_files(data_dir, split, require=require)
-
-    columns = {k: [f[k] for f in files] for k in require if k != "camera"}
-    if depth_target == "metric" and "depth" in tasks:
-        columns["baseline_fx"] = np.array([_read_baseline_fx(f["camera"]) for f in files],
-                                          np.float32)
-    ds = tf.data.Dataset.from_tensor_slices(columns)
-
-    shard_id, num_shards = 0, 1
-    if input_context is not None:
-        num_shards = int(input_context.num_input_pipelines)
-        shard_id = int(input_context.input_pipeline_id)
-        ds = ds.shard(num_shards, shard_id)
-    n = max(1, -(-len(files) // num_shards))
-    shuffle_seed = int(seed) * 1009 + shard_id
-
-    if shuffle and not cache:  # shuffle the (cheap) file names before decoding
-        ds = ds.shuffle(n, seed=shuffle_seed, reshuffle_each_iteration=True)
-    ds = ds.map(_decode_stage(tasks, (h, w), num_classes), num_parallel_calls=num_parallel_calls)
-    if cache:
-        ds = ds.cache(os.fspath(cache) if isinstance(cache, (str, os.PathLike)) else "")
-        if shuffle:
-            ds = ds.shuffle(n, seed=shuffle_seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
-    ds = ds.enumerate()
-    ds = ds.map(_target_stage(tasks, (h, w), flip, int(seed), depth_target, shard_id, num_shards),
-                num_parallel_calls=num_parallel_calls)
-    ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    augment = make_augment(split, flip, scale_range, crop_size, random_crop, source.depth_scales_with_zoom)
+    return build_dataset(
+        source, batch_size=batch_size, shuffle=is_train if shuffle is None else bool(shuffle), seed=seed,
+        repeat=repeat, drop_remainder=is_train if drop_remainder is None else bool(drop_remainder), cache=cache,
+        num_parallel_calls=num_parallel_calls, input_context=input_context, augment=augment)

@@ -10,6 +10,10 @@ Two training label sets are supported:
 
 All tables are built from ``cityscapesscripts.helpers.labels.labels``; nothing is copied
 by hand.
+
+NYUv2 (``class_names`` / ``class_colors`` with 13 or 40 classes): the 40 classes of Gupta et al.
+(``classMapping40.mat``) and the 13 classes of Couprie et al. (``class13Mapping.mat``), in the order of their
+1-based ids; the loaders read the mappings from the user's files (``mtl_keras.data.nyuv2``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,19 @@ from cityscapesscripts.helpers.labels import labels as _CS_LABELS
 
 IGNORE_INDEX = 255
 VALID_NUM_CLASSES = (7, 19)
+
+# NYUv2: names of the 13 and 40 classes (ids 1..13 / 1..40 in the mapping files -> training ids 0..12 / 0..39).
+NYUV2_13_NAMES = ("bed", "books", "ceiling", "chair", "floor", "furniture", "objects", "picture", "sofa", "table",
+                  "tv", "wall", "window")
+NYUV2_40_NAMES = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
+                  "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror",
+                  "floor mat", "clothes", "ceiling", "books", "refrigerator", "television", "paper", "towel",
+                  "shower curtain", "box", "whiteboard", "person", "night stand", "toilet", "sink", "lamp",
+                  "bathtub", "bag", "otherstructure", "otherfurniture", "otherprop")
+# 40 -> 13 (1-based), as distributed in class13Mapping.mat (classMapping13.labels13).
+NYUV2_40_TO_13 = (12, 5, 6, 1, 4, 9, 10, 12, 13, 6, 8, 6, 13, 10, 6, 13, 6, 7, 7, 5, 7, 3, 2, 6, 11, 7, 7, 7, 7, 7,
+                  7, 6, 7, 7, 7, 7, 7, 7, 6, 7)
+NYUV2_NUM_CLASSES = (13, 40)
 
 # Labels that can appear in a labelIds PNG (license plate has id -1 and never appears).
 _PNG_LABELS = tuple(l for l in _CS_LABELS if 0 <= l.id <= 255)
@@ -68,8 +85,24 @@ def label_lookup_table(num_classes: int = 19) -> np.ndarray:
     return table
 
 
+def _nyuv2_palette(num_classes: int) -> np.ndarray:
+    """A fixed, well separated palette for the NYUv2 classes (golden-angle hues, alternating brightness)."""
+    import colorsys
+
+    colors = [colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.65 if i % 2 else 0.85, 0.95 if i % 3 else 0.7)
+              for i in range(num_classes)]
+    return np.round(np.array(colors) * 255).astype(np.uint8)
+
+
+def _is_nyuv2(num_classes) -> bool:
+    return (not isinstance(num_classes, bool) and isinstance(num_classes, (int, np.integer))
+            and int(num_classes) in NYUV2_NUM_CLASSES)
+
+
 def class_names(num_classes: int = 19) -> list[str]:
-    """Names of the training ids 0..num_classes-1."""
+    """Names of the training ids 0..num_classes-1 (CityScapes 19 / 7, NYUv2 13 / 40)."""
+    if _is_nyuv2(num_classes):
+        return list(NYUV2_13_NAMES if int(num_classes) == 13 else NYUV2_40_NAMES)
     num_classes = _check_num_classes(num_classes)
     names: list[str | None] = [None] * num_classes
     for label in _PNG_LABELS:
@@ -85,8 +118,10 @@ def class_colors(num_classes: int = 19) -> np.ndarray:
 
     For 7 classes each category takes the colour of its first label in the table
     (flat -> road, construction -> building, object -> pole, nature -> vegetation,
-    sky -> sky, human -> person, vehicle -> car).
+    sky -> sky, human -> person, vehicle -> car). NYUv2 (13 or 40 classes): a fixed palette.
     """
+    if _is_nyuv2(num_classes):
+        return _nyuv2_palette(int(num_classes))
     num_classes = _check_num_classes(num_classes)
     colors = np.zeros((num_classes, 3), dtype=np.uint8)
     seen = [False] * num_classes

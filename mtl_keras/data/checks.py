@@ -1,0 +1,138 @@
+"""Cheap up-front checks of input files (PNG and .npy headers) and their in-graph counterparts.
+
+Every error names the file and says what was expected. The header checks read a few dozen bytes per file (no
+decoding), so a loader can run them on a whole split before training starts; ``experiments/prepare_data.py
+--check`` decodes every file as well (see :func:`decode_png_file`).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+
+__all__ = ["PngInfo", "png_info", "check_png", "NpyInfo", "npy_info", "DataError", "decode_png_file"]
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+_COLOR_TYPES = {0: "grey", 2: "RGB", 3: "palette", 4: "grey+alpha", 6: "RGBA"}
+
+
+class DataError(ValueError):
+    """A data file that does not hold what its format defines (the message names the file)."""
+
+
+class PngInfo(tuple):
+    """(width, height, bit_depth, color_type) of a PNG."""
+
+    __slots__ = ()
+
+    def __new__(cls, width, height, bit_depth, color_type):
+        return super().__new__(cls, (width, height, bit_depth, color_type))
+
+    width = property(lambda self: self[0])
+    height = property(lambda self: self[1])
+    bit_depth = property(lambda self: self[2])
+    color_type = property(lambda self: self[3])
+
+    def describe(self):
+        return f"{self.bit_depth}-bit {_COLOR_TYPES.get(self.color_type, f'type-{self.color_type}')} " \
+               f"{self.width}x{self.height}"
+
+
+def png_info(path) -> PngInfo:
+    """Reads the PNG signature, the IHDR chunk and the final IEND chunk of ``path`` (45 bytes).
+
+    Raises :class:`DataError` naming the file when it is empty, not a PNG, or truncated (no IEND at its end), and
+    ``FileNotFoundError`` when it does not exist.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        head = f.read(33)
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size >= 12:
+            f.seek(size - 12)
+        tail = f.read(12)
+    if len(head) < 33 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
+        raise DataError(f"{path} is not a PNG file (expected the PNG signature and an IHDR chunk; the file has "
+                        f"{size} bytes)")
+    width, height, bit_depth, color_type = struct.unpack(">IIBB", head[16:26])
+    if tail != PNG_IEND:
+        raise DataError(f"{path} is a truncated or corrupt PNG: it does not end with the IEND chunk "
+                        f"({size} bytes; re-extract or re-download it)")
+    return PngInfo(width, height, bit_depth, color_type)
+
+
+def check_png(path, what, bit_depth=None, grey=False, size=None) -> PngInfo:
+    """:func:`png_info` plus the expectations of the format: ``bit_depth`` (8 or 16), single channel (``grey``)
+    and ``size`` ((width, height), e.g. that of the image the file belongs to)."""
+    info = png_info(path)
+    if bit_depth is not None and info.bit_depth != bit_depth:
+        hint = ""
+        if bit_depth == 16:
+            hint = (" (an 8-bit copy truncates the values: CityScapes stores disparity and instanceIds as 16-bit "
+                    "PNGs; tensorflow-datasets and some converters decode them as 8-bit)")
+        raise DataError(f"{path}: expected a {bit_depth}-bit {what} PNG, got a {info.describe()} PNG{hint}")
+    if grey and info.color_type != 0:
+        raise DataError(f"{path}: expected a single-channel (grey) {what} PNG, got a {info.describe()} PNG "
+                        f"(a colour rendering such as *_gtFine_color.png is not a label map)")
+    if size is not None and (info.width, info.height) != tuple(size):
+        raise DataError(f"{path}: {what} is {info.width}x{info.height} but its image is {size[0]}x{size[1]}")
+    return info
+
+
+def decode_png_file(path, dtype="uint8"):
+    """Fully decodes a PNG with TensorFlow (as the pipeline does); :class:`DataError` naming the file on failure."""
+    import tensorflow as tf
+
+    try:
+        return tf.io.decode_png(tf.io.read_file(os.fspath(path)), dtype=getattr(tf, dtype)).numpy()
+    except tf.errors.OpError as e:
+        raise DataError(f"{path}: cannot decode the PNG ({e.message.strip().splitlines()[0]}); the file is "
+                        f"corrupt: re-extract or re-download it") from None
+
+
+class NpyInfo(tuple):
+    """(shape, dtype, fortran_order, data_offset) of a ``.npy`` file."""
+
+    __slots__ = ()
+
+    def __new__(cls, shape, dtype, fortran_order, offset):
+        return super().__new__(cls, (tuple(shape), np.dtype(dtype), bool(fortran_order), int(offset)))
+
+    shape = property(lambda self: self[0])
+    dtype = property(lambda self: self[1])
+    fortran_order = property(lambda self: self[2])
+    offset = property(lambda self: self[3])
+
+
+def npy_info(path) -> NpyInfo:
+    """The header of a ``.npy`` file, checked against the file size.
+
+    Raises :class:`DataError` naming the file when it is not a ``.npy`` file, holds objects / structured data, or is
+    shorter than its header says (truncated).
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+        except (ValueError, OSError, SyntaxError) as e:
+            raise DataError(f"{path} is not a readable .npy file ({e})") from None
+        offset = f.tell()
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+    if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biuf":
+        raise DataError(f"{path}: expected a numeric (bool, int or float) array, got dtype {dtype}")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size < offset + nbytes:
+        raise DataError(f"{path} is truncated: its header says {shape} {dtype} ({nbytes} bytes of data) but the "
+                        f"file has {size - offset} bytes after the header")
+    return NpyInfo(shape, dtype, fortran, offset)

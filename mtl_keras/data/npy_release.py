@@ -1,0 +1,378 @@
+"""tf.data loaders for the pre-processed ``.npy`` release of CityScapes and NYUv2 (used by MTAN, LibMTL, ...).
+
+Layout: ``{root}/{train,val}/{image,label,depth[,normal]}/{i}.npy``, one array per file:
+
+============ ========== ========================= =============================== ================================ =====
+dataset      size       image                     label                           depth                            normal
+============ ========== ========================= =============================== ================================ =====
+NYUv2        288x384    HxWx3 float in [0, 1]     HxW, 13 classes 0..12, -1 ignore HxWx1 metres, 0 invalid         HxWx3 in [-1, 1], all-zero invalid
+CityScapes   128x256    HxWx3 float in [0, 1]     HxW, -1 ignore; ``label_7`` /    HxWx1 inverse depth (0..~0.49),  -
+                                                  ``label_19`` (or ``label``: 7)   0 invalid
+============ ========== ========================= =============================== ================================ =====
+
+Dtypes are not documented, so any bool / int / float dtype (either byte order, C or Fortran order) is accepted:
+the header of every file is read up front (shape, dtype, size: a truncated file is reported by name before
+training), and the values are checked as they load, each failure naming the file: a float image must lie in
+[0, 1] (an integer image in 0..255), labels must be whole numbers in 0..C-1 or the ignore value -1 (255 is also
+read as ignore), depth must not be negative (0, NaN and inf are invalid), normals must lie in [-1, 1] (all-zero
+or NaN = invalid). Files may have any size (each is resized to ``image_size``: bilinear for the image, nearest
+for the rest); a label of another size than its image is an error.
+
+Depth units: NYUv2 metres (``depth_target="metric"``) or 1/m (``"inverse"``), unchanged by random scaling;
+CityScapes the release's inverse depth as stored (it appears to be the 16-bit disparity PNG value / 65536, i.e.
+about disparity in px at 2048 wide / 256; MTAN-style tables report errors in this unit), which is a disparity and
+is multiplied by the scale factor under random scaling (``mtl_keras.data.augment``).
+
+NYUv2 has no separate validation split: ``val`` is the standard 654-image test split (``split="test"`` is an alias).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from mtl_keras.data.checks import DataError, npy_info  # noqa: E402
+from mtl_keras.data.pipeline import Source, build_dataset, check_image_size, check_tasks, make_augment  # noqa: E402
+
+__all__ = ["NPY_RELEASES", "list_npy_release", "npy_release_source", "load_npy_release", "load_cityscapes_npy",
+           "load_nyuv2_npy", "count_npy_release"]
+
+
+@dataclasses.dataclass(frozen=True)
+class NpyRelease:
+    name: str
+    tasks: tuple
+    label_folders: dict  # num_classes -> candidate folder names, first found wins
+    native_size: tuple
+    splits: dict  # requested split -> folder
+    depth_targets: tuple  # first = default
+    depth_note: str
+
+
+NPY_RELEASES = {
+    "cityscapes_npy": NpyRelease(
+        "cityscapes_npy", ("semantic", "depth"), {19: ("label_19",), 7: ("label_7", "label")}, (128, 256),
+        {"train": "train", "val": "val"}, ("inverse",),
+        "the release's inverse depth as stored"),
+    "nyuv2_npy": NpyRelease(
+        "nyuv2_npy", ("semantic", "depth", "normals"), {13: ("label",)}, (288, 384),
+        {"train": "train", "val": "val", "test": "val"}, ("metric", "inverse"),
+        "metres (metric) or 1/m (inverse)"),
+}
+
+_FIELD_OF_TASK = {"semantic": "label", "depth": "depth", "normals": "normal"}
+_NPY_NAME = re.compile(r"^(\d+)\.npy$")
+
+
+def _release(name) -> NpyRelease:
+    if name not in NPY_RELEASES:
+        raise ValueError(f"unknown .npy release {name!r}; valid: {', '.join(NPY_RELEASES)}")
+    return NPY_RELEASES[name]
+
+
+def _split_folder(release, data_dir, split):
+    if split not in release.splits:
+        raise ValueError(f"{release.name} has the splits {', '.join(release.splits)}, got split={split!r}")
+    data_dir = os.fspath(data_dir)
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"{release.name} root folder {data_dir} does not exist")
+    return os.path.join(data_dir, release.splits[split])
+
+
+def _label_folder(release, split_dir, num_classes):
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+            or int(num_classes) not in release.label_folders:
+        raise ValueError(f"num_classes must be one of {tuple(release.label_folders)} for {release.name}, got "
+                         f"num_classes={num_classes!r}")
+    candidates = release.label_folders[int(num_classes)]
+    for folder in candidates:
+        if os.path.isdir(os.path.join(split_dir, folder)):
+            return folder
+    raise FileNotFoundError(
+        f"missing folder {os.path.join(split_dir, candidates[0])}: {release.name} with num_classes={num_classes} "
+        f"reads its labels from {' or '.join(os.path.join(split_dir, c) for c in candidates)}")
+
+
+def _scan(folder):
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"missing folder {folder}: expected {{i}}.npy files (i = 0..N-1)")
+    out = {}
+    for name in os.listdir(folder):
+        m = _NPY_NAME.match(name)
+        if m:
+            out[int(m.group(1))] = os.path.join(folder, name)
+    return out
+
+
+def list_npy_release(name, data_dir, split="train", fields=("image",), num_classes=None):
+    """``{field: [path, ...]}`` (sorted by index) of a split of a ``.npy`` release; ``fields`` among ``image``,
+    ``label``, ``depth``, ``normal`` (``label`` resolves to the folder of ``num_classes``).
+
+    Errors name the folder or file: a missing folder, an empty split, an image without one of its files or a file
+    without its image.
+    """
+    release = _release(name)
+    split_dir = _split_folder(release, data_dir, split)
+    folders = {}
+    for field in dict.fromkeys(("image",) + tuple(fields)):
+        folders[field] = _label_folder(release, split_dir, num_classes) if field == "label" else field
+    found = {f: _scan(os.path.join(split_dir, folder)) for f, folder in folders.items()}
+    images = found["image"]
+    if not images:
+        raise ValueError(f"empty split {split!r} of {release.name}: no {{i}}.npy files in "
+                         f"{os.path.join(split_dir, 'image')}")
+    for field, files in found.items():
+        missing = sorted(set(images) - set(files))
+        if missing:
+            i = missing[0]
+            raise FileNotFoundError(
+                f"image {images[i]} has no {field} file: expected {os.path.join(split_dir, folders[field], f'{i}.npy')}"
+                f" ({len(missing)} image(s) of split {split!r} lack their {folders[field]}/ file)")
+        orphans = sorted(set(files) - set(images))
+        if orphans:
+            i = orphans[0]
+            raise FileNotFoundError(
+                f"{folders[field]} file {files[i]} has no image: expected {os.path.join(split_dir, 'image', f'{i}.npy')}"
+                f" ({len(orphans)} {folders[field]}/ file(s) of split {split!r} without an image)")
+    order = sorted(images)
+    return {field: [found[field][i] for i in order] for field in found}
+
+
+def count_npy_release(name, data_dir, split="train"):
+    return len(list_npy_release(name, data_dir, split)["image"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# headers -> columns; decoding in TF
+# ----------------------------------------------------------------------------------------------------------------
+
+_EXPECTED = {  # field -> (allowed shapes as a text, channels)
+    "image": ("HxWx3", 3),
+    "label": ("HxW (or HxWx1)", 1),
+    "depth": ("HxWx1 (or HxW)", 1),
+    "normal": ("HxWx3", 3),
+}
+
+
+def _shape3(path, field, shape):
+    text, channels = _EXPECTED[field]
+    if len(shape) == 2 and channels == 1:
+        return (shape[0], shape[1], 1)
+    if len(shape) == 3 and shape[2] == channels and shape[0] > 0 and shape[1] > 0:
+        return tuple(shape)
+    raise DataError(f"{path}: expected a {field} array of shape {text}, got shape {tuple(shape)}")
+
+
+def _dtype_variant(dtype):
+    """(tf decode dtype, little_endian, bitcast-to dtype or None) of a numpy dtype."""
+    little = dtype.byteorder == "<" or dtype.byteorder == "|" or (dtype.byteorder == "=" and np.little_endian)
+    base = dtype.newbyteorder("=")
+    mapping = {np.dtype(np.bool_): (tf.bool, None), np.dtype(np.uint8): (tf.uint8, None),
+               np.dtype(np.int8): (tf.int8, None), np.dtype(np.uint16): (tf.uint16, None),
+               np.dtype(np.int16): (tf.int16, None), np.dtype(np.int32): (tf.int32, None),
+               np.dtype(np.uint32): (tf.int32, tf.uint32), np.dtype(np.int64): (tf.int64, None),
+               np.dtype(np.uint64): (tf.int64, tf.uint64), np.dtype(np.float16): (tf.float16, None),
+               np.dtype(np.float32): (tf.float32, None), np.dtype(np.float64): (tf.float64, None)}
+    if base not in mapping:
+        raise KeyError(dtype)
+    tf_dtype, bitcast = mapping[base]
+    return tf_dtype, bool(little) if dtype.itemsize > 1 else True, bitcast
+
+
+def _field_columns(field, paths):
+    """Header of every file -> columns (path, offset, nbytes, shape3, fortran, variant code) and the variants."""
+    variants, codes, offsets, nbytes, shapes, fortran, is_float = [], [], [], [], [], [], []
+    for path in paths:
+        info = npy_info(path)
+        shape3 = _shape3(path, field, info.shape)
+        try:
+            variant = _dtype_variant(info.dtype)
+        except KeyError:
+            raise DataError(f"{path}: unsupported dtype {info.dtype} (expected a bool, int or float array)") from None
+        if variant not in variants:
+            variants.append(variant)
+        codes.append(variants.index(variant))
+        offsets.append(info.offset)
+        nbytes.append(int(np.prod(info.shape, dtype=np.int64)) * info.dtype.itemsize)
+        shapes.append(shape3)
+        fortran.append(info.fortran_order)
+        is_float.append(info.dtype.kind == "f")
+    columns = {"path": list(paths), "offset": np.array(offsets, np.int64), "nbytes": np.array(nbytes, np.int64),
+               "shape": np.array(shapes, np.int32), "fortran": np.array(fortran, bool),
+               "code": np.array(codes, np.int32), "is_float": np.array(is_float, bool)}
+    return columns, variants
+
+
+def _decode_array(col, variants):
+    """One .npy file -> float32 HxWxC (in TF)."""
+    data = tf.strings.substr(tf.io.read_file(col["path"]), tf.cast(col["offset"], tf.int32),
+                             tf.cast(col["nbytes"], tf.int32))
+
+    def branch(variant):
+        tf_dtype, little, bitcast = variant
+
+        def fn():
+            x = tf.io.decode_raw(data, tf_dtype, little_endian=little)
+            if bitcast is not None:
+                x = tf.bitcast(x, bitcast)
+            return tf.cast(x, tf.float32)
+
+        return fn
+
+    if len(variants) == 1:
+        flat = branch(variants[0])()
+    else:
+        flat = tf.switch_case(col["code"], [branch(v) for v in variants])
+    shape = col["shape"]
+    return tf.cond(col["fortran"],
+                   lambda: tf.transpose(tf.reshape(flat, tf.reverse(shape, [0])), [2, 1, 0]),
+                   lambda: tf.reshape(flat, shape))
+
+
+def _decode_stage(variants, tasks, image_size, num_classes, inverse_metric_depth):
+    h, w = image_size
+
+    def nearest(x):
+        return tf.image.resize(x, (h, w), method="nearest")
+
+    def fn(row):
+        out = {}
+        col = row["image"]
+        img = _decode_array(col, variants["image"])
+        lo, hi = tf.reduce_min(img), tf.reduce_max(img)
+        in_range = tf.cond(col["is_float"],
+                           lambda: tf.logical_and(lo >= -1e-3, hi <= 1.0 + 1e-3),
+                           lambda: tf.logical_and(lo >= 0.0, hi <= 255.0))
+        check = tf.debugging.Assert(in_range, [
+            "image values outside the expected range (a float image must lie in [0, 1], an integer image in "
+            "0..255):", col["path"], "min", lo, "max", hi])
+        with tf.control_dependencies([check]):
+            img = tf.where(col["is_float"], img * 255.0, img)
+        img = tf.image.resize(img, (h, w), method="bilinear", antialias=True)
+        out["image"] = tf.ensure_shape(tf.cast(tf.clip_by_value(tf.round(img), 0.0, 255.0), tf.uint8), (h, w, 3))
+        if "semantic" in tasks:
+            col = row["label"]
+            lab = _decode_array(col, variants["label"])
+            ignore = tf.logical_or(tf.equal(lab, -1.0), tf.equal(lab, 255.0))
+            ok = tf.logical_or(ignore, tf.logical_and(
+                tf.logical_and(lab >= 0.0, lab <= float(num_classes - 1)), tf.equal(lab, tf.round(lab))))
+            bad = tf.boolean_mask(lab, tf.logical_not(ok))
+            check = tf.debugging.Assert(tf.reduce_all(ok), [
+                f"label values outside -1 (ignore) and 0..{num_classes - 1} (whole numbers) for "
+                f"num_classes={num_classes}:", col["path"], "bad values:", bad[:10]], summarize=10)
+            same = tf.reduce_all(tf.equal(col["shape"][:2], row["image"]["shape"][:2]))
+            size_check = tf.debugging.Assert(same, ["label", col["path"], "of size", col["shape"][:2],
+                                                    "differs from its image", row["image"]["path"], "of size",
+                                                    row["image"]["shape"][:2]])
+            with tf.control_dependencies([check, size_check]):
+                lab = tf.where(ignore | tf.logical_not(ok), 255.0, lab)
+            out["semantic"] = tf.ensure_shape(tf.cast(nearest(lab)[..., 0], tf.uint8), (h, w))
+        if "depth" in tasks:
+            col = row["depth"]
+            d = _decode_array(col, variants["depth"])
+            check = tf.debugging.Assert(tf.reduce_all(tf.logical_not(d < 0.0)), [
+                "negative depth values (expected >= 0, 0 = invalid):", col["path"], "min", tf.reduce_min(d)])
+            with tf.control_dependencies([check]):
+                valid = tf.logical_and(tf.math.is_finite(d), d > 0.0)
+            if inverse_metric_depth:  # metres -> 1/m
+                d = 1.0 / tf.where(valid, d, 1.0)
+            d = tf.where(valid, d, float("nan"))
+            out["depth"] = tf.ensure_shape(nearest(d), (h, w, 1))
+        if "normals" in tasks:
+            col = row["normal"]
+            n = _decode_array(col, variants["normal"])
+            finite = tf.reduce_all(tf.math.is_finite(n), axis=-1, keepdims=True)
+            n0 = tf.where(finite, n, 0.0)
+            check = tf.debugging.Assert(tf.reduce_all(tf.abs(n0) <= 1.0 + 1e-3), [
+                "normal values outside [-1, 1]:", col["path"], "min", tf.reduce_min(n0), "max", tf.reduce_max(n0)])
+            with tf.control_dependencies([check]):
+                valid = tf.logical_and(finite, tf.reduce_any(tf.not_equal(n0, 0.0), axis=-1, keepdims=True))
+            n = tf.where(valid, n0, float("nan"))
+            out["normals"] = tf.ensure_shape(nearest(n), (h, w, 3))
+        return out
+
+    return fn
+
+
+def npy_release_source(name, data_dir, split="train", image_size=None, num_classes=None, tasks=None,
+                       depth_target=None, check_files=True) -> Source:
+    """The rows and decode function of a split of a ``.npy`` release (``mtl_keras.data.pipeline.Source``).
+
+    The header of every file is always read (it gives the dtype, shape and data offset); ``check_files`` is
+    accepted for symmetry with the other loaders.
+    """
+    del check_files
+    release = _release(name)
+    tasks = check_tasks(release.tasks if tasks is None else tasks, release.tasks, name)
+    if num_classes is None:
+        num_classes = next(iter(release.label_folders))
+    if depth_target is None:
+        depth_target = release.depth_targets[0]
+    if depth_target not in release.depth_targets:
+        raise ValueError(f"{name}: depth_target must be one of {release.depth_targets} ({release.depth_note}), "
+                         f"got {depth_target!r}")
+    h, w = check_image_size(release.native_size if image_size is None else image_size)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+            or int(num_classes) not in release.label_folders:
+        raise ValueError(f"num_classes must be one of {tuple(release.label_folders)} for {name}, got "
+                         f"num_classes={num_classes!r}")
+    fields = ["image"] + [_FIELD_OF_TASK[t] for t in tasks]
+    paths = list_npy_release(name, data_dir, split, fields, num_classes)
+    columns, variants = {}, {}
+    for field, field_paths in paths.items():
+        columns[field], variants[field] = _field_columns(field, field_paths)
+    for field in paths:
+        if field in ("image", "label"):
+            continue
+        # depth / normal maps of another size than the image: an error, up front
+        for i, (a, b) in enumerate(zip(columns["image"]["shape"], columns[field]["shape"])):
+            if tuple(a[:2]) != tuple(b[:2]):
+                raise DataError(f"{paths[field][i]}: {field} is {b[0]}x{b[1]} but its image {paths['image'][i]} "
+                                f"is {a[0]}x{a[1]}")
+    for i, (a, b) in enumerate(zip(columns["image"]["shape"], columns.get("label", columns["image"])["shape"])):
+        if tuple(a[:2]) != tuple(b[:2]):
+            raise DataError(f"{paths['label'][i]}: label is {b[0]}x{b[1]} but its image {paths['image'][i]} "
+                            f"is {a[0]}x{a[1]}")
+    decode = _decode_stage(variants, tasks, (h, w), int(num_classes),
+                           inverse_metric_depth=(name == "nyuv2_npy" and depth_target == "inverse"))
+    return Source(columns=columns, decode=decode, num_examples=len(paths["image"]), tasks=tasks, image_size=(h, w),
+                  depth_scales_with_zoom=(name == "cityscapes_npy"))
+
+
+def load_npy_release(name, data_dir, split="train", image_size=None, batch_size=8, num_classes=None, tasks=None,
+                     shuffle=None, seed=0, flip=None, repeat=False, drop_remainder=None, depth_target=None,
+                     cache=False, num_parallel_calls=tf.data.AUTOTUNE, input_context=None, scale_range=(1.0, 1.0),
+                     crop_size=None, random_crop=None, check_files=True) -> tf.data.Dataset:
+    """``(image, targets)`` batches of a ``.npy`` release split (the contract of ``load_cityscapes``).
+
+    ``image_size`` defaults to the release's size (CityScapes 128x256, NYUv2 288x384). Targets:
+    ``"semantic"`` (255 = ignore), ``"depth"`` + ``"depth_mask"``, and for NYUv2 ``"normals"`` + ``"normals_mask"``
+    (unit vectors, x to the right: a flip negates x). The augmentation arguments are those of ``load_cityscapes``.
+    """
+    source = npy_release_source(name, data_dir, split, image_size, num_classes, tasks, depth_target, check_files)
+    is_train = split == "train"
+    augment = make_augment(split, flip, scale_range, crop_size, random_crop, source.depth_scales_with_zoom)
+    return build_dataset(
+        source, batch_size=batch_size, shuffle=is_train if shuffle is None else bool(shuffle), seed=seed,
+        repeat=repeat, drop_remainder=is_train if drop_remainder is None else bool(drop_remainder), cache=cache,
+        num_parallel_calls=num_parallel_calls, input_context=input_context, augment=augment)
+
+
+def load_cityscapes_npy(data_dir, split="train", image_size=(128, 256), num_classes=19,
+                        tasks=("semantic", "depth"), **kwargs):
+    """The CityScapes ``.npy`` release (``label_19`` or ``label_7`` / ``label``); see :func:`load_npy_release`."""
+    return load_npy_release("cityscapes_npy", data_dir, split, image_size=image_size, num_classes=num_classes,
+                            tasks=tasks, **kwargs)
+
+
+def load_nyuv2_npy(data_dir, split="train", image_size=(288, 384), num_classes=13,
+                   tasks=("semantic", "depth", "normals"), **kwargs):
+    """The NYUv2 ``.npy`` release (13 classes, depth in metres, normals); see :func:`load_npy_release`."""
+    return load_npy_release("nyuv2_npy", data_dir, split, image_size=image_size, num_classes=num_classes,
+                            tasks=tasks, **kwargs)

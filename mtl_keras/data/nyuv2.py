@@ -1,0 +1,307 @@
+"""tf.data loader for NYUv2's labeled set (``nyu_depth_v2_labeled.mat``, MATLAB v7.3 = HDF5, read with h5py).
+
+Files in ``data_dir`` (names can be overridden):
+
+* ``nyu_depth_v2_labeled.mat``: h5py shows MATLAB's dimensions reversed: ``images`` (N, 3, W, H) uint8,
+  ``depths`` (N, W, H) float32 metres, ``labels`` (N, W, H) uint16 (0 = unlabeled, 1..894), ``instances``
+  (N, W, H) uint8 (N = 1449, W x H = 640 x 480). Image ``i`` as HxWxC is ``images[i].transpose(2, 1, 0)``.
+* ``splits.mat`` (v5): ``trainNdxs`` (795) and ``testNdxs`` (654), 1-based. ``split="train"`` reads the first,
+  ``"val"`` (and its alias ``"test"``) the second: NYUv2 has no separate validation split.
+* ``classMapping40.mat`` (v5): ``mapClass`` (1 x 894): 894 -> 40 classes, 1-based.
+* ``class13Mapping.mat`` (v5, for ``num_classes=13``): ``classMapping13.labels13`` (1 x 40): 40 -> 13, 1-based.
+
+Targets: ``semantic`` = 894 -> 40 (-> 13) class - 1, with label 0 (unlabeled) -> 255 (ignore); ``depth`` in metres
+(``depth_target="metric"``, the default) or 1/m (``"inverse"``), invalid where not finite or <= 0 (the labeled
+set's depths are in-painted, so normally all valid) and unchanged by random scaling (a zoom does not move the
+scene; see ``mtl_keras.data.augment``); ``instance`` = centroid vectors of the objects: a pixel belongs to the
+instance ``(labels, instances)`` when its label is > 0, its ``instances`` value is > 0 and its 40-class is not
+wall, floor or ceiling (those are "stuff": NYUv2 numbers them too, but they have no meaningful centroid).
+NYUv2's labeled set has no surface normals (use the ``.npy`` release, ``nyuv2_npy``).
+
+The ``.mat`` is read by one background thread per parallel call (h5py serialises access to the file; decoding and
+resizing run in TF ops in parallel). For many epochs, write a prepared cache once with
+``experiments/prepare_data.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from mtl_keras.data.checks import DataError  # noqa: E402
+from mtl_keras.data.labels import IGNORE_INDEX, NYUV2_NUM_CLASSES  # noqa: E402
+from mtl_keras.data.pipeline import Source, build_dataset, check_image_size, check_tasks, make_augment  # noqa: E402
+
+__all__ = ["NYUV2_FILES", "TASKS", "nyuv2_label_table", "read_nyuv2_splits", "check_nyuv2_mat", "nyuv2_source",
+           "load_nyuv2", "count_nyuv2"]
+
+TASKS = ("semantic", "instance", "depth")
+NYUV2_FILES = {"mat": "nyu_depth_v2_labeled.mat", "splits": "splits.mat", "map40": "classMapping40.mat",
+               "map13": "class13Mapping.mat"}
+_STUFF_40 = (1, 2, 22)  # wall, floor, ceiling (1-based 40-class ids)
+_SPLIT_KEYS = {"train": "trainNdxs", "val": "testNdxs", "test": "testNdxs"}
+_NEEDS = {"semantic": ("labels",), "instance": ("labels", "instances"), "depth": ("depths",)}
+
+
+def _path(data_dir, key, override=None):
+    return os.fspath(override) if override else os.path.join(os.fspath(data_dir), NYUV2_FILES[key])
+
+
+def _loadmat(path, what):
+    import scipy.io
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing file {path}: expected {what}")
+    try:
+        return scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
+    except NotImplementedError as e:  # a v7.3 (HDF5) file
+        raise DataError(f"{path}: expected a MATLAB v5 .mat with {what}, got a v7.3 (HDF5) file ({e})") from None
+    except Exception as e:  # noqa: BLE001 - scipy raises many types on a broken file
+        raise DataError(f"{path}: cannot read it as a MATLAB .mat file with {what} ({type(e).__name__}: {e})") \
+            from None
+
+
+def _mat_vector(path, mat, key, what, field=None):
+    if key not in mat:
+        found = sorted(k for k in mat if not k.startswith("__"))
+        raise DataError(f"{path} has no variable {key!r} (found {found}); expected {what}")
+    value = mat[key]
+    if field is not None:
+        if hasattr(value, field):
+            value = getattr(value, field)
+        elif isinstance(value, np.ndarray) and value.dtype.names and field in value.dtype.names:
+            value = value[field].item() if value.size == 1 else value[field]
+        else:
+            raise DataError(f"{path}: variable {key!r} has no field {field!r}; expected {what}")
+    try:
+        arr = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: {key}{'.' + field if field else ''} is not numeric; expected {what}") from None
+    if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+        raise DataError(f"{path}: {key}{'.' + field if field else ''} must hold whole numbers; expected {what}")
+    return arr.astype(np.int64)
+
+
+def nyuv2_label_table(data_dir, num_classes=13, map40_path=None, map13_path=None):
+    """uint8 lookup table (index = raw NYUv2 label 0..894) -> training id (0..C-1), 255 for label 0 (unlabeled).
+
+    Built from the user's ``classMapping40.mat`` (and ``class13Mapping.mat`` for 13 classes). Also returns the
+    1-based 40-class of each raw label (0 for unlabeled), used to tell objects from stuff.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+            or int(num_classes) not in NYUV2_NUM_CLASSES:
+        raise ValueError(f"num_classes must be one of {NYUV2_NUM_CLASSES} for NYUv2 (13 = Couprie et al., "
+                         f"40 = Gupta et al.), got num_classes={num_classes!r}")
+    p40 = _path(data_dir, "map40", map40_path)
+    what40 = "mapClass: 1 x 894, the 894 NYUv2 labels -> 40 classes (1-based)"
+    map40 = _mat_vector(p40, _loadmat(p40, what40), "mapClass", what40)
+    if map40.size != 894 or map40.min() < 0 or map40.max() > 40:
+        raise DataError(f"{p40}: mapClass has {map40.size} entries in {map40.min()}..{map40.max()}; expected "
+                        f"{what40}")
+    class40 = np.concatenate([[0], map40])  # raw label -> 1-based 40-class (0 = unlabeled)
+    if int(num_classes) == 40:
+        train = class40 - 1
+    else:
+        p13 = _path(data_dir, "map13", map13_path)
+        what13 = "classMapping13.labels13: 1 x 40, the 40 classes -> 13 classes (1-based)"
+        map13 = _mat_vector(p13, _loadmat(p13, what13), "classMapping13", what13, field="labels13")
+        if map13.size != 40 or map13.min() < 1 or map13.max() > 13:
+            raise DataError(f"{p13}: classMapping13.labels13 has {map13.size} entries in {map13.min()}.."
+                            f"{map13.max()}; expected {what13}")
+        train = np.where(class40 > 0, np.concatenate([[0], map13])[class40] - 1, -1)
+    table = np.where(train >= 0, train, IGNORE_INDEX).astype(np.uint8)
+    table[0] = IGNORE_INDEX
+    return table, class40.astype(np.int32)
+
+
+def read_nyuv2_splits(data_dir, num_images, splits_path=None):
+    """``{"train": indices, "val": indices}`` (0-based) from ``splits.mat``; errors name the file."""
+    path = _path(data_dir, "splits", splits_path)
+    what = "trainNdxs (795) and testNdxs (654): 1-based image indices of the standard split"
+    mat = _loadmat(path, what)
+    out = {}
+    for split, key in (("train", "trainNdxs"), ("val", "testNdxs")):
+        idx = _mat_vector(path, mat, key, what)
+        if idx.min() < 1 or idx.max() > num_images:
+            raise DataError(f"{path}: {key} holds indices {idx.min()}..{idx.max()} but the .mat has {num_images} "
+                            f"images (expected 1-based indices in 1..{num_images})")
+        if len(np.unique(idx)) != len(idx):
+            raise DataError(f"{path}: {key} repeats image indices")
+        out[split] = idx - 1
+    shared = np.intersect1d(out["train"], out["val"])
+    if shared.size:
+        raise DataError(f"{path}: trainNdxs and testNdxs share {shared.size} image(s), e.g. {shared[0] + 1}")
+    return out
+
+
+def check_nyuv2_mat(path, tasks=TASKS):
+    """Opens the labeled ``.mat`` and checks its datasets for ``tasks``; returns ``(N, (H, W))``.
+
+    Raises ``FileNotFoundError`` / :class:`DataError` naming the file and the datasets it should hold.
+    """
+    import h5py
+
+    path = os.fspath(path)
+    expected = ("images (N, 3, W, H) uint8, depths (N, W, H) float metres, labels (N, W, H) uint16, "
+                "instances (N, W, H) uint8")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing file {path}: expected NYUv2's nyu_depth_v2_labeled.mat (MATLAB v7.3) "
+                                f"with {expected}")
+    needed = ["images"] + [d for t in tasks for d in _NEEDS.get(t, ())]
+    needed = list(dict.fromkeys(needed))
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise DataError(f"{path} is not an HDF5 (MATLAB v7.3) file ({e}); expected NYUv2's labeled set with "
+                        f"{expected}") from None
+    with f:
+        missing = [d for d in needed if not isinstance(f.get(d), h5py.Dataset)]
+        if missing:
+            found = sorted(k for k in f.keys() if isinstance(f[k], h5py.Dataset))
+            raise DataError(f"{path} has no dataset(s) {missing} (found {found}); expected {expected}")
+        images = f["images"]
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise DataError(f"{path}: images has shape {images.shape}; expected (N, 3, W, H) (h5py order)")
+        n, _, w, h = images.shape
+        if n == 0:
+            raise DataError(f"{path}: images holds no image (shape {images.shape})")
+        for name in needed[1:]:
+            if f[name].shape != (n, w, h):
+                raise DataError(f"{path}: {name} has shape {f[name].shape}; expected {(n, w, h)} like images "
+                                f"{images.shape}")
+        for name, kinds in (("images", "u"), ("labels", "ui"), ("instances", "ui"), ("depths", "f")):
+            if name in needed and f[name].dtype.kind not in kinds:
+                raise DataError(f"{path}: {name} has dtype {f[name].dtype}; expected {expected}")
+    return int(n), (int(h), int(w))
+
+
+class _MatReader:
+    """Reads sample ``i`` of the labeled .mat (one h5py handle per process; h5py serialises access)."""
+
+    _handles: dict = {}
+    _lock = threading.Lock()
+
+    def __init__(self, path, fields):
+        self.path = os.fspath(path)
+        self.fields = tuple(fields)
+
+    def _file(self):
+        import h5py
+
+        key = (self.path, os.getpid())
+        with self._lock:
+            if key not in self._handles:
+                self._handles[key] = h5py.File(self.path, "r")
+            return self._handles[key]
+
+    def __call__(self, i):
+        f = self._file()
+        i = int(i)
+        out = [np.ascontiguousarray(f["images"][i].transpose(2, 1, 0)).astype(np.uint8)]
+        for name in self.fields:
+            out.append(np.ascontiguousarray(f[name][i].T))
+        return out
+
+
+def nyuv2_source(data_dir, split="train", image_size=(288, 384), num_classes=13, tasks=TASKS,
+                 depth_target="metric", check_files=True, mat_path=None, splits_path=None, map40_path=None,
+                 map13_path=None) -> Source:
+    """The rows and decode function of a NYUv2 split (see ``mtl_keras.data.pipeline.Source``)."""
+    del check_files  # the .mat's datasets and the mapping files are always checked up front
+    tasks = check_tasks(tasks, TASKS, "nyuv2 (the labeled .mat)")
+    if depth_target not in ("metric", "inverse"):
+        raise ValueError(f"depth_target must be 'metric' (metres) or 'inverse' (1/m) for NYUv2, got "
+                         f"{depth_target!r}")
+    if split not in _SPLIT_KEYS:
+        raise ValueError(f"NYUv2 has the splits train, val (= the 654-image test split) and test, got {split!r}")
+    h, w = check_image_size(image_size)
+    if not os.path.isdir(os.fspath(data_dir)):
+        raise FileNotFoundError(f"NYUv2 folder {data_dir} does not exist")
+    table, class40 = nyuv2_label_table(data_dir, num_classes, map40_path, map13_path)
+    mat = _path(data_dir, "mat", mat_path)
+    n, _ = check_nyuv2_mat(mat, tasks)
+    indices = read_nyuv2_splits(data_dir, n, splits_path)["train" if split == "train" else "val"]
+    if indices.size == 0:
+        raise ValueError(f"empty split {split!r}: {_path(data_dir, 'splits', splits_path)} lists no image")
+
+    fields = []
+    if "semantic" in tasks or "instance" in tasks:
+        fields.append("labels")
+    if "instance" in tasks:
+        fields.append("instances")
+    if "depth" in tasks:
+        fields.append("depths")
+    reader = _MatReader(mat, fields)
+    out_types = [tf.uint8] + [{"labels": tf.uint16, "instances": tf.uint8, "depths": tf.float32}[k]
+                              for k in fields]
+    lut = tf.constant(table)
+    c40 = tf.constant(class40)
+    stuff = tf.constant(_STUFF_40, tf.int32)
+
+    def nearest(x):
+        return tf.image.resize(x, (h, w), method="nearest")
+
+    def decode(row):
+        index = row["index"]
+        arrays = tf.numpy_function(reader, [index], out_types, stateful=False)
+        values = dict(zip(["images"] + fields, arrays))
+        img = tf.ensure_shape(values["images"], (None, None, 3))
+        img = tf.image.resize(img, (h, w), method="bilinear", antialias=True)
+        out = {"image": tf.ensure_shape(tf.cast(tf.clip_by_value(tf.round(img), 0.0, 255.0), tf.uint8), (h, w, 3))}
+        if "labels" in values:
+            labels = tf.cast(tf.ensure_shape(values["labels"], (None, None)), tf.int32)
+            top = tf.reduce_max(labels)
+            check = tf.debugging.Assert(top < len(table), [
+                "label id outside 0..894 (the NYUv2 label table) in", mat, "labels of image (0-based)", index,
+                "max label", top])
+            with tf.control_dependencies([check]):
+                labels = tf.identity(labels)
+            if "semantic" in tasks:
+                out["semantic"] = tf.ensure_shape(tf.gather(lut, nearest(labels[..., None])[..., 0]), (h, w))
+            if "instance" in tasks:
+                inst = tf.cast(tf.ensure_shape(values["instances"], (None, None)), tf.int32)
+                cls = tf.gather(c40, labels)
+                thing = (labels > 0) & (inst > 0) & (cls > 0) & tf.reduce_all(
+                    tf.not_equal(cls[..., None], stuff), axis=-1)
+                ids = tf.where(thing, labels * 256 + inst, 0)
+                out["instance_ids"] = tf.ensure_shape(nearest(ids[..., None])[..., 0], (h, w))
+        if "depth" in tasks:
+            d = tf.ensure_shape(values["depths"], (None, None))[..., None]
+            valid = tf.math.is_finite(d) & (d > 0)
+            if depth_target == "inverse":
+                d = 1.0 / tf.where(valid, d, 1.0)
+            out["depth"] = tf.ensure_shape(nearest(tf.where(valid, d, float("nan"))), (h, w, 1))
+        return out
+
+    return Source(columns={"index": indices.astype(np.int64)}, decode=decode, num_examples=int(indices.size),
+                  tasks=tasks, image_size=(h, w), depth_scales_with_zoom=False)
+
+
+def count_nyuv2(data_dir, split="train"):
+    n, _ = check_nyuv2_mat(_path(data_dir, "mat"), ())
+    if split not in _SPLIT_KEYS:
+        raise ValueError(f"NYUv2 has the splits train, val (= the 654-image test split) and test, got {split!r}")
+    return int(read_nyuv2_splits(data_dir, n)["train" if split == "train" else "val"].size)
+
+
+def load_nyuv2(data_dir, split="train", image_size=(288, 384), batch_size=8, num_classes=13, tasks=TASKS,
+               shuffle=None, seed=0, flip=None, repeat=False, drop_remainder=None, depth_target="metric",
+               cache=False, num_parallel_calls=tf.data.AUTOTUNE, input_context=None, scale_range=(1.0, 1.0),
+               crop_size=None, random_crop=None, check_files=True, **paths) -> tf.data.Dataset:
+    """``(image, targets)`` batches of NYUv2's labeled set (the contract of ``load_cityscapes``).
+
+    ``paths``: optional ``mat_path``, ``splits_path``, ``map40_path``, ``map13_path`` overriding the file names
+    in ``data_dir``. The augmentation arguments are those of ``load_cityscapes``.
+    """
+    source = nyuv2_source(data_dir, split, image_size, num_classes, tasks, depth_target, check_files, **paths)
+    is_train = split == "train"
+    augment = make_augment(split, flip, scale_range, crop_size, random_crop, source.depth_scales_with_zoom)
+    return build_dataset(
+        source, batch_size=batch_size, shuffle=is_train if shuffle is None else bool(shuffle), seed=seed,
+        repeat=repeat, drop_remainder=is_train if drop_remainder is None else bool(drop_remainder), cache=cache,
+        num_parallel_calls=num_parallel_calls, input_context=input_context, augment=augment)

@@ -1,0 +1,207 @@
+"""The tf.data pipeline shared by every dataset format.
+
+A format supplies a :class:`Source`: a table of per-example columns (file names, indices, scalars) and a ``decode``
+function (TF ops) that turns one row into a *prepared example* at the training resolution, in compact dtypes:
+
+* ``"image"``: uint8 HxWx3 RGB;
+* ``"semantic"``: uint8 HxW training ids, 255 = ignore;
+* ``"instance_ids"``: int32 HxW, one positive id per instance, 0 = no instance;
+* ``"depth"``: float32 HxWx1 in the format's depth unit, NaN = invalid;
+* ``"normals"``: float32 HxWx3 unit vectors (x right, y, z), NaN = invalid.
+
+:func:`build_dataset` then runs: (shard the rows) -> (shuffle the rows) -> decode (parallel map) -> (cache: memory
+or file) -> (shuffle decoded examples when cached) -> (repeat) -> number each example -> targets + augmentation
+(parallel map) -> batch -> prefetch. The prepared examples are what ``experiments/prepare_data.py`` stores, so a
+prepared cache (``mtl_keras.data.prepared``) enters the same pipeline after the decode step.
+
+What comes out is the contract of every loader: ``(image float32 (B,H,W,3) RGB 0..255, targets)`` with, for the
+requested tasks only, ``"semantic"`` int32 (B,H,W) (255 ignore), ``"instance"`` float32 (B,H,W,2) (dy, dx) to the
+instance centroid in px + ``"instance_mask"`` (B,H,W,1), ``"depth"`` float32 (B,H,W,1) (0 where invalid) +
+``"depth_mask"`` (B,H,W,1), ``"normals"`` float32 (B,H,W,3) (0 where invalid) + ``"normals_mask"`` (B,H,W,1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+from mtl_keras.data.augment import AugmentConfig, augment_example  # noqa: E402
+
+__all__ = ["ALL_TASKS", "Source", "build_dataset", "centroid_vectors", "prepared_to_targets", "check_tasks",
+           "check_image_size", "prepared_signature"]
+
+ALL_TASKS = ("semantic", "instance", "depth", "normals")
+
+
+@dataclasses.dataclass
+class Source:
+    """What a format hands to :func:`build_dataset`.
+
+    ``columns``: dict of equal-length lists / arrays, one row per example; ``decode(row) -> prepared example``;
+    ``depth_scales_with_zoom``: whether ``depth`` is a disparity (scales with the image under random scale).
+    """
+
+    columns: dict
+    decode: Callable
+    num_examples: int
+    tasks: tuple
+    image_size: tuple
+    depth_scales_with_zoom: bool = True
+
+
+def check_image_size(image_size, name="image_size"):
+    try:
+        h, w = (int(v) for v in image_size)
+        ok = h > 0 and w > 0 and all(float(v) == int(v) for v in image_size)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be (height, width) with positive ints, got {image_size!r}")
+    return h, w
+
+
+def check_tasks(tasks, available, dataset):
+    """``tasks`` as a tuple; ValueError naming the dataset when a task is unknown or not in the data."""
+    if isinstance(tasks, str):
+        tasks = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    tasks = tuple(tasks)
+    unknown = [t for t in tasks if t not in ALL_TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"tasks must be a non-empty subset of {available} for {dataset}, got {tasks!r}")
+    missing = [t for t in tasks if t not in available]
+    if missing:
+        raise ValueError(f"{dataset} has no {', '.join(missing)} targets: its tasks are {', '.join(available)} "
+                         f"(got tasks={tasks!r}; e.g. --tasks {','.join(t for t in tasks if t in available) or available[0]})")
+    return tasks
+
+
+def prepared_signature(tasks, image_size):
+    """The ``tf.TensorSpec`` of each key of a prepared example."""
+    h, w = image_size
+    spec = {"image": tf.TensorSpec((h, w, 3), tf.uint8)}
+    if "semantic" in tasks:
+        spec["semantic"] = tf.TensorSpec((h, w), tf.uint8)
+    if "instance" in tasks:
+        spec["instance_ids"] = tf.TensorSpec((h, w), tf.int32)
+    if "depth" in tasks:
+        spec["depth"] = tf.TensorSpec((h, w, 1), tf.float32)
+    if "normals" in tasks:
+        spec["normals"] = tf.TensorSpec((h, w, 3), tf.float32)
+    return spec
+
+
+def centroid_vectors(segment_ids):
+    """(dy, dx) from each pixel to the centroid of its segment, and the mask of segment pixels.
+
+    ``segment_ids``: int HxW, ``0`` = no instance, any other value = one instance. Returns (vectors float32 HxWx2,
+    mask float32 HxWx1); vectors are 0 outside instances. Centroids are means of pixel indices (float64).
+    """
+    ids = tf.cast(segment_ids, tf.int64)
+    shape = tf.shape(ids)
+    h, w = shape[0], shape[1]
+    is_inst = tf.not_equal(ids, 0)
+    flat = tf.reshape(tf.where(is_inst, ids, tf.constant(0, tf.int64)), [-1])
+    _, seg = tf.unique(flat)
+    n = tf.reduce_max(seg) + 1
+    yy, xx = tf.meshgrid(tf.range(h, dtype=tf.float64), tf.range(w, dtype=tf.float64), indexing="ij")
+    yy, xx = tf.reshape(yy, [-1]), tf.reshape(xx, [-1])
+    count = tf.math.unsorted_segment_sum(tf.ones_like(yy), seg, n)
+    cy = tf.math.unsorted_segment_sum(yy, seg, n) / count
+    cx = tf.math.unsorted_segment_sum(xx, seg, n) / count
+    vec = tf.stack([tf.gather(cy, seg) - yy, tf.gather(cx, seg) - xx], axis=-1)
+    mask = tf.reshape(is_inst, [-1, 1])
+    vec = tf.where(mask, vec, tf.zeros_like(vec))
+    vec = tf.reshape(tf.cast(vec, tf.float32), tf.stack([h, w, 2]))
+    return vec, tf.reshape(tf.cast(mask, tf.float32), tf.stack([h, w, 1]))
+
+
+def prepared_to_targets(example, tasks):
+    """A prepared example -> ``(image float32 HxWx3, targets)`` of the loader contract (before augmentation)."""
+    image = tf.cast(example["image"], tf.float32)
+    h, w = (int(v) for v in image.shape[:2])
+    targets = {}
+    if "semantic" in tasks:
+        targets["semantic"] = tf.ensure_shape(tf.cast(example["semantic"], tf.int32), (h, w))
+    if "instance" in tasks:
+        vec, mask = centroid_vectors(example["instance_ids"])
+        targets["instance"] = tf.ensure_shape(vec, (h, w, 2))
+        targets["instance_mask"] = tf.ensure_shape(mask, (h, w, 1))
+    if "depth" in tasks:
+        d = tf.cast(example["depth"], tf.float32)
+        valid = tf.math.is_finite(d)
+        targets["depth"] = tf.ensure_shape(tf.where(valid, d, 0.0), (h, w, 1))
+        targets["depth_mask"] = tf.ensure_shape(tf.cast(valid, tf.float32), (h, w, 1))
+    if "normals" in tasks:
+        n = tf.cast(example["normals"], tf.float32)
+        valid = tf.reduce_all(tf.math.is_finite(n), axis=-1, keepdims=True)
+        targets["normals"] = tf.ensure_shape(tf.where(valid, n, 0.0), (h, w, 3))
+        targets["normals_mask"] = tf.ensure_shape(tf.cast(valid, tf.float32), (h, w, 1))
+    return tf.ensure_shape(image, (h, w, 3)), targets
+
+
+def _shard_info(input_context):
+    if input_context is None:
+        return 0, 1
+    return int(input_context.input_pipeline_id), int(input_context.num_input_pipelines)
+
+
+def build_dataset(source: Source, *, batch_size=8, shuffle=False, seed=0, repeat=False, drop_remainder=False,
+                  cache=False, num_parallel_calls=tf.data.AUTOTUNE, input_context=None,
+                  augment: AugmentConfig | None = None, prepared_dataset: tf.data.Dataset | None = None):
+    """The ``(image, targets)`` batches of ``source`` (see the module docstring).
+
+    ``prepared_dataset``: a dataset of prepared examples that replaces the rows + decode steps (a prepared cache);
+    it is sharded the same way. ``cache``: False, True (memory) or a file name prefix (``tf.data`` cache files).
+    With ``input_context`` the rows are sharded (``num_input_pipelines``, ``input_pipeline_id``) before anything
+    else and ``batch_size`` is the per-replica batch size.
+    """
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    tasks = source.tasks
+    augment = augment or AugmentConfig()
+    shard_id, num_shards = _shard_info(input_context)
+    n = max(1, -(-int(source.num_examples) // num_shards))
+    shuffle_seed = int(seed) * 1009 + shard_id
+    if prepared_dataset is None:
+        ds = tf.data.Dataset.from_tensor_slices(source.columns)
+        if num_shards > 1:
+            ds = ds.shard(num_shards, shard_id)
+        if shuffle and not cache:  # shuffle the (cheap) rows before decoding
+            ds = ds.shuffle(n, seed=shuffle_seed, reshuffle_each_iteration=True)
+        ds = ds.map(source.decode, num_parallel_calls=num_parallel_calls)
+    else:
+        ds = prepared_dataset
+        if num_shards > 1:
+            ds = ds.shard(num_shards, shard_id)
+    if cache:
+        ds = ds.cache(os.fspath(cache) if isinstance(cache, (str, os.PathLike)) else "")
+    if shuffle and (cache or prepared_dataset is not None):
+        ds = ds.shuffle(n, seed=shuffle_seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.enumerate()
+    aug_seed = int(seed)
+
+    def to_batch_element(index, example):
+        image, targets = prepared_to_targets(example, tasks)
+        key = index * num_shards + shard_id  # position in the global stream: distinct over shards
+        return augment_example(image, targets, aug_seed, key, augment)
+
+    ds = ds.map(to_batch_element, num_parallel_calls=num_parallel_calls)
+    ds = ds.batch(int(batch_size), drop_remainder=bool(drop_remainder))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def make_augment(split, flip, scale_range, crop_size, random_crop, depth_scales_with_zoom):
+    """The augmentation of a split: flips and random crop positions default to on for ``train`` only."""
+    is_train = split == "train"
+    return AugmentConfig(flip=is_train if flip is None else bool(flip),
+                         scale_range=(1.0, 1.0) if scale_range is None else scale_range,
+                         crop_size=crop_size,
+                         random_crop=is_train if random_crop is None else bool(random_crop),
+                         depth_scales_with_zoom=depth_scales_with_zoom)

@@ -1,0 +1,224 @@
+"""A compact cache of any dataset at the training resolution ("prepared" set), written once, read fast.
+
+``write_prepared`` runs a format's decode step (PNG / .npy / .mat decoding, resizing, label mapping, depth
+conversion) once and stores each prepared example (see ``mtl_keras.data.pipeline``) as one zlib-compressed file:
+
+    {out}/prepared_manifest.json         dataset, source folder, image size, classes, tasks, depth unit, counts
+    {out}/{split}/{i:06d}.zlib            the raw bytes of image, semantic, instance ids, depth, normals in turn
+
+One file per example keeps a full shuffle cheap (file names are shuffled, not decoded examples), lets every
+``tf.data`` worker read and decompress in parallel, and shards by file for distributed input. Instance ids are
+renumbered 1..K per image (uint16); depth and normals stay float32 (NaN = invalid), so a prepared set gives exactly
+the tensors of the source loader. ``load_prepared`` (dataset name ``prepared``) checks that the requested image
+size, classes, tasks and depth unit are those of the cache, then runs the same targets + augmentation stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from mtl_keras.data.pipeline import ALL_TASKS, Source, build_dataset, check_image_size, make_augment  # noqa: E402
+
+__all__ = ["MANIFEST", "write_prepared", "read_manifest", "load_prepared", "count_prepared", "source_for"]
+
+MANIFEST = "prepared_manifest.json"
+_VERSION = 1
+# key -> (dtype, channels or None)
+_FIELDS = {"image": ("uint8", 3), "semantic": ("uint8", None), "instance_ids": ("uint16", None),
+           "depth": ("float32", 1), "normals": ("float32", 3)}
+_TASK_FIELD = {"semantic": "semantic", "instance": "instance_ids", "depth": "depth", "normals": "normals"}
+
+
+def _fields(tasks):
+    return ["image"] + [_TASK_FIELD[t] for t in ALL_TASKS if t in tasks]
+
+
+def _field_shape(key, image_size):
+    dtype, c = _FIELDS[key]
+    return tuple(image_size) + ((c,) if c else ())
+
+
+def source_for(dataset, data_dir, split, image_size, num_classes, tasks, depth_target=None, check_files=True):
+    """The :class:`~mtl_keras.data.pipeline.Source` of a dataset name (raw formats only)."""
+    kwargs = {} if depth_target is None else {"depth_target": depth_target}
+    if dataset in ("cityscapes", "synthetic"):
+        from mtl_keras.data.cityscapes import cityscapes_source
+
+        return cityscapes_source(data_dir, split, image_size, num_classes, tasks, check_files=check_files,
+                                 dataset_name=dataset, **kwargs)
+    if dataset == "nyuv2":
+        from mtl_keras.data.nyuv2 import nyuv2_source
+
+        return nyuv2_source(data_dir, split, image_size, num_classes, tasks, check_files=check_files, **kwargs)
+    if dataset in ("cityscapes_npy", "nyuv2_npy"):
+        from mtl_keras.data.npy_release import npy_release_source
+
+        return npy_release_source(dataset, data_dir, split, image_size, num_classes, tasks,
+                                  check_files=check_files, **kwargs)
+    raise ValueError(f"cannot prepare dataset {dataset!r}: expected cityscapes, synthetic, nyuv2, cityscapes_npy "
+                     f"or nyuv2_npy")
+
+
+def _default_depth_target(dataset):
+    return {"nyuv2": "metric", "nyuv2_npy": "metric"}.get(dataset, "inverse")
+
+
+def write_prepared(dataset, data_dir, out_dir, splits=("train", "val"), image_size=(128, 256), num_classes=19,
+                   tasks=("semantic", "instance", "depth"), depth_target=None, level=3, verbose=False,
+                   num_parallel_calls=tf.data.AUTOTUNE):
+    """Decodes ``splits`` of ``dataset`` at ``image_size`` once and writes the prepared set to ``out_dir``.
+
+    The manifest is written last, so an interrupted run leaves no usable (half) cache. Returns the manifest.
+    """
+    out_dir = os.fspath(out_dir)
+    h, w = check_image_size(image_size)
+    depth_target = depth_target or _default_depth_target(dataset)
+    manifest_path = os.path.join(out_dir, MANIFEST)
+    if os.path.exists(manifest_path):
+        os.remove(manifest_path)
+    manifest = {"version": _VERSION, "dataset": dataset, "source": os.path.abspath(os.fspath(data_dir)),
+                "image_size": [h, w], "num_classes": int(num_classes), "tasks": [],
+                "depth_target": depth_target, "depth_scales_with_zoom": True, "splits": {}}
+    for split in splits:
+        t0 = time.perf_counter()
+        source = source_for(dataset, data_dir, split, (h, w), num_classes, tasks, depth_target)
+        manifest["tasks"] = list(source.tasks)
+        manifest["depth_scales_with_zoom"] = bool(source.depth_scales_with_zoom)
+        keys = _fields(source.tasks)
+        folder = os.path.join(out_dir, split)
+        os.makedirs(folder, exist_ok=True)
+        ds = tf.data.Dataset.from_tensor_slices(source.columns).map(source.decode,
+                                                                    num_parallel_calls=num_parallel_calls)
+        count, nbytes = 0, 0
+        for i, example in enumerate(ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()):
+            parts = []
+            for key in keys:
+                value = example[key]
+                if key == "instance_ids":
+                    uniq, inverse = np.unique(value, return_inverse=True)
+                    if len(uniq) > 65535:
+                        raise ValueError(f"{dataset} {split} example {i}: {len(uniq)} instances do not fit uint16")
+                    value = np.where(value == 0, 0, inverse.reshape(value.shape) + (0 if (value == 0).any() else 1))
+                parts.append(np.ascontiguousarray(value, dtype=_FIELDS[key][0]).tobytes())
+            blob = zlib.compress(b"".join(parts), level)
+            with open(os.path.join(folder, f"{i:06d}.zlib"), "wb") as f:
+                f.write(blob)
+            count, nbytes = count + 1, nbytes + len(blob)
+        for stale in sorted(os.listdir(folder)):  # files of a former, larger cache
+            if stale.endswith(".zlib") and int(stale.split(".")[0]) >= count:
+                os.remove(os.path.join(folder, stale))
+        manifest["splits"][split] = {"count": count, "bytes": nbytes}
+        if verbose:
+            print(f"{dataset} {split}: {count} examples at {h}x{w} -> {folder} ({nbytes / 2**20:.1f} MiB) in "
+                  f"{time.perf_counter() - t0:.1f} s", flush=True)
+    tmp = manifest_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(tmp, manifest_path)
+    return manifest
+
+
+def read_manifest(data_dir):
+    path = os.path.join(os.fspath(data_dir), MANIFEST)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: {data_dir} is not a prepared set (write one with "
+                                f"python experiments/prepare_data.py --dataset NAME --data_dir RAW --output "
+                                f"{data_dir})")
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("version") != _VERSION:
+        raise ValueError(f"{path} has version {manifest.get('version')}, expected {_VERSION}: prepare it again")
+    return manifest
+
+
+def _split_files(data_dir, manifest, split):
+    if split not in manifest["splits"]:
+        raise ValueError(f"the prepared set {data_dir} has the splits {', '.join(manifest['splits'])}, not "
+                         f"{split!r}")
+    count = manifest["splits"][split]["count"]
+    if count == 0:
+        raise ValueError(f"empty split {split!r} in the prepared set {data_dir}")
+    files = [os.path.join(os.fspath(data_dir), split, f"{i:06d}.zlib") for i in range(count)]
+    missing = [p for p in files if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]} is missing ({len(missing)} of {count} files of split {split!r}): the "
+                                f"prepared set is incomplete; prepare it again")
+    return files
+
+
+def count_prepared(data_dir, split="train"):
+    manifest = read_manifest(data_dir)
+    return len(_split_files(data_dir, manifest, split))
+
+
+def _decoder(keys, image_size):
+    sizes, shapes = [], []
+    for key in keys:
+        shape = _field_shape(key, image_size)
+        shapes.append(shape)
+        sizes.append(int(np.prod(shape)) * np.dtype(_FIELDS[key][0]).itemsize)
+    total = sum(sizes)
+
+    def decode(row):
+        raw = tf.io.decode_compressed(tf.io.read_file(row["path"]), compression_type="ZLIB")
+        check = tf.debugging.Assert(tf.equal(tf.strings.length(raw), total), [
+            "corrupt prepared file", row["path"], "holds", tf.strings.length(raw), "bytes; expected", total])
+        with tf.control_dependencies([check]):
+            raw = tf.identity(raw)
+        out, offset = {}, 0
+        for key, size, shape in zip(keys, sizes, shapes):
+            x = tf.io.decode_raw(tf.strings.substr(raw, offset, size), getattr(tf, _FIELDS[key][0]))
+            x = tf.reshape(x, shape)
+            out[key] = tf.cast(x, tf.int32) if key == "instance_ids" else x
+            offset += size
+        return out
+
+    return decode
+
+
+def load_prepared(data_dir, split="train", image_size=None, batch_size=8, num_classes=None, tasks=None,
+                  shuffle=None, seed=0, flip=None, repeat=False, drop_remainder=None, depth_target=None,
+                  cache=False, num_parallel_calls=tf.data.AUTOTUNE, input_context=None, scale_range=(1.0, 1.0),
+                  crop_size=None, random_crop=None, check_files=True) -> tf.data.Dataset:
+    """``(image, targets)`` batches of a prepared set (the contract of ``load_cityscapes``).
+
+    ``image_size``, ``num_classes``, ``tasks`` and ``depth_target`` default to the cache's and must match it when
+    given (a cache is made at one resolution: prepare another for another size). The augmentation arguments are
+    those of ``load_cityscapes``.
+    """
+    del check_files
+    manifest = read_manifest(data_dir)
+    size = tuple(manifest["image_size"])
+    if image_size is not None and check_image_size(image_size) != size:
+        raise ValueError(f"the prepared set {data_dir} is at {size[0]}x{size[1]}, not {tuple(image_size)}: train at "
+                         f"--image_size {size[0]},{size[1]} or prepare the data again at that size")
+    if num_classes is not None and int(num_classes) != manifest["num_classes"]:
+        raise ValueError(f"the prepared set {data_dir} has {manifest['num_classes']} classes, not {num_classes}: "
+                         f"pass --num_classes {manifest['num_classes']} or prepare the data again")
+    if depth_target is not None and depth_target != manifest["depth_target"]:
+        raise ValueError(f"the prepared set {data_dir} holds depth_target={manifest['depth_target']!r}, not "
+                         f"{depth_target!r}")
+    have = tuple(manifest["tasks"])
+    tasks = have if tasks is None else tuple([tasks] if isinstance(tasks, str) else tasks)
+    missing = [t for t in tasks if t not in have]
+    if missing or not tasks:
+        raise ValueError(f"the prepared set {data_dir} holds the tasks {', '.join(have)}, not {', '.join(missing)}"
+                         f" (prepare it again with --tasks {','.join(dict.fromkeys(have + tuple(missing)))})")
+    files = _split_files(data_dir, manifest, split)
+    source = Source(columns={"path": files}, decode=_decoder(_fields(have), size), num_examples=len(files),
+                    tasks=tuple(t for t in ALL_TASKS if t in tasks), image_size=size,
+                    depth_scales_with_zoom=bool(manifest["depth_scales_with_zoom"]))
+    is_train = split == "train"
+    augment = make_augment(split, flip, scale_range, crop_size, random_crop, source.depth_scales_with_zoom)
+    return build_dataset(
+        source, batch_size=batch_size, shuffle=is_train if shuffle is None else bool(shuffle), seed=seed,
+        repeat=repeat, drop_remainder=is_train if drop_remainder is None else bool(drop_remainder), cache=cache,
+        num_parallel_calls=num_parallel_calls, input_context=input_context, augment=augment)
