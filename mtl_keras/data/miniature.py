@@ -29,12 +29,18 @@ def _write_png(path, array):
         raise OSError(f"could not write {path}")
 
 
+def _as_16bit(array):
+    """uint16 unless the caller deliberately passes uint8 (to write a broken, 8-bit file)."""
+    array = np.asarray(array)
+    return array if array.dtype == np.uint8 else array.astype(np.uint16)
+
+
 def write_cityscapes_sample(root, split, city, seq, image=None, label_ids=None, instance_ids=None, disparity=None,
                             camera=None, frame=19):
     """Writes the files of one CityScapes sample; returns ``{key: path}`` of what was written.
 
     ``image`` uint8 HxWx3 RGB; ``label_ids`` uint8 HxW; ``instance_ids`` uint16 HxW; ``disparity`` uint16 HxW (raw
-    PNG values p, d = (p - 1) / 256); ``camera`` a dict (``{"extrinsic": {...}, "intrinsic": {...}}``).
+    PNG values p, d = (p - 1) / 256; a uint8 array is written as an 8-bit PNG, as broken copies are); ``camera`` a dict (``{"extrinsic": {...}, "intrinsic": {...}}``).
     """
     root = os.fspath(root)
     stem = f"{city}_{seq:06d}_{frame:06d}"
@@ -51,10 +57,10 @@ def write_cityscapes_sample(root, split, city, seq, image=None, label_ids=None, 
         _write_png(paths["label_ids"], np.asarray(label_ids, np.uint8))
     if instance_ids is not None:
         paths["instance_ids"] = path("gtFine", "gtFine_instanceIds.png")
-        _write_png(paths["instance_ids"], np.asarray(instance_ids, np.uint16))
+        _write_png(paths["instance_ids"], _as_16bit(instance_ids))
     if disparity is not None:
         paths["disparity"] = path("disparity", "disparity.png")
-        _write_png(paths["disparity"], np.asarray(disparity, np.uint16))
+        _write_png(paths["disparity"], _as_16bit(disparity))
     if camera is not None:
         paths["camera"] = path("camera", "camera.json")
         os.makedirs(os.path.dirname(paths["camera"]), exist_ok=True)

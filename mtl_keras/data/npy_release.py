@@ -119,8 +119,15 @@ def list_npy_release(name, data_dir, split="train", fields=("image",), num_class
     """
     release = _release(name)
     split_dir = _split_folder(release, data_dir, split)
+    fields = tuple(dict.fromkeys(("image",) + tuple(fields)))
+    if not os.path.isdir(split_dir):
+        raise FileNotFoundError(
+            f"missing folder {split_dir}: expected the folders "
+            f"{', '.join(os.path.join(split_dir, f) for f in fields)} of {{i}}.npy files in the {release.name} root "
+            f"{data_dir}")
+    _scan(os.path.join(split_dir, "image"))  # the image folder first: the most telling error
     folders = {}
-    for field in dict.fromkeys(("image",) + tuple(fields)):
+    for field in fields:
         folders[field] = _label_folder(release, split_dir, num_classes) if field == "label" else field
     found = {f: _scan(os.path.join(split_dir, folder)) for f, folder in folders.items()}
     images = found["image"]

@@ -18,15 +18,14 @@ instance ``(labels, instances)`` when its label is > 0, its ``instances`` value 
 wall, floor or ceiling (those are "stuff": NYUv2 numbers them too, but they have no meaningful centroid).
 NYUv2's labeled set has no surface normals (use the ``.npy`` release, ``nyuv2_npy``).
 
-The ``.mat`` is read by one background thread per parallel call (h5py serialises access to the file; decoding and
-resizing run in TF ops in parallel). For many epochs, write a prepared cache once with
+The ``.mat`` is read in the parallel map (h5py serialises access to the file; resizing and label mapping run in
+TF ops in parallel). For many epochs, write a prepared cache once with
 ``experiments/prepare_data.py``.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -181,30 +180,24 @@ def check_nyuv2_mat(path, tasks=TASKS):
 
 
 class _MatReader:
-    """Reads sample ``i`` of the labeled .mat (one h5py handle per process; h5py serialises access)."""
+    """Reads sample ``i`` of the labeled .mat.
 
-    _handles: dict = {}
-    _lock = threading.Lock()
+    The file is opened for each sample (about a millisecond; h5py serialises access anyway), so no handle stays
+    open between epochs: the file can be replaced, and forked workers never share a handle.
+    """
 
     def __init__(self, path, fields):
         self.path = os.fspath(path)
         self.fields = tuple(fields)
 
-    def _file(self):
+    def __call__(self, i):
         import h5py
 
-        key = (self.path, os.getpid())
-        with self._lock:
-            if key not in self._handles:
-                self._handles[key] = h5py.File(self.path, "r")
-            return self._handles[key]
-
-    def __call__(self, i):
-        f = self._file()
         i = int(i)
-        out = [np.ascontiguousarray(f["images"][i].transpose(2, 1, 0)).astype(np.uint8)]
-        for name in self.fields:
-            out.append(np.ascontiguousarray(f[name][i].T))
+        with h5py.File(self.path, "r") as f:
+            out = [np.ascontiguousarray(f["images"][i].transpose(2, 1, 0)).astype(np.uint8)]
+            for name in self.fields:
+                out.append(np.ascontiguousarray(f[name][i].T))
         return out
 
 
