@@ -29,6 +29,7 @@ setup(
         "scikit-learn",
         "absl-py",
         "h5py",
+        "scipy",  # NYUv2 splits.mat / class maps (MATLAB v5)
         "matplotlib",
         "cityscapesscripts",
     ],
