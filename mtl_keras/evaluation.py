@@ -8,21 +8,37 @@ Conventions (fixed by the rest of the project):
   ``255`` = ignore; ``"instance"`` float (B,H,W,2) vector (dy, dx) from each pixel to its instance centroid in
   pixels, with ``"instance_mask"`` float (B,H,W,1) = 1 on instance pixels; ``"depth"`` float (B,H,W,1) inverse
   depth (disparity, px), with ``"depth_mask"`` float (B,H,W,1) = 1 on valid pixels.
+* ``"normals"`` float (B,H,W,3) unit surface normals with ``"normals_mask"`` float (B,H,W,1) = 1 on valid
+  pixels (target pixels whose normal is all zero or not finite are treated as invalid too).
 * predictions: ``"semantic"`` logits (B,H,W,C) (integer label maps (B,H,W) are accepted too), ``"instance"``
-  (B,H,W,2), ``"depth"`` (B,H,W,1). Predictions must have the targets' resolution: resize them (bilinear on
+  (B,H,W,2), ``"depth"`` (B,H,W,1), ``"normals"`` (B,H,W,3), normalised here to unit length (a zero prediction
+  counts as 90 degrees off). Predictions must have the targets' resolution: resize them (bilinear on
   logits / vectors / depth) before calling :meth:`MultiTaskEvaluator.update` if the model predicts at a lower one.
 
 All metrics are accumulated **streaming over the whole split**: one confusion matrix, and sums and pixel counts for
 the regressions, so the result is independent of how the split is cut into batches (it is never a mean of
-per-image or per-batch means).
+per-image or per-batch means). The median normal angle stays streaming through a histogram of the angles in
+``NORMALS_BIN_DEG`` (0.01 degree) bins, so it is exact to within half a bin (0.005 degrees) over the whole split.
+
+Multi-task change versus single-task baselines: :func:`delta_m` (formula and sign convention in its docstring;
+negative = the multi-task model is better).
 """
 
 import math
 
 import numpy as np
 
-TASKS = ("semantic", "instance", "depth")
+TASKS = ("semantic", "instance", "depth", "normals")  # every task the evaluator knows, in canonical order
+DEFAULT_TASKS = ("semantic", "instance", "depth")  # what MultiTaskEvaluator evaluates when not told
 IGNORE_LABEL = 255
+NORMALS_BIN_DEG = 0.01  # width of the angle histogram bins behind the exact streaming median
+NORMALS_THRESHOLDS_DEG = (11.25, 22.5, 30.0)
+_NORMALS_BINS = int(round(180.0 / NORMALS_BIN_DEG))
+
+
+def _threshold_key(t):
+    """``11.25`` -> ``"normals_within_11_25"`` (fraction of valid pixels with an angle error below 11.25 deg)."""
+    return "normals_within_" + f"{t:g}".replace(".", "_")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,14 +156,19 @@ class MultiTaskEvaluator:
     * ``depth_mean_error_px``: mean over valid pixels of ``|d_pred - d_true|`` of inverse depth (the paper's
       "Inverse Depth Mean Error [px]"); ``depth_rel_error``: mean of ``|d_pred - d_true| / d_true`` over valid
       pixels with ``d_true > 0``;
+    * ``normals_mean_angle_deg`` / ``normals_median_angle_deg``: mean / median over valid pixels of the angle
+      between the predicted (normalised) and true normal in degrees (the median from a 0.01-degree histogram,
+      exact to 0.005 degrees); ``normals_within_11_25``, ``normals_within_22_5``, ``normals_within_30``: fraction
+      (0..1; x100 for the usual %) of valid pixels whose angle error is below 11.25 / 22.5 / 30 degrees;
     * ``num_images``: number of images seen.
 
+    ``tasks``: any of ``TASKS`` (semantic, instance, depth, normals); default ``DEFAULT_TASKS`` (all but normals).
     Only the keys of the configured ``tasks`` are returned (plus ``num_images``). A metric whose mask was empty over
     the whole split (no instance pixel, no valid depth, no labelled pixel) is NaN. A missing mask means "all pixels
     whose target is finite".
     """
 
-    def __init__(self, num_classes, tasks=TASKS, ignore_label=IGNORE_LABEL):
+    def __init__(self, num_classes, tasks=DEFAULT_TASKS, ignore_label=IGNORE_LABEL):
         if isinstance(tasks, str):
             tasks = [t.strip() for t in tasks.split(",") if t.strip()]
         unknown = [t for t in tasks if t not in TASKS]
@@ -170,6 +191,10 @@ class MultiTaskEvaluator:
         self._depth_count = 0
         self._depth_rel_sum = 0.0
         self._depth_rel_count = 0
+        self._normals_angle_sum = 0.0
+        self._normals_count = 0
+        self._normals_within = np.zeros(len(NORMALS_THRESHOLDS_DEG), dtype=np.int64)
+        self._normals_hist = np.zeros(_NORMALS_BINS, dtype=np.int64)
 
     # -- update --------------------------------------------------------------------------------------------------
 
@@ -239,6 +264,37 @@ class MultiTaskEvaluator:
         self._depth_rel_count += int(pos.sum())
         return true.shape[0]
 
+    def _update_normals(self, targets, normals):
+        true = np.asarray(targets["normals"], dtype=np.float64)
+        pred = np.asarray(normals, dtype=np.float64)
+        if true.ndim != 4 or true.shape[-1] != 3:
+            raise ValueError(f"normals target must be (B,H,W,3), got {true.shape}.")
+        _check_same_shape("normals", true, pred)
+        true_norm = np.sqrt((true ** 2).sum(axis=-1))
+        mask = _mask(targets, "normals_mask", true.shape[:3]) & np.isfinite(true_norm) & (true_norm > 1e-6)
+        t = true[mask] / true_norm[mask][:, None]
+        p = pred[mask]
+        p_norm = np.sqrt((p ** 2).sum(axis=-1))
+        p = np.where(np.isfinite(p_norm)[:, None], p, 0.0) / np.maximum(np.nan_to_num(p_norm), 1e-12)[:, None]
+        angle = np.degrees(np.arccos(np.clip((p * t).sum(axis=-1), -1.0, 1.0)))
+        self._normals_angle_sum += float(angle.sum())
+        self._normals_count += int(angle.size)
+        for i, threshold in enumerate(NORMALS_THRESHOLDS_DEG):
+            self._normals_within[i] += int((angle < threshold).sum())
+        bins = np.minimum((angle / NORMALS_BIN_DEG).astype(np.int64), _NORMALS_BINS - 1)
+        self._normals_hist += np.bincount(bins, minlength=_NORMALS_BINS)
+        return true.shape[0]
+
+    def _normals_median(self):
+        """Median angle from the histogram: centre of the bin of the middle value (mean of the two for an even count)."""
+        n = self._normals_count
+        if not n:
+            return math.nan
+        cumulative = np.cumsum(self._normals_hist)
+        lo, hi = (n - 1) // 2, n // 2  # 0-based ranks of the middle value(s)
+        bin_lo, bin_hi = np.searchsorted(cumulative, [lo + 1, hi + 1])
+        return float((bin_lo + bin_hi + 1) * 0.5 * NORMALS_BIN_DEG)
+
     # -- result --------------------------------------------------------------------------------------------------
 
     def result(self):
@@ -259,6 +315,12 @@ class MultiTaskEvaluator:
             out["depth_mean_error_px"] = self._depth_abs_sum / n if n else math.nan
             n = self._depth_rel_count
             out["depth_rel_error"] = self._depth_rel_sum / n if n else math.nan
+        if "normals" in self.tasks:
+            n = self._normals_count
+            out["normals_mean_angle_deg"] = self._normals_angle_sum / n if n else math.nan
+            out["normals_median_angle_deg"] = self._normals_median()
+            for threshold, count in zip(NORMALS_THRESHOLDS_DEG, self._normals_within):
+                out[_threshold_key(threshold)] = float(count) / n if n else math.nan
         out["num_images"] = float(self.num_images)
         return out
 

@@ -192,7 +192,80 @@ def test_label_map_predictions_and_errors():
     with pytest.raises(ValueError, match="predictions have only"):
         ev.update({"semantic": labels}, {"depth": np.zeros((1, 2, 2, 1))})
     with pytest.raises(ValueError, match="Unknown task"):
-        MultiTaskEvaluator(3, tasks=("normals",))
+        MultiTaskEvaluator(3, tasks=("edges",))
+
+
+# ------------------------------------------------------------------------------------------------ normals
+
+def unit(v):
+    v = np.asarray(v, dtype=np.float64)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def test_normals_hand_case():
+    # 1 image, 1x5 pixels; true normal +z everywhere. Predictions at 0, 10, 20, 45 and 90 degrees (unnormalised),
+    # the last pixel masked out.
+    angles = np.radians([0.0, 10.0, 20.0, 45.0, 90.0])
+    true = np.tile([0.0, 0.0, 1.0], (1, 1, 5, 1))
+    pred = np.stack([np.sin(angles), np.zeros(5), np.cos(angles)], axis=-1)[None, None] * 3.0
+    mask = np.array([1, 1, 1, 1, 0], np.float32).reshape(1, 1, 5, 1)
+    ev = MultiTaskEvaluator(19, tasks=("normals",))
+    ev.update({"normals": true, "normals_mask": mask}, {"normals": pred})
+    r = ev.result()
+    assert r["normals_mean_angle_deg"] == pytest.approx((0 + 10 + 20 + 45) / 4)
+    assert r["normals_median_angle_deg"] == pytest.approx(15.0, abs=0.006)  # (10 + 20) / 2, to half a bin
+    assert r["normals_within_11_25"] == pytest.approx(2 / 4)
+    assert r["normals_within_22_5"] == pytest.approx(3 / 4)
+    assert r["normals_within_30"] == pytest.approx(3 / 4)
+    assert r["num_images"] == 1
+
+
+def test_normals_streaming_median_is_exact_over_the_split():
+    rng = np.random.default_rng(3)
+    true = unit(rng.normal(size=(5, 6, 7, 3)))
+    pred = true + rng.normal(size=true.shape) * rng.uniform(0.05, 1.0, size=(5, 1, 1, 1))
+    mask = (rng.random((5, 6, 7, 1)) < 0.7).astype(np.float32)
+    true[0, 0, 0] = 0.0  # an all-zero (invalid) target normal is skipped even inside the mask
+    mask[0, 0, 0] = 1.0
+    whole = MultiTaskEvaluator(19, tasks=("normals",))
+    whole.update({"normals": true, "normals_mask": mask}, {"normals": pred})
+    parts = MultiTaskEvaluator(19, tasks=("normals",))
+    for a, b in [(0, 2), (2, 3), (3, 5)]:
+        parts.update({"normals": true[a:b], "normals_mask": mask[a:b]}, {"normals": pred[a:b]})
+    r1, r2 = whole.result(), parts.result()
+    assert_results_equal(r1, r2)
+
+    valid = (mask[..., 0] > 0.5) & (np.linalg.norm(true, axis=-1) > 0)
+    cos = (unit(pred)[valid] * true[valid]).sum(-1)
+    angles = np.degrees(np.arccos(np.clip(cos, -1, 1)))
+    assert r1["normals_mean_angle_deg"] == pytest.approx(angles.mean(), rel=1e-12)
+    assert r1["normals_median_angle_deg"] == pytest.approx(np.median(angles), abs=0.005 + 1e-9)
+    # ...over the split, not a mean of per-batch medians
+    batch_medians = [np.median(angles[:valid[:2].sum()]), np.median(angles[valid[:2].sum():])]
+    assert abs(np.mean(batch_medians) - np.median(angles)) > 0.01
+    assert r1["normals_within_22_5"] == pytest.approx((angles < 22.5).mean())
+
+
+def test_normals_with_other_tasks_and_empty_mask():
+    targets, predictions = make_split(num_images=2)
+    targets["normals"] = np.tile([0.0, 1.0, 0.0], (2, 6, 5, 1))
+    targets["normals_mask"] = np.zeros((2, 6, 5, 1), np.float32)
+    predictions["normals"] = np.tile([0.0, 0.0, 1.0], (2, 6, 5, 1))
+    assert MultiTaskEvaluator(3).tasks == ("semantic", "instance", "depth")  # the default, as before normals
+    ev = MultiTaskEvaluator(3, tasks=("normals", "depth", "semantic", "instance"))
+    assert ev.tasks == ("semantic", "instance", "depth", "normals")
+    ev.update(targets, predictions)
+    r = ev.result()
+    assert math.isnan(r["normals_mean_angle_deg"]) and math.isnan(r["normals_median_angle_deg"])
+    assert math.isfinite(r["semantic_miou"])
+    targets["normals_mask"][:] = 1.0
+    ev.reset()
+    ev.update(targets, predictions)
+    assert ev.result()["normals_mean_angle_deg"] == pytest.approx(90.0)
+    assert ev.result()["normals_median_angle_deg"] == pytest.approx(90.0, abs=0.005)
+    assert ev.result()["normals_within_30"] == 0.0
+    with pytest.raises(ValueError, match="Resize"):
+        ev.update({"normals": targets["normals"]}, {"normals": predictions["normals"][:, :3]})
 
 
 # ------------------------------------------------------------------------------------------------ evaluate_model
