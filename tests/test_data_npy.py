@@ -227,3 +227,14 @@ def test_file_errors_are_named_up_front(tmp_path):
         f.write(b"garbage")
     with pytest.raises(DataError, match="not a readable .npy"):
         load_nyuv2_npy(tmp_path, "val")
+
+
+def test_sharding_hooks_split_the_files_between_input_pipelines(nyu):
+    root, _ = nyu
+    kw = dict(image_size=(9, 12), batch_size=1, shuffle=False, flip=False, tasks=("depth",))
+    full = [i.numpy() for i, _ in load_nyuv2_npy(root, "train", **kw)]
+    shards = [[i.numpy() for i, _ in load_nyuv2_npy(
+        root, "train", input_context=tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=k), **kw)]
+        for k in range(2)]
+    assert [len(s) for s in shards] == [2, 1]
+    np.testing.assert_array_equal(np.stack([shards[0][0], shards[1][0], shards[0][1]]), np.stack(full))
