@@ -9,6 +9,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from mtl_keras.data.augment import AugmentConfig, augment_example  # noqa: E402
+from tests.test_data_miniatures import nearest_src  # noqa: E402
 
 H, W = 6, 8
 
@@ -39,9 +40,6 @@ def _run(config, key, seed=3, example=None):
     return out_image.numpy(), {k: v.numpy() for k, v in out.items()}
 
 
-def _nearest_src(n_out, n_in):
-    """TF's nearest-neighbour resize (half-pixel centres): output index -> input index."""
-    return np.minimum(np.floor((np.arange(n_out) + 0.5) * n_in / n_out).astype(int), n_in - 1)
 
 
 def _check_against_source(config, key, scale):
@@ -67,7 +65,7 @@ def _check_against_source(config, key, scale):
     if valid.sum() > 1 and len(np.unique(xs)) > 1:
         row = ys == ys[0]
         flipped = src_x[row][0] > src_x[row][-1]
-    grid_y, grid_x = _nearest_src(sh, H), _nearest_src(sw, W)
+    grid_y, grid_x = nearest_src(sh, H), nearest_src(sw, W)
     xs_unflipped = (ow - 1 - xs) if flipped else xs
     oy = [o for o in range(-oh, sh + 1) if np.array_equal(grid_y[np.clip(ys + o, 0, sh - 1)], src_y)
           and np.all((ys + o >= 0) & (ys + o < sh))]

@@ -6,24 +6,25 @@ import shutil
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from mtl_keras.data import DataError, label_lookup_table, list_cityscapes_files, load_cityscapes  # noqa: E402
 from mtl_keras.data.miniature import write_cityscapes_sample  # noqa: E402
-from tests.test_data_miniatures import CAMERA, cityscapes_arrays, write_cityscapes_miniature  # noqa: E402
+from tests.test_data_miniatures import (  # noqa: E402
+    CAMERA,
+    cityscapes_arrays,
+    collect,
+    resize_nearest,
+    write_cityscapes_miniature,
+)
 
 T19 = label_lookup_table(19)
 
 
-def _nearest_src(n_out, n_in):
-    return np.minimum(np.floor((np.arange(n_out) + 0.5) * n_in / n_out).astype(int), n_in - 1)
 
 
-def _resize_nearest(a, h, w):
-    return a[_nearest_src(h, a.shape[0])][:, _nearest_src(w, a.shape[1])]
 
 
 def _centroid_vectors(ids):
@@ -39,13 +40,6 @@ def _centroid_vectors(ids):
     return vec, mask
 
 
-def _all(ds):
-    images, targets = [], {}
-    for image, t in ds:
-        images.append(image.numpy())
-        for k, v in t.items():
-            targets.setdefault(k, []).append(v.numpy())
-    return np.concatenate(images), {k: np.concatenate(v) for k, v in targets.items()}
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +51,13 @@ def mini(tmp_path_factory):
 def test_odd_sizes_value_by_value(mini):
     root, samples = mini
     h, w = 13, 17  # val: sample 3 is 13x17 (native), sample 4 is 11x15 (resized)
-    images, t = _all(load_cityscapes(root, "val", image_size=(h, w), batch_size=2))
+    images, t = collect(load_cityscapes(root, "val", image_size=(h, w), batch_size=2))
     assert images.shape == (2, h, w, 3)
     for b, (_, (image, lab, inst, disp)) in enumerate(samples["val"]):
         native = image.shape[:2] == (h, w)
         if native:
             np.testing.assert_array_equal(images[b], image.astype(np.float32))
-        lab_r, inst_r, disp_r = (_resize_nearest(a, h, w) for a in (lab, inst, disp))
+        lab_r, inst_r, disp_r = (resize_nearest(a, h, w) for a in (lab, inst, disp))
         np.testing.assert_array_equal(t["semantic"][b], T19[lab_r])
         vec, mask = _centroid_vectors(inst_r.astype(np.int64))
         np.testing.assert_array_equal(t["instance_mask"][b, ..., 0], mask.astype(np.float32))
@@ -83,8 +77,8 @@ def test_scale_2_centre_crop_scales_instance_vectors_and_disparity(tmp_path, dep
     image, lab, inst, disp = cityscapes_arrays(12, 16, seed=5)
     write_cityscapes_sample(tmp_path, "train", "minicity", 0, image, lab, inst, disp, CAMERA)
     kwargs = dict(image_size=(12, 16), batch_size=1, shuffle=False, flip=False, depth_target=depth_target)
-    _, base = _all(load_cityscapes(tmp_path, "train", **kwargs))
-    _, t = _all(load_cityscapes(tmp_path, "train", scale_range=(2.0, 2.0), random_crop=False, **kwargs))
+    _, base = collect(load_cityscapes(tmp_path, "train", **kwargs))
+    _, t = collect(load_cityscapes(tmp_path, "train", scale_range=(2.0, 2.0), random_crop=False, **kwargs))
     # 24x32 nearest upsampling (each pixel -> 2x2), then the centred 12x16 window: rows 6.., cols 8..
     ys, xs = (np.arange(12) + 6) // 2, (np.arange(16) + 8) // 2
 
@@ -194,7 +188,7 @@ def test_test_split_without_label_folders_loads_masked(tmp_path, caplog):
     write_cityscapes_sample(tmp_path, "test", "berlin", 0, image=image)
     write_cityscapes_sample(tmp_path, "test", "berlin", 1, image=image)
     with caplog.at_level(logging.WARNING, logger="mtl_keras"):
-        images, t = _all(load_cityscapes(tmp_path, "test", image_size=(11, 15), batch_size=2))
+        images, t = collect(load_cityscapes(tmp_path, "test", image_size=(11, 15), batch_size=2))
     assert "withholds test labels" in caplog.text
     assert images.shape == (2, 11, 15, 3)
     assert np.all(t["semantic"] == 255)
@@ -211,7 +205,7 @@ def test_test_split_with_void_labels_is_ignored_everywhere(tmp_path):
     void[-2:] = 1  # ego vehicle
     for i in range(2):
         write_cityscapes_sample(tmp_path, "test", "bonn", i, image, void, void.astype(np.uint16), disp, CAMERA)
-    _, t = _all(load_cityscapes(tmp_path, "test", image_size=(11, 15), batch_size=2))
+    _, t = collect(load_cityscapes(tmp_path, "test", image_size=(11, 15), batch_size=2))
     assert np.all(t["semantic"] == 255) and np.all(t["instance_mask"] == 0)
     assert t["depth_mask"].sum() > 0  # test disparity is public
     # an image without its labelIds in a present gtFine/test folder is still an error
@@ -235,4 +229,3 @@ def test_label_folder_removed_mid_way_is_named(mini, tmp_path):
     shutil.rmtree(copy / "disparity" / "val")
     with pytest.raises(FileNotFoundError, match=os.path.join("disparity", "val")):
         load_cityscapes(copy, "val")
-    assert cv2.imread(str(next((copy / "leftImg8bit" / "val" / "minicity").iterdir()))) is not None

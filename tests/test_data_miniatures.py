@@ -123,6 +123,25 @@ def write_nyuv2_miniature(root, n=6, h=12, w=16, train=(0, 2, 3), test=(1, 4, 5)
     return images, labels, depths, instances
 
 
+def nearest_src(n_out, n_in):
+    """TF's nearest-neighbour resize (half-pixel centres), written out: output index -> input index."""
+    return np.minimum(np.floor((np.arange(n_out) + 0.5) * n_in / n_out).astype(int), n_in - 1)
+
+
+def resize_nearest(a, h, w):
+    return a[nearest_src(h, a.shape[0])][:, nearest_src(w, a.shape[1])]
+
+
+def collect(ds):
+    """Every batch of ``ds`` concatenated: (images, {key: array})."""
+    images, targets = [], {}
+    for image, t in ds:
+        images.append(image.numpy())
+        for k, v in t.items():
+            targets.setdefault(k, []).append(v.numpy())
+    return np.concatenate(images), {k: np.concatenate(v) for k, v in targets.items()}
+
+
 # ------------------------------------------------------------------------------------------------------------------
 
 

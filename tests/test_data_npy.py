@@ -12,33 +12,24 @@ from mtl_keras.data import DataError, load_cityscapes_npy, load_nyuv2_npy  # noq
 from mtl_keras.data.datasets import count_examples, load_dataset  # noqa: E402
 from mtl_keras.data.miniature import write_npy_release  # noqa: E402
 from tests.test_data_miniatures import (  # noqa: E402
+    collect,
     npy_examples,
+    resize_nearest,
     write_cityscapes_npy_miniature,
     write_nyuv2_npy_miniature,
 )
 
 
-def _nearest_src(n_out, n_in):
-    return np.minimum(np.floor((np.arange(n_out) + 0.5) * n_in / n_out).astype(int), n_in - 1)
 
 
-def _resize_nearest(a, h, w):
-    return a[_nearest_src(h, a.shape[0])][:, _nearest_src(w, a.shape[1])]
 
 
-def _all(ds):
-    images, targets = [], {}
-    for image, t in ds:
-        images.append(image.numpy())
-        for k, v in t.items():
-            targets.setdefault(k, []).append(v.numpy())
-    return np.concatenate(images), {k: np.concatenate(v) for k, v in targets.items()}
 
 
 def _expected_nyu(ex, h, w):
-    lab = _resize_nearest(ex["label"], h, w)
-    depth = _resize_nearest(ex["depth"], h, w)
-    normal = _resize_nearest(ex["normal"], h, w)
+    lab = resize_nearest(ex["label"], h, w)
+    depth = resize_nearest(ex["depth"], h, w)
+    normal = resize_nearest(ex["normal"], h, w)
     n_valid = np.any(normal != 0, axis=-1, keepdims=True)
     return {"semantic": np.where(lab < 0, 255, lab).astype(np.int32),
             "depth": depth, "depth_mask": (depth > 0).astype(np.float32),
@@ -53,7 +44,7 @@ def nyu(tmp_path_factory):
 
 def test_nyuv2_npy_value_by_value_with_odd_sizes(nyu):
     root, examples = nyu
-    images, t = _all(load_nyuv2_npy(root, "val", image_size=(9, 12), batch_size=2))
+    images, t = collect(load_nyuv2_npy(root, "val", image_size=(9, 12), batch_size=2))
     assert set(t) == {"semantic", "depth", "depth_mask", "normals", "normals_mask"}
     assert images.shape == (2, 9, 12, 3) and t["normals"].shape == (2, 9, 12, 3)
     # native size: the float image in [0, 1] comes back as 0..255 exactly
@@ -65,16 +56,16 @@ def test_nyuv2_npy_value_by_value_with_odd_sizes(nyu):
     assert t["depth_mask"][0, 0, 0, 0] == 0 and t["normals_mask"][0, 1, 0, 0] == 0
     assert (t["semantic"] == 255).any() and (t["semantic"] == 12).any()
     # "test" is NYUv2's val; counts
-    images_test, _ = _all(load_nyuv2_npy(root, "test", image_size=(9, 12), batch_size=2))
+    images_test, _ = collect(load_nyuv2_npy(root, "test", image_size=(9, 12), batch_size=2))
     np.testing.assert_array_equal(images, images_test)
     assert count_examples("nyuv2_npy", root, "train") == 3 and count_examples("nyuv2_npy", root, "val") == 2
 
 
 def test_nyuv2_npy_flip_negates_normal_x(nyu):
     root, _ = nyu
-    _, ref = _all(load_nyuv2_npy(root, "val", image_size=(9, 12), batch_size=1, shuffle=False))
+    _, ref = collect(load_nyuv2_npy(root, "val", image_size=(9, 12), batch_size=1, shuffle=False))
     for seed in range(20):
-        _, t = _all(load_nyuv2_npy(root, "val", image_size=(9, 12), batch_size=1, shuffle=False, flip=True,
+        _, t = collect(load_nyuv2_npy(root, "val", image_size=(9, 12), batch_size=1, shuffle=False, flip=True,
                                    seed=seed))
         if not np.array_equal(t["semantic"][0], ref["semantic"][0]):
             break
@@ -92,8 +83,8 @@ def test_scale_multiplies_disparity_not_metres(tmp_path, name):
     write_npy_release(tmp_path, "train", [ex], label_folder="label" if name == "nyuv2_npy" else "label_19")
     kw = dict(image_size=(8, 12), batch_size=1, shuffle=False, flip=False, num_classes=13 if "nyu" in name else 19,
               tasks=("semantic", "depth"))
-    _, base = _all(load_dataset(name, tmp_path, "train", **kw))
-    _, t = _all(load_dataset(name, tmp_path, "train", scale_range=(2.0, 2.0), random_crop=False, **kw))
+    _, base = collect(load_dataset(name, tmp_path, "train", **kw))
+    _, t = collect(load_dataset(name, tmp_path, "train", scale_range=(2.0, 2.0), random_crop=False, **kw))
     ys, xs = (np.arange(8) + 4) // 2, (np.arange(12) + 6) // 2
     np.testing.assert_array_equal(t["semantic"][0], base["semantic"][0][ys][:, xs])
     zoom = 2.0 if name == "cityscapes_npy" else 1.0
@@ -116,7 +107,7 @@ def test_any_dtype_byte_order_and_memory_order(tmp_path):
              depth=depth.astype(">f4"), normal=normal.astype(np.float64)),
     ]
     write_npy_release(tmp_path, "val", variants)
-    images, t = _all(load_nyuv2_npy(tmp_path, "val", image_size=(7, 10), batch_size=3))
+    images, t = collect(load_nyuv2_npy(tmp_path, "val", image_size=(7, 10), batch_size=3))
     for b, v in enumerate(variants):
         np.testing.assert_array_equal(images[b], img.astype(np.float32))
         np.testing.assert_array_equal(t["semantic"][b], np.where(lab < 0, 255, lab))
@@ -127,7 +118,7 @@ def test_any_dtype_byte_order_and_memory_order(tmp_path):
 
 def test_cityscapes_npy_label_folders_and_depth(tmp_path):
     examples = write_cityscapes_npy_miniature(tmp_path)
-    _, t19 = _all(load_cityscapes_npy(tmp_path, "val", image_size=(8, 16), batch_size=2, num_classes=19))
+    _, t19 = collect(load_cityscapes_npy(tmp_path, "val", image_size=(8, 16), batch_size=2, num_classes=19))
     lab19 = [np.load(tmp_path / "val" / "label_19" / f"{i}.npy") for i in range(2)]
     lab7 = [np.load(tmp_path / "val" / "label_7" / f"{i}.npy") for i in range(2)]
     np.testing.assert_array_equal(t19["semantic"], np.where(np.array(lab19) < 0, 255, lab19))
@@ -135,11 +126,11 @@ def test_cityscapes_npy_label_folders_and_depth(tmp_path):
     d = np.array([ex["depth"] for ex in examples["val"]])
     np.testing.assert_array_equal(t19["depth"], d)  # the release's inverse depth as stored
     np.testing.assert_array_equal(t19["depth_mask"], (d > 0).astype(np.float32))
-    _, t7 = _all(load_cityscapes_npy(tmp_path, "val", image_size=(8, 16), batch_size=2, num_classes=7))
+    _, t7 = collect(load_cityscapes_npy(tmp_path, "val", image_size=(8, 16), batch_size=2, num_classes=7))
     np.testing.assert_array_equal(t7["semantic"], np.where(np.array(lab7) < 0, 255, lab7))
     # copies with a single `label` folder hold 7 classes
     os.rename(tmp_path / "val" / "label_7", tmp_path / "val" / "label")
-    _, tl = _all(load_cityscapes_npy(tmp_path, "val", image_size=(8, 16), batch_size=2, num_classes=7))
+    _, tl = collect(load_cityscapes_npy(tmp_path, "val", image_size=(8, 16), batch_size=2, num_classes=7))
     np.testing.assert_array_equal(tl["semantic"], t7["semantic"])
     os.rename(tmp_path / "val" / "label_19", tmp_path / "val" / "other")
     with pytest.raises(FileNotFoundError, match="label_19"):

@@ -13,7 +13,7 @@ import tensorflow as tf  # noqa: E402
 from mtl_keras.data import DataError, load_nyuv2  # noqa: E402
 from mtl_keras.data.datasets import count_examples  # noqa: E402
 from mtl_keras.data.miniature import write_mat_v73, write_nyuv2  # noqa: E402
-from tests.test_data_miniatures import nyuv2_arrays, write_nyuv2_miniature  # noqa: E402
+from tests.test_data_miniatures import collect, nyuv2_arrays, write_nyuv2_miniature  # noqa: E402
 
 # From the format reference: 40 -> 13 (1-based)
 MAP13 = [12, 5, 6, 1, 4, 9, 10, 12, 13, 6, 8, 6, 13, 10, 6, 13, 6, 7, 7, 5, 7, 3, 2, 6, 11, 7, 7, 7, 7, 7, 7, 6, 7,
@@ -30,13 +30,6 @@ def _expected_semantic(labels, num_classes):
     return np.where(labels > 0, train, 255)
 
 
-def _all(ds):
-    images, targets = [], {}
-    for image, t in ds:
-        images.append(image.numpy())
-        for k, v in t.items():
-            targets.setdefault(k, []).append(v.numpy())
-    return np.concatenate(images), {k: np.concatenate(v) for k, v in targets.items()}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +40,7 @@ def nyu(tmp_path_factory):
 
 def test_val_is_the_test_split_value_by_value(nyu):
     root, (images, labels, depths, instances) = nyu
-    out, t = _all(load_nyuv2(root, "val", image_size=(12, 16), batch_size=2))
+    out, t = collect(load_nyuv2(root, "val", image_size=(12, 16), batch_size=2))
     test = [1, 4, 5]  # testNdxs 2, 5, 6 (1-based)
     np.testing.assert_array_equal(out, images[test].astype(np.float32))
     np.testing.assert_array_equal(t["semantic"], _expected_semantic(labels[test], 13))
@@ -68,13 +61,13 @@ def test_val_is_the_test_split_value_by_value(nyu):
             got = t["instance"][:, region[0], region[1], c]
             np.testing.assert_allclose(got, np.broadcast_to(expected, got.shape), atol=1e-5)
     assert count_examples("nyuv2", root, "train") == 3 and count_examples("nyuv2", root, "val") == 3
-    test_out, _ = _all(load_nyuv2(root, "test", image_size=(12, 16), batch_size=3, tasks=("depth",)))
+    test_out, _ = collect(load_nyuv2(root, "test", image_size=(12, 16), batch_size=3, tasks=("depth",)))
     np.testing.assert_array_equal(test_out, out)
 
 
 def test_train_split_40_classes_inverse_depth_and_resize(nyu):
     root, (images, labels, depths, instances) = nyu
-    _, t = _all(load_nyuv2(root, "train", image_size=(6, 8), batch_size=3, shuffle=False, flip=False,
+    _, t = collect(load_nyuv2(root, "train", image_size=(6, 8), batch_size=3, shuffle=False, flip=False,
                            num_classes=40, tasks=("semantic", "depth"), depth_target="inverse"))
     train = [0, 2, 3]
     src_y, src_x = np.arange(6) * 2 + 1, np.arange(8) * 2 + 1  # nearest, half-pixel centres, factor 2
@@ -88,8 +81,8 @@ def test_train_split_40_classes_inverse_depth_and_resize(nyu):
 def test_metric_depth_is_unchanged_by_random_scale(nyu):
     root, _ = nyu
     kw = dict(image_size=(12, 16), batch_size=3, shuffle=False, flip=False, tasks=("depth",))
-    _, base = _all(load_nyuv2(root, "train", **kw))
-    _, t = _all(load_nyuv2(root, "train", scale_range=(2.0, 2.0), random_crop=False, **kw))
+    _, base = collect(load_nyuv2(root, "train", **kw))
+    _, t = collect(load_nyuv2(root, "train", scale_range=(2.0, 2.0), random_crop=False, **kw))
     ys, xs = (np.arange(12) + 6) // 2, (np.arange(16) + 8) // 2
     np.testing.assert_array_equal(t["depth"], base["depth"][:, ys][:, :, xs])
 

@@ -37,11 +37,11 @@ from mtl_keras.data.checks import PNG_IEND, check_png  # noqa: E402
 from mtl_keras.data.labels import known_label_mask, label_lookup_table  # noqa: E402
 from mtl_keras.data.pipeline import (  # noqa: E402
     Source,
-    build_dataset,
     centroid_vectors,
     check_image_size,
     check_tasks,
-    make_augment,
+    load_source,
+    resize_image,
 )
 
 __all__ = ["list_cityscapes_files", "load_cityscapes", "cityscapes_source", "check_cityscapes_files",
@@ -214,9 +214,7 @@ def _decode_stage(tasks, image_size, num_classes, depth_target, present):
 
     def fn(elem):
         out = {}
-        img = tf.io.decode_png(_read_png(elem["image"], "image"), channels=3)
-        img = tf.image.resize(img, (h, w), method="bilinear", antialias=True)
-        out["image"] = tf.ensure_shape(tf.cast(tf.clip_by_value(tf.round(img), 0.0, 255.0), tf.uint8), (h, w, 3))
+        out["image"] = resize_image(tf.io.decode_png(_read_png(elem["image"], "image"), channels=3), (h, w))
         if "semantic" in tasks:
             if "label_ids" in present:
                 path = elem["label_ids"]
@@ -354,9 +352,7 @@ def load_cityscapes(data_dir, split: str = "train", image_size=(128, 256), batch
     file, bit depth, size), so that a broken file is reported, by name, before training starts.
     """
     source = cityscapes_source(data_dir, split, image_size, num_classes, tasks, depth_target, check_files)
-    is_train = split == "train"
-    augment = make_augment(split, flip, scale_range, crop_size, random_crop, source.depth_scales_with_zoom)
-    return build_dataset(
-        source, batch_size=batch_size, shuffle=is_train if shuffle is None else bool(shuffle), seed=seed,
-        repeat=repeat, drop_remainder=is_train if drop_remainder is None else bool(drop_remainder), cache=cache,
-        num_parallel_calls=num_parallel_calls, input_context=input_context, augment=augment)
+    return load_source(source, split, batch_size=batch_size, shuffle=shuffle, seed=seed, flip=flip, repeat=repeat,
+                       drop_remainder=drop_remainder, cache=cache, num_parallel_calls=num_parallel_calls,
+                       input_context=input_context, scale_range=scale_range, crop_size=crop_size,
+                       random_crop=random_crop)

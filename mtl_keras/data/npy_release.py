@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from mtl_keras.data.checks import DataError, npy_info  # noqa: E402
-from mtl_keras.data.pipeline import Source, build_dataset, check_image_size, check_tasks, make_augment  # noqa: E402
+from mtl_keras.data.pipeline import Source, check_image_size, check_tasks, load_source, resize_image  # noqa: E402
 
 __all__ = ["NPY_RELEASES", "list_npy_release", "npy_release_source", "load_npy_release", "load_cityscapes_npy",
            "load_nyuv2_npy", "count_npy_release"]
@@ -85,12 +85,16 @@ def _split_folder(release, data_dir, split):
     return os.path.join(data_dir, release.splits[split])
 
 
-def _label_folder(release, split_dir, num_classes):
+def _check_num_classes(release, num_classes):
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
             or int(num_classes) not in release.label_folders:
         raise ValueError(f"num_classes must be one of {tuple(release.label_folders)} for {release.name}, got "
                          f"num_classes={num_classes!r}")
-    candidates = release.label_folders[int(num_classes)]
+    return int(num_classes)
+
+
+def _label_folder(release, split_dir, num_classes):
+    candidates = release.label_folders[_check_num_classes(release, num_classes)]
     for folder in candidates:
         if os.path.isdir(os.path.join(split_dir, folder)):
             return folder
@@ -261,8 +265,7 @@ def _decode_stage(variants, tasks, image_size, num_classes, inverse_metric_depth
             "0..255):", col["path"], "min", lo, "max", hi])
         with tf.control_dependencies([check]):
             img = tf.where(col["is_float"], img * 255.0, img)
-        img = tf.image.resize(img, (h, w), method="bilinear", antialias=True)
-        out["image"] = tf.ensure_shape(tf.cast(tf.clip_by_value(tf.round(img), 0.0, 255.0), tf.uint8), (h, w, 3))
+        out["image"] = resize_image(img, (h, w))
         if "semantic" in tasks:
             col = row["label"]
             lab = _decode_array(col, variants["label"])
@@ -325,10 +328,7 @@ def npy_release_source(name, data_dir, split="train", image_size=None, num_class
         raise ValueError(f"{name}: depth_target must be one of {release.depth_targets} ({release.depth_note}), "
                          f"got {depth_target!r}")
     h, w = check_image_size(release.native_size if image_size is None else image_size)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
-            or int(num_classes) not in release.label_folders:
-        raise ValueError(f"num_classes must be one of {tuple(release.label_folders)} for {name}, got "
-                         f"num_classes={num_classes!r}")
+    num_classes = _check_num_classes(release, num_classes)
     fields = ["image"] + [_FIELD_OF_TASK[t] for t in tasks]
     paths = list_npy_release(name, data_dir, split, fields, num_classes)
     columns, variants = {}, {}
@@ -346,7 +346,7 @@ def npy_release_source(name, data_dir, split="train", image_size=None, num_class
         if tuple(a[:2]) != tuple(b[:2]):
             raise DataError(f"{paths['label'][i]}: label is {b[0]}x{b[1]} but its image {paths['image'][i]} "
                             f"is {a[0]}x{a[1]}")
-    decode = _decode_stage(variants, tasks, (h, w), int(num_classes),
+    decode = _decode_stage(variants, tasks, (h, w), num_classes,
                            inverse_metric_depth=(name == "nyuv2_npy" and depth_target == "inverse"))
     return Source(columns=columns, decode=decode, num_examples=len(paths["image"]), tasks=tasks, image_size=(h, w),
                   depth_scales_with_zoom=(name == "cityscapes_npy"))
@@ -363,12 +363,10 @@ def load_npy_release(name, data_dir, split="train", image_size=None, batch_size=
     (unit vectors, x to the right: a flip negates x). The augmentation arguments are those of ``load_cityscapes``.
     """
     source = npy_release_source(name, data_dir, split, image_size, num_classes, tasks, depth_target, check_files)
-    is_train = split == "train"
-    augment = make_augment(split, flip, scale_range, crop_size, random_crop, source.depth_scales_with_zoom)
-    return build_dataset(
-        source, batch_size=batch_size, shuffle=is_train if shuffle is None else bool(shuffle), seed=seed,
-        repeat=repeat, drop_remainder=is_train if drop_remainder is None else bool(drop_remainder), cache=cache,
-        num_parallel_calls=num_parallel_calls, input_context=input_context, augment=augment)
+    return load_source(source, split, batch_size=batch_size, shuffle=shuffle, seed=seed, flip=flip, repeat=repeat,
+                       drop_remainder=drop_remainder, cache=cache, num_parallel_calls=num_parallel_calls,
+                       input_context=input_context, scale_range=scale_range, crop_size=crop_size,
+                       random_crop=random_crop)
 
 
 def load_cityscapes_npy(data_dir, split="train", image_size=(128, 256), num_classes=19,

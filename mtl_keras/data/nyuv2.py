@@ -34,7 +34,7 @@ import tensorflow as tf  # noqa: E402
 
 from mtl_keras.data.checks import DataError  # noqa: E402
 from mtl_keras.data.labels import IGNORE_INDEX, NYUV2_NUM_CLASSES  # noqa: E402
-from mtl_keras.data.pipeline import Source, build_dataset, check_image_size, check_tasks, make_augment  # noqa: E402
+from mtl_keras.data.pipeline import Source, check_image_size, check_tasks, load_source, resize_image  # noqa: E402
 
 __all__ = ["NYUV2_FILES", "TASKS", "nyuv2_label_table", "read_nyuv2_splits", "check_nyuv2_mat", "nyuv2_source",
            "load_nyuv2", "count_nyuv2"]
@@ -243,9 +243,7 @@ def nyuv2_source(data_dir, split="train", image_size=(288, 384), num_classes=13,
         index = row["index"]
         arrays = tf.numpy_function(reader, [index], out_types, stateful=False)
         values = dict(zip(["images"] + fields, arrays))
-        img = tf.ensure_shape(values["images"], (None, None, 3))
-        img = tf.image.resize(img, (h, w), method="bilinear", antialias=True)
-        out = {"image": tf.ensure_shape(tf.cast(tf.clip_by_value(tf.round(img), 0.0, 255.0), tf.uint8), (h, w, 3))}
+        out = {"image": resize_image(tf.ensure_shape(values["images"], (None, None, 3)), (h, w))}
         if "labels" in values:
             labels = tf.cast(tf.ensure_shape(values["labels"], (None, None)), tf.int32)
             top = tf.reduce_max(labels)
@@ -292,9 +290,7 @@ def load_nyuv2(data_dir, split="train", image_size=(288, 384), batch_size=8, num
     in ``data_dir``. The augmentation arguments are those of ``load_cityscapes``.
     """
     source = nyuv2_source(data_dir, split, image_size, num_classes, tasks, depth_target, check_files, **paths)
-    is_train = split == "train"
-    augment = make_augment(split, flip, scale_range, crop_size, random_crop, source.depth_scales_with_zoom)
-    return build_dataset(
-        source, batch_size=batch_size, shuffle=is_train if shuffle is None else bool(shuffle), seed=seed,
-        repeat=repeat, drop_remainder=is_train if drop_remainder is None else bool(drop_remainder), cache=cache,
-        num_parallel_calls=num_parallel_calls, input_context=input_context, augment=augment)
+    return load_source(source, split, batch_size=batch_size, shuffle=shuffle, seed=seed, flip=flip, repeat=repeat,
+                       drop_remainder=drop_remainder, cache=cache, num_parallel_calls=num_parallel_calls,
+                       input_context=input_context, scale_range=scale_range, crop_size=crop_size,
+                       random_crop=random_crop)

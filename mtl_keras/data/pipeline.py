@@ -32,8 +32,8 @@ import tensorflow as tf  # noqa: E402
 
 from mtl_keras.data.augment import AugmentConfig, augment_example  # noqa: E402
 
-__all__ = ["ALL_TASKS", "Source", "build_dataset", "centroid_vectors", "prepared_to_targets", "check_tasks",
-           "check_image_size", "prepared_signature"]
+__all__ = ["ALL_TASKS", "Source", "build_dataset", "load_source", "centroid_vectors", "prepared_to_targets",
+           "check_tasks", "check_image_size", "resize_image"]
 
 ALL_TASKS = ("semantic", "instance", "depth", "normals")
 
@@ -78,21 +78,6 @@ def check_tasks(tasks, available, dataset):
         raise ValueError(f"{dataset} has no {', '.join(missing)} targets: its tasks are {', '.join(available)} "
                          f"(got tasks={tasks!r}; e.g. --tasks {','.join(t for t in tasks if t in available) or available[0]})")
     return tasks
-
-
-def prepared_signature(tasks, image_size):
-    """The ``tf.TensorSpec`` of each key of a prepared example."""
-    h, w = image_size
-    spec = {"image": tf.TensorSpec((h, w, 3), tf.uint8)}
-    if "semantic" in tasks:
-        spec["semantic"] = tf.TensorSpec((h, w), tf.uint8)
-    if "instance" in tasks:
-        spec["instance_ids"] = tf.TensorSpec((h, w), tf.int32)
-    if "depth" in tasks:
-        spec["depth"] = tf.TensorSpec((h, w, 1), tf.float32)
-    if "normals" in tasks:
-        spec["normals"] = tf.TensorSpec((h, w, 3), tf.float32)
-    return spec
 
 
 def centroid_vectors(segment_ids):
@@ -205,3 +190,23 @@ def make_augment(split, flip, scale_range, crop_size, random_crop, depth_scales_
                          crop_size=crop_size,
                          random_crop=is_train if random_crop is None else bool(random_crop),
                          depth_scales_with_zoom=depth_scales_with_zoom)
+
+
+def load_source(source: Source, split, batch_size=8, shuffle=None, seed=0, flip=None, repeat=False,
+                drop_remainder=None, cache=False, num_parallel_calls=tf.data.AUTOTUNE, input_context=None,
+                scale_range=(1.0, 1.0), crop_size=None, random_crop=None):
+    """:func:`build_dataset` with the loaders' defaults: shuffling, flips, random crop positions and dropping the
+    last partial batch are on for the ``train`` split only."""
+    is_train = split == "train"
+    augment = make_augment(split, flip, scale_range, crop_size, random_crop, source.depth_scales_with_zoom)
+    return build_dataset(
+        source, batch_size=batch_size, shuffle=is_train if shuffle is None else bool(shuffle), seed=seed,
+        repeat=repeat, drop_remainder=is_train if drop_remainder is None else bool(drop_remainder), cache=cache,
+        num_parallel_calls=num_parallel_calls, input_context=input_context, augment=augment)
+
+
+def resize_image(image, image_size):
+    """Any HxWx3 image (0..255) -> uint8 ``image_size`` x 3: antialiased bilinear, rounded."""
+    h, w = image_size
+    image = tf.image.resize(image, (h, w), method="bilinear", antialias=True)
+    return tf.ensure_shape(tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8), (h, w, 3))

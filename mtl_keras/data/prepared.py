@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from mtl_keras.data.pipeline import ALL_TASKS, Source, build_dataset, check_image_size, make_augment  # noqa: E402
+from mtl_keras.data.pipeline import ALL_TASKS, Source, check_image_size, load_source  # noqa: E402
 
 __all__ = ["MANIFEST", "write_prepared", "read_manifest", "load_prepared", "count_prepared", "source_for"]
 
@@ -216,9 +216,7 @@ def load_prepared(data_dir, split="train", image_size=None, batch_size=8, num_cl
     source = Source(columns={"path": files}, decode=_decoder(_fields(have), size), num_examples=len(files),
                     tasks=tuple(t for t in ALL_TASKS if t in tasks), image_size=size,
                     depth_scales_with_zoom=bool(manifest["depth_scales_with_zoom"]))
-    is_train = split == "train"
-    augment = make_augment(split, flip, scale_range, crop_size, random_crop, source.depth_scales_with_zoom)
-    return build_dataset(
-        source, batch_size=batch_size, shuffle=is_train if shuffle is None else bool(shuffle), seed=seed,
-        repeat=repeat, drop_remainder=is_train if drop_remainder is None else bool(drop_remainder), cache=cache,
-        num_parallel_calls=num_parallel_calls, input_context=input_context, augment=augment)
+    return load_source(source, split, batch_size=batch_size, shuffle=shuffle, seed=seed, flip=flip, repeat=repeat,
+                       drop_remainder=drop_remainder, cache=cache, num_parallel_calls=num_parallel_calls,
+                       input_context=input_context, scale_range=scale_range, crop_size=crop_size,
+                       random_crop=random_crop)

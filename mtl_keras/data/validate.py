@@ -375,7 +375,7 @@ def validate_dataset(name, data_dir, splits=None, num_classes=None, tasks=None, 
 def format_report(name, data_dir, reports, max_listed=20):
     """The summary printed by ``prepare_data.py --check``."""
     lines = [f"{name} at {data_dir}", "",
-             f"| split | examples | sizes (WxH) | labelled px | valid depth px | instances | errors |",
+             "| split | examples | sizes (WxH) | labelled px | valid depth px | instances | errors |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in reports:
         if r.missing and not r.errors:
