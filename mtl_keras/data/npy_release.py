@@ -276,11 +276,7 @@ def _decode_stage(variants, tasks, image_size, num_classes, inverse_metric_depth
             check = tf.debugging.Assert(tf.reduce_all(ok), [
                 f"label values outside -1 (ignore) and 0..{num_classes - 1} (whole numbers) for "
                 f"num_classes={num_classes}:", col["path"], "bad values:", bad[:10]], summarize=10)
-            same = tf.reduce_all(tf.equal(col["shape"][:2], row["image"]["shape"][:2]))
-            size_check = tf.debugging.Assert(same, ["label", col["path"], "of size", col["shape"][:2],
-                                                    "differs from its image", row["image"]["path"], "of size",
-                                                    row["image"]["shape"][:2]])
-            with tf.control_dependencies([check, size_check]):
+            with tf.control_dependencies([check]):
                 lab = tf.where(ignore | tf.logical_not(ok), 255.0, lab)
             out["semantic"] = tf.ensure_shape(tf.cast(nearest(lab)[..., 0], tf.uint8), (h, w))
         if "depth" in tasks:
@@ -334,18 +330,11 @@ def npy_release_source(name, data_dir, split="train", image_size=None, num_class
     columns, variants = {}, {}
     for field, field_paths in paths.items():
         columns[field], variants[field] = _field_columns(field, field_paths)
-    for field in paths:
-        if field in ("image", "label"):
-            continue
-        # depth / normal maps of another size than the image: an error, up front
+    for field in paths:  # maps of another size than their image: an error, up front
         for i, (a, b) in enumerate(zip(columns["image"]["shape"], columns[field]["shape"])):
             if tuple(a[:2]) != tuple(b[:2]):
                 raise DataError(f"{paths[field][i]}: {field} is {b[0]}x{b[1]} but its image {paths['image'][i]} "
                                 f"is {a[0]}x{a[1]}")
-    for i, (a, b) in enumerate(zip(columns["image"]["shape"], columns.get("label", columns["image"])["shape"])):
-        if tuple(a[:2]) != tuple(b[:2]):
-            raise DataError(f"{paths['label'][i]}: label is {b[0]}x{b[1]} but its image {paths['image'][i]} "
-                            f"is {a[0]}x{a[1]}")
     decode = _decode_stage(variants, tasks, (h, w), num_classes,
                            inverse_metric_depth=(name == "nyuv2_npy" and depth_target == "inverse"))
     return Source(columns=columns, decode=decode, num_examples=len(paths["image"]), tasks=tasks, image_size=(h, w),

@@ -103,10 +103,11 @@ def write_prepared(dataset, data_dir, out_dir, splits=("train", "val"), image_si
             for key in keys:
                 value = example[key]
                 if key == "instance_ids":
+                    # renumber 1..K (0 = no instance stays 0: it is the smallest id when present)
                     uniq, inverse = np.unique(value, return_inverse=True)
                     if len(uniq) > 65535:
                         raise ValueError(f"{dataset} {split} example {i}: {len(uniq)} instances do not fit uint16")
-                    value = np.where(value == 0, 0, inverse.reshape(value.shape) + (0 if (value == 0).any() else 1))
+                    value = inverse.reshape(value.shape) + (0 if uniq[0] == 0 else 1)
                 parts.append(np.ascontiguousarray(value, dtype=_FIELDS[key][0]).tobytes())
             blob = zlib.compress(b"".join(parts), level)
             with open(os.path.join(folder, f"{i:06d}.zlib"), "wb") as f:
