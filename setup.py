@@ -4,11 +4,31 @@
 ``MTL_KERAS_TENSORFLOW="tensorflow[and-cuda]" pip install -e .`` (the CUDA build of TensorFlow instead).
 """
 
+import glob
 import os
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 TENSORFLOW = os.environ.get("MTL_KERAS_TENSORFLOW", "tensorflow-cpu>=2.16,<2.22")
+
+
+class build_py_with_presets(build_py):
+    """Installs the model presets, kept at the top of the repository in models/*.json, as mtl_keras/presets/.
+
+    An editable install (or a checkout on sys.path) reads models/ directly (mtl_keras.zoo.builtin_presets_dir).
+    """
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = os.path.join(self.build_lib, "mtl_keras", "presets")
+        self.mkpath(target)
+        for path in sorted(glob.glob(os.path.join(HERE, "models", "*.json"))):
+            self.copy_file(path, os.path.join(target, os.path.basename(path)))
+
 
 setup(
     name="mtl_keras",
@@ -19,6 +39,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mtl_keras", "mtl_keras.*"]),
     include_package_data=True,
+    cmdclass={"build_py": build_py_with_presets},
     python_requires=">=3.10",
     install_requires=[
         TENSORFLOW,

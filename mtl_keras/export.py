@@ -1,0 +1,506 @@
+"""Serving exports: a TensorFlow SavedModel (and optionally ONNX) that takes raw images of any size.
+
+:func:`export_saved_model` writes a SavedModel that needs neither Keras nor mtl_keras to run
+(``tf.saved_model.load(path).signatures["serving_default"](images=...)``, or TF Serving). Signatures:
+
+=====================  ==================================================================================
+``serving_default``    ``images``: float32 ``[batch, height, width, 3]``, RGB in 0..255 (same as ``serve``)
+``serve``              the same function under Keras' endpoint name
+``serve_uint8``        ``images``: uint8 ``[batch, height, width, 3]``, cast to float32 inside
+=====================  ==================================================================================
+
+Any height and width: the model is rebuilt with ``input_shape=(None, None, 3)`` and the weights copied. The ImageNet
+normalisation is inside the model. Architectures that need sizes divisible by ``m`` (MT-UNet: 16) are fed the image
+padded at the bottom and right to a multiple of ``m`` by repeating the last row and column; every output is cropped
+back to the input size (padding rather than resizing keeps instance vectors and disparities in input pixels).
+Kendall et al. models run at the exact size.
+
+Outputs (those of the model's tasks): ``semantic_logits`` float32 ``[B, H, W, C]``, ``semantic_labels`` int32
+``[B, H, W]`` (argmax), ``instance_vectors`` float32 ``[B, H, W, 2]`` ((dy, dx) to the instance centroid, px),
+``depth`` float32 ``[B, H, W, 1]`` (inverse depth, px), ``normals`` float32 ``[B, H, W, 3]``, and with
+``instances=True`` ``instance_ids`` int32 ``[B, H, W]`` (0 = no instance, 1..N per image, ordered by class).
+
+Instance ids inside the graph: :func:`cluster_instance_ids` is the vote-histogram clustering of
+``mtl_keras.instances`` (method ``"histogram"``) written in TensorFlow ops, so the SavedModel stays standalone.
+Differences from the NumPy version: its lengths (``sigma``, radii, bin size, ``min_size``) are fixed at export for a
+reference image size (``instance_image_size``, default the model's training input size; the NumPy version rescales
+them for each image), at most ``max_instances`` peaks per class and image are kept (the strongest), and it computes
+in float32. On the same inputs both give the same partition (tests/test_export.py).
+
+``export_info.json`` in ``assets.extra/`` records the signatures, outputs, tasks, class names and clustering
+parameters. :func:`export_onnx` converts the float32 function with tf2onnx (dense outputs only).
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+
+OUTPUT_NAMES = {"semantic": "semantic_logits", "instance": "instance_vectors", "depth": "depth", "normals": "normals"}
+INPUT_NAME = "images"
+# mtl_keras.instances' histogram defaults at 128x256 (lengths in px); used if that module is absent.
+_HISTOGRAM_DEFAULTS = dict(sigma=1.5, peak_radius=3.0, assign_radius=10.0, refine_iterations=2)
+_DEFAULT_MIN_SIZE = 8
+_REFERENCE_AREA = 128 * 256
+
+
+# ------------------------------------------------------------------------------------------------- the model part
+def model_tasks(model):
+    outputs = model.output if isinstance(model.output, dict) else {}
+    return tuple(t for t in OUTPUT_NAMES if t in outputs)
+
+
+def size_multiple(model):
+    """Height and width the architecture needs to divide them (1: any size)."""
+    from mtl_keras.models.mt_unet import NUM_POOLS, MTUNet
+
+    if isinstance(model, MTUNet):
+        return 2 ** NUM_POOLS
+    return 1
+
+
+def serving_model(model):
+    """A copy of ``model`` for images of any height and width (``input_shape=(None, None, 3)``), same weights.
+
+    Models whose config has no ``input_shape`` are returned as they are.
+    """
+    config = model.get_config()
+    if "input_shape" not in config:
+        return model
+    config = dict(config, input_shape=[None, None, config["input_shape"][-1]])
+    clone = type(model).from_config(config)
+    clone.set_weights(model.get_weights())
+    _make_resizes_graph_safe(clone)
+    return clone
+
+
+def _make_resizes_graph_safe(model):
+    """Lets ``ResizeLike`` layers run with symbolic sizes inside ``tf.function(autograph=False)`` (the export).
+
+    ``keras.ops.image.resize`` checks ``size[0] <= 0`` in Python, which fails when the size is a symbolic tensor
+    (an unknown height or width under tf.function without autograph, as ``keras.export`` traces). On this copy of
+    the model each ``ResizeLike`` calls ``tf.image.resize`` directly: the op Keras' TensorFlow backend runs, so the
+    results are identical.
+    """
+    import tensorflow as tf
+
+    from mtl_keras.layers import ResizeLike
+
+    for layer in model.layers:
+        if isinstance(layer, ResizeLike):
+            def call(inputs, _method=layer.interpolation):
+                x, reference = inputs
+                return tf.image.resize(x, tf.shape(reference)[1:3], method=_method)
+
+            layer.call = call
+
+
+# ------------------------------------------------------------------------------------- instance ids in TF ops
+def clustering_parameters(image_size=(128, 256), instance_classes=(), max_instances=32, **overrides):
+    """The static parameters of :func:`cluster_instance_ids` for images of ``image_size`` (the NumPy defaults of
+    ``mtl_keras.instances`` at that size; ``overrides`` replace any of them)."""
+    try:
+        from mtl_keras.instances import DEFAULT_MIN_SIZE, HISTOGRAM_DEFAULTS
+    except ImportError:  # pragma: no cover - the NumPy module ships with mtl_keras
+        HISTOGRAM_DEFAULTS, DEFAULT_MIN_SIZE = _HISTOGRAM_DEFAULTS, _DEFAULT_MIN_SIZE
+    scale = math.sqrt(float(image_size[0]) * float(image_size[1]) / _REFERENCE_AREA)
+    params = dict(
+        sigma=HISTOGRAM_DEFAULTS["sigma"] * scale,
+        peak_radius=HISTOGRAM_DEFAULTS["peak_radius"] * scale,
+        assign_radius=HISTOGRAM_DEFAULTS["assign_radius"] * scale,
+        refine_iterations=int(HISTOGRAM_DEFAULTS["refine_iterations"]),
+        min_size=max(int(round(DEFAULT_MIN_SIZE * scale * scale)), 1),
+        bin_size=None,
+        instance_classes=[int(c) for c in instance_classes],
+        max_instances=int(max_instances),
+        image_size=[int(v) for v in image_size],
+    )
+    params.update(overrides)
+    if params["bin_size"] is None:
+        params["bin_size"] = max(int(params["sigma"] / 1.5), 1)
+    return params
+
+
+def _gaussian_kernel(sigma):
+    """``cv2.getGaussianKernel(ksize, sigma)`` with the ksize ``cv2.GaussianBlur`` picks for float images."""
+    ksize = int(round(sigma * 4 * 2 + 1)) | 1
+    x = np.arange(ksize, dtype=np.float64) - (ksize - 1) / 2
+    k = np.exp(-x * x / (2 * sigma * sigma))
+    return (k / k.sum()).astype(np.float32)
+
+
+def _ellipse_offsets(r):
+    """Offsets (dy, dx) of ``cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2r+1, 2r+1))``."""
+    import cv2
+
+    element = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    return [(int(dy) - r, int(dx) - r) for dy, dx in zip(*np.nonzero(element))]
+
+
+def _dilate_ellipse(density, r):
+    """``cv2.dilate`` of (P, h, w) non-negative maps by the elliptic element of radius ``r`` (zero border).
+
+    The ellipse is a stack of centred rows: for each row offset, a horizontal max-pool of that row's width, shifted
+    vertically. Max-pools pad with -inf where cv2 pads with 0: the same result for non-negative maps, since each
+    window holds its centre.
+    """
+    import tensorflow as tf
+
+    half_widths = {}
+    for dy, dx in _ellipse_offsets(r):
+        half_widths[dy] = max(half_widths.get(dy, 0), abs(dx))
+    x = density[..., None]
+    pooled = {a: tf.nn.max_pool2d(x, [1, 2 * a + 1], 1, "SAME")[..., 0] if a else density
+              for a in sorted(set(half_widths.values()))}
+    hc = tf.shape(density)[1]
+    result = None
+    for dy, a in sorted(half_widths.items()):
+        shifted = tf.pad(pooled[a], [[0, 0], [r, r], [0, 0]])[:, r + dy:r + dy + hc, :]
+        result = shifted if result is None else tf.maximum(result, shifted)
+    return result
+
+
+def _cluster_planes_tf(votes, plane, num_planes, height, width, p):
+    """Clusters votes independently in each plane (one plane per image and instance class), all at once.
+
+    ``votes`` (N, 2) float32 (y, x) px, ``plane`` (N,) int32 in [0, num_planes). Returns per vote its cluster's
+    slot (N,) int32 (-1 = none), and per plane ``(num_planes, max_instances)`` the kept slots' new numbers
+    (0.. in slot order, -1 = dropped) and ``(num_planes,)`` the number of clusters kept.
+    """
+    import tensorflow as tf
+
+    bin_size, sigma = int(p["bin_size"]), float(p["sigma"])
+    peak_radius, assign_radius = float(p["peak_radius"]), float(p["assign_radius"])
+    min_size, max_k = int(p["min_size"]), int(p["max_instances"])
+    big = tf.constant(1e30, tf.float32)
+
+    # 1. Accumulate: votes binned into cells of bin_size px, clipped to the border cells.
+    hc = (height + bin_size - 1) // bin_size
+    wc = (width + bin_size - 1) // bin_size
+    cells = tf.cast(tf.floor(votes / bin_size), tf.int32)
+    cy = tf.clip_by_value(cells[:, 0], 0, hc - 1)
+    cx = tf.clip_by_value(cells[:, 1], 0, wc - 1)
+    ones = tf.ones_like(votes[:, 0])
+    hist = tf.math.unsorted_segment_sum(ones, (plane * hc + cy) * wc + cx, num_planes * hc * wc)
+    hist = tf.reshape(hist, [num_planes, hc, wc, 1])
+    # 2. Smooth (separable Gaussian, zero border as cv2.BORDER_CONSTANT).
+    g = _gaussian_kernel(max(sigma / bin_size, 0.3))
+    density = tf.nn.conv2d(hist, g.reshape(-1, 1, 1, 1), 1, "SAME")
+    density = tf.nn.conv2d(density, g.reshape(1, -1, 1, 1), 1, "SAME")[..., 0]
+    # 3. Peaks: local maxima over an elliptic window (cv2.dilate, zero border) holding >= min_size votes.
+    r = max(int(round(peak_radius / bin_size)), 1)
+    dilated = _dilate_ellipse(density, r)
+    box = np.ones((2 * r + 1, 1, 1, 1), np.float32)
+    mass = tf.nn.conv2d(tf.nn.conv2d(hist, box, 1, "SAME"), box.reshape(1, -1, 1, 1), 1, "SAME")[..., 0]
+    candidate = (density >= dilated) & (mass >= float(min_size)) & (density > 0)
+    strength = tf.reshape(tf.where(candidate, density, -tf.ones_like(density)), [num_planes, hc * wc])
+    k = tf.minimum(max_k, hc * wc)
+    top_strength, top_index = tf.math.top_k(strength, k=k, sorted=True)  # ties: lower (row-major) index first
+    points = (tf.cast(tf.stack([top_index // wc, top_index % wc], axis=-1), tf.float32) + 0.5) * bin_size
+    points = tf.pad(points, [[0, 0], [0, max_k - k], [0, 0]])  # (P, M, 2)
+    valid = tf.pad(top_strength > 0, [[0, 0], [0, max_k - k]])  # (P, M)
+    # Greedy non-maximum suppression in decreasing density: drop peaks closer than peak_radius to a kept one.
+    close = tf.reduce_sum(tf.square(points[:, :, None, :] - points[:, None, :, :]), axis=-1) < peak_radius ** 2
+    slots = tf.range(max_k)
+
+    def nms_step(i, keep):
+        conflict = tf.reduce_any(keep & close[:, i, :], axis=1)
+        return i + 1, tf.where(tf.equal(slots, i)[None, :], (valid[:, i] & ~conflict)[:, None], keep)
+
+    _, alive = tf.while_loop(lambda i, keep: i < max_k, nms_step,
+                             (tf.constant(0), tf.zeros_like(valid)))
+    centers = points
+
+    def segment(values, labels):
+        """Sums of ``values`` per (plane, slot): (P, M, ...); label -1 goes to a dropped extra segment."""
+        ids = tf.where(labels >= 0, plane * max_k + labels, num_planes * max_k)
+        sums = tf.math.unsorted_segment_sum(values, ids, num_planes * max_k + 1)[:-1]
+        return tf.reshape(sums, tf.concat([[num_planes, max_k], tf.shape(values)[1:]], axis=0))
+
+    def distances(centers):
+        return tf.reduce_sum(tf.square(votes[:, None, :] - tf.gather(centers, plane)), axis=-1)  # (N, M)
+
+    def nearest(centers, alive, radius):
+        d2 = tf.where(tf.gather(alive, plane), distances(centers), big)
+        labels = tf.argmin(d2, axis=1, output_type=tf.int32)
+        return tf.where(tf.reduce_min(d2, axis=1) > radius * radius, -1, labels)
+
+    # One mean-shift step: each centre moves to the mean of its votes within peak_radius.
+    labels = nearest(centers, alive, peak_radius)
+    counts = segment(ones, labels)
+    centers = tf.where(counts[..., None] > 0, segment(votes, labels) / tf.maximum(counts, 1.0)[..., None], centers)
+    labels = nearest(centers, alive, assign_radius)
+    # Hard-EM refinement of an isotropic Gaussian mixture: cost d^2 / (2 s_k^2) + 2 log s_k, radius max(R, 3 s_k).
+    for _ in range(int(p["refine_iterations"])):
+        counts = segment(ones, labels)
+        alive = alive & (counts > 0)
+        safe = tf.maximum(counts, 1.0)
+        centers = tf.where(alive[..., None], segment(votes, labels) / safe[..., None], centers)
+        own = tf.gather_nd(centers, tf.stack([plane, tf.maximum(labels, 0)], axis=1))
+        d2_own = tf.where(labels >= 0, tf.reduce_sum(tf.square(votes - own), axis=-1), 0.0)
+        spread2 = tf.maximum(segment(d2_own, labels) / (2.0 * safe), sigma * sigma)  # (P, M), per axis
+        d2 = distances(centers)
+        vote_alive = tf.gather(alive, plane)
+        cost = d2 / (2.0 * tf.gather(spread2, plane)) + tf.math.log(tf.gather(spread2, plane))
+        labels = tf.argmin(tf.where(vote_alive, cost, big), axis=1, output_type=tf.int32)
+        radius2 = tf.maximum(assign_radius * assign_radius, 18.0 * spread2)
+        index = tf.stack([plane, labels], axis=1)
+        far = tf.gather(d2, labels, batch_dims=1) > tf.gather_nd(radius2, index)
+        labels = tf.where(far | ~tf.reduce_any(vote_alive, axis=1), -1, labels)
+    # Drop clusters below min_size; the others are renumbered 0.. in slot order within their plane.
+    keep = segment(ones, labels) >= float(min_size)
+    remap = tf.where(keep, tf.cumsum(tf.cast(keep, tf.int32), axis=1) - 1, -1)
+    return labels, remap, tf.reduce_sum(tf.cast(keep, tf.int32), axis=1)
+
+
+def cluster_instance_ids(semantic_labels, vectors, params):
+    """Instance ids ``[B, H, W]`` int32 from class labels ``[B, H, W]`` and centroid vectors ``[B, H, W, 2]``.
+
+    ``params``: :func:`clustering_parameters`. In each image, the pixels of each instance class vote
+    ``(y + dy, x + dx)``; the votes of each (image, class) are clustered; ids are 1.. per image, by class (in the
+    order of ``instance_classes``) then by cluster. Pure TensorFlow ops, vectorised over images and classes (works
+    inside a SavedModel).
+    """
+    import tensorflow as tf
+
+    classes = [int(c) for c in params["instance_classes"]]
+    labels = tf.cast(semantic_labels, tf.int32)
+    shape = tf.shape(labels)
+    batch, height, width = shape[0], shape[1], shape[2]
+    if not classes:
+        return tf.zeros_like(labels)
+    table = np.full(max(classes) + 1, -1, np.int32)
+    table[classes] = np.arange(len(classes), dtype=np.int32)
+    in_range = (labels >= 0) & (labels < len(table))
+    slot = tf.where(in_range, tf.gather(table, tf.clip_by_value(labels, 0, len(table) - 1)), -1)
+    pix = tf.cast(tf.where(slot >= 0), tf.int32)  # (N, 3): image, y, x (row-major per image)
+    plane = pix[:, 0] * len(classes) + tf.gather_nd(slot, pix)
+    votes = tf.cast(pix[:, 1:], tf.float32) + tf.gather_nd(tf.cast(vectors, tf.float32), pix)
+    finite = tf.reduce_all(tf.math.is_finite(votes), axis=1)
+    votes = tf.where(finite[:, None], votes, -1e6)  # non-finite votes go nowhere
+    num_planes = batch * len(classes)
+    # Only planes with >= min_size pixels can hold a cluster: cluster those, compacted (most are empty).
+    size = tf.math.unsorted_segment_sum(tf.ones_like(plane), plane, num_planes)
+    active = size >= int(params["min_size"])
+    compact = tf.where(active, tf.cumsum(tf.cast(active, tf.int32)) - 1, tf.reduce_sum(tf.cast(active, tf.int32)))
+    selected = tf.cast(tf.where(tf.gather(active, plane))[:, 0], tf.int32)
+    cluster_a, remap_a, kept_a = _cluster_planes_tf(
+        tf.gather(votes, selected), tf.gather(compact, tf.gather(plane, selected)),
+        tf.reduce_sum(tf.cast(active, tf.int32)), height, width, params)
+    cluster = tf.scatter_nd(selected[:, None], cluster_a + 1, tf.shape(plane)) - 1  # -1 for unselected votes
+    no_clusters = -tf.ones([1, int(params["max_instances"])], tf.int32)
+    remap = tf.gather(tf.concat([remap_a, no_clusters], axis=0), compact)  # inactive planes: a row of -1
+    kept = tf.gather(tf.concat([kept_a, [0]], axis=0), compact)
+    cluster = tf.where(finite, cluster, -1)
+    # Ids: per image, the clusters of earlier classes come first.
+    kept = tf.reshape(kept, [batch, len(classes)])
+    offset = tf.reshape(tf.cumsum(kept, axis=1, exclusive=True), [-1])
+    new = tf.gather_nd(remap, tf.stack([plane, tf.maximum(cluster, 0)], axis=1))
+    member = (cluster >= 0) & (new >= 0)
+    ids = tf.gather(offset, plane) + new + 1
+    return tf.scatter_nd(tf.boolean_mask(pix, member), tf.boolean_mask(ids, member), shape)
+
+
+# -------------------------------------------------------------------------------------------- serving function
+def serving_function(model, instances=False, clustering=None):
+    """A function ``images (float32, B x H x W x 3) -> {output name: tensor}`` over a (None, None) ``model``."""
+    import tensorflow as tf
+
+    tasks = model_tasks(model)
+    multiple = size_multiple(model)
+    if instances and not {"semantic", "instance"} <= set(tasks):
+        raise ValueError(f"instance ids need the semantic and instance tasks; the model has {tasks}.")
+
+    def serve(images):
+        images = tf.cast(images, tf.float32)
+        shape = tf.shape(images)
+        height, width = shape[1], shape[2]
+        x = images
+        if multiple > 1:  # repeat the last row / column up to a multiple of the architecture's factor
+            rows = tf.minimum(tf.range((height + multiple - 1) // multiple * multiple), height - 1)
+            cols = tf.minimum(tf.range((width + multiple - 1) // multiple * multiple), width - 1)
+            x = tf.gather(tf.gather(x, rows, axis=1), cols, axis=2)
+        outputs = model(x, training=False)
+        outputs = {t: tf.cast(v, tf.float32)[:, :height, :width, :] for t, v in outputs.items()}
+        result = {}
+        for task in tasks:
+            result[OUTPUT_NAMES[task]] = tf.identity(outputs[task], name=OUTPUT_NAMES[task])
+        if "semantic" in tasks:
+            result["semantic_labels"] = tf.argmax(outputs["semantic"], axis=-1, output_type=tf.int32)
+        if instances:
+            result["instance_ids"] = cluster_instance_ids(result["semantic_labels"], outputs["instance"], clustering)
+        return result
+
+    return serve
+
+
+def _instance_classes(model, instance_classes):
+    if instance_classes is not None:
+        return [int(c) for c in instance_classes]
+    num_classes = int(model.get_config().get("num_classes", 0))
+    from mtl_keras.data.labels import instance_train_ids
+
+    try:
+        return instance_train_ids(num_classes)
+    except ValueError as e:
+        raise ValueError(f"No default instance classes for num_classes={num_classes}: pass instance_classes.") from e
+
+
+def export_saved_model(model, path, instances=False, instance_classes=None, instance_image_size=None,
+                       max_instances=32, verbose=False, **clustering_overrides):
+    """Writes the serving SavedModel of ``model`` (a zoo model, images -> {task: output}) to ``path``.
+
+    ``instances``: add ``instance_ids`` (needs semantic + instance tasks); ``instance_classes``: training ids with
+    instances (default for 7 / 19 CityScapes classes); ``instance_image_size``: the (H, W) the clustering lengths
+    are set for (default: the model's input size, else 128x256). Returns the export's info dict (also written to
+    ``path/assets.extra/export_info.json``).
+    """
+    import tensorflow as tf
+
+    config = model.get_config()
+    serving = serving_model(model)
+    clustering = None
+    if instances:
+        size = instance_image_size or tuple(config.get("input_shape", (None, None))[:2])
+        if not size or None in size:
+            size = (128, 256)
+        clustering = clustering_parameters(size, _instance_classes(model, instance_classes), max_instances,
+                                           **clustering_overrides)
+    serve = serving_function(serving, instances=instances, clustering=clustering)
+
+    # A plain tf.Module (keras.export.ExportArchive traces the model several times and walks every layer, 3x
+    # slower here): the variables, the float32 function and the uint8 one, which calls the float32 graph.
+    module = tf.Module()
+    module.model_variables = list(serving.variables)
+    module.serve = tf.function(serve, input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32,
+                                                                     name=INPUT_NAME)], autograph=False)
+    module.serve_uint8 = tf.function(lambda images: module.serve(tf.cast(images, tf.float32)),
+                                     input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8,
+                                                                    name=INPUT_NAME)], autograph=False)
+    serve_float = module.serve.get_concrete_function()
+    serve_uint8 = module.serve_uint8.get_concrete_function()
+    tf.saved_model.save(module, path, signatures={"serving_default": serve_float, "serve": serve_float,
+                                                  "serve_uint8": serve_uint8})
+    if verbose:
+        print(f"Saved the serving model at {path}: signatures serving_default / serve (float32 images) and "
+              f"serve_uint8 (uint8 images).")
+
+    tasks = model_tasks(serving)
+    outputs = [OUTPUT_NAMES[t] for t in tasks]
+    if "semantic" in tasks:
+        outputs.insert(outputs.index("semantic_logits") + 1, "semantic_labels")
+    if instances:
+        outputs.append("instance_ids")
+    info = {
+        "model": model.name,
+        "class": type(model).__name__,
+        "config": {k: v for k, v in config.items() if k != "trainable"},
+        "tasks": list(tasks),
+        "signatures": {
+            "serving_default": {"inputs": {INPUT_NAME: "float32 [batch, height, width, 3] RGB 0..255"}},
+            "serve": {"inputs": {INPUT_NAME: "float32 [batch, height, width, 3] RGB 0..255"}},
+            "serve_uint8": {"inputs": {INPUT_NAME: "uint8 [batch, height, width, 3] RGB"}},
+        },
+        "outputs": outputs,
+        "size_multiple": size_multiple(serving),
+        "padding": "bottom/right edge replication to size_multiple, outputs cropped back" if
+        size_multiple(serving) > 1 else None,
+        "instance_clustering": clustering,
+    }
+    try:
+        from mtl_keras.data.labels import class_names
+
+        info["class_names"] = class_names(int(config.get("num_classes")))
+    except (ValueError, TypeError, ImportError):
+        info["class_names"] = None
+    extra = os.path.join(path, "assets.extra")
+    os.makedirs(extra, exist_ok=True)
+    with open(os.path.join(extra, "export_info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    return info
+
+
+# ------------------------------------------------------------------------------------------------------- ONNX
+def export_onnx(model, path, opset=17):
+    """Writes ``path`` (.onnx): the float32 serving function (dense outputs, no instance ids) through tf2onnx.
+
+    Input ``images`` float32 ``[batch, height, width, 3]`` with dynamic batch, height and width.
+    """
+    try:
+        import tf2onnx
+    except Exception as e:  # noqa: BLE001 - ImportError, or tf2onnx failing against this TF / numpy
+        raise RuntimeError(f"ONNX export needs tf2onnx (pip install tf2onnx onnxruntime); importing it failed: "
+                           f"{type(e).__name__}: {e}") from e
+    import tensorflow as tf
+
+    serving = serving_model(model)
+    serve = serving_function(serving, instances=False)
+    fn = tf.function(serve, input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name=INPUT_NAME)],
+                     autograph=False)
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    # Freeze first: tf2onnx.convert.from_function would turn captured constants (the normalisation's mean and
+    # variance) into extra graph inputs.
+    frozen = convert_variables_to_constants_v2(fn.get_concrete_function())
+    input_names = [t.name for t in frozen.inputs if t.dtype != tf.resource]
+    output_names = [t.name for t in frozen.outputs]
+    keys = sorted(fn.get_concrete_function().structured_outputs)  # flattening order of the output dict
+    try:
+        model_proto, _ = tf2onnx.convert.from_graph_def(frozen.graph.as_graph_def(), input_names=input_names,
+                                                        output_names=output_names, opset=opset)
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError(f"tf2onnx {tf2onnx.__version__} could not convert the model (TensorFlow "
+                           f"{tf.__version__}): {type(e).__name__}: {e}") from e
+    _rename_onnx_values(model_proto, {input_names[0]: INPUT_NAME, **dict(zip(output_names, keys))})
+    _explicit_same_padding(model_proto)
+    import onnx
+
+    onnx.save(model_proto, path)
+    return path
+
+
+def _rename_onnx_values(model_proto, renames):
+    """Renames graph inputs / outputs (and every node input / output that refers to them)."""
+    graph = model_proto.graph
+    for node in graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    for value in list(graph.input) + list(graph.output):
+        value.name = renames.get(value.name, value.name)
+
+
+def _explicit_same_padding(model_proto):
+    """Stride-1 ``auto_pad=SAME_*`` convolutions get explicit ``pads``: onnxruntime rejects SAME with dilation.
+
+    With stride 1 the SAME padding does not depend on the input size: ``d (k - 1)`` per axis, the odd one at the
+    end (SAME_UPPER, TensorFlow's convention).
+    """
+    import onnx
+
+    kernels = {t.name: list(t.dims) for t in model_proto.graph.initializer}
+    for node in model_proto.graph.node:
+        if node.op_type != "Conv":
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        auto_pad = attrs.get("auto_pad")
+        if auto_pad is None or auto_pad.s not in (b"SAME_UPPER", b"SAME_LOWER"):
+            continue
+        strides = list(attrs["strides"].ints) if "strides" in attrs else [1, 1]
+        if any(s != 1 for s in strides):
+            continue
+        if "kernel_shape" in attrs:
+            kernel = list(attrs["kernel_shape"].ints)
+        elif node.input[1] in kernels:
+            kernel = kernels[node.input[1]][2:]
+        else:
+            continue
+        dilations = list(attrs["dilations"].ints) if "dilations" in attrs else [1] * len(kernel)
+        total = [d * (k - 1) for d, k in zip(dilations, kernel)]
+        if auto_pad.s == b"SAME_UPPER":
+            begin = [t // 2 for t in total]
+        else:
+            begin = [t - t // 2 for t in total]
+        pads = begin + [t - b for t, b in zip(total, begin)]
+        node.attribute.remove(auto_pad)
+        node.attribute.append(onnx.helper.make_attribute("pads", pads))

@@ -1,0 +1,249 @@
+"""Presets (models/*.json) against the registry, load_model by name and by path, and publish_run."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import mtl_keras
+from mtl_keras import zoo
+from mtl_keras.config import TrainConfig
+from mtl_keras.layers import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
+from mtl_keras.pretrained import file_sha256
+from tests.helpers import assert_outputs_close, random_images
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def builtin_presets():
+    folder = zoo.builtin_presets_dir()
+    presets = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        with open(path) as f:
+            presets[os.path.splitext(os.path.basename(path))[0]] = json.load(f)
+    return presets
+
+
+def tiny_model(name):
+    return zoo.build_from_preset(name, tiny=True)
+
+
+def tiny_images(name, batch=2, seed=0):
+    height, width = zoo.preset_build_kwargs(zoo.get_preset(name), tiny=True)["input_shape"][:2]
+    return random_images(batch, height, width, seed=seed)
+
+
+@pytest.fixture
+def preset_dirs(tmp_path, monkeypatch):
+    """Empty preset and weights folders searched before the built-in ones."""
+    presets, weights = tmp_path / "presets", tmp_path / "weights"
+    presets.mkdir()
+    weights.mkdir()
+    monkeypatch.setenv(zoo.PRESETS_ENV, str(presets))
+    monkeypatch.setenv(zoo.WEIGHTS_ENV, str(weights))
+    return presets, weights
+
+
+# ----------------------------------------------------------------------------------------------------- presets
+def test_presets_and_registry_match_both_ways():
+    presets = builtin_presets()
+    assert presets, f"no presets in {zoo.builtin_presets_dir()}"
+    registered = set(mtl_keras.list_models())
+    architecture_presets = {name for name, p in presets.items() if p["architecture"] == name}
+    assert registered - architecture_presets == set(), "registered models without a preset in models/"
+    assert architecture_presets - registered == set(), "presets of architectures that are not registered"
+    for name, preset in presets.items():
+        assert preset["name"] == name
+        assert preset["architecture"] in registered, name
+    assert set(mtl_keras.list_presets()) >= registered
+
+
+@pytest.mark.parametrize("name", sorted(builtin_presets()))
+def test_preset_describes_inputs_classes_and_training(name):
+    preset = zoo.get_preset(name)
+    args = preset["arguments"]
+    assert {"tasks", "num_classes", "input_shape"} <= set(args)
+    assert preset["input"]["mean"] == list(IMAGENET_MEAN_RGB) and preset["input"]["std"] == list(IMAGENET_STD_RGB)
+    assert preset["input"]["range"] == [0, 255] and preset["input"]["color"] == "RGB"
+    assert len(preset["classes"]["names"]) == args["num_classes"]
+    assert all(0 <= c < args["num_classes"] for c in preset["classes"]["instance_classes"])
+    assert all(s % preset["input"]["size_multiple"] == 0 for s in args["input_shape"][:2])
+    training = preset["training"]
+    if training.get("train_preset"):  # the paper's hyper-parameters agree with experiments/presets
+        with open(os.path.join(ROOT, "experiments", "presets", f"{training['train_preset']}.json")) as f:
+            paper = json.load(f)
+        for key, value in training.items():
+            if key in paper:
+                assert paper[key] == value, (key, paper[key], value)
+        assert TrainConfig.from_dict(paper).tasks == tuple(args["tasks"])
+    weights = preset.get("weights")
+    if weights:
+        assert len(weights["sha256"]) == 64 and weights["file"].endswith((".weights.h5", ".keras"))
+
+
+def test_preset_arguments_rebuild_the_architecture():
+    """build_model(architecture, **arguments) gives a model whose config is the preset's arguments."""
+    for name, preset in builtin_presets().items():
+        if preset["architecture"] != name:
+            continue
+        model = zoo.build_from_preset(name, input_shape=(32, 32, 3))  # full width, small input
+        config = {k: v for k, v in model.get_config().items() if k not in ("name", "trainable")}
+        assert config == dict(preset["arguments"], input_shape=[32, 32, 3]), name
+        del model
+        keras.backend.clear_session()
+
+
+# -------------------------------------------------------------------------------------------------- round trip
+def test_every_registered_model_round_trips_through_a_keras_file_in_a_new_process(tmp_path):
+    names = mtl_keras.list_models()
+    expected = {}
+    for name in names:
+        model = tiny_model(name)
+        images = tiny_images(name)
+        model.save(tmp_path / f"{name}.keras")
+        np.save(tmp_path / f"{name}_images.npy", images)
+        expected[name] = {k: np.asarray(v) for k, v in model(images, training=False).items()}
+    code = (
+        "import sys, numpy as np, mtl_keras\n"
+        "folder = sys.argv[1]\n"
+        "for name in sys.argv[2:]:\n"
+        "    model = mtl_keras.load_model(f'{folder}/{name}.keras')\n"
+        "    out = model(np.load(f'{folder}/{name}_images.npy'), training=False)\n"
+        "    np.savez(f'{folder}/{name}_out.npz', **{k: np.asarray(v) for k, v in out.items()})\n")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path), *names], cwd=ROOT, check=True, capture_output=True)
+    for name in names:
+        loaded = dict(np.load(tmp_path / f"{name}_out.npz"))
+        assert_outputs_close(expected[name], loaded)
+
+
+# -------------------------------------------------------------------------------------------------- load_model
+NAME = "kendall_deeplabv3_resnet26_slim"
+
+
+def write_trained_preset(folder, weights_file, name="tiny_trained", sha256=None):
+    preset = dict(zoo.get_preset(NAME), name=name, arguments=zoo.preset_build_kwargs(zoo.get_preset(NAME), tiny=True),
+                  weights={"file": os.path.basename(weights_file), "sha256": sha256 or file_sha256(weights_file)})
+    preset["arguments"] = {k: list(v) if isinstance(v, tuple) else v for k, v in preset["arguments"].items()}
+    return zoo.write_preset(preset, str(folder))
+
+
+def test_load_model_by_name_loads_the_presets_weights_file(preset_dirs):
+    presets, weights = preset_dirs
+    model = tiny_model(NAME)
+    model.save_weights(weights / "tiny_trained.weights.h5")
+    write_trained_preset(presets, str(weights / "tiny_trained.weights.h5"))
+    assert "tiny_trained" in mtl_keras.list_presets()
+    loaded = mtl_keras.load_model("tiny_trained")
+    images = tiny_images(NAME)
+    assert_outputs_close(model(images, training=False), loaded(images, training=False))
+
+
+def test_sha256_mismatch_is_a_clear_error_and_loads_nothing(preset_dirs, monkeypatch):
+    presets, weights = preset_dirs
+    tiny_model(NAME).save_weights(weights / "tiny_trained.weights.h5")
+    write_trained_preset(presets, str(weights / "tiny_trained.weights.h5"), sha256="0" * 64)
+    calls = []
+    monkeypatch.setattr(keras.Model, "load_weights", lambda self, *a, **k: calls.append(a))
+    monkeypatch.setattr(mtl_keras.registry, "model_entry_point",
+                        lambda name: pytest.fail("the model was built despite the sha256 mismatch"))
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        mtl_keras.load_model("tiny_trained")
+    assert calls == []
+
+
+def test_missing_weights_file_says_where_it_looked(preset_dirs):
+    presets, weights = preset_dirs
+    tiny_model(NAME).save_weights(weights / "tiny_trained.weights.h5")
+    write_trained_preset(presets, str(weights / "tiny_trained.weights.h5"))
+    os.remove(weights / "tiny_trained.weights.h5")
+    with pytest.raises(FileNotFoundError, match="tiny_trained.weights.h5.*Looked in"):
+        mtl_keras.load_model("tiny_trained")
+
+
+def test_load_model_takes_weights_as_an_argument_weights_h5_or_keras(tmp_path):
+    model = tiny_model(NAME)
+    images = tiny_images(NAME)
+    expected = model(images, training=False)
+    model.save_weights(tmp_path / "w.weights.h5")
+    model.save(tmp_path / "m.keras")
+    tiny = {k: v for k, v in zoo.get_preset(NAME)["tiny_arguments"].items()}
+    for path in (tmp_path / "w.weights.h5", tmp_path / "m.keras"):
+        loaded = mtl_keras.load_model(NAME, weights=path, **tiny)
+        assert_outputs_close(expected, loaded(images, training=False))
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        mtl_keras.load_model(NAME, weights=tmp_path / "w.weights.h5", sha256="f" * 64, **tiny)
+
+
+def test_load_model_by_name_without_weights_builds_the_architecture():
+    model = mtl_keras.load_model("mt_unet", input_shape=(32, 32, 3), base_filters=4)
+    assert model.name == "mt_unet" and set(model.output) == {"semantic", "depth"}
+
+
+def test_load_model_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="neither a file nor a model preset.*kendall_deeplabv3_resnet101"):
+        mtl_keras.load_model("resnet9000")
+    tiny_model(NAME).save_weights(tmp_path / "w.weights.h5")
+    with pytest.raises(ValueError, match="weights only"):
+        mtl_keras.load_model(tmp_path / "w.weights.h5")
+    with pytest.raises(FileNotFoundError):
+        mtl_keras.load_model(tmp_path / "missing.keras")
+
+
+def test_load_model_keeps_safe_mode_on(tmp_path):
+    inputs = keras.Input((4,))
+    keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs)).save(tmp_path / "lambda.keras")
+    with pytest.raises(ValueError, match="safe_mode"):
+        mtl_keras.load_model(tmp_path / "lambda.keras")
+
+
+# ------------------------------------------------------------------------------------------------- publish_run
+def make_run(folder, with_keras_file=True):
+    """A finished training output folder of a tiny model (what experiments/train.py writes, minus the extras)."""
+    tiny = zoo.get_preset(NAME)["tiny_arguments"]
+    config = TrainConfig(model=NAME, model_overrides={k: v for k, v in tiny.items() if k != "input_shape"},
+                         image_size=tuple(tiny["input_shape"][:2]), output_dir=str(folder))
+    os.makedirs(folder / "checkpoints")
+    (folder / "config.json").write_text(config.to_json())
+    model = mtl_keras.build_model(NAME, input_shape=tuple(tiny["input_shape"]), **config.model_overrides)
+    if with_keras_file:
+        model.save(folder / "model.keras")
+    from mtl_keras.experiment import build_loss_weighting
+    from mtl_keras.training import MultiTaskTrainer
+
+    trainer = MultiTaskTrainer(model, build_loss_weighting(config, model.output.keys()))
+    trainer.save_weights(folder / "checkpoints" / "last.weights.h5")
+    (folder / "metrics.json").write_text(json.dumps({"model": NAME, "val": {"semantic_miou": 0.5},
+                                                     "val_untrained": {"semantic_miou": 0.01}, "steps": 3}))
+    return model
+
+
+def test_publish_run_makes_a_named_model_with_weights_sha256_and_metrics(tmp_path, preset_dirs):
+    presets, weights = preset_dirs
+    model = make_run(tmp_path / "run")
+    path = zoo.publish_run(tmp_path / "run", "slim_tiny_synthetic", weights_dir=weights, presets_dir=presets)
+    assert path == str(presets / "slim_tiny_synthetic.json")
+    preset = zoo.get_preset("slim_tiny_synthetic")
+    assert preset["architecture"] == NAME
+    weights_file = weights / preset["weights"]["file"]
+    assert preset["weights"]["sha256"] == file_sha256(weights_file)
+    assert preset["metrics"] == {"semantic_miou": 0.5}
+    assert preset["training"]["model"] == NAME and preset["classes"]["names"][0] == "road"
+    loaded = mtl_keras.load_model("slim_tiny_synthetic")
+    images = tiny_images(NAME)
+    assert_outputs_close(model(images, training=False), loaded(images, training=False))
+    with pytest.raises(FileExistsError):
+        zoo.publish_run(tmp_path / "run", "slim_tiny_synthetic", weights_dir=weights, presets_dir=presets)
+    with pytest.raises(ValueError, match="registered architecture"):
+        zoo.publish_run(tmp_path / "run", NAME, weights_dir=weights, presets_dir=presets)
+
+
+def test_a_run_without_model_keras_loads_from_its_last_checkpoint(tmp_path):
+    model = make_run(tmp_path / "run", with_keras_file=False)
+    loaded = mtl_keras.load_model(tmp_path / "run")
+    images = tiny_images(NAME)
+    assert_outputs_close(model(images, training=False), loaded(images, training=False))
