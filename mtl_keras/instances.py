@@ -102,18 +102,25 @@ def _histogram_peaks(votes, shape, bin_size, sigma, peak_radius, min_votes):
     cells = np.floor(votes / bin_size).astype(np.int64)
     cy = np.clip(cells[:, 0], 0, hc - 1)
     cx = np.clip(cells[:, 1], 0, wc - 1)
-    hist = np.bincount(cy * wc + cx, minlength=hc * wc).reshape(hc, wc).astype(np.float32)
-    density = cv2.GaussianBlur(hist, (0, 0), sigmaX=max(sigma / bin_size, 0.3), borderType=cv2.BORDER_CONSTANT)
+    # Only the window around the votes (plus the filters' reach) is built: same result, less work.
+    s_cells = max(sigma / bin_size, 0.3)
     r = max(int(round(peak_radius / bin_size)), 1)
+    margin = int(math.ceil(4 * s_cells)) + 2 * r + 1
+    y0, x0 = max(int(cy.min()) - margin, 0), max(int(cx.min()) - margin, 0)
+    y1, x1 = min(int(cy.max()) + margin + 1, hc), min(int(cx.max()) + margin + 1, wc)
+    h, w = y1 - y0, x1 - x0
+    hist = np.bincount((cy - y0) * w + (cx - x0), minlength=h * w).reshape(h, w).astype(np.float32)
+    density = cv2.GaussianBlur(hist, (0, 0), sigmaX=s_cells, borderType=cv2.BORDER_CONSTANT)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
     local_max = density >= cv2.dilate(density, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0.0)
     mass = cv2.boxFilter(hist, -1, (2 * r + 1, 2 * r + 1), normalize=False, borderType=cv2.BORDER_CONSTANT)
     candidates = np.nonzero(local_max & (mass >= min_votes) & (density > 0))
     if not len(candidates[0]):
         return np.zeros((0, 2), np.float64)
+    candidates = (candidates[0], candidates[1])
     strength = density[candidates]
     order = np.argsort(-strength, kind="stable")
-    points = (np.stack(candidates, axis=1)[order].astype(np.float64) + 0.5) * bin_size
+    points = (np.stack(candidates, axis=1)[order].astype(np.float64) + [y0 + 0.5, x0 + 0.5]) * bin_size
     kept = []
     for p in points:  # greedy NMS over the (few) candidates
         if all(((p - q) ** 2).sum() >= peak_radius * peak_radius for q in kept):
@@ -267,12 +274,6 @@ def cluster_votes(votes, shape, method="histogram", min_size=None, scale=None, *
 # Whole image
 # ----------------------------------------------------------------------------------------------------------------
 
-def _softmax(logits):
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def _default_instance_classes(num_classes):
     from mtl_keras.data.labels import instance_train_ids
 
@@ -295,16 +296,16 @@ def cluster_instances(semantic, vectors, method="histogram", instance_classes=No
     votes and dropped small clusters have id 0.
     """
     semantic = np.asarray(semantic)
-    vectors = np.asarray(vectors, dtype=np.float64)
+    vectors = np.asarray(vectors)
     if vectors.ndim != 3 or vectors.shape[-1] != 2:
         raise ValueError(f"vectors must be (H, W, 2), got {vectors.shape}.")
     shape = vectors.shape[:2]
+    logits = None
     if semantic.ndim == 3 and semantic.shape[-1] > 1:
-        probs = _softmax(semantic.astype(np.float64))
-        labels = np.argmax(probs, axis=-1)
+        logits = semantic
+        labels = np.argmax(logits, axis=-1)
         num_classes = semantic.shape[-1] if num_classes is None else num_classes
     else:
-        probs = None
         labels = semantic[..., 0] if semantic.ndim == 3 else semantic
     if labels.shape != shape:
         raise ValueError(f"semantic {semantic.shape} and vectors {vectors.shape} must cover the same pixels.")
@@ -315,28 +316,40 @@ def cluster_instances(semantic, vectors, method="histogram", instance_classes=No
 
     ids = np.zeros(shape, np.int32)
     classes, scores, sizes, centers = [], [], [], []
-    yy, xx = np.indices(shape, dtype=np.float64)
+    flat_labels = labels.reshape(-1)
+    # The pixels of all instance classes in one pass, grouped by class.
+    pix = np.nonzero(np.isin(flat_labels, np.asarray(list(instance_classes))))[0]
+    pix_labels = flat_labels[pix]
+    order = np.argsort(pix_labels, kind="stable")
+    pix, pix_labels = pix[order], pix_labels[order]
+    flat_vectors = vectors.reshape(-1, 2)
     for c in instance_classes:
-        pix = np.nonzero(labels.reshape(-1) == c)[0]
-        if len(pix) < min_size:
+        lo = np.searchsorted(pix_labels, c, side="left")
+        hi = np.searchsorted(pix_labels, c, side="right")
+        if hi - lo < min_size:
             continue
-        coords = np.stack([yy.reshape(-1)[pix], xx.reshape(-1)[pix]], axis=1)
-        votes = coords + vectors.reshape(-1, 2)[pix]
+        cpix = pix[lo:hi]
+        votes = np.stack([cpix // shape[1], cpix % shape[1]], axis=1).astype(np.float64) + flat_vectors[cpix]
         finite = np.isfinite(votes).all(axis=1)
-        votes = np.where(finite[:, None], votes, -1e6)  # non-finite votes go nowhere
+        if not finite.all():
+            votes[~finite] = -1e6  # non-finite votes go nowhere
         cl = cluster_votes(votes, shape, method=method, min_size=min_size, scale=scale, **params)
         cl[~finite] = -1
         k = int(cl.max()) + 1 if len(cl) else 0
         if k == 0:
             continue
-        base = len(classes)
         member = cl >= 0
-        ids.reshape(-1)[pix[member]] = base + 1 + cl[member]
-        counts = np.bincount(cl[member], minlength=k)
-        conf = np.ones(len(pix)) if probs is None else probs.reshape(-1, probs.shape[-1])[pix, c]
-        mean_conf = np.bincount(cl[member], weights=conf[member], minlength=k) / counts
-        cy = np.bincount(cl[member], weights=votes[member, 0], minlength=k) / counts
-        cx = np.bincount(cl[member], weights=votes[member, 1], minlength=k) / counts
+        lab = cl[member]
+        ids.reshape(-1)[cpix[member]] = len(classes) + 1 + lab
+        counts = np.bincount(lab, minlength=k)
+        if logits is None:
+            mean_conf = np.ones(k)
+        else:  # softmax probability of class c, only at the pixels that need it
+            z = logits.reshape(-1, logits.shape[-1])[cpix[member]].astype(np.float64)
+            conf = 1.0 / np.exp(z - z[:, c:c + 1]).sum(axis=1)
+            mean_conf = np.bincount(lab, weights=conf, minlength=k) / counts
+        cy = np.bincount(lab, weights=votes[member, 0], minlength=k) / counts
+        cx = np.bincount(lab, weights=votes[member, 1], minlength=k) / counts
         classes.extend([int(c)] * k)
         sizes.extend(counts.tolist())
         scores.extend((mean_conf * counts / (counts + min_size)).tolist())

@@ -130,6 +130,77 @@ def instance_vectors_to_color(vectors, mask=None, max_magnitude=None):
     return rgb
 
 
+def instance_colors(num_instances, seed=0):
+    """``num_instances`` distinct, deterministic bright RGB colours (uint8 (N, 3)): golden-ratio steps in hue."""
+    n = int(num_instances)
+    if n <= 0:
+        return np.zeros((0, 3), np.uint8)
+    hue = (np.arange(n) * 0.6180339887498949 + 0.11 + 0.37 * seed) % 1.0
+    hsv = np.stack([hue * 180.0, np.full(n, 220.0), np.where(np.arange(n) % 2, 255.0, 215.0)], axis=1)
+    return cv2.cvtColor(hsv.astype(np.uint8)[None], cv2.COLOR_HSV2RGB)[0]
+
+
+def instances_to_color(instance_ids, image=None, alpha=0.6, contours=True):
+    """Instance id map (H, W) (0 = none, k = instance k) -> uint8 RGB (H, W, 3) with one colour per instance.
+
+    With ``image`` ((H, W, 3) RGB 0..255) the instances are blended over it with opacity ``alpha`` and the rest of
+    the image is dimmed to 60 %; without, the background is black. ``contours`` draws a white 1-px outline around
+    each instance. Colours follow :func:`instance_colors` by id, so the same id always has the same colour.
+    """
+    ids = _squeeze_channel(instance_ids).astype(np.int64)
+    if ids.ndim != 2:
+        raise ValueError(f"instance_ids must be (H, W), got {np.shape(instance_ids)}.")
+    colours = np.concatenate([np.zeros((1, 3), np.uint8), instance_colors(int(max(ids.max(initial=0), 0)))])
+    layer = colours[np.clip(ids, 0, None)]
+    inside = ids > 0
+    if image is None:
+        out = layer.copy()
+    else:
+        base = _image_to_uint8(image)
+        if base.shape[:2] != ids.shape:
+            base = cv2.resize(base, (ids.shape[1], ids.shape[0]), interpolation=cv2.INTER_LINEAR)
+        out = (base.astype(np.float32) * 0.6).astype(np.uint8)
+        blend = base.astype(np.float32) * (1.0 - alpha) + layer.astype(np.float32) * alpha
+        out[inside] = np.clip(blend[inside] + 0.5, 0, 255).astype(np.uint8)
+    if contours and inside.any():
+        padded = np.pad(ids, 1, mode="edge")
+        edge = np.zeros_like(inside)
+        for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+            edge |= padded[dy:dy + ids.shape[0], dx:dx + ids.shape[1]] != ids
+        out[edge & inside] = 255
+    return out
+
+
+def save_rgb(path, rgb):
+    """Writes a uint8 RGB array as a PNG (creating folders); returns ``path``."""
+    rgb = np.asarray(rgb)
+    directory = os.path.dirname(os.fspath(path))
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    if not cv2.imwrite(os.fspath(path), cv2.cvtColor(rgb.astype(np.uint8), cv2.COLOR_RGB2BGR)):
+        raise OSError(f"Could not write {path}.")
+    return path
+
+
+def sigma2_history(metrics):
+    """The learned sigma^2 series of a training run: ``{"semantic_sigma2": [...], ...}``.
+
+    ``metrics``: the dict of a run folder's ``metrics.json`` (or its path). Reads ``train_history`` (one value per
+    epoch); falls back to ``sigma2_<task>`` / ``<task>_sigma2`` series anywhere at its top level. Returns ``{}``
+    when the run has none (e.g. equal or fixed weighting).
+    """
+    if isinstance(metrics, (str, os.PathLike)):
+        import json
+
+        with open(metrics) as f:
+            metrics = json.load(f)
+    history = metrics.get("train_history") or {}
+    series = {k: v for k, v in history.items() if "sigma2" in k and isinstance(v, (list, tuple)) and len(v)}
+    if not series:
+        series = {k: v for k, v in metrics.items() if "sigma2" in k and isinstance(v, (list, tuple)) and len(v)}
+    return {k: [float("nan") if x is None else float(x) for x in v] for k, v in sorted(series.items())}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Panels
 # ----------------------------------------------------------------------------------------------------------------
@@ -297,5 +368,6 @@ def plot_task_weights(history, path, title=None, xlabel="epoch"):
 
 __all__ = [
     "CITYSCAPES_PALETTE", "default_palette", "semantic_to_color", "depth_to_color", "instance_vectors_to_color",
+    "instance_colors", "instances_to_color", "save_rgb", "sigma2_history",
     "render_prediction_panel", "save_prediction_panel", "plot_task_weights",
 ]

@@ -1,0 +1,454 @@
+"""Evaluate a trained multi-task model on a split: metrics, instance segmentation, pictures, official CityScapes scores.
+
+    python experiments/evaluate.py --model_path runs/default                       # a training output folder
+    python experiments/evaluate.py --model_path runs/default --official            # + the cityscapesscripts scores
+    python experiments/evaluate.py --model_path runs/default/model.keras --dataset cityscapes --data_dir /data/cs
+    python experiments/evaluate.py --model_path runs/default/export --clustering optics   # a SavedModel
+
+``--model_path``: a training output folder (its ``model.keras``; data settings from its ``config.json``), a
+``.keras`` file (``keras.saving.load_model``, safe mode on) or an exported SavedModel folder
+(``tf.saved_model.load(path).serve(images)``). For a file or a SavedModel, the ``config.json`` of the folder around
+it (e.g. ``runs/x`` for ``runs/x/export``), when there is one, supplies the data settings; flags override them.
+
+Writes to ``--output_dir`` (default: ``eval/`` in the run folder, or next to the model file):
+
+* ``metrics.json``: everything below, ``metrics.md``: the same as a markdown table;
+* the streaming metrics of ``mtl_keras.evaluation.MultiTaskEvaluator`` at the model's resolution (mIoU, per-class
+  IoU, pixel accuracy, instance-vector error, inverse-depth errors, normals when present);
+* instance segmentation from the predicted semantics + centroid votes (``--clustering histogram|optics|none``):
+  adjusted Rand index against the ground-truth instances (``instance_ari_mean`` per image, ``instance_ari_split``
+  over the whole split) and the clustering time per image;
+* with ``--official`` (CityScapes-layout datasets: ``cityscapes``, ``synthetic``): predictions written in the
+  official formats at the ground truth's resolution (semantic logits upsampled bilinearly, instance masks nearest)
+  under ``cityscapes_results/``, the official ``evalPixelLevelSemanticLabeling`` / ``evalInstanceLevelSemantic
+  Labeling`` results (mIoU, iIoU, AP, AP50), and our mIoU on the very same files with the difference to the
+  official one (it should be 0);
+* ``--baseline_metrics`` (``metrics.json`` files of single-task runs): ``delta_m`` in percent, Delta_m =
+  (1/T) sum_i (-1)^{l_i} (M_m,i - M_b,i) / M_b,i * 100 with l_i = 1 where higher is better; NEGATIVE = the
+  multi-task model is better (``mtl_keras.evaluation.delta_m``);
+* ``images/``: for the first ``--num_images`` images, the semantic prediction and ground truth in CityScapes
+  colours, the inverse depth colour map, the instances over the image, and the usual prediction panel;
+* ``sigma2.png``: the sigma^2 curves of training from the run's ``metrics.json`` (``train_history``) when present,
+  and a copy of the run's ``task_weights.png``.
+"""
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+log = logging.getLogger("mtl_keras.evaluate")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model_path", None, "Run folder, .keras file or SavedModel folder.")
+flags.DEFINE_string("dataset", None, "Dataset name (default: the run's, else synthetic).")
+flags.DEFINE_string("data_dir", None, "Dataset root (default: the run's, else data/synthetic for synthetic).")
+flags.DEFINE_string("split", "val", "Split to evaluate.")
+flags.DEFINE_list("image_size", None, "height,width fed to the model (default: the run's, else the model's input).")
+flags.DEFINE_integer("num_classes", None, "Semantic classes (default: the run's, else the model's output).")
+flags.DEFINE_list("tasks", None, "Tasks to evaluate (default: the model's outputs).")
+flags.DEFINE_integer("batch_size", 8, "Batch size.")
+flags.DEFINE_integer("max_batches", 0, "Evaluate only this many batches (0: the whole split).")
+flags.DEFINE_enum("clustering", "histogram", ["histogram", "optics", "none"], "Instance clustering method.")
+flags.DEFINE_boolean("official", False, "Also run the official CityScapes evaluation scripts.")
+flags.DEFINE_list("baseline_metrics", [], "metrics.json files of single-task runs, for Delta_m.")
+flags.DEFINE_integer("num_images", 4, "Images to draw.")
+flags.DEFINE_string("output_dir", None, "Output folder (default: eval/ in the run folder or next to the model).")
+
+# Delta_m over these metrics, where both the model and the baselines have them: {metric: higher is better}.
+DELTA_M_METRICS = {"semantic_miou": True, "instance_mean_error_px": False, "depth_mean_error_px": False,
+                   "normals_mean_angle_deg": False}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_predictor(model_path):
+    """``(predict, info)``: ``predict(images float32 (B,H,W,3)) -> {task: numpy array}`` and ``info`` with
+    ``kind`` (run / keras / saved_model), ``run_dir`` (the folder holding ``config.json``, or None), ``config``
+    (its dict or None), ``input_size`` ((H, W) or None), ``num_classes`` (or None)."""
+    import numpy as np
+
+    model_path = os.path.abspath(os.fspath(model_path))
+    if os.path.isdir(model_path) and os.path.isfile(os.path.join(model_path, "model.keras")):
+        kind, run_dir, keras_file = "run", model_path, os.path.join(model_path, "model.keras")
+    elif model_path.endswith(".keras") and os.path.isfile(model_path):
+        kind, run_dir, keras_file = "keras", os.path.dirname(model_path), model_path
+    elif os.path.isdir(model_path) and os.path.isfile(os.path.join(model_path, "saved_model.pb")):
+        kind, run_dir, keras_file = "saved_model", os.path.dirname(model_path), None
+    else:
+        raise FileNotFoundError(f"--model_path {model_path} is neither a run folder (with model.keras), a .keras "
+                                f"file nor a SavedModel folder (with saved_model.pb).")
+    config_path = os.path.join(run_dir, "config.json")
+    config = _read_json(config_path) if os.path.isfile(config_path) else None
+    if config is None:
+        run_dir = None if kind != "run" else run_dir
+    info = {"kind": kind, "model_path": model_path, "run_dir": run_dir, "config": config, "input_size": None,
+            "num_classes": None}
+
+    if keras_file is not None:
+        import keras
+
+        import mtl_keras  # noqa: F401  (registers the custom layers before deserialising)
+
+        model = keras.saving.load_model(keras_file)  # safe_mode stays on
+        shape = model.input_shape
+        if isinstance(shape, (list, tuple)) and len(shape) == 4 and shape[1] and shape[2]:
+            info["input_size"] = (int(shape[1]), int(shape[2]))
+        outputs = model.output if isinstance(model.output, dict) else {}
+        if "semantic" in outputs:
+            info["num_classes"] = int(outputs["semantic"].shape[-1])
+
+        def predict(images):
+            out = model.predict_on_batch(np.asarray(images, np.float32))
+            return {k: np.asarray(v) for k, v in out.items()}
+    else:
+        import tensorflow as tf
+
+        loaded = tf.saved_model.load(model_path)
+        serve = getattr(loaded, "serve", None)
+        signature = loaded.signatures.get("serve") or loaded.signatures.get("serving_default")
+        if signature is not None:
+            spec = list(signature.structured_input_signature[1].values())[0]
+            if spec.shape.rank == 4 and spec.shape[1] and spec.shape[2]:
+                info["input_size"] = (int(spec.shape[1]), int(spec.shape[2]))
+            sem = signature.structured_outputs.get("semantic")
+            if sem is not None:
+                info["num_classes"] = int(sem.shape[-1])
+
+        def predict(images, _keep_alive=loaded):  # the functions need the loaded object (its variables) alive
+            images = tf.constant(np.asarray(images, np.float32))
+            out = serve(images) if serve is not None else signature(images)
+            return {k: np.asarray(v) for k, v in out.items()}
+
+    return predict, info
+
+
+def _train_config(config_dict):
+    from mtl_keras.config import TrainConfig
+
+    fields = set(TrainConfig.__dataclass_fields__)
+    values = {k: v for k, v in (config_dict or {}).items() if k in fields}
+    if hasattr(TrainConfig, "from_dict"):
+        return TrainConfig.from_dict(values)
+    defaults = TrainConfig()
+    return defaults.replace(**{k: tuple(v) if isinstance(getattr(defaults, k), tuple) else v
+                               for k, v in values.items()})
+
+
+def resolve_settings(info, dataset=None, data_dir=None, image_size=None, num_classes=None, tasks=None):
+    """Data settings: flags, else the run's config.json, else the model's, else the defaults."""
+    config = info["config"] or {}
+    settings = {
+        "dataset": dataset or config.get("dataset") or "synthetic",
+        "data_dir": data_dir if data_dir is not None else config.get("data_dir", ""),
+        "image_size": tuple(int(v) for v in (image_size or config.get("image_size") or info["input_size"]
+                                             or (128, 256))),
+        "num_classes": int(num_classes or config.get("num_classes") or info["num_classes"] or 19),
+        "tasks": tuple(tasks) if tasks else None,
+    }
+    if settings["dataset"] == "synthetic" or settings["data_dir"]:
+        from mtl_keras.experiment import resolve_data_dir
+
+        cfg = _train_config(dict(config, dataset=settings["dataset"], data_dir=settings["data_dir"]))
+        settings["data_dir"] = resolve_data_dir(cfg)
+    if not settings["data_dir"]:
+        raise ValueError(f"--data_dir is required for --dataset {settings['dataset']}.")
+    return settings
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+def _resize_to(x, size, nearest=False):
+    """(B, h, w, C) -> (B, H, W, C) (bilinear, or nearest for label maps)."""
+    import cv2
+    import numpy as np
+
+    x = np.asarray(x)
+    if x.shape[1:3] == tuple(size):
+        return x
+    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+    out = []
+    for item in x:
+        channels = [cv2.resize(np.ascontiguousarray(item[..., c]), (size[1], size[0]), interpolation=interp)
+                    for c in range(item.shape[-1])]
+        out.append(np.stack(channels, axis=-1))
+    return np.stack(out).astype(x.dtype)
+
+
+def _finite_or_none(value):
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    try:
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            return _finite_or_none(value.item())
+    except ImportError:  # pragma: no cover
+        pass
+    return value
+
+
+def run_evaluation(model_path, dataset=None, data_dir=None, split="val", image_size=None, num_classes=None,
+                   tasks=None, batch_size=8, max_batches=0, clustering="histogram", official=False,
+                   baseline_metrics=(), num_images=4, output_dir=None):
+    """Everything ``experiments/evaluate.py`` does; returns the dict written to ``metrics.json``."""
+    import cv2
+    import numpy as np
+
+    from mtl_keras import visualize as viz
+    from mtl_keras.data.datasets import load_dataset
+    from mtl_keras.data.labels import class_colors, class_names, label_lookup_table
+    from mtl_keras.evaluation import TASKS, MultiTaskEvaluator, delta_m
+    from mtl_keras.instances import InstanceQuality, cluster_instances, instance_ids_from_vectors
+
+    start = time.time()
+    predict, info = load_predictor(model_path)
+    settings = resolve_settings(info, dataset, data_dir, image_size, num_classes, tasks)
+    height, width = settings["image_size"]
+    num_classes = settings["num_classes"]
+    if output_dir is None:
+        base = info["run_dir"] or (os.path.dirname(info["model_path"]) if info["kind"] != "run"
+                                   else info["model_path"])
+        output_dir = os.path.join(base, "eval")
+    os.makedirs(output_dir, exist_ok=True)
+    image_dir = os.path.join(output_dir, "images")
+
+    # Tasks: the model's outputs (or --tasks), those the loader can supply.
+    probe = predict(np.zeros((1, height, width, 3), np.float32))
+    model_tasks = [t for t in TASKS if t in probe]
+    eval_tasks = [t for t in (settings["tasks"] or model_tasks) if t in TASKS]
+    missing = [t for t in eval_tasks if t not in probe]
+    if missing:
+        raise ValueError(f"The model has no output for task(s) {missing}; it predicts {sorted(probe)}.")
+    ds = load_dataset(settings["dataset"], settings["data_dir"], split, image_size=(height, width),
+                      batch_size=batch_size, num_classes=num_classes, tasks=tuple(eval_tasks), shuffle=False,
+                      flip=False)
+
+    cityscapes_layout = settings["dataset"] in ("cityscapes", "synthetic")
+    files = None
+    if cityscapes_layout:
+        from mtl_keras.data.cityscapes import list_cityscapes_files
+
+        files = list_cityscapes_files(settings["data_dir"], split, require=("label_ids", "instance_ids"))
+    do_official = bool(official)
+    if do_official and (not cityscapes_layout or num_classes not in (7, 19)):
+        raise ValueError(f"--official needs a CityScapes-layout dataset (cityscapes, synthetic) with 7 or 19 "
+                         f"classes, got {settings['dataset']} with {num_classes}.")
+    do_instances = (clustering != "none" and "semantic" in probe and "instance" in probe
+                    and num_classes in (7, 19))
+    results_root = os.path.join(output_dir, "cityscapes_results")
+    if do_official:
+        from mtl_keras import cityscapes_eval as ce
+
+        shutil.rmtree(results_root, ignore_errors=True)
+        sem_results, inst_results = os.path.join(results_root, "semantic"), os.path.join(results_root, "instance")
+    palette = class_colors(num_classes) if num_classes in (7, 19) else viz.default_palette(num_classes)
+    lut = label_lookup_table(num_classes) if num_classes in (7, 19) else None
+
+    evaluator = MultiTaskEvaluator(num_classes, eval_tasks)
+    quality = InstanceQuality()
+    cluster_times, predict_times = [], []
+    gt_files, pred_files, index = [], [], 0
+    for b, (images, targets) in enumerate(ds):
+        if max_batches and b >= max_batches:
+            break
+        images = np.asarray(images, np.float32)
+        targets = {k: np.asarray(v) for k, v in targets.items()}
+        t0 = time.perf_counter()
+        preds = predict(images)
+        predict_times.append((time.perf_counter() - t0) / len(images))
+        preds = {k: _resize_to(v, (height, width)) for k, v in preds.items() if k in TASKS}
+        evaluator.update(targets, {k: preds[k] for k in eval_tasks})
+        for i in range(len(images)):
+            entry = files[index] if files is not None else None
+            stem = entry["id"] if entry is not None else f"{split}_{index:05d}"  # {city}_{seq}_{frame}
+            instances = None
+            if do_instances:
+                t0 = time.perf_counter()
+                instances = cluster_instances(preds["semantic"][i], preds["instance"][i], method=clustering,
+                                              num_classes=num_classes)
+                cluster_times.append(time.perf_counter() - t0)
+                if "instance" in targets:
+                    true_ids = instance_ids_from_vectors(targets["instance"][i], targets["instance_mask"][i])
+                    quality.update(true_ids, instances.ids)
+            if do_official:
+                gt_file = entry["label_ids"]
+                gt_label_ids = cv2.imread(gt_file, cv2.IMREAD_UNCHANGED)
+                gt_shape = gt_label_ids.shape[:2]
+                if "semantic" in targets:  # the loader must have yielded this very file
+                    expected = lut[cv2.resize(gt_label_ids, (width, height), interpolation=cv2.INTER_NEAREST)]
+                    if (expected == targets["semantic"][i]).mean() < 0.8:
+                        raise RuntimeError(f"Image {index} of the dataset does not match {gt_file}: the split's "
+                                           f"file order differs from list_cityscapes_files'.")
+                logits = _resize_to(preds["semantic"][i:i + 1], gt_shape)[0]
+                pred_files.append(ce.write_semantic_prediction(sem_results, ce.cityscapes_stem(gt_file),
+                                                               np.argmax(logits, axis=-1), num_classes))
+                gt_files.append(gt_file)
+                if instances is not None:
+                    ce.write_instance_prediction(inst_results, ce.cityscapes_stem(gt_file), instances.ids,
+                                                 instances.classes, instances.scores, num_classes, size=gt_shape)
+            if index < num_images:
+                _draw(image_dir, index, stem, images[i], {k: v[i] for k, v in preds.items()},
+                      {k: v[i] for k, v in targets.items()}, instances, palette, viz)
+            index += 1
+
+    metrics = {
+        "model_path": info["model_path"], "model_kind": info["kind"], "dataset": settings["dataset"],
+        "data_dir": os.path.abspath(settings["data_dir"]), "split": split, "image_size": [height, width],
+        "num_classes": num_classes, "tasks": list(eval_tasks), "clustering": clustering if do_instances else "none",
+    }
+    metrics.update(evaluator.result())
+    if num_classes in (7, 19) and "semantic_per_class_iou" in metrics:
+        metrics["semantic_per_class_iou_named"] = dict(zip(class_names(num_classes),
+                                                           metrics["semantic_per_class_iou"]))
+    if do_instances:
+        metrics.update(quality.result())
+        metrics["clustering_ms_median"] = 1000.0 * float(np.median(cluster_times)) if cluster_times else math.nan
+        metrics["clustering_ms_mean"] = 1000.0 * float(np.mean(cluster_times)) if cluster_times else math.nan
+    metrics["predict_ms_per_image"] = 1000.0 * float(np.mean(predict_times)) if predict_times else math.nan
+
+    if do_official:
+        official_sem = ce.run_official_semantic(sem_results, settings["data_dir"], split, gt_files=gt_files)
+        ours = ce.our_semantic_scores(gt_files, pred_files, num_classes)
+        key = "averageScoreClasses" if num_classes == 19 else "averageScoreCategories"
+        off = official_sem[key]
+        off = math.nan if off is None else float(off)
+        metrics["official_semantic_miou"] = off
+        metrics["official_semantic_iiou"] = (official_sem.get("averageScoreInstClasses") if num_classes == 19
+                                             else official_sem.get("averageScoreInstCategories"))
+        metrics["official_our_semantic_miou_same_files"] = ours["mean_iou"]
+        metrics["official_miou_abs_difference"] = abs(ours["mean_iou"] - off)
+        metrics["official_gt_resolution"] = list(cv2.imread(gt_files[0], cv2.IMREAD_UNCHANGED).shape[:2])
+        if do_instances:
+            inst_gt = [f.replace("_gtFine_labelIds.png", "_gtFine_instanceIds.png") for f in gt_files]
+            official_inst = ce.run_official_instance(inst_results, settings["data_dir"], split, gt_files=inst_gt)
+            averages = official_inst["averages"]
+            metrics["official_instance_ap"] = averages["allAp"]
+            metrics["official_instance_ap50"] = averages["allAp50%"]
+            metrics["official_instance_ap_per_class"] = {k: v["ap"] for k, v in averages["classes"].items()}
+
+    if baseline_metrics:
+        baseline = {}
+        for path in baseline_metrics:
+            data = _read_json(path)
+            data = data.get("val", data) if "semantic_miou" not in data and "val" in data else data
+            for k, v in data.items():
+                baseline.setdefault(k, v)
+        used = {k: hib for k, hib in DELTA_M_METRICS.items()
+                if isinstance(metrics.get(k), float) and math.isfinite(metrics[k])
+                and isinstance(baseline.get(k), (int, float)) and baseline.get(k)}
+        if used:
+            metrics["delta_m"] = delta_m(metrics, baseline, used)
+            metrics["delta_m_metrics"] = {k: {"multi_task": metrics[k], "single_task": float(baseline[k]),
+                                              "higher_is_better": hib} for k, hib in used.items()}
+
+    if info["run_dir"]:
+        run_metrics = os.path.join(info["run_dir"], "metrics.json")
+        if os.path.isfile(run_metrics):
+            series = viz.sigma2_history(run_metrics)
+            if series:
+                viz.plot_task_weights(series, os.path.join(output_dir, "sigma2.png"),
+                                      title="learned sigma^2 during training", xlabel="epoch")
+                metrics["train_sigma2_final"] = {k: v[-1] for k, v in series.items()}
+        weights_png = os.path.join(info["run_dir"], "task_weights.png")
+        if os.path.isfile(weights_png):
+            shutil.copyfile(weights_png, os.path.join(output_dir, "task_weights.png"))
+
+    metrics["num_images_drawn"] = min(index, num_images)
+    metrics["wall_seconds"] = time.time() - start
+    metrics = _finite_or_none(metrics)
+    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2, sort_keys=True)
+    with open(os.path.join(output_dir, "metrics.md"), "w") as f:
+        f.write(markdown_table(metrics))
+    return metrics
+
+
+def _draw(image_dir, index, stem, image, pred, target, instances, palette, viz):
+    import numpy as np
+
+    prefix = os.path.join(image_dir, f"{index:02d}_{stem}")
+    if "semantic" in pred:
+        labels = np.argmax(pred["semantic"], axis=-1)
+        viz.save_rgb(f"{prefix}_semantic.png", viz.semantic_to_color(labels, palette))
+        if "semantic" in target:
+            viz.save_rgb(f"{prefix}_semantic_true.png", viz.semantic_to_color(target["semantic"], palette))
+    if "depth" in pred:
+        vmax = None
+        if "depth" in target:
+            valid = target.get("depth_mask", np.ones_like(target["depth"])) > 0.5
+            values = target["depth"][valid]
+            vmax = float(np.percentile(values, 99)) if values.size else None
+        viz.save_rgb(f"{prefix}_depth.png", viz.depth_to_color(pred["depth"], vmax=vmax))
+    if instances is not None:
+        viz.save_rgb(f"{prefix}_instances.png", viz.instances_to_color(instances.ids, image))
+    viz.save_prediction_panel(f"{prefix}_panel.png", image, pred, target, palette=palette)
+
+
+def markdown_table(metrics):
+    """The scalar metrics as a two-column markdown table (per-class IoU as a second table)."""
+    def fmt(v):
+        if v is None:
+            return "n/a"
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        return str(v)
+
+    lines = ["| metric | value |", "| --- | --- |"]
+    for key in sorted(metrics):
+        value = metrics[key]
+        if isinstance(value, (dict, list)):
+            continue
+        lines.append(f"| {key} | {fmt(value)} |")
+    named = metrics.get("semantic_per_class_iou_named")
+    if named:
+        lines += ["", "| class | IoU |", "| --- | --- |"] + [f"| {k} | {fmt(v)} |" for k, v in named.items()]
+    per_class_ap = metrics.get("official_instance_ap_per_class")
+    if per_class_ap:
+        lines += ["", "| class | official AP |", "| --- | --- |"] + [f"| {k} | {fmt(v)} |"
+                                                                         for k, v in per_class_ap.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if not FLAGS.model_path:
+        raise app.UsageError("--model_path is required (a run folder, a .keras file or a SavedModel folder).")
+    metrics = run_evaluation(
+        FLAGS.model_path, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=FLAGS.split,
+        image_size=FLAGS.image_size, num_classes=FLAGS.num_classes, tasks=FLAGS.tasks, batch_size=FLAGS.batch_size,
+        max_batches=FLAGS.max_batches, clustering=FLAGS.clustering, official=FLAGS.official,
+        baseline_metrics=FLAGS.baseline_metrics, num_images=FLAGS.num_images, output_dir=FLAGS.output_dir)
+    keys = ("semantic_miou", "official_semantic_miou", "official_our_semantic_miou_same_files",
+            "instance_mean_error_px", "instance_ari_mean", "official_instance_ap", "depth_mean_error_px",
+            "depth_rel_error", "normals_mean_angle_deg", "clustering_ms_median", "delta_m")
+    print(f"\nEvaluated {metrics['num_images']:.0f} images of {metrics['dataset']}/{metrics['split']} "
+          f"in {metrics['wall_seconds']:.0f} s")
+    for key in keys:
+        if metrics.get(key) is not None:
+            print(f"  {key:40s} {metrics[key]:.4f}")
+
+
+if __name__ == "__main__":
+    app.run(main)
