@@ -54,5 +54,8 @@ setup(
         "matplotlib",
         "cityscapesscripts",
     ],
-    extras_require={"test": ["pytest", "pytest-xdist"]},
+    extras_require={
+        "onnx": ["tf2onnx", "onnxruntime"],  # experiments/export.py --onnx
+        "test": ["pytest", "pytest-xdist", "tf2onnx", "onnxruntime"],
+    },
 )

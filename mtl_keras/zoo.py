@@ -181,8 +181,16 @@ def write_preset(preset, folder):
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".json.tmp")
     with os.fdopen(fd, "w") as f:
         f.write(dumps_preset(preset))
+    _readable(tmp)
     os.replace(tmp, path)
     return path
+
+
+def _readable(path):
+    """mkstemp files are 0600: give them the usual mode (0666 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 # --------------------------------------------------------------------------------------------------------- weights
@@ -288,7 +296,9 @@ def load_model(name_or_path, weights=None, *, sha256=None, backbone_weights=None
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"Weights file {weights!r} does not exist.")
 
-    if os.path.exists(name_or_path) or name_or_path.endswith(".keras"):
+    looks_like_a_name = os.sep not in name_or_path and "." not in name_or_path
+    if not (looks_like_a_name and name_or_path in _preset_files()) and (
+            os.path.exists(name_or_path) or name_or_path.endswith(".keras")):
         if overrides:
             raise ValueError(f"Architecture overrides {sorted(overrides)} apply to preset names, not to saved "
                              f"models ({name_or_path}).")
@@ -383,6 +393,7 @@ def publish_run(run_dir, name, weights_dir=None, presets_dir=None, description=N
         model.save_weights(tmp)
         digest = file_sha256(tmp)
         size = os.path.getsize(tmp)
+        _readable(tmp)
         os.replace(tmp, weights_path)
     finally:
         if os.path.exists(tmp):
@@ -402,7 +413,6 @@ def publish_run(run_dir, name, weights_dir=None, presets_dir=None, description=N
                                       f"{os.path.basename(os.path.abspath(run_dir))}.",
         "paper": base.get("paper"),
         "arguments": arguments,
-        "tiny_arguments": base.get("tiny_arguments"),
         "input": base.get("input"),
         "classes": _classes_for(base.get("classes"), arguments.get("num_classes")),
         "training": config,

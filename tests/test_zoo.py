@@ -30,7 +30,8 @@ def builtin_presets():
 
 
 def tiny_model(name):
-    return zoo.build_from_preset(name, tiny=True)
+    """The registered model ``name``, loaded by name, at the small size of its preset's tiny_arguments."""
+    return mtl_keras.load_model(name, **zoo.get_preset(name)["tiny_arguments"])
 
 
 def tiny_images(name, batch=2, seed=0):
