@@ -17,8 +17,8 @@ def test_unknown_model_lists_valid_names():
 
 
 def test_unknown_or_empty_task_lists_valid_tasks():
-    with pytest.raises(ValueError, match="semantic, instance, depth"):
-        mtl_keras.build_model("kendall_deeplabv3_resnet50", tasks=("semantic", "normals"))
+    with pytest.raises(ValueError, match="semantic, instance, depth, normals"):
+        mtl_keras.build_model("kendall_deeplabv3_resnet50", tasks=("semantic", "edges"))
     with pytest.raises(ValueError, match="At least one task"):
         mtl_keras.build_model("kendall_deeplabv3_resnet50", tasks=())
 
