@@ -7,32 +7,41 @@ Each pixel ``(y, x)`` whose predicted class has instances casts a vote ``(y + dy
 per instance its class, score, size and vote centre). Two clustering methods, chosen by ``method``:
 
 ``"histogram"`` (default, fast; numpy + OpenCV only, no per-pixel Python loop)
-    1. *Accumulate*: votes are binned into a 2-D histogram over the image with ``np.bincount`` (cells of
-       ``bin_size`` px; votes outside the image are clipped to its border cells).
+    1. *Accumulate*: votes are binned into a 2-D histogram with ``np.bincount`` (cells of ``bin_size`` px, default
+       ``max(1, int(sigma / 1.5))``; votes outside the image are clipped to its border cells; only the window
+       around the votes is built).
     2. *Smooth*: ``cv2.GaussianBlur`` with ``sigma`` px gives a vote density.
-    3. *Peaks*: cells equal to the maximum of their ``(2 * peak_radius + 1)``-cell neighbourhood (``cv2.dilate``)
+    3. *Peaks*: cells equal to the maximum of their ``(2 * peak_radius + 1)``-wide neighbourhood (``cv2.dilate``)
        whose window of the same size holds at least ``min_size`` votes (``cv2.boxFilter``) are candidate centres;
        a greedy non-maximum suppression in decreasing density drops candidates closer than ``peak_radius`` px to a
-       stronger one (flat tops).
+       stronger one (flat tops). One mean-shift step moves each centre to the mean of its votes within
+       ``peak_radius`` (sub-cell accuracy).
     4. *Assign*: every vote goes to its nearest centre (direct (N, K) distances, K = number of peaks); votes farther
        than ``assign_radius`` px from every centre are left unassigned. Then ``refine_iterations`` hard-EM steps of
-       an isotropic Gaussian mixture refine it: each centre becomes the mean of its votes, its spread ``s_k`` the
-       RMS distance of its votes (at least ``sigma``), and each vote goes to the cluster with the smallest
-       ``d^2 / (2 s_k^2) + 2 log s_k`` (so a big, spread-out instance keeps its far votes next to a small, tight
-       neighbour); the radius becomes ``max(assign_radius, 3 s_k)``.
-    Cost: O(N + cells + N K), about a millisecond for a 128x256 image.
+       an isotropic Gaussian mixture: each centre becomes the mean of its votes, its per-axis variance ``v_k`` half
+       their mean squared distance (at least ``sigma^2``), and each vote goes to the cluster with the smallest
+       ``d^2 / (2 v_k) + log v_k`` (so a big, spread-out instance keeps its far votes next to a small, tight
+       neighbour), within ``max(assign_radius, 3 sqrt(2 v_k))``.
+    5. *Merge*: while two clusters' centres are closer than ``merge_factor`` times the larger RMS spread, the
+       closest such pair is merged (a big instance whose smeared votes made two peaks).
+    Cost: O(N + cells + N K).
 
-``"optics"`` (the paper's choice; scikit-learn ``OPTICS``, ``cluster_method="xi"``)
-    OPTICS on the votes with ``min_samples``, ``xi``, ``max_eps`` and ``min_cluster_size = min_size``. OPTICS is
-    super-linear, so at most ``max_points`` votes (a seeded random subset) are clustered; the others, and the
-    points OPTICS calls noise, take the label of their nearest clustered vote within ``assign_radius`` px.
+``"optics"`` (the paper's choice: scikit-learn ``OPTICS``)
+    OPTICS orders the votes by reachability with ``min_samples``; clusters are extracted with a reachability
+    threshold ``eps`` (``cluster_method="dbscan"``, the default: what the public TF1 port of the paper does) or with
+    the ``xi`` steepness method (``cluster_method="xi"``, ``min_cluster_size = min_size``). For the threshold
+    extraction ``max_eps`` defaults to ``eps`` (larger reachabilities do not change it, and the neighbour searches
+    get much cheaper). OPTICS is super-linear, so at most ``max_points`` votes (a seeded random subset) are
+    clustered, with ``min_samples`` times the subset fraction (the same density); the other
+    votes, and those OPTICS calls noise, take the label of their nearest clustered vote within ``assign_radius``.
 
 Both methods share the rest: clusters with fewer than ``min_size`` pixels are dropped (their pixels get id 0), and
 each instance's score is ``mean class probability over its pixels`` (1 when only a label map is given) times
 ``n / (n + min_size)`` for its ``n`` pixels (small fragments rank below whole objects in the AP ranking).
 
 Default sizes are given for a 128x256 image and scale with ``scale = sqrt(H * W / (128 * 256))`` (lengths in px
-times ``scale``, ``min_size`` times ``scale^2``), so the same call works at 1024x2048.
+times ``scale``; ``min_size`` and ``min_samples`` times ``scale^2``), so the same call works at 1024x2048. Values
+passed explicitly are used as given (px, votes).
 
 Quality helpers: :func:`adjusted_rand_index` (per image, over the ground-truth instance pixels),
 :class:`InstanceQuality` (streaming over a split), :func:`instance_vectors` (numpy centroid vectors of an id map,
@@ -49,8 +58,8 @@ METHODS = ("histogram", "optics")
 REFERENCE_AREA = 128 * 256
 
 # Defaults at 128x256 (lengths in px, sizes in px^2 / votes); multiplied by scale (lengths) or scale^2 (sizes).
-HISTOGRAM_DEFAULTS = dict(sigma=2.0, peak_radius=4.0, assign_radius=10.0, refine_iterations=2, merge_factor=2.0)
-OPTICS_DEFAULTS = dict(min_samples=10, cluster_method="dbscan", eps=1.0, xi=0.05, max_eps=None, assign_radius=10.0,
+HISTOGRAM_DEFAULTS = dict(sigma=2.0, peak_radius=4.0, assign_radius=20.0, refine_iterations=2, merge_factor=2.0)
+OPTICS_DEFAULTS = dict(min_samples=20, cluster_method="dbscan", eps=2.0, xi=0.05, max_eps=None, assign_radius=10.0,
                        max_points=4000)
 DEFAULT_MIN_SIZE = 8
 
@@ -209,7 +218,7 @@ def _cluster_optics(votes, min_size, scale, min_samples=None, cluster_method=Non
     from sklearn.neighbors import NearestNeighbors
 
     d = OPTICS_DEFAULTS
-    min_samples = int(d["min_samples"]) if min_samples is None else int(min_samples)
+    min_samples = d["min_samples"] * scale * scale if min_samples is None else float(min_samples)
     xi = d["xi"] if xi is None else float(xi)
     cluster_method = d["cluster_method"] if cluster_method is None else str(cluster_method)
     eps = d["eps"] * scale if eps is None else float(eps)
@@ -221,13 +230,14 @@ def _cluster_optics(votes, min_size, scale, min_samples=None, cluster_method=Non
 
     n = len(votes)
     labels = np.full(n, -1, np.int64)
-    if n < max(min_samples, 2):
-        return labels
     if n > max_points:
         subset = np.sort(np.random.default_rng(seed).choice(n, size=max_points, replace=False))
         fraction = max_points / n
     else:
         subset, fraction = np.arange(n), 1.0
+    min_samples = max(int(round(min_samples * fraction)), 2)
+    if len(subset) < min_samples:
+        return labels
     min_cluster = max(int(math.ceil(min_size * fraction)), 2)
     kwargs = dict(eps=min(eps, max_eps)) if cluster_method == "dbscan" else dict(
         xi=xi, min_cluster_size=min(min_cluster, len(subset)))
@@ -255,6 +265,8 @@ def cluster_votes(votes, shape, method="histogram", min_size=None, scale=None, *
     ``sqrt(H * W / (128 * 256))``. Labels are 0..K-1 in no particular order, with no empty label.
     """
     votes = np.asarray(votes, dtype=np.float64).reshape(-1, 2)
+    if not len(votes):
+        return np.zeros(0, np.int64)
     scale = _scale(shape) if scale is None else float(scale)
     min_size = max(int(round(DEFAULT_MIN_SIZE * scale * scale)), 1) if min_size is None else int(min_size)
     if method == "histogram":
