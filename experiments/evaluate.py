@@ -27,7 +27,8 @@ Writes to ``--output_dir`` (default: ``eval/`` in the run folder, or next to the
   (1/T) sum_i (-1)^{l_i} (M_m,i - M_b,i) / M_b,i * 100 with l_i = 1 where higher is better; NEGATIVE = the
   multi-task model is better (``mtl_keras.evaluation.delta_m``);
 * ``images/``: for the first ``--num_images`` images, the semantic prediction and ground truth in CityScapes
-  colours, the inverse depth colour map, the instances over the image, and the usual prediction panel;
+  colours, the inverse depth colour map, surface normals (when predicted), the instances over the image, and the
+  usual prediction panel;
 * ``sigma2.png``: the sigma^2 curves of training from the run's ``metrics.json`` (``train_history``) when present,
   and a copy of the run's ``task_weights.png``.
 """
@@ -400,6 +401,11 @@ def _draw(image_dir, index, stem, image, pred, target, instances, palette, viz):
             values = target["depth"][valid]
             vmax = float(np.percentile(values, 99)) if values.size else None
         viz.save_rgb(f"{prefix}_depth.png", viz.depth_to_color(pred["depth"], vmax=vmax))
+    if "normals" in pred:
+        viz.save_rgb(f"{prefix}_normals.png", viz.normals_to_color(pred["normals"]))
+        if "normals" in target:
+            viz.save_rgb(f"{prefix}_normals_true.png",
+                         viz.normals_to_color(target["normals"], target.get("normals_mask")))
     if instances is not None:
         viz.save_rgb(f"{prefix}_instances.png", viz.instances_to_color(instances.ids, image))
     viz.save_prediction_panel(f"{prefix}_panel.png", image, pred, target, palette=palette)

@@ -130,6 +130,20 @@ def instance_vectors_to_color(vectors, mask=None, max_magnitude=None):
     return rgb
 
 
+def normals_to_color(normals, mask=None):
+    """Surface normals (H, W, 3) -> uint8 RGB (H, W, 3) as ``(n / |n| + 1) / 2`` (the usual rendering); pixels where
+    ``mask`` <= 0.5, the normal is zero or not finite are black."""
+    normals = np.asarray(normals, dtype=np.float64)
+    if normals.ndim != 3 or normals.shape[-1] != 3:
+        raise ValueError(f"normals must be (H, W, 3), got {normals.shape}.")
+    norm = np.sqrt((normals ** 2).sum(axis=-1))
+    valid = _valid_mask(normals, mask).all(axis=-1) & np.isfinite(norm) & (norm > 1e-6)
+    unit = np.where(valid[..., None], normals, 0.0) / np.where(valid, norm, 1.0)[..., None]
+    rgb = ((unit + 1.0) * 0.5 * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+    rgb[~valid] = 0
+    return rgb
+
+
 def instance_colors(num_instances, seed=0):
     """``num_instances`` distinct, deterministic bright RGB colours (uint8 (N, 3)): golden-ratio steps in hue."""
     n = int(num_instances)
@@ -368,6 +382,6 @@ def plot_task_weights(history, path, title=None, xlabel="epoch"):
 
 __all__ = [
     "CITYSCAPES_PALETTE", "default_palette", "semantic_to_color", "depth_to_color", "instance_vectors_to_color",
-    "instance_colors", "instances_to_color", "save_rgb", "sigma2_history",
+    "normals_to_color", "instance_colors", "instances_to_color", "save_rgb", "sigma2_history",
     "render_prediction_panel", "save_prediction_panel", "plot_task_weights",
 ]
