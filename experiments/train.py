@@ -43,7 +43,8 @@ flags.DEFINE_list("image_size", [str(v) for v in _D.image_size], "Training heigh
 flags.DEFINE_list("scale_range", [str(v) for v in _D.scale_range], "Random scale range min,max (1,1: none).")
 flags.DEFINE_list("crop_size", [], "Random crop height,width (padded with the ignore label); empty: none.")
 flags.DEFINE_boolean("flip", _D.flip, "Random horizontal flips.")
-flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size.")
+flags.DEFINE_integer("batch_size", _D.batch_size, "GLOBAL batch size, split evenly over all replicas (the log "
+                     "shows the per-replica size).")
 flags.DEFINE_integer("steps", _D.steps, f"Total training steps (0: use --epochs; synthetic default "
                      f"{DEFAULT_SYNTHETIC_STEPS}).")
 flags.DEFINE_integer("epochs", _D.epochs, "Passes over the training split when --steps is 0 (0: 10).")
@@ -54,6 +55,14 @@ flags.DEFINE_float("momentum", _D.momentum, "sgd: Nesterov momentum.")
 flags.DEFINE_float("weight_decay", _D.weight_decay, "sgd: weight decay.")
 flags.DEFINE_boolean("jit_compile", _D.jit_compile, "Compile the train step with XLA.")
 flags.DEFINE_integer("seed", _D.seed, "Random seed.")
+flags.DEFINE_enum("strategy", _D.strategy, ["auto", "one_device", "mirrored", "multi_worker"],
+                  "auto: mirrored over all GPUs if any, else one device. multi_worker reads TF_CONFIG.")
+flags.DEFINE_integer("cpu_replicas", _D.cpu_replicas, "mirrored without GPUs: logical CPU devices to mirror over.")
+flags.DEFINE_boolean("deterministic", _D.deterministic, "Deterministic TF ops (reproducible resumes; slower).")
+flags.DEFINE_boolean("sync_batchnorm", _D.sync_batchnorm, "Batch-norm statistics over all replicas (only matters "
+                     "with several replicas; --nosync_batchnorm for per-replica statistics).")
+flags.DEFINE_enum("precision", _D.precision, ["float32", "mixed_float16", "mixed_bfloat16"],
+                  "Compute precision (loss weights and outputs stay float32).")
 flags.DEFINE_string("output_dir", _D.output_dir, "Output folder.")
 flags.DEFINE_integer("val_batches", _D.val_batches, "Validation batches to evaluate (0: all).")
 flags.DEFINE_boolean("export", _D.export, "Write a SavedModel to OUTPUT_DIR/export.")
@@ -90,6 +99,9 @@ def main(argv):
 
     config = config_from_flags()
     results = run_training(config)
+    if not results["chief"]:
+        print(f"\nWorker done; weights digest {results['weights_digest']}")
+        return
     val, untrained = results["val"], results["val_untrained"]
     print(f"\nDone in {results['wall_seconds']:.0f} s ({results['train_images_per_s']:.1f} training images/s). "
           f"Outputs in {config.output_dir}")
@@ -97,6 +109,7 @@ def main(argv):
         if key in val:
             print(f"  {key:24s} trained {val[key]:.4f}   untrained {untrained[key]:.4f}")
     print("  final task weights: " + ", ".join(f"{k}={v:.3g}" for k, v in results["final_task_weights"].items()))
+    print(f"  weights digest {results['weights_digest']}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,12 @@ class TrainConfig:
     epochs: int = 0  # passes over the training split; used when steps == 0
     jit_compile: bool = False
     seed: int = 0
+    # Distribution
+    strategy: str = "auto"  # auto (mirrored over all GPUs if any, else one device) | one_device | mirrored | multi_worker
+    cpu_replicas: int = 0  # mirrored without GPUs: split the CPU into this many logical devices (tests, debugging)
+    sync_batchnorm: bool = True  # batch statistics over all replicas (no effect with one replica)
+    precision: str = "float32"  # float32 | mixed_float16 | mixed_bfloat16 (loss weights stay float32)
+    deterministic: bool = False  # deterministic TF ops: a resumed run reproduces an uninterrupted one bit for bit
     # Output
     output_dir: str = "runs/default"
     val_batches: int = 0  # 0 = the whole validation split

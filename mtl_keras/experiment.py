@@ -2,19 +2,22 @@
 
 ``experiments/train.py`` is the command-line face of ``run_training``. The output folder holds:
 ``config.json``, ``checkpoints/last.weights.h5`` (trainer weights, each epoch), ``backup/`` (resume state while a
-run is unfinished), ``logs/`` (TensorBoard: per-task losses, each sigma^2 and effective weight), ``metrics.json``,
+run is unfinished: see mtl_keras/checkpointing.py), ``logs/`` (TensorBoard: per-task losses, each sigma^2 and effective weight), ``metrics.json``,
 ``task_weights.png``, ``samples/*.png``, ``model.keras`` (the inference model) and ``export/`` (SavedModel).
 """
 
+import hashlib
 import json
 import logging
 import math
 import os
+import tempfile
 import time
 
 import keras
 import numpy as np
 
+from mtl_keras import checkpointing, distribution
 from mtl_keras.config import TrainConfig
 from mtl_keras.registry import build_model
 from mtl_keras.tasks import validate_tasks
@@ -24,6 +27,7 @@ from mtl_keras.weighting import WeightingEpochCallback, build_weighting
 log = logging.getLogger("mtl_keras")
 
 DEFAULT_SYNTHETIC_DIR = os.path.join("data", "synthetic")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 def resolve_data_dir(config):
@@ -35,6 +39,8 @@ def resolve_data_dir(config):
         from mtl_keras.data import generate_synthetic_cityscapes
 
         data_dir = config.data_dir or DEFAULT_SYNTHETIC_DIR
+        if config.data_dir and os.path.isfile(os.path.join(data_dir, "synthetic_manifest.json")):
+            return data_dir  # a set generated earlier (any size): use it as it is
         # The data seed is fixed: every run, whatever its training seed, sees the same synthetic set.
         return generate_synthetic_cityscapes(data_dir, num_train=config.synthetic_num_train,
                                              num_val=config.synthetic_num_val, seed=0)
@@ -96,63 +102,151 @@ def _to_jsonable(value):
     return value
 
 
+def _worker_dir(config):
+    """Where a non-chief worker keeps its own backups: outside the shared output folder, stable across restarts."""
+    task_type, index, _ = distribution.task_info()
+    key = hashlib.sha256(os.path.abspath(config.output_dir).encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), f"mtl_keras_{key}_{task_type}{index}")
+
+
+def _local_copy(model):
+    """The same architecture and weights, built outside any distribution strategy (call it outside the scope)."""
+    clone = type(model).from_config(model.get_config())
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def weights_digest(model):
+    """sha256 over all weights: identical weights in two processes give identical digests."""
+    digest = hashlib.sha256()
+    for w in model.get_weights():
+        digest.update(np.ascontiguousarray(w).tobytes())
+    return digest.hexdigest()
+
+
 def run_training(config: TrainConfig, verbose=1):
-    """Trains, evaluates and exports; returns the dict written to ``metrics.json``."""
+    """Trains, evaluates and exports; returns the dict written to ``metrics.json``.
+
+    Under ``multi_worker`` only the chief writes the output folder; other workers train in lockstep and keep their
+    own backups in a temporary folder. A run started again with the same output folder resumes after its last
+    completed epoch, on the same data order, and ends with the same weights as an uninterrupted run.
+    """
+    previous_policy = keras.mixed_precision.global_policy().name
+    try:
+        if config.precision != "float32":
+            keras.mixed_precision.set_global_policy(config.precision)
+        return _run_training(config, verbose)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def _run_training(config, verbose):
     from mtl_keras.data.datasets import count_examples, load_dataset
     from mtl_keras.evaluation import evaluate_model
     from mtl_keras.visualize import plot_task_weights, save_prediction_panel
 
     start = time.time()
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"Unknown precision {config.precision!r}. Valid: {', '.join(PRECISIONS)}.")
+    if config.deterministic:
+        distribution.enable_determinism()
+    strategy = distribution.create_strategy(config.strategy, config.cpu_replicas)
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise ValueError(f"--batch_size {config.batch_size} (global) must be divisible by the {replicas} replicas.")
+    _, _, num_workers = distribution.task_info()
+    chief = distribution.is_chief()
     tasks = validate_tasks(config.tasks)
     height, width = (int(v) for v in config.image_size)
-    out = config.output_dir
+    out = config.output_dir if chief else _worker_dir(config)
+    backup_dir = os.path.join(out, "backup")
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        f.write(config.to_json())
+    if chief:
+        with open(os.path.join(out, "config.json"), "w") as f:
+            f.write(config.to_json())
     keras.utils.set_random_seed(config.seed)
 
     data_dir = resolve_data_dir(config)
     num_train = count_examples(config.dataset, data_dir, "train")
     epochs, steps_per_epoch = plan_steps(config, num_train)
     total_steps = epochs * steps_per_epoch
-    data_kwargs = dict(image_size=(height, width), batch_size=config.batch_size, num_classes=config.num_classes,
-                       tasks=tasks, seed=config.seed)
+    data_kwargs = dict(image_size=(height, width), num_classes=config.num_classes, tasks=tasks, seed=config.seed)
     augment = {}
     if tuple(config.scale_range) != (1.0, 1.0):
         augment["scale_range"] = tuple(config.scale_range)
     if config.crop_size:
         augment["crop_size"] = tuple(config.crop_size)
-    train_ds = load_dataset(config.dataset, data_dir, "train", flip=config.flip, repeat=True, **augment,
-                            **data_kwargs)
-    val_ds = load_dataset(config.dataset, data_dir, "val", shuffle=False, flip=False, **data_kwargs)
+    val_ds = load_dataset(config.dataset, data_dir, "val", batch_size=config.batch_size, shuffle=False, flip=False,
+                          **data_kwargs)
     if config.val_batches:
         val_ds = val_ds.take(config.val_batches)
 
-    model = build_model(config.model, tasks=tasks, num_classes=config.num_classes, input_shape=(height, width, 3),
-                        **dict(config.model_overrides))
-    weighting = build_loss_weighting(config, tasks)
-    trainer = MultiTaskTrainer(model, weighting)
-    trainer.compile(optimizer=build_optimizer(config, total_steps), jit_compile=config.jit_compile)
-    log.info("model %s: %d parameters; %d epochs x %d steps of batch %d (%d images)", config.model,
-             model.count_params(), epochs, steps_per_epoch, config.batch_size, total_steps * config.batch_size)
+    jit_compile = config.jit_compile
+    if jit_compile and replicas > 1:
+        log.warning("--jit_compile is off under %d replicas (XLA fails with add_loss across devices).", replicas)
+        jit_compile = False
+    with strategy.scope():
+        model = build_model(config.model, tasks=tasks, num_classes=config.num_classes,
+                            input_shape=(height, width, 3), **dict(config.model_overrides))
+        if config.sync_batchnorm and replicas > 1:
+            # Without it each replica keeps its own moving statistics: workers would end with different weights.
+            distribution.set_synchronized_batchnorm(model)
+        weighting = build_loss_weighting(config, tasks)
+        trainer = MultiTaskTrainer(model, weighting)
+        trainer.compile(optimizer=build_optimizer(config, total_steps), jit_compile=jit_compile)
+        initial_epoch = checkpointing.restore(trainer, backup_dir)
+    log.info("model %s: %d parameters; %d epochs x %d steps; global batch %d = %d replica(s) x %d%s; %s", config.model,
+             model.count_params(), epochs, steps_per_epoch, config.batch_size, replicas, config.batch_size // replicas,
+             f" over {num_workers} workers" if num_workers > 1 else "", config.precision)
 
-    untrained = evaluate_model(model, val_ds, config.num_classes, tasks)
+    # Resumed runs skip the batches already seen, so the data order equals an uninterrupted run's.
+    skip = initial_epoch * steps_per_epoch
+    if num_workers > 1:
+        # Each worker reads its own shard of the files (no example is seen twice in a step) at its per-replica
+        # batch size.
+        def dataset_fn(context):
+            per_replica = context.get_per_replica_batch_size(config.batch_size)
+            return load_dataset(config.dataset, data_dir, "train", batch_size=per_replica, flip=config.flip,
+                                repeat=True, input_context=context, **augment, **data_kwargs).skip(skip)
+
+        train_ds = strategy.distribute_datasets_from_function(dataset_fn)
+    else:  # Keras splits each global batch over the local replicas
+        train_ds = load_dataset(config.dataset, data_dir, "train", batch_size=config.batch_size, flip=config.flip,
+                                repeat=True, **augment, **data_kwargs).skip(skip)
+
+    untrained_path = os.path.join(out, "metrics_untrained.json")
+    if chief and initial_epoch == 0:
+        untrained = evaluate_model(_local_copy(model), val_ds, config.num_classes, tasks)
+        with open(untrained_path, "w") as f:
+            json.dump(_to_jsonable(untrained), f)
+    elif chief:
+        with open(untrained_path) as f:
+            untrained = json.load(f)
 
     history_cb = WeightingHistory(weighting)
-    callbacks = [
-        keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
-        keras.callbacks.ModelCheckpoint(os.path.join(out, "checkpoints", "last.weights.h5"),
-                                        save_weights_only=True),
-        keras.callbacks.TensorBoard(os.path.join(out, "logs"), update_freq=max(steps_per_epoch // 4, 1)),
-        history_cb,
-        WeightingEpochCallback(weighting),
-    ]
-    os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
+    callbacks = [checkpointing.DivergenceGuard(backup_dir), checkpointing.EpochBackup(backup_dir), history_cb,
+                 WeightingEpochCallback(weighting)]
+    if chief:
+        os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
+        callbacks += [
+            keras.callbacks.ModelCheckpoint(os.path.join(out, "checkpoints", "last.weights.h5"),
+                                            save_weights_only=True),
+            keras.callbacks.TensorBoard(os.path.join(out, "logs"), update_freq=max(steps_per_epoch // 4, 1)),
+        ]
     fit_start = time.time()
-    history = trainer.fit(train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks,
-                          verbose=verbose)
+    history = trainer.fit(train_ds, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
+                          callbacks=callbacks, verbose=verbose)
     fit_seconds = time.time() - fit_start
+    checkpointing.remove_backups(backup_dir)
+    digest = weights_digest(trainer)
+    steps_run = (epochs - initial_epoch) * steps_per_epoch
+    log.info("weights digest %s", digest)
+    if not chief:
+        return {"chief": False, "weights_digest": digest, "steps": int(total_steps)}
 
+    # Evaluation, pictures and export use a copy outside the strategy: under MultiWorkerMirroredStrategy the
+    # distributed model's predict gathers across workers, which only the chief runs here.
+    model = _local_copy(model)
     trained = evaluate_model(model, val_ds, config.num_classes, tasks)
     final_weights = {k: float(keras.ops.convert_to_numpy(v)) for k, v in weighting.log_values().items()}
     plot_task_weights({k: v for k, v in history_cb.history.items() if k != "step"},
@@ -164,15 +258,23 @@ def run_training(config: TrainConfig, verbose=1):
         model.export(os.path.join(out, "export"), format="tf_saved_model", verbose=False)
 
     results = {
+        "chief": True,
         "model": config.model,
         "dataset": config.dataset,
         "tasks": list(tasks),
         "weighting": config.weighting,
+        "strategy": type(strategy).__name__,
+        "replicas": int(replicas),
+        "global_batch_size": int(config.batch_size),
+        "per_replica_batch_size": int(config.batch_size // replicas),
+        "precision": config.precision,
         "parameters": int(model.count_params()),
         "steps": int(total_steps),
-        "train_images_per_s": total_steps * config.batch_size / fit_seconds,
+        "resumed_from_epoch": int(initial_epoch),
+        "train_images_per_s": steps_run * config.batch_size / fit_seconds,
         "fit_seconds": fit_seconds,
         "wall_seconds": time.time() - start,
+        "weights_digest": digest,
         "val": trained,
         "val_untrained": untrained,
         "final_task_weights": final_weights,

@@ -49,12 +49,24 @@ class AtrousConv2D(keras.layers.Conv2D):
     batch-to-space. On CPU that is 5x (rate 2) to 40x (rate 36, a 16x32 map) slower than ``tf.nn.conv2d`` with
     ``dilations``, whose forward and backward kernels exist on CPU and GPU (measured: fwd+bwd of a 512->128 3x3 conv
     on 8x16x32: 2.45 s vs 0.056 s at rate 36). Other backends, and undilated or strided convs, use ``ops.conv``.
-    Same weights and config as Conv2D, so checkpoints and ImageNet weights load by layer name either way.
+    TensorFlow's CPU kernels have the dilated backward pass for float32 only (oneDNN), so other dtypes take the
+    fast path only where a GPU is present. Same weights and config as Conv2D, so checkpoints and ImageNet weights
+    load by layer name either way.
     """
 
+    def _native_dilation_available(self):
+        if keras.config.backend() != "tensorflow" or max(self.dilation_rate) == 1:
+            return False
+        if tuple(self.strides) != (1, 1) or self.data_format != "channels_last":
+            return False
+        if self.compute_dtype == "float32":
+            return True
+        import tensorflow as tf
+
+        return bool(tf.config.list_logical_devices("GPU"))
+
     def convolution_op(self, inputs, kernel):
-        if (keras.config.backend() == "tensorflow" and max(self.dilation_rate) > 1
-                and tuple(self.strides) == (1, 1) and self.data_format == "channels_last"):
+        if self._native_dilation_available():
             import tensorflow as tf  # backend fast path only
 
             return tf.nn.conv2d(inputs, kernel, strides=1, padding=self.padding.upper(),

@@ -9,17 +9,24 @@ number of replicas under ``tf.distribute``, and the trainer divides ``add_loss``
 ``shared/reference/keras3-notes.md``); the weighting layer adds the weighted total once, with ``add_loss``.
 """
 
+import keras
 from keras import ops
 
+from mtl_keras import distribution
 from mtl_keras.tasks import IGNORE_LABEL
 
 
 def masked_mean(values, mask):
-    """sum(values * mask) / max(sum(mask), 1); ``values`` and ``mask`` broadcast together."""
+    """sum(values * mask) / max(sum(mask), 1); ``values`` and ``mask`` broadcast together.
+
+    Under tf.distribute with R replicas each replica returns ``R * local_sum / global_count``: Keras divides the
+    loss by R and sums the replicas' gradients, which then equal the gradient of the one-device mean exactly
+    (see mtl_keras.distribution). The mean of the replicas' values is the global mean.
+    """
     mask = ops.cast(mask, values.dtype)
     total = ops.sum(values * mask)
-    count = ops.sum(ops.broadcast_to(mask, ops.shape(values)))
-    return total / ops.maximum(count, 1.0)
+    count = distribution.cross_replica_sum(ops.sum(ops.broadcast_to(mask, ops.shape(values))))
+    return distribution.replicas_in_sync() * total / ops.maximum(count, 1.0)
 
 
 def semantic_cross_entropy(labels, logits, ignore_label=IGNORE_LABEL):
@@ -27,7 +34,7 @@ def semantic_cross_entropy(labels, logits, ignore_label=IGNORE_LABEL):
 
     labels: int (B, H, W) training ids; logits: (B, H, W, C).
     """
-    logits = ops.cast(logits, "float32")
+    logits = ops.cast(logits, keras.config.floatx())
     labels = ops.cast(labels, "int32")
     valid = ops.not_equal(labels, ignore_label)
     num_classes = ops.shape(logits)[-1]
@@ -43,9 +50,9 @@ def masked_l1(targets, predictions, mask):
 
     targets, predictions: (B, H, W, K); mask: (B, H, W, 1) or (B, H, W).
     """
-    predictions = ops.cast(predictions, "float32")
-    targets = ops.cast(targets, "float32")
-    mask = ops.cast(mask, "float32")
+    predictions = ops.cast(predictions, keras.config.floatx())
+    targets = ops.cast(targets, keras.config.floatx())
+    mask = ops.cast(mask, keras.config.floatx())
     if len(mask.shape) == len(targets.shape) - 1:
         mask = ops.expand_dims(mask, -1)
     # Targets may hold NaN/inf where invalid (e.g. unmeasured depth): replace them before the difference, since a
@@ -72,9 +79,9 @@ def normals_cosine(targets, predictions, mask, eps=1e-6):
     targets, predictions: (B, H, W, 3); mask: (B, H, W, 1) or (B, H, W). Both vectors are normalised here (the head
     need not output unit vectors); a zero prediction counts as cosine 0 (loss 1) with a finite gradient.
     """
-    predictions = ops.cast(predictions, "float32")
-    targets = ops.cast(targets, "float32")
-    mask = ops.cast(mask, "float32")
+    predictions = ops.cast(predictions, keras.config.floatx())
+    targets = ops.cast(targets, keras.config.floatx())
+    mask = ops.cast(mask, keras.config.floatx())
     if len(mask.shape) == len(targets.shape) - 1:
         mask = ops.expand_dims(mask, -1)
     targets = ops.where(mask > 0, targets, ops.zeros_like(targets))
@@ -93,7 +100,7 @@ def task_loss(task, targets, predictions, ignore_label=IGNORE_LABEL):
         return semantic_cross_entropy(targets["semantic"], predictions["semantic"], ignore_label)
     mask = targets.get(f"{task}_mask")
     if mask is None:
-        mask = ops.ones_like(ops.cast(targets[task][..., :1], "float32"))
+        mask = ops.ones_like(ops.cast(targets[task][..., :1], keras.config.floatx()))
     if task == "normals":
         return normals_cosine(targets["normals"], predictions["normals"], mask)
     return masked_l1(targets[task], predictions[task], mask)

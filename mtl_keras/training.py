@@ -8,6 +8,7 @@ that takes images only: that is what is exported and served.
 import keras
 from keras import ops
 
+from mtl_keras import distribution
 from mtl_keras.losses import task_loss
 from mtl_keras.tasks import IGNORE_LABEL, validate_tasks
 from mtl_keras.weighting import LossWeighting
@@ -49,9 +50,13 @@ class MultiTaskTrainer(keras.Model):
         if missing:
             raise ValueError(f"The dataset's targets lack tasks {missing}; it gives {sorted(y)}.")
         task_losses = {t: task_loss(t, y, y_pred, self.ignore_label) for t in self.tasks}
-        total = self.loss_weighting(task_losses, training=training)  # add_loss(total) happens inside
+        # Cross-replica reductions happen before the weighting layer is called: MirroredStrategy switches replica
+        # threads at each one, and the layer's add_loss list is shared by the replicas, so nothing may switch
+        # between its call and the read of self.losses below.
+        global_losses = {t: distribution.cross_replica_mean(v) for t, v in task_losses.items()}
+        total = self.loss_weighting(task_losses, training=training, observed_losses=global_losses)  # add_loss inside
         for tracker, t in zip(self.task_loss_trackers, self.tasks):
-            tracker.update_state(task_losses[t])
+            tracker.update_state(global_losses[t])
         for tracker, value in zip(self.weight_trackers, self.loss_weighting.log_values().values()):
             tracker.update_state(value)
         loss = super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
@@ -60,6 +65,26 @@ class MultiTaskTrainer(keras.Model):
             # here instead (JAX has no tf.distribute replica scaling to keep consistent).
             loss = loss + total
         return loss
+
+    def train_step(self, data):
+        logs = super().train_step(data)
+        if distribution.is_multi_worker(self.distribute_strategy):
+            # Keras 3 reduces each scalar log with strategy.reduce(MEAN, axis=0) under MultiWorkerMirroredStrategy,
+            # which fails on rank-0 values (tensorflow/tensorflow#72388); shape (1,) reduces to the same scalar.
+            logs = {name: ops.reshape(value, (1,)) for name, value in logs.items()}
+        return logs
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras 3.15's TF trainer reduces the first distributed batch across all replicas to build the model
+        # symbolically; under MultiWorkerMirroredStrategy that eager cross-worker reduce fails. This trainer is fully
+        # built at construction (functional model, eager loss-weight variables), so only the optimizer needs
+        # building there.
+        if distribution.is_multi_worker(self.distribute_strategy):
+            if self.optimizer is not None and not self.optimizer.built:
+                with self.distribute_strategy.scope():
+                    self.optimizer.build(self.trainable_variables)
+            return
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def get_config(self):
         return {

@@ -19,7 +19,7 @@ class LossWeighting(keras.layers.Layer):
 
     def __init__(self, tasks, **kwargs):
         # Loss weights stay float32 under mixed precision: they are tiny scalars that must not lose precision.
-        kwargs["dtype"] = "float32"
+        kwargs["dtype"] = keras.config.floatx()
         super().__init__(**kwargs)
         self.tasks = validate_tasks(tasks)
 
@@ -39,13 +39,19 @@ class LossWeighting(keras.layers.Layer):
     def on_epoch_end(self):
         """Called once per training epoch by ``WeightingEpochCallback``."""
 
-    def call(self, task_losses, training=None):
+    def call(self, task_losses, training=None, observed_losses=None):
+        """The weighted total of ``{task: loss}``, also added with ``add_loss``.
+
+        In training, ``observed_losses`` (default: ``task_losses``) feed the adaptive statistics; under
+        tf.distribute the trainer passes the cross-replica mean, so every replica keeps the same state.
+        """
         missing = [t for t in self.tasks if t not in task_losses]
         if missing:
             raise ValueError(f"{type(self).__name__} expects losses for tasks {self.tasks}; missing {missing}.")
-        task_losses = {t: ops.cast(task_losses[t], "float32") for t in self.tasks}
+        task_losses = {t: ops.cast(task_losses[t], keras.config.floatx()) for t in self.tasks}
         if training:
-            self.observe({t: ops.stop_gradient(v) for t, v in task_losses.items()})
+            observed = task_losses if observed_losses is None else observed_losses
+            self.observe({t: ops.stop_gradient(ops.cast(observed[t], keras.config.floatx())) for t in self.tasks})
         total = self.weighted_total(task_losses)
         self.add_loss(total)
         return total
@@ -97,7 +103,7 @@ class UncertaintyWeightingLayer(LossWeighting):
         self.log_variances = {
             t: self.add_weight(name=f"{t}_log_variance", shape=(),
                                initializer=keras.initializers.Constant(self.initial_log_variance[t]),
-                               trainable=True, dtype="float32")
+                               trainable=True, dtype=keras.config.floatx())
             for t in self.tasks}
         self.built = True
 
@@ -151,7 +157,7 @@ class FixedWeighting(LossWeighting):
         return sum(self.fixed_weights[t] * task_losses[t] for t in self.tasks)
 
     def task_weights(self):
-        return {t: ops.convert_to_tensor(w, "float32") for t, w in self.fixed_weights.items()}
+        return {t: ops.convert_to_tensor(w, keras.config.floatx()) for t, w in self.fixed_weights.items()}
 
     def get_config(self):
         return {**super().get_config(), "task_weights": dict(self.fixed_weights)}
@@ -174,7 +180,7 @@ class EqualWeighting(FixedWeighting):
 class EpochStatisticsWeighting(LossWeighting):
     """Base of the weightings that adapt from per-epoch statistics of the task losses (DWA, MT-UNet Eq. 5).
 
-    Each training step adds its losses to per-task running sums (non-trainable variables, summed over replicas);
+    Each training step adds its (cross-replica mean) losses to per-task running sums (non-trainable variables);
     ``on_epoch_end`` turns them into the epoch's mean and variance and resets them. All state lives in variables,
     so a checkpoint or a resumed run keeps it.
     """
@@ -184,11 +190,11 @@ class EpochStatisticsWeighting(LossWeighting):
         n = len(self.tasks)
         zeros = keras.initializers.Zeros()
         self.loss_sum = self.add_weight(name="loss_sum", shape=(n,), initializer=zeros, trainable=False,
-                                        aggregation="sum")
+                                        aggregation="only_first_replica")
         self.loss_square_sum = self.add_weight(name="loss_square_sum", shape=(n,), initializer=zeros,
-                                               trainable=False, aggregation="sum")
+                                               trainable=False, aggregation="only_first_replica")
         self.loss_count = self.add_weight(name="loss_count", shape=(), initializer=zeros, trainable=False,
-                                          aggregation="sum")
+                                          aggregation="only_first_replica")
         self.epochs_seen = self.add_weight(name="epochs_seen", shape=(), initializer=zeros, trainable=False,
                                            aggregation="only_first_replica")
 
@@ -241,10 +247,10 @@ class DWAWeighting(EpochStatisticsWeighting):
         mean, _ = self._epoch_statistics()
         history = ops.convert_to_numpy(self.previous_mean_losses)
         history = np.stack([history[1], mean])  # [L(t-2), L(t-1)] for the next epoch
-        self.previous_mean_losses.assign(history.astype("float32"))
+        self.previous_mean_losses.assign(history.astype(keras.config.floatx()))
         if float(ops.convert_to_numpy(self.epochs_seen)) >= 2:
             self.current_weights.assign(
-                self.weights_from_losses(history[1], history[0], self.temperature).astype("float32"))
+                self.weights_from_losses(history[1], history[0], self.temperature).astype(keras.config.floatx()))
 
     def weighted_total(self, task_losses):
         return sum(self.current_weights[i] * task_losses[t] for i, t in enumerate(self.tasks))
@@ -284,7 +290,7 @@ class MTUNetWeighting(EpochStatisticsWeighting):
         n = len(self.tasks)
         zeros, ones = keras.initializers.Zeros(), keras.initializers.Ones()
         self.log_w = self.add_weight(name="log_w", shape=(n,), initializer=zeros, trainable=False,
-                                     aggregation="mean")
+                                     aggregation="only_first_replica")
         self.alpha = self.add_weight(name="alpha", shape=(n,), initializer=ones, trainable=False,
                                      aggregation="only_first_replica")
         self.variance_history = self.add_weight(name="variance_history", shape=(self.window + 1, n),
@@ -308,10 +314,10 @@ class MTUNetWeighting(EpochStatisticsWeighting):
         epochs = int(float(ops.convert_to_numpy(self.epochs_seen)))
         history = ops.convert_to_numpy(self.variance_history)
         history = np.concatenate([history[1:], variance[None]], axis=0)  # oldest first, newest last
-        self.variance_history.assign(history.astype("float32"))
+        self.variance_history.assign(history.astype(keras.config.floatx()))
         if epochs >= 2:
             self.alpha.assign(self.alpha_from_variances(history, epochs, self.window, self.epsilon)
-                              .astype("float32"))
+                              .astype(keras.config.floatx()))
 
     @staticmethod
     def alpha_from_variances(history, epochs_seen, window, epsilon):

@@ -153,3 +153,20 @@ def test_run_training_writes_every_output_and_the_export_serves_in_a_fresh_proce
     served = dict(np.load(tmp_path / "served.npz"))
     model = keras.saving.load_model(str(out / "model.keras"))
     assert_outputs_close(model(images, training=False), served, atol=1e-4)
+
+
+def test_mixed_precision_keeps_loss_weights_and_outputs_float32(tmp_path):
+    config = TrainConfig(
+        data_dir=str(tmp_path / "synthetic"), synthetic_num_train=4, synthetic_num_val=2, image_size=(32, 64),
+        batch_size=2, steps=2, output_dir=str(tmp_path / "run"), model="kendall_deeplabv3_resnet26_slim",
+        model_overrides=dict(backbone_width=8, aspp_channels=16, decoder_channels=16), tasks=("semantic", "depth"),
+        precision="mixed_bfloat16", num_sample_images=1)
+    results = run_training(config, verbose=0)
+    assert results["precision"] == "mixed_bfloat16"
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after the run
+    assert all(np.isfinite(v) for v in results["final_task_weights"].values())
+    served = tf.saved_model.load(str(tmp_path / "run" / "export"))
+    out = served.serve(tf.zeros((1, 32, 64, 3), tf.float32))
+    assert {k: v.dtype for k, v in out.items()} == {"semantic": tf.float32, "depth": tf.float32}
+    model = keras.saving.load_model(str(tmp_path / "run" / "model.keras"))
+    assert model.get_layer("aspp_1x1_conv").compute_dtype == "bfloat16"

@@ -12,4 +12,4 @@ def task_output(x, task, num_classes, image, name):
     The output is float32 whatever the compute dtype, so mixed-precision models export float32 results.
     """
     x = keras.layers.Conv2D(task_channels(task, num_classes), 1, name=f"{name}_logits")(x)
-    return ResizeLike(interpolation="bilinear", dtype="float32", name=task)([x, image])
+    return ResizeLike(interpolation="bilinear", dtype=keras.config.floatx(), name=task)([x, image])

@@ -1,0 +1,143 @@
+"""tf.distribute glue: strategies, replica arithmetic for exact loss scaling, chief-only outputs, sync BN.
+
+Why the loss needs help under several replicas: Keras divides every ``add_loss`` term by the number of replicas
+and sums the replicas' gradients. A per-replica masked mean (``sum / count`` over the replica's own pixels) would
+then average the replicas' means, which differs from the one-device mean whenever the replicas hold different
+numbers of labelled pixels. ``masked_mean`` (mtl_keras.losses) therefore divides by the *global* count (summed over
+replicas) and multiplies by the number of replicas, so that after Keras' scaling the step is exactly the one-device
+step. On any other backend, or with one replica, every function here is the identity.
+"""
+
+import json
+import logging
+import os
+
+import keras
+
+log = logging.getLogger("mtl_keras")
+
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
+
+
+def _tf():
+    if keras.config.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    return tf
+
+
+def _replica_context():
+    tf = _tf()
+    if tf is None or not tf.distribute.has_strategy():
+        return None
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return None
+    return ctx
+
+
+def replicas_in_sync():
+    """Number of replicas of the current replica context (1 outside tf.distribute or in cross-replica context)."""
+    ctx = _replica_context()
+    return 1 if ctx is None else ctx.num_replicas_in_sync
+
+
+def cross_replica_sum(x):
+    ctx = _replica_context()
+    if ctx is None:
+        return x
+    tf = _tf()
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, x)
+
+
+def cross_replica_mean(x):
+    ctx = _replica_context()
+    if ctx is None:
+        return x
+    tf = _tf()
+    return ctx.all_reduce(tf.distribute.ReduceOp.MEAN, x)
+
+
+def configure_cpu_replicas(count):
+    """Splits the CPU into ``count`` logical devices, so MirroredStrategy runs real replicas without a GPU.
+
+    Must run before TensorFlow initialises its devices (before the first op).
+    """
+    tf = _tf()
+    cpus = tf.config.list_physical_devices("CPU")
+    current = tf.config.get_logical_device_configuration(cpus[0])
+    if current and len(current) == count:
+        return
+    tf.config.set_logical_device_configuration(
+        cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
+
+
+def create_strategy(name="auto", cpu_replicas=0):
+    """The tf.distribute strategy ``name``:
+
+    * ``auto``: mirrored over all GPUs when there is at least one, else one device (the CPU);
+    * ``one_device``: the first GPU, or the CPU;
+    * ``mirrored``: all GPUs; without GPUs, ``cpu_replicas`` logical CPU devices (for tests on CPU);
+    * ``multi_worker``: MultiWorkerMirroredStrategy over the cluster in ``TF_CONFIG``.
+    """
+    tf = _tf()
+    if tf is None:
+        raise ValueError("Distribution strategies need the TensorFlow backend (KERAS_BACKEND=tensorflow).")
+    if name not in STRATEGIES:
+        raise ValueError(f"Unknown strategy {name!r}. Valid: {', '.join(STRATEGIES)}.")
+    if name == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise ValueError("--strategy multi_worker needs the TF_CONFIG environment variable (cluster and task).")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if cpu_replicas and cpu_replicas > 1:
+        configure_cpu_replicas(cpu_replicas)
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "auto":
+        name = "mirrored" if gpus else "one_device"
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+    return tf.distribute.MirroredStrategy(devices)
+
+
+def enable_determinism():
+    """Deterministic TensorFlow kernels (same inputs, same bits), e.g. to check that a resumed run reproduces."""
+    tf = _tf()
+    if tf is not None:
+        tf.config.experimental.enable_op_determinism()
+
+
+def is_multi_worker(strategy):
+    tf = _tf()
+    return tf is not None and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def task_info():
+    """(task type, task index, number of workers) from TF_CONFIG; a single process is the chief."""
+    config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    cluster = config.get("cluster", {})
+    task = config.get("task", {})
+    workers = sum(len(cluster.get(k, [])) for k in ("chief", "worker"))
+    return task.get("type", "chief"), int(task.get("index", 0)), max(workers, 1)
+
+
+def is_chief():
+    """The process that writes checkpoints, logs and exports: the ``chief`` task, else worker 0."""
+    task_type, index, _ = task_info()
+    config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    has_chief = bool(config.get("cluster", {}).get("chief"))
+    return task_type == "chief" or (task_type == "worker" and index == 0 and not has_chief)
+
+
+def set_synchronized_batchnorm(model, enabled=True):
+    """Makes every BatchNormalization layer of ``model`` compute its batch statistics over all replicas.
+
+    Under several replicas each replica otherwise normalises with the statistics of its own slice of the batch.
+    """
+    count = 0
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = bool(enabled)
+            count += 1
+    return count

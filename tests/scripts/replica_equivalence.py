@@ -1,0 +1,78 @@
+"""Trains the same tiny model on the same data on one device and under MirroredStrategy over 2 logical CPUs, for
+each weighting, and prints the largest weight differences (run by tests/test_distribution.py in its own process,
+since logical devices must be configured before TensorFlow starts).
+
+It runs in float64: in float32 the two runs differ by reduction-order noise that the tiny model's batch norm over
+1x1 maps amplifies, which would hide a real scaling bug; in float64 a correct implementation agrees to ~1e-12.
+"""
+
+import json
+import sys
+
+import numpy as np
+
+from mtl_keras import distribution
+
+distribution.configure_cpu_replicas(2)
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+keras.config.set_floatx("float64")
+
+import mtl_keras  # noqa: E402
+from mtl_keras.training import MultiTaskTrainer  # noqa: E402
+from mtl_keras.weighting import WeightingEpochCallback, build_weighting  # noqa: E402
+
+TASKS = ("semantic", "instance", "depth")
+
+
+def data(n=8, h=32, w=32):
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (n, h, w, 3)).astype("float32")
+    semantic = rng.integers(0, 3, (n, h, w)).astype("int32")
+    semantic[:, :4] = 255
+    instance_mask = np.zeros((n, h, w, 1), "float32")
+    for i in range(n):  # very different instance pixel counts per image, so per-replica means would differ
+        instance_mask[i, : 2 + 3 * i, : 2 + 3 * i] = 1.0
+    targets = {"semantic": semantic, "instance": rng.normal(size=(n, h, w, 2)).astype("float32") * 5,
+               "instance_mask": instance_mask, "depth": rng.uniform(0, 4, (n, h, w, 1)).astype("float32"),
+               "depth_mask": (rng.uniform(size=(n, h, w, 1)) > 0.3).astype("float32")}
+    return tf.data.Dataset.from_tensor_slices((images, targets)).batch(4).repeat()
+
+
+def train(strategy, weighting_name):
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = mtl_keras.build_model("kendall_deeplabv3_resnet50", tasks=TASKS, num_classes=3,
+                                      input_shape=(32, 32, 3), output_stride=16, backbone_depth=26, backbone_width=8,
+                                      aspp_channels=16, decoder_channels=16)
+        distribution.set_synchronized_batchnorm(model)
+        kwargs = {"task_weights": [0.5, 0.2, 0.3]} if weighting_name == "fixed" else {}
+        if weighting_name == "mtunet":
+            kwargs["weight_learning_rate"] = 0.05  # large enough that a wrong update would show
+        weighting = build_weighting(weighting_name, TASKS, **kwargs)
+        trainer = MultiTaskTrainer(model, weighting)
+        trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+    trainer.fit(data(), epochs=3, steps_per_epoch=2, verbose=0, callbacks=[WeightingEpochCallback(weighting)])
+    return [(v.path, np.asarray(v)) for v in trainer.variables]
+
+
+# One strategy object per process: a second MirroredStrategy reuses collective instance keys of the first.
+ONE_DEVICE = tf.distribute.OneDeviceStrategy("/cpu:0")
+MIRRORED = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+results = {}
+for name in sys.argv[1:]:
+    one = train(ONE_DEVICE, name)
+    two = train(MIRRORED, name)
+    assert len(one) == len(two)
+    # Biases of convs followed by batch norm have a zero true gradient and move by float noise only: absolute
+    # tolerance for those, relative for the rest.
+    mismatched = [path for (path, a), (_, b) in zip(one, two) if not np.allclose(a, b, rtol=1e-7, atol=1e-9)]
+    worst = max(float(np.max(np.abs(a - b))) for (_, a), (_, b) in zip(one, two))
+    results[name] = {"mismatched": mismatched, "max_abs_difference": worst, "num_variables": len(one),
+                     "loss_weight_state": {path: [np.asarray(a).ravel().tolist(), np.asarray(b).ravel().tolist()]
+                                           for (path, a), (_, b) in zip(one, two)
+                                           if path.split("/")[0].endswith("weighting")
+                                           or "weighting_layer" in path}}
+print("RESULT " + json.dumps(results))

@@ -1,0 +1,121 @@
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import mtl_keras
+from mtl_keras import checkpointing
+from mtl_keras.training import MultiTaskTrainer
+from mtl_keras.weighting import UncertaintyWeightingLayer
+from tests.helpers import tiny_kendall_kwargs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ("semantic", "depth")
+
+
+def tiny_trainer():
+    model = mtl_keras.build_model("kendall_deeplabv3_resnet50", tasks=TASKS, num_classes=3, input_shape=(32, 32, 3),
+                                  output_stride=16, **tiny_kendall_kwargs())
+    trainer = MultiTaskTrainer(model, UncertaintyWeightingLayer(TASKS))
+    trainer.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    return trainer
+
+
+def dataset(nan_from_batch=None):
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (16, 32, 32, 3)).astype("float32")
+    if nan_from_batch is not None:
+        images[nan_from_batch * 4:] = np.nan
+    targets = {"semantic": rng.integers(0, 3, (16, 32, 32)).astype("int32"),
+               "depth": rng.uniform(0, 2, (16, 32, 32, 1)).astype("float32")}
+    return tf.data.Dataset.from_tensor_slices((images, targets)).batch(4)
+
+
+def test_corrupt_newest_backup_falls_back_to_the_previous_one_with_a_warning(tmp_path, caplog):
+    backup = str(tmp_path / "backup")
+    trainer = tiny_trainer()
+    trainer.fit(dataset(), epochs=2, steps_per_epoch=2, verbose=0, callbacks=[checkpointing.EpochBackup(backup)])
+    state = checkpointing.read_state(backup)
+    assert [b["epoch"] for b in state["backups"]] == [2, 1]
+    newest = os.path.join(backup, state["backups"][0]["file"])
+    with open(newest, "r+b") as f:  # a write cut short
+        f.truncate(os.path.getsize(newest) // 2)
+    fresh = tiny_trainer()
+    with caplog.at_level(logging.WARNING, logger="mtl_keras"):
+        assert checkpointing.restore(fresh, backup) == 1
+    assert "unusable" in caplog.text and "sha256" in caplog.text
+    reference = tiny_trainer()
+    reference.load_weights(os.path.join(backup, state["backups"][1]["file"]))
+    for a, b in zip(fresh.get_weights(), reference.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_no_backup_means_a_fresh_start(tmp_path):
+    assert checkpointing.restore(tiny_trainer(), str(tmp_path / "none")) == 0
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_backup(tmp_path):
+    backup = str(tmp_path / "backup")
+    trainer = tiny_trainer()
+    with pytest.raises(FloatingPointError, match=r"diverged at epoch 2, step 1: non-finite .*loss=nan"):
+        trainer.fit(dataset(nan_from_batch=2), epochs=3, steps_per_epoch=2, verbose=0,
+                    callbacks=[checkpointing.DivergenceGuard(backup), checkpointing.EpochBackup(backup)])
+    state = checkpointing.read_state(backup)
+    assert [b["epoch"] for b in state["backups"]] == [1]
+    restored = tiny_trainer()
+    assert checkpointing.restore(restored, backup) == 1
+    assert all(np.all(np.isfinite(w)) for w in restored.get_weights())
+
+
+def _train_command(out, data):
+    return [sys.executable, os.path.join(ROOT, "experiments", "train.py"), f"--output_dir={out}",
+            f"--data_dir={data}", "--image_size=32,64", "--batch_size=2", "--epochs=6", "--deterministic",
+            "--tasks=semantic,depth", "--export=false", "--val_batches=1", "--model=kendall_deeplabv3_resnet26_slim"]
+
+
+def _generate(data):
+    from mtl_keras.data import generate_synthetic_cityscapes
+
+    generate_synthetic_cityscapes(str(data), num_train=6, num_val=2, height=64, width=128, seed=0)
+
+
+def test_sigkill_mid_training_resumes_from_the_last_epoch_and_matches_an_uninterrupted_run(tmp_path):
+    data = tmp_path / "synthetic"
+    _generate(data)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # Small model overrides through the preset-free flags are not exposed, so use the slim model at 32x64.
+    reference = subprocess.run(_train_command(tmp_path / "reference", data), env=env, capture_output=True,
+                               text=True, timeout=900)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    out = tmp_path / "interrupted"
+    state_file = out / "backup" / "state.json"
+    proc = subprocess.Popen(_train_command(out, data), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if state_file.exists() and json.loads(state_file.read_text())["backups"][0]["epoch"] >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(state_file.read_text())["backups"][0]["epoch"]
+    assert 2 <= killed_at < 6
+
+    resumed = subprocess.run(_train_command(out, data), env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    reference_metrics = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    assert metrics["resumed_from_epoch"] == killed_at  # not from zero
+    assert len(metrics["train_history"]["loss"]) == 6 - killed_at
+    assert metrics["weights_digest"] == reference_metrics["weights_digest"]
+    assert not (out / "backup").exists()  # removed once the run completed
