@@ -5,7 +5,7 @@
 
 Builds the preset's model (fresh weights: latency does not depend on their values), exports it with
 ``mtl_keras.export.export_saved_model`` to a temporary folder, loads it with ``tf.saved_model.load`` and times, per
-batch size, after ``--warmup`` untimed calls:
+batch size, after ``--warmup`` untimed calls, ``--repeats`` calls of each path taking turns:
 
 - ``model.predict(x, batch_size=B)``: Keras' inference loop (what a Keras user calls);
 - ``model(x, training=False)``: one eager call of the Keras model;
@@ -26,14 +26,19 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def timed(fn, repeats, warmup):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+def interleaved(runs, repeats, warmup):
+    """Seconds per call of each function in ``runs``; the functions take turns (a different one first in each
+    round), so a change in the machine's load hits every path alike."""
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    names = list(runs)
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -84,10 +89,11 @@ def main():
             runs[f"SavedModel {name}"] = (
                 lambda loaded=loaded: {k: v.numpy()
                                        for k, v in loaded.signatures["serving_default"](images=images_tf).items()})
-        for name, fn in runs.items():
-            times = np.asarray(timed(fn, args.repeats, args.warmup)) * 1000
-            median = float(np.median(times))
-            rows.append((batch, name, median, float(np.percentile(times, 90)), batch * 1000 / median))
+        times = interleaved(runs, args.repeats, args.warmup)
+        for name in runs:
+            ms = np.asarray(times[name]) * 1000
+            median = float(np.median(ms))
+            rows.append((batch, name, median, float(np.percentile(ms, 90)), batch * 1000 / median))
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(f"\n{args.model}, {height}x{width}, TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores, "
