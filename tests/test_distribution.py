@@ -92,16 +92,20 @@ def test_two_worker_processes_train_in_lockstep_and_only_the_chief_writes(tmp_pa
     command = [sys.executable, os.path.join(ROOT, "experiments", "train.py"), "--strategy=multi_worker",
                f"--output_dir={out}", f"--data_dir={data}", "--image_size=32,64", "--batch_size=4", "--steps=4",
                "--tasks=semantic,depth", "--export=false", "--val_batches=1"]
-    procs = [subprocess.Popen(command, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    # Logs go to files: a full pipe would block one worker while the other waits for it in a collective.
+    log_files = [open(tmp_path / f"worker{i}.log", "w") for i in range(2)]
+    procs = [subprocess.Popen(command, cwd=str(tmp_path), stdout=log_files[i], stderr=subprocess.STDOUT,
                               env={**ENV, "TF_CONFIG": json.dumps({"cluster": cluster,
                                                                    "task": {"type": "worker", "index": i}})})
              for i in range(2)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=900)[0])
-        finally:
+    try:
+        for p in procs:
+            p.wait(timeout=900)
+    finally:
+        for p, f in zip(procs, log_files):
             p.kill()
+            f.close()
+    logs = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
     assert [p.returncode for p in procs] == [0, 0], "\n\n".join(log[-3000:] for log in logs)
     digests = [re.findall(r"weights digest ([0-9a-f]{64})", log)[-1] for log in logs]
     assert digests[0] == digests[1]
