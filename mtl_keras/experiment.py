@@ -186,8 +186,11 @@ def _run_training(config, verbose):
         log.warning("--jit_compile is off under %d replicas (XLA fails with add_loss across devices).", replicas)
         jit_compile = False
     with strategy.scope():
-        model = build_model(config.model, tasks=tasks, num_classes=config.num_classes,
-                            input_shape=(height, width, 3), **dict(config.model_overrides))
+        # Training crops of another size than the evaluation images: a model that takes any image size.
+        crop = tuple(config.crop_size)
+        input_shape = (height, width, 3) if not crop or crop == (height, width) else (None, None, 3)
+        model = build_model(config.model, tasks=tasks, num_classes=config.num_classes, input_shape=input_shape,
+                            **dict(config.model_overrides))
         if config.sync_batchnorm and replicas > 1:
             # Without it each replica keeps its own moving statistics: workers would end with different weights.
             distribution.set_synchronized_batchnorm(model)

@@ -170,3 +170,13 @@ def test_mixed_precision_keeps_loss_weights_and_outputs_float32(tmp_path):
     assert {k: v.dtype for k, v in out.items()} == {"semantic": tf.float32, "depth": tf.float32}
     model = keras.saving.load_model(str(tmp_path / "run" / "model.keras"))
     assert model.get_layer("aspp_1x1_conv").compute_dtype == "bfloat16"
+
+
+def test_training_crops_larger_than_the_images_as_in_the_tiny_cityscapes_preset(tmp_path):
+    config = TrainConfig(
+        data_dir=str(tmp_path / "synthetic"), synthetic_num_train=4, synthetic_num_val=2, image_size=(32, 64),
+        crop_size=(64, 64), batch_size=2, steps=2, output_dir=str(tmp_path / "run"),
+        model="kendall_deeplabv3_resnet26_slim", tasks=("semantic", "depth"), export=False, num_sample_images=1,
+        model_overrides=dict(backbone_width=8, aspp_channels=16, decoder_channels=16))
+    results = run_training(config, verbose=0)
+    assert results["steps"] == 2 and "semantic_miou" in results["val"]
