@@ -95,9 +95,15 @@ def _scale(shape):
 # Clustering of a set of votes
 # ----------------------------------------------------------------------------------------------------------------
 
+def _sqdist(votes, centers):
+    """(N, K) squared distances, as |v|^2 - 2 v.c + |c|^2 (one small matrix product, no (N, K, 2) temporary)."""
+    d2 = (votes * votes).sum(axis=1)[:, None] - 2.0 * (votes @ centers.T) + (centers * centers).sum(axis=1)[None, :]
+    return np.maximum(d2, 0.0)
+
+
 def _nearest_assignment(votes, centers, radius):
-    """(labels, squared distances) of each vote to its nearest centre; -1 beyond ``radius``."""
-    d2 = ((votes[:, None, :] - centers[None, :, :]) ** 2).sum(axis=-1)  # (N, K)
+    """Label of each vote's nearest centre; -1 beyond ``radius``."""
+    d2 = _sqdist(votes, centers)  # (N, K)
     labels = np.argmin(d2, axis=1)
     best = d2[np.arange(len(votes)), labels]
     labels[best > radius * radius] = -1
@@ -184,7 +190,7 @@ def _cluster_histogram(votes, shape, min_size, scale, sigma=None, peak_radius=No
             break
         centers, msd, _ = _moments(votes, labels, k)
         var = np.maximum(msd / 2.0, sigma * sigma)  # per-axis variance of an isotropic Gaussian
-        d2 = ((votes[:, None, :] - centers[None, :, :]) ** 2).sum(axis=-1)  # (N, K)
+        d2 = _sqdist(votes, centers)  # (N, K)
         labels = np.argmin(d2 / (2.0 * var[None, :]) + np.log(var)[None, :], axis=1)
         radius2 = np.maximum(assign_radius * assign_radius, 9.0 * 2.0 * var)  # 3 s_k with s_k^2 = 2 var
         labels[d2[np.arange(len(votes)), labels] > radius2[labels]] = -1
