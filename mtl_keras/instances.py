@@ -132,7 +132,6 @@ def _histogram_peaks(votes, shape, bin_size, sigma, peak_radius, min_votes):
     candidates = np.nonzero(local_max & (mass >= min_votes) & (density > 0))
     if not len(candidates[0]):
         return np.zeros((0, 2), np.float64)
-    candidates = (candidates[0], candidates[1])
     strength = density[candidates]
     order = np.argsort(-strength, kind="stable")
     points = (np.stack(candidates, axis=1)[order].astype(np.float64) + [y0 + 0.5, x0 + 0.5]) * bin_size
@@ -270,6 +269,8 @@ def cluster_votes(votes, shape, method="histogram", min_size=None, scale=None, *
     ``min_size``: smallest cluster (votes); default ``DEFAULT_MIN_SIZE * scale^2``. ``scale``: default
     ``sqrt(H * W / (128 * 256))``. Labels are 0..K-1 in no particular order, with no empty label.
     """
+    if method not in METHODS:
+        raise ValueError(f"Unknown clustering method {method!r}. Valid: {', '.join(METHODS)}.")
     votes = np.asarray(votes, dtype=np.float64).reshape(-1, 2)
     if not len(votes):
         return np.zeros(0, np.int64)
@@ -277,10 +278,8 @@ def cluster_votes(votes, shape, method="histogram", min_size=None, scale=None, *
     min_size = max(int(round(DEFAULT_MIN_SIZE * scale * scale)), 1) if min_size is None else int(min_size)
     if method == "histogram":
         labels = _cluster_histogram(votes, shape, min_size, scale, **params)
-    elif method == "optics":
-        labels = _cluster_optics(votes, min_size, scale, **params)
     else:
-        raise ValueError(f"Unknown clustering method {method!r}. Valid: {', '.join(METHODS)}.")
+        labels = _cluster_optics(votes, min_size, scale, **params)
     # Drop clusters below min_size and renumber 0..K-1.
     counts = np.bincount(labels[labels >= 0], minlength=1)
     keep = counts >= min_size
@@ -313,6 +312,8 @@ def cluster_instances(semantic, vectors, method="histogram", instance_classes=No
     Returns :class:`Instances`, ordered by class then cluster; pixels of classes without instances, unassigned
     votes and dropped small clusters have id 0.
     """
+    if method not in METHODS:
+        raise ValueError(f"Unknown clustering method {method!r}. Valid: {', '.join(METHODS)}.")
     semantic = np.asarray(semantic)
     vectors = np.asarray(vectors)
     if vectors.ndim != 3 or vectors.shape[-1] != 2:
@@ -348,11 +349,9 @@ def cluster_instances(semantic, vectors, method="histogram", instance_classes=No
             continue
         cpix = pix[lo:hi]
         votes = np.stack([cpix // shape[1], cpix % shape[1]], axis=1).astype(np.float64) + flat_vectors[cpix]
-        finite = np.isfinite(votes).all(axis=1)
-        if not finite.all():
-            votes[~finite] = -1e6  # non-finite votes go nowhere
-        cl = cluster_votes(votes, shape, method=method, min_size=min_size, scale=scale, **params)
-        cl[~finite] = -1
+        finite = np.isfinite(votes).all(axis=1)  # non-finite votes go nowhere
+        cl = np.full(len(cpix), -1, np.int64)
+        cl[finite] = cluster_votes(votes[finite], shape, method=method, min_size=min_size, scale=scale, **params)
         k = int(cl.max()) + 1 if len(cl) else 0
         if k == 0:
             continue
