@@ -94,8 +94,8 @@ def _load_model_predictor(path):
 def run(args):
     from mtl_keras import cityscapes_eval as ce
     from mtl_keras.cityscapes_eval import ground_truth_files
-    from mtl_keras.experiment import resolve_data_dir
     from mtl_keras.config import TrainConfig
+    from mtl_keras.experiment import resolve_data_dir
 
     data_dir = args.data_dir
     if not data_dir:

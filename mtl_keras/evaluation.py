@@ -286,7 +286,7 @@ class MultiTaskEvaluator:
         return true.shape[0]
 
     def _normals_median(self):
-        """Median angle from the histogram: centre of the bin of the middle value (mean of the two for an even count)."""
+        """Median angle from the histogram: the centre of the middle value's bin (mean of two for an even count)."""
         n = self._normals_count
         if not n:
             return math.nan
