@@ -23,8 +23,9 @@ whose ``architecture`` is a registered one and whose ``weights`` name a file wit
 
 Where files are looked up:
 
-- presets: the folders in ``$MTL_KERAS_PRESETS`` (``os.pathsep``-separated), then the built-in ones (``models/`` of
-  a source checkout, or ``mtl_keras/presets/`` of an installed package);
+- presets: the folders in ``$MTL_KERAS_PRESETS`` (``os.pathsep``-separated), ``$KERAS_HOME/mtl_keras/presets``
+  (``~/.keras/...``), then the built-in ones (``models/`` of a source checkout, or ``mtl_keras/presets/`` of an
+  installed package);
 - weights named by a preset (relative file names): the folders in ``$MTL_KERAS_WEIGHTS``, then
   :func:`default_weights_dir` (``$KERAS_HOME/mtl_keras/weights``, i.e. ``~/.keras/mtl_keras/weights``), then the
   preset's own folder. Nothing is downloaded.
@@ -63,16 +64,29 @@ def builtin_presets_dir():
     return os.path.join(_PACKAGE_DIR, "presets")
 
 
+def _is_checkout(presets_dir):
+    return os.path.basename(presets_dir) == "models"
+
+
+def _keras_home():
+    return os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+
+
+def user_presets_dir():
+    """Presets published on this machine outside a checkout: ``$KERAS_HOME/mtl_keras/presets``."""
+    return os.path.join(_keras_home(), "mtl_keras", "presets")
+
+
 def presets_dirs():
-    """Folders searched for presets, first match wins: ``$MTL_KERAS_PRESETS`` then the built-in folder."""
+    """Folders searched for presets, first match wins: ``$MTL_KERAS_PRESETS``, :func:`user_presets_dir`, then the
+    built-in folder."""
     extra = [d for d in os.environ.get(PRESETS_ENV, "").split(os.pathsep) if d]
-    return extra + [builtin_presets_dir()]
+    return extra + [user_presets_dir(), builtin_presets_dir()]
 
 
 def default_weights_dir():
     """Where published weights go by default: ``$KERAS_HOME/mtl_keras/weights`` (``~/.keras/mtl_keras/weights``)."""
-    keras_home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    return os.path.join(keras_home, "mtl_keras", "weights")
+    return os.path.join(_keras_home(), "mtl_keras", "weights")
 
 
 def weights_dirs(preset=None):
@@ -354,8 +368,8 @@ def publish_run(run_dir, name, weights_dir=None, presets_dir=None, description=N
     """Turns a training output folder into a named model: a weights file and a preset that names it.
 
     Writes ``weights_dir/NAME.weights.h5`` (the inference model's weights; default folder
-    :func:`default_weights_dir`) and ``presets_dir/NAME.json`` (default: the built-in presets folder, ``models/``
-    in a checkout) with the architecture and its full arguments, the weights file's name, sha256 and size, the
+    :func:`default_weights_dir`) and ``presets_dir/NAME.json`` (default: ``models/`` of a source checkout, to be
+    committed; with an installed package, :func:`user_presets_dir`) with the architecture and its full arguments, the weights file's name, sha256 and size, the
     run's validation metrics (``metrics.json``), its training config and the input/class conventions of the
     architecture's preset. Afterwards ``load_model(NAME)`` rebuilds the trained model (put the weights file in a
     weights folder on other machines). Refuses to replace an existing preset or weights file unless ``overwrite``.
@@ -370,7 +384,10 @@ def publish_run(run_dir, name, weights_dir=None, presets_dir=None, description=N
         raise ValueError(f"{name!r} is a registered architecture; its preset describes the architecture. Publish "
                          f"trained weights under another name, e.g. {name}_<dataset>.")
     weights_dir = os.fspath(weights_dir) if weights_dir is not None else default_weights_dir()
-    presets_dir = os.fspath(presets_dir) if presets_dir is not None else builtin_presets_dir()
+    if presets_dir is None:
+        builtin = builtin_presets_dir()
+        presets_dir = builtin if _is_checkout(builtin) else user_presets_dir()
+    presets_dir = os.fspath(presets_dir)
     preset_path = os.path.join(presets_dir, f"{name}.json")
     weights_path = os.path.join(weights_dir, f"{name}.weights.h5")
     for path in (preset_path, weights_path):
