@@ -27,7 +27,7 @@ def test_mirrored_over_two_replicas_gives_the_one_device_weights_for_every_weigh
         # float64 run: reduction-order noise is ~1e-12; a loss scaled by the wrong replica factor, per-replica
         # masked means or unsynchronised adaptive state differ by orders of magnitude more.
         assert results[name]["mismatched"] == [], (name, results[name])
-        assert results[name]["num_variables"] > 20
+        assert results[name]["num_variables"] >= 16
         for path, (one_device, mirrored) in results[name]["loss_weight_state"].items():
             # MT-UNet's alpha is a ratio of variances (E[x^2] - E[x]^2): cancellation leaves ~1e-8 relative noise.
             np.testing.assert_allclose(mirrored, one_device, rtol=1e-6, atol=1e-12, err_msg=path)
