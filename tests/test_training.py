@@ -137,7 +137,7 @@ def test_run_training_writes_every_output_and_the_export_serves_in_a_fresh_proce
     np.save(tmp_path / "images.npy", images)
     script = textwrap.dedent(f"""
         import sys, numpy as np
-        sys.path = [p for p in sys.path if p not in ('', {os.getcwd()!r})]
+        sys.modules["mtl_keras"] = None  # importing it now raises ImportError (also with an editable install)
         try:
             import mtl_keras
             raise SystemExit('mtl_keras must not be importable here')
