@@ -188,6 +188,24 @@ def test_pipeline_deterministic(synth_root):
     assert any(not np.array_equal(x[0], y[0]) for x, y in zip(a, c))
 
 
+@pytest.mark.parametrize("cache", [False, True])
+def test_every_iterator_sees_the_same_stream_and_each_epoch_is_a_new_permutation(synth_root, cache):
+    # Keras' fit makes one iterator to build the model and another to train, while a resumed run trains on its
+    # first: the stream must not depend on how many iterators came before, or a resume sees other batches.
+    ds = load_cityscapes(synth_root, "train", image_size=(16, 32), batch_size=1, seed=3, flip=False, repeat=True,
+                         cache=cache)
+
+    def image_ids(iterator, count):
+        return [int(np.asarray(next(iterator)[0]).sum()) for _ in range(count)]
+
+    first = image_ids(iter(ds), 12)
+    assert image_ids(iter(ds), 12) == first  # a second iterator of the same dataset object
+    assert image_ids(iter(ds.skip(6)), 6) == first[6:]  # skip fast-forwards exactly
+    epochs = [first[i:i + 3] for i in range(0, 12, 3)]
+    assert all(sorted(e) == sorted(epochs[0]) and len(set(e)) == 3 for e in epochs)  # each image once per epoch
+    assert len({tuple(e) for e in epochs}) > 1  # reshuffled between epochs
+
+
 # ----------------------------------------------------------------------------------------
 # hand-written miniature in the CityScapes layout
 # ----------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import tensorflow as tf  # noqa: E402
 from mtl_keras.data.augment import AugmentConfig, augment_example  # noqa: E402
 
 __all__ = ["ALL_TASKS", "Source", "build_dataset", "load_source", "centroid_vectors", "prepared_to_targets",
-           "check_tasks", "check_image_size", "resize_image"]
+           "check_tasks", "check_image_size", "resize_image", "shuffled_epochs"]
 
 ALL_TASKS = ("semantic", "instance", "depth", "normals")
 
@@ -135,6 +135,32 @@ def _shard_info(input_context):
     return int(input_context.input_pipeline_id), int(input_context.num_input_pipelines)
 
 
+def shuffled_epochs(ds, num_elements, seed, repeat):
+    """``ds`` (``num_elements`` long) in a new random order each epoch, repeated forever when ``repeat``; epoch
+    ``e``'s order is a stateless function of ``(seed, e)``.
+
+    ``shuffle(reshuffle_each_iteration=True)`` draws each *iterator's* order from a generator shared by all the
+    iterators of a dataset object, so the stream depends on how many iterators were made before. Keras' ``fit`` makes
+    one to build the model from the first batch and another to train, while a resumed (already built) model trains on
+    the first: a resumed run saw other batches than an uninterrupted one. Here every iterator sees the same stream,
+    which ``skip`` fast-forwards exactly. Each epoch is gathered whole (what a full shuffle buffer holds anyway) and
+    permuted, so the elements need one shape (rows of file names, or prepared examples at the training size).
+    """
+    whole = ds.batch(int(num_elements))
+    seed = tf.constant(int(seed), tf.int64)
+
+    def permuted(epoch):
+        def permute(batch):
+            size = tf.shape(tf.nest.flatten(batch)[0], out_type=tf.int64)[0]
+            order = tf.random.experimental.stateless_shuffle(tf.range(size), seed=tf.stack([seed, epoch]))
+            return tf.nest.map_structure(lambda column: tf.gather(column, order), batch)
+
+        return whole.map(permute).unbatch()
+
+    epochs = tf.data.Dataset.range(2 ** 62 if repeat else 1)
+    return epochs.flat_map(permuted)
+
+
 def build_dataset(source: Source, *, batch_size=8, shuffle=False, seed=0, repeat=False, drop_remainder=False,
                   cache=False, num_parallel_calls=tf.data.AUTOTUNE, input_context=None,
                   augment: AugmentConfig | None = None, prepared_dataset: tf.data.Dataset | None = None):
@@ -152,12 +178,13 @@ def build_dataset(source: Source, *, batch_size=8, shuffle=False, seed=0, repeat
     shard_id, num_shards = _shard_info(input_context)
     n = max(1, -(-int(source.num_examples) // num_shards))
     shuffle_seed = int(seed) * 1009 + shard_id
+    repeated = False
     if prepared_dataset is None:
         ds = tf.data.Dataset.from_tensor_slices(source.columns)
         if num_shards > 1:
             ds = ds.shard(num_shards, shard_id)
         if shuffle and not cache:  # shuffle the (cheap) rows before decoding
-            ds = ds.shuffle(n, seed=shuffle_seed, reshuffle_each_iteration=True)
+            ds, repeated = shuffled_epochs(ds, n, shuffle_seed, repeat), True
         ds = ds.map(source.decode, num_parallel_calls=num_parallel_calls)
     else:
         ds = prepared_dataset
@@ -166,8 +193,8 @@ def build_dataset(source: Source, *, batch_size=8, shuffle=False, seed=0, repeat
     if cache:
         ds = ds.cache(os.fspath(cache) if isinstance(cache, (str, os.PathLike)) else "")
     if shuffle and (cache or prepared_dataset is not None):
-        ds = ds.shuffle(n, seed=shuffle_seed, reshuffle_each_iteration=True)
-    if repeat:
+        ds, repeated = shuffled_epochs(ds, n, shuffle_seed, repeat), True
+    if repeat and not repeated:
         ds = ds.repeat()
     ds = ds.enumerate()
     aug_seed = int(seed)
