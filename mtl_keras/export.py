@@ -71,29 +71,7 @@ def serving_model(model):
     config = dict(config, input_shape=[None, None, config["input_shape"][-1]])
     clone = type(model).from_config(config)
     clone.set_weights(model.get_weights())
-    _make_resizes_graph_safe(clone)
     return clone
-
-
-def _make_resizes_graph_safe(model):
-    """Lets ``ResizeLike`` layers run with symbolic sizes inside ``tf.function(autograph=False)`` (the export).
-
-    ``keras.ops.image.resize`` checks ``size[0] <= 0`` in Python, which fails when the size is a symbolic tensor
-    (an unknown height or width under tf.function without autograph, as ``keras.export`` traces). On this copy of
-    the model each ``ResizeLike`` calls ``tf.image.resize`` directly: the op Keras' TensorFlow backend runs, so the
-    results are identical.
-    """
-    import tensorflow as tf
-
-    from mtl_keras.layers import ResizeLike
-
-    for layer in model.layers:
-        if isinstance(layer, ResizeLike):
-            def call(inputs, _method=layer.interpolation):
-                x, reference = inputs
-                return tf.image.resize(x, tf.shape(reference)[1:3], method=_method)
-
-            layer.call = call
 
 
 # ------------------------------------------------------------------------------------- instance ids in TF ops

@@ -21,6 +21,13 @@ class ResizeLike(keras.layers.Layer):
 
     def call(self, inputs):
         x, reference = inputs
+        if keras.config.backend() == "tensorflow":
+            # The op Keras' TF backend runs, called directly: ``ops.image.resize`` checks ``size[0] <= 0`` in Python,
+            # which fails on a symbolic size (unknown height/width under tf.function without autograph, as
+            # ``model.export`` traces). Same results.
+            import tensorflow as tf  # backend fast path only
+
+            return tf.image.resize(x, tf.shape(reference)[1:3], method=self.interpolation)
         size = ops.shape(reference)[1:3]
         return ops.image.resize(x, size, interpolation=self.interpolation, data_format="channels_last")
 

@@ -194,3 +194,23 @@ def test_tf_instance_clustering_gives_the_numpy_histogram_clustering():
     # No instance pixels at all, and a batch of one.
     empty = cluster(np.zeros((1, 16, 24), np.int32), np.zeros((1, 16, 24, 2), np.float32)).numpy()
     assert empty.shape == (1, 16, 24) and not empty.any()
+
+
+def test_a_model_of_any_size_exports_with_plain_keras_export(tmp_path):
+    # ResizeLike reads its target size at run time; under model.export (tf.function without autograph) that size
+    # is symbolic, which keras.ops.image.resize refused. No patching: the layer itself handles it.
+    from tests.helpers import tiny_kendall_kwargs
+
+    model = mtl_keras.build_model("kendall_deeplabv3_resnet50", tasks=("semantic", "depth"), num_classes=3,
+                                  input_shape=(None, None, 3), output_stride=16, **tiny_kendall_kwargs())
+    path = str(tmp_path / "export")
+    model.export(path, format="tf_saved_model", verbose=False)
+    served = tf.saved_model.load(path)
+    for height, width in ((32, 48), (40, 24)):
+        images = random_images(batch=1, height=height, width=width)
+        got = served.serve(tf.constant(images))
+        expected = model(images, training=False)
+        got = got if isinstance(got, dict) else dict(zip(sorted(expected), got))
+        for key in expected:
+            assert tuple(got[key].shape) == (1, height, width, expected[key].shape[-1])
+            np.testing.assert_allclose(np.asarray(got[key]), np.asarray(expected[key]), atol=1e-4)
