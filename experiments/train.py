@@ -4,6 +4,7 @@ al. model, uncertainty weighting, a few minutes on a CPU. Outputs go to --output
     python experiments/train.py
     python experiments/train.py --preset kendall_tiny_cityscapes --data_dir /data/cityscapes
     python experiments/train.py --model mt_unet --weighting dwa --tasks semantic,depth
+    python experiments/train.py --publish my_model_synthetic     # then mtl_keras.load_model("my_model_synthetic")
 
 A preset (experiments/presets/NAME.json) sets a paper's configuration; any flag given on the command line overrides
 it.
@@ -66,6 +67,16 @@ flags.DEFINE_enum("precision", _D.precision, ["float32", "mixed_float16", "mixed
 flags.DEFINE_string("output_dir", _D.output_dir, "Output folder.")
 flags.DEFINE_integer("val_batches", _D.val_batches, "Validation batches to evaluate (0: all).")
 flags.DEFINE_boolean("export", _D.export, "Write a SavedModel to OUTPUT_DIR/export.")
+flags.DEFINE_string("publish", None, "After training, publish the run as a named model (mtl_keras.zoo.publish_run): "
+                    "NAME.weights.h5 (+ sha256) in --publish_weights_dir and the preset NAME.json (architecture, "
+                    "metrics, training config) in models/ of a checkout (else $KERAS_HOME/mtl_keras/presets); then "
+                    "mtl_keras.load_model(NAME) loads it.")
+flags.DEFINE_string("publish_weights_dir", None, "Folder for the published weights file (default: "
+                    "$KERAS_HOME/mtl_keras/weights; models/ of a checkout to commit it beside its preset).")
+flags.DEFINE_string("publish_presets_dir", None, "Folder for the published preset (default: models/ of a checkout, "
+                    "else $KERAS_HOME/mtl_keras/presets; other folders are read through $MTL_KERAS_PRESETS).")
+flags.DEFINE_string("publish_description", None, "One-line description for the published preset.")
+flags.DEFINE_boolean("publish_overwrite", False, "Let --publish replace an existing preset and weights file.")
 
 _TUPLE_FLAGS = {"tasks": str, "task_weights": float, "image_size": int, "scale_range": float, "crop_size": int}
 
@@ -98,6 +109,11 @@ def main(argv):
     from mtl_keras.experiment import run_training
 
     config = config_from_flags()
+    if FLAGS.publish:
+        from mtl_keras.zoo import publish_targets
+
+        publish_targets(FLAGS.publish, FLAGS.publish_weights_dir, FLAGS.publish_presets_dir,  # fail before training
+                        overwrite=FLAGS.publish_overwrite)
     results = run_training(config)
     if not results["chief"]:
         print(f"\nWorker done; weights digest {results['weights_digest']}")
@@ -110,6 +126,13 @@ def main(argv):
             print(f"  {key:24s} trained {val[key]:.4f}   untrained {untrained[key]:.4f}")
     print("  final task weights: " + ", ".join(f"{k}={v:.3g}" for k, v in results["final_task_weights"].items()))
     print(f"  weights digest {results['weights_digest']}")
+    if FLAGS.publish:
+        from mtl_keras.zoo import publish_run
+
+        path = publish_run(config.output_dir, FLAGS.publish, weights_dir=FLAGS.publish_weights_dir,
+                           presets_dir=FLAGS.publish_presets_dir,
+                           description=FLAGS.publish_description, overwrite=FLAGS.publish_overwrite)
+        print(f"  published as {FLAGS.publish!r}: {path}; load with mtl_keras.load_model({FLAGS.publish!r})")
 
 
 if __name__ == "__main__":

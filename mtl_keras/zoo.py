@@ -364,6 +364,29 @@ def _load_path(path):
 
 
 # ----------------------------------------------------------------------------------------------------- publishing
+def publish_targets(name, weights_dir=None, presets_dir=None, overwrite=False):
+    """``(preset_path, weights_path)`` that :func:`publish_run` would write for ``name``; checks the name and that
+    nothing would be replaced (unless ``overwrite``). ``experiments/train.py --publish`` calls it before training, so
+    a bad name fails in seconds, not after the run."""
+    from mtl_keras.registry import is_model
+
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name or ""):
+        raise ValueError(f"Model name {name!r}: use letters, digits and underscores.")
+    if is_model(name):
+        raise ValueError(f"{name!r} is a registered architecture; its preset describes the architecture. Publish "
+                         f"trained weights under another name, e.g. {name}_<dataset>.")
+    weights_dir = os.fspath(weights_dir) if weights_dir is not None else default_weights_dir()
+    if presets_dir is None:
+        builtin = builtin_presets_dir()
+        presets_dir = builtin if _is_checkout(builtin) else user_presets_dir()
+    preset_path = os.path.join(os.fspath(presets_dir), f"{name}.json")
+    weights_path = os.path.join(weights_dir, f"{name}.weights.h5")
+    for path in (preset_path, weights_path):
+        if os.path.exists(path) and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True (train.py: --publish_overwrite) to replace it.")
+    return preset_path, weights_path
+
+
 def publish_run(run_dir, name, weights_dir=None, presets_dir=None, description=None, overwrite=False):
     """Turns a training output folder into a named model: a weights file and a preset that names it.
 
@@ -378,22 +401,8 @@ def publish_run(run_dir, name, weights_dir=None, presets_dir=None, description=N
     from mtl_keras.registry import is_model
 
     run_dir = os.fspath(run_dir)
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name or ""):
-        raise ValueError(f"Model name {name!r}: use letters, digits and underscores.")
-    if is_model(name):
-        raise ValueError(f"{name!r} is a registered architecture; its preset describes the architecture. Publish "
-                         f"trained weights under another name, e.g. {name}_<dataset>.")
-    weights_dir = os.fspath(weights_dir) if weights_dir is not None else default_weights_dir()
-    if presets_dir is None:
-        builtin = builtin_presets_dir()
-        presets_dir = builtin if _is_checkout(builtin) else user_presets_dir()
-    presets_dir = os.fspath(presets_dir)
-    preset_path = os.path.join(presets_dir, f"{name}.json")
-    weights_path = os.path.join(weights_dir, f"{name}.weights.h5")
-    for path in (preset_path, weights_path):
-        if os.path.exists(path) and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
-
+    preset_path, weights_path = publish_targets(name, weights_dir, presets_dir, overwrite)
+    weights_dir, presets_dir = os.path.dirname(weights_path), os.path.dirname(preset_path)
     model = load_run(run_dir)
     config = _read_json(os.path.join(run_dir, "config.json"))
     metrics = _read_json(os.path.join(run_dir, "metrics.json"))

@@ -248,3 +248,58 @@ def test_a_run_without_model_keras_loads_from_its_last_checkpoint(tmp_path):
     loaded = mtl_keras.load_model(tmp_path / "run")
     images = tiny_images(NAME)
     assert_outputs_close(model(images, training=False), loaded(images, training=False))
+
+
+def _train_and_publish(tmp_path, name, *extra):
+    from mtl_keras.data import generate_synthetic_cityscapes
+
+    data = tmp_path / "synthetic"
+    if not data.exists():
+        generate_synthetic_cityscapes(str(data), num_train=4, num_val=2, height=64, width=128, seed=0)
+    command = [sys.executable, os.path.join(ROOT, "experiments", "train.py"), f"--output_dir={tmp_path / 'run'}",
+               f"--data_dir={data}", "--image_size=32,64", "--batch_size=2", "--steps=2", "--tasks=semantic,depth",
+               "--export=false", "--val_batches=1", f"--publish={name}",
+               f"--publish_weights_dir={tmp_path / 'weights'}", f"--publish_presets_dir={tmp_path / 'presets'}",
+               *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+
+def test_train_publish_makes_a_model_loadable_by_name_and_refuses_a_bad_name_before_training(tmp_path,
+                                                                                             monkeypatch):
+    done = _train_and_publish(tmp_path, "slim_published_synthetic", "--publish_description=from the test")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "published as 'slim_published_synthetic'" in done.stdout
+    monkeypatch.setenv(zoo.PRESETS_ENV, str(tmp_path / "presets"))
+    monkeypatch.setenv(zoo.WEIGHTS_ENV, str(tmp_path / "weights"))
+    preset = zoo.get_preset("slim_published_synthetic")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert preset["description"] == "from the test"
+    assert preset["metrics"]["semantic_miou"] == pytest.approx(metrics["val"]["semantic_miou"])
+    assert preset["weights"]["sha256"] == file_sha256(tmp_path / "weights" / "slim_published_synthetic.weights.h5")
+    loaded = mtl_keras.load_model("slim_published_synthetic")
+    saved = mtl_keras.load_model(str(tmp_path / "run" / "model.keras"))
+    images = random_images(batch=1, height=32, width=64)
+    assert_outputs_close(saved(images, training=False), loaded(images, training=False))
+
+    # The same name again (no --publish_overwrite) and an architecture's name both fail before any training.
+    for name, message in (("slim_published_synthetic", "exists"), ("mt_unet", "registered architecture")):
+        again = _train_and_publish(tmp_path, name)
+        assert again.returncode != 0 and message in again.stderr
+        assert "epochs x" not in again.stderr  # the run never started
+
+
+def test_the_synthetic_default_model_loads_by_name_from_the_checkout_and_segments_synthetic_scenes(tmp_path):
+    # The first released weights: experiments/train.py's default job, committed beside its preset in models/.
+    from mtl_keras.data import generate_synthetic_cityscapes
+    from mtl_keras.data.datasets import load_dataset
+    from mtl_keras.evaluation import evaluate_model
+
+    preset = zoo.get_preset("kendall_deeplabv3_resnet26_slim_synthetic")
+    untrained = preset["source"]["untrained_metrics"]
+    model = mtl_keras.load_model("kendall_deeplabv3_resnet26_slim_synthetic")  # sha256 checked first
+    data = generate_synthetic_cityscapes(str(tmp_path / "synthetic"), num_train=1, num_val=4, seed=0)
+    val = load_dataset("synthetic", data, "val", image_size=(128, 256), batch_size=4, num_classes=19)
+    measured = evaluate_model(model, val, 19, ("semantic", "instance", "depth"))
+    assert measured["semantic_miou"] > 10 * untrained["semantic_miou"]
+    assert measured["depth_mean_error_px"] < 0.5 * untrained["depth_mean_error_px"]
