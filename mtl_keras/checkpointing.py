@@ -6,7 +6,6 @@ renamed into place, and only then recorded in ``state.json`` (itself replaced at
 newest backup's sha256 and falls back, with a warning, to the one before it. The two newest backups are kept.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -14,17 +13,11 @@ import shutil
 
 import keras
 
+from mtl_keras.pretrained import file_sha256
+
 log = logging.getLogger("mtl_keras")
 
 STATE_FILE = "state.json"
-
-
-def sha256_of(path, chunk=1 << 20):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _atomic_write_text(path, text):
@@ -51,7 +44,7 @@ class EpochBackup(keras.callbacks.Callback):
         self.model.save_weights(f"{path}.tmp.weights.h5", overwrite=True)
         os.replace(f"{path}.tmp.weights.h5", path)
         state = read_state(self.backup_dir)
-        entries = [{"epoch": epoch + 1, "file": name, "sha256": sha256_of(path)}] + state.get("backups", [])
+        entries = [{"epoch": epoch + 1, "file": name, "sha256": file_sha256(path)}] + state.get("backups", [])
         for stale in entries[self.keep:]:
             stale_path = os.path.join(self.backup_dir, stale["file"])
             if os.path.exists(stale_path):
@@ -82,7 +75,7 @@ def restore(trainer, backup_dir):
         problem = None
         if not os.path.exists(path):
             problem = "the file is missing"
-        elif sha256_of(path) != entry["sha256"]:
+        elif file_sha256(path) != entry["sha256"]:
             problem = "its sha256 does not match (partial or corrupt write)"
         else:
             try:

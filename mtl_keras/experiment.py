@@ -226,7 +226,8 @@ def _run_training(config, verbose):
         with open(untrained_path) as f:
             untrained = json.load(f)
 
-    history_cb = WeightingHistory(weighting)
+    # About 500 points for the sigma^2 plot: reading the loss weights syncs with the device, so not every step.
+    history_cb = WeightingHistory(weighting, every=max(total_steps // 500, 1))
     callbacks = [checkpointing.DivergenceGuard(backup_dir), checkpointing.EpochBackup(backup_dir), history_cb,
                  WeightingEpochCallback(weighting)]
     if chief:
