@@ -94,25 +94,30 @@ class KendallMultiTaskModel(keras.Model):
         return cls(**config)
 
 
+# -------------------------------------------------------------------------------------------------------- builder
+def build_kendall_model(name, defaults, tasks=("semantic", "instance", "depth"), num_classes=19,
+                        input_shape=(128, 256, 3), **overrides):
+    """A ``KendallMultiTaskModel`` from an entry point's ``defaults``, any argument overridden, named ``name``."""
+    kwargs = {**defaults, **overrides}
+    kwargs.setdefault("name", name)
+    return KendallMultiTaskModel(tasks=tasks, num_classes=num_classes, input_shape=input_shape, **kwargs)
+
+
 # ------------------------------------------------------------------------------------------- registered entry points
 @register_model
 def kendall_deeplabv3_resnet101(tasks=("semantic", "instance", "depth"), num_classes=19, input_shape=(128, 256, 3),
                                 **overrides):
     """The paper's model: dilated ResNet-101 (output stride 8) + ASPP, one decoder per task."""
-    kwargs = dict(backbone_depth=101, output_stride=8)
-    kwargs.update(overrides)
-    kwargs.setdefault("name", "kendall_deeplabv3_resnet101")
-    return KendallMultiTaskModel(tasks=tasks, num_classes=num_classes, input_shape=input_shape, **kwargs)
+    return build_kendall_model("kendall_deeplabv3_resnet101", dict(backbone_depth=101, output_stride=8), tasks,
+                               num_classes, input_shape, **overrides)
 
 
 @register_model
 def kendall_deeplabv3_resnet50(tasks=("semantic", "instance", "depth"), num_classes=19, input_shape=(128, 256, 3),
                                **overrides):
     """The same design on ResNet-50."""
-    kwargs = dict(backbone_depth=50, output_stride=8)
-    kwargs.update(overrides)
-    kwargs.setdefault("name", "kendall_deeplabv3_resnet50")
-    return KendallMultiTaskModel(tasks=tasks, num_classes=num_classes, input_shape=input_shape, **kwargs)
+    return build_kendall_model("kendall_deeplabv3_resnet50", dict(backbone_depth=50, output_stride=8), tasks,
+                               num_classes, input_shape, **overrides)
 
 
 @register_model
@@ -122,7 +127,5 @@ def kendall_deeplabv3_resnet26_slim(tasks=("semantic", "instance", "depth"), num
 
     Same structure as the paper's model; the default of ``experiments/train.py`` so that a run ends in minutes.
     """
-    kwargs = dict(backbone_depth=26, backbone_width=32, output_stride=8, aspp_channels=128, decoder_channels=128)
-    kwargs.update(overrides)
-    kwargs.setdefault("name", "kendall_deeplabv3_resnet26_slim")
-    return KendallMultiTaskModel(tasks=tasks, num_classes=num_classes, input_shape=input_shape, **kwargs)
+    slim = dict(backbone_depth=26, backbone_width=32, output_stride=8, aspp_channels=128, decoder_channels=128)
+    return build_kendall_model("kendall_deeplabv3_resnet26_slim", slim, tasks, num_classes, input_shape, **overrides)
