@@ -45,22 +45,28 @@ def semantic_cross_entropy(labels, logits, ignore_label=IGNORE_LABEL):
     return masked_mean(per_pixel, valid)
 
 
+def _masked_dense_inputs(targets, predictions, mask):
+    """Dense (B, H, W, K) targets and predictions in floatx, and the (B, H, W) pixel mask.
+
+    Targets may hold NaN/inf where invalid (e.g. unmeasured depth): they are replaced by 0 behind the mask, since a
+    NaN behind a mask still turns the gradient into NaN.
+    """
+    predictions = ops.cast(predictions, keras.config.floatx())
+    targets = ops.cast(targets, keras.config.floatx())
+    mask = ops.cast(mask, keras.config.floatx())
+    if len(mask.shape) == len(targets.shape):
+        mask = ops.squeeze(mask, axis=-1)
+    targets = ops.where(ops.expand_dims(mask, -1) > 0, targets, ops.zeros_like(targets))
+    return targets, predictions, mask
+
+
 def masked_l1(targets, predictions, mask):
     """Per-pixel L1 norm over channels (||x - x_hat||_1, seed 002) averaged over pixels where ``mask`` is 1.
 
     targets, predictions: (B, H, W, K); mask: (B, H, W, 1) or (B, H, W).
     """
-    predictions = ops.cast(predictions, keras.config.floatx())
-    targets = ops.cast(targets, keras.config.floatx())
-    mask = ops.cast(mask, keras.config.floatx())
-    if len(mask.shape) == len(targets.shape) - 1:
-        mask = ops.expand_dims(mask, -1)
-    # Targets may hold NaN/inf where invalid (e.g. unmeasured depth): replace them before the difference, since a
-    # NaN behind a mask still turns the gradient into NaN.
-    targets = ops.where(mask > 0, targets, ops.zeros_like(targets))
-    per_pixel = ops.sum(ops.abs(targets - predictions), axis=-1)
-    mask = ops.squeeze(mask, axis=-1)
-    return masked_mean(per_pixel, mask)
+    targets, predictions, mask = _masked_dense_inputs(targets, predictions, mask)
+    return masked_mean(ops.sum(ops.abs(targets - predictions), axis=-1), mask)
 
 
 def instance_l1(targets, predictions, mask):
@@ -79,16 +85,11 @@ def normals_cosine(targets, predictions, mask, eps=1e-6):
     targets, predictions: (B, H, W, 3); mask: (B, H, W, 1) or (B, H, W). Both vectors are normalised here (the head
     need not output unit vectors); a zero prediction counts as cosine 0 (loss 1) with a finite gradient.
     """
-    predictions = ops.cast(predictions, keras.config.floatx())
-    targets = ops.cast(targets, keras.config.floatx())
-    mask = ops.cast(mask, keras.config.floatx())
-    if len(mask.shape) == len(targets.shape) - 1:
-        mask = ops.expand_dims(mask, -1)
-    targets = ops.where(mask > 0, targets, ops.zeros_like(targets))
+    targets, predictions, mask = _masked_dense_inputs(targets, predictions, mask)
     pred_unit = predictions / ops.sqrt(ops.sum(ops.square(predictions), axis=-1, keepdims=True) + eps)
     target_unit = targets / ops.maximum(ops.sqrt(ops.sum(ops.square(targets), axis=-1, keepdims=True)), eps)
     cosine = ops.sum(pred_unit * target_unit, axis=-1)
-    return masked_mean(1.0 - cosine, ops.squeeze(mask, axis=-1))
+    return masked_mean(1.0 - cosine, mask)
 
 
 def task_loss(task, targets, predictions, ignore_label=IGNORE_LABEL):
