@@ -43,6 +43,8 @@ flags.DEFINE_float("weight_learning_rate", _D.weight_learning_rate, "mtunet: lea
 flags.DEFINE_list("image_size", [str(v) for v in _D.image_size], "Training height,width.")
 flags.DEFINE_list("scale_range", [str(v) for v in _D.scale_range], "Random scale range min,max (1,1: none).")
 flags.DEFINE_list("crop_size", [], "Random crop height,width (padded with the ignore label); empty: none.")
+flags.DEFINE_string("depth_target", _D.depth_target, "Depth target: inverse (1/m or disparity px, as seed 001) or "
+                    "metric (metres); empty: the dataset's default (CityScapes inverse, NYUv2 metric).")
 flags.DEFINE_boolean("flip", _D.flip, "Random horizontal flips.")
 flags.DEFINE_integer("batch_size", _D.batch_size, "GLOBAL batch size, split evenly over all replicas (the log "
                      "shows the per-replica size).")

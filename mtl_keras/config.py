@@ -20,6 +20,7 @@ class TrainConfig:
     flip: bool = True
     scale_range: tuple = (1.0, 1.0)  # random scaling of training images (seed 001's full-size run: 0.7-2.0)
     crop_size: tuple = ()  # random training crops (height, width), padded with the ignore label; () = none
+    depth_target: str = ""  # "inverse" | "metric"; "" = the dataset's default (CityScapes inverse, NYUv2 metric)
     # Loss weighting
     weighting: str = "uncertainty"  # uncertainty | equal | fixed | dwa | mtunet
     task_weights: tuple = ()  # for "fixed", in task order

@@ -148,6 +148,9 @@ def _run_training(config, verbose):
     start = time.time()
     if config.precision not in PRECISIONS:
         raise ValueError(f"Unknown precision {config.precision!r}. Valid: {', '.join(PRECISIONS)}.")
+    if config.depth_target not in ("", "inverse", "metric"):
+        raise ValueError(f"--depth_target must be inverse or metric (or empty: the dataset's default), got "
+                         f"{config.depth_target!r}.")
     if config.deterministic:
         distribution.enable_determinism()
     strategy = distribution.create_strategy(config.strategy, config.cpu_replicas)
@@ -171,6 +174,8 @@ def _run_training(config, verbose):
     epochs, steps_per_epoch = plan_steps(config, num_train)
     total_steps = epochs * steps_per_epoch
     data_kwargs = dict(image_size=(height, width), num_classes=config.num_classes, tasks=tasks, seed=config.seed)
+    if config.depth_target:
+        data_kwargs["depth_target"] = config.depth_target
     augment = {}
     if tuple(config.scale_range) != (1.0, 1.0):
         augment["scale_range"] = tuple(config.scale_range)

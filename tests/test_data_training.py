@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
@@ -42,13 +44,24 @@ def test_train_py_on_a_cityscapes_miniature(tmp_path):
     write_cityscapes_miniature(tmp_path / "cs")
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "train.py"), "--dataset", "cityscapes", "--data_dir",
            str(tmp_path / "cs"), "--image_size", "32,64", "--batch_size", "2", "--steps", "2", "--noexport",
-           "--val_batches", "1", "--output_dir", str(tmp_path / "run")]
+           "--val_batches", "1", "--output_dir", str(tmp_path / "run"), "--depth_target", "metric"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "run" / "metrics.json") as f:
         metrics = json.load(f)
     assert metrics["dataset"] == "cityscapes" and metrics["steps"] == 2
     assert "semantic_miou" in metrics["val"] and "instance_mean_error_px" in metrics["val"]
+    with open(tmp_path / "run" / "config.json") as f:
+        assert json.load(f)["depth_target"] == "metric"
+
+
+def test_a_bad_depth_target_is_refused_before_anything_runs(tmp_path):
+    from mtl_keras.config import TrainConfig
+    from mtl_keras.experiment import run_training
+
+    with pytest.raises(ValueError, match="--depth_target must be inverse or metric"):
+        run_training(TrainConfig(depth_target="metres", output_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
 
 
 def test_nyuv2_mat_trains(tmp_path):
