@@ -1,0 +1,441 @@
+"""Reproduction tables: train a list of named ``TrainConfig`` variants, collect their validation metrics and write a
+markdown table with a paper's numbers beside ours.
+
+Used by ``experiments/reproduce_kendall.py`` (seed 001's Tiny CityScapes table) and
+``experiments/reproduce_mtunet.py`` (seed 003's tables). A script declares its ``Variant`` rows (the config
+overrides plus the paper's numbers, as printed) and its ``Metric`` columns, then calls :func:`run_variants`,
+:func:`results_table` and :func:`write_fragment`.
+
+Each variant trains in ``OUTPUT_DIR/runs/NAME`` through :func:`mtl_keras.experiment.run_training`, one after the
+other in this process. A variant whose folder already holds a finished run of the same config is reused, and an
+unfinished one resumes from its backup (``run_training``'s own resume), so a multi-day full-schedule table can be
+stopped and started again; ``rerun=True`` starts every selected variant afresh.
+"""
+
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+from mtl_keras.config import TrainConfig
+
+log = logging.getLogger("mtl_keras")
+
+TASK_ABBREVIATIONS = {"semantic": "sem", "instance": "inst", "depth": "depth", "normals": "normals"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """One column pair (paper | ours) of the table: ``key`` in ``run_training``'s ``results["val"]``.
+
+    Ours is shown as ``value * scale`` with ``digits`` decimals and ``suffix``; the paper's number is shown exactly as
+    the paper prints it (a string in ``Variant.paper``).
+    """
+
+    key: str
+    header: str
+    higher_is_better: bool
+    scale: float = 1.0
+    digits: int = 2
+    suffix: str = ""
+
+    def format(self, value):
+        if not _finite(value):
+            return "-"
+        return f"{value * self.scale:.{self.digits}f}{self.suffix}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One row: a name (``--variants``, the run folder), a label for the table, ``TrainConfig`` overrides and the
+    paper's numbers ``{metric key: "as printed"}`` (absent = the paper does not report it, shown as "-");
+    ``rank=False`` keeps a row that is not comparable with the others out of :func:`ranking_remarks`."""
+
+    name: str
+    label: str
+    overrides: dict
+    paper: dict = dataclasses.field(default_factory=dict)
+    rank: bool = True  # False: left out of the "best row" remarks (e.g. another number of classes)
+
+
+def select_variants(variants, names=None):
+    """The variants named in ``names`` (in the table's order), or all of them for an empty ``names``."""
+    if not names:
+        return list(variants)
+    known = [v.name for v in variants]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"Unknown variant(s) {unknown}. Valid: {', '.join(known)}.")
+    return [v for v in variants if v.name in names]
+
+
+def variant_config(base, variant, output_dir):
+    """``base`` with the variant's overrides, writing to ``output_dir/runs/NAME``. ``model_overrides`` are merged
+    into the base's (a variant switching MT-UNet's attention keeps the base's reduced width)."""
+    overrides = dict(variant.overrides)
+    if "model_overrides" in overrides:
+        overrides["model_overrides"] = {**base.model_overrides, **overrides["model_overrides"]}
+    return base.replace(**overrides, output_dir=os.path.join(output_dir, "runs", variant.name))
+
+
+def print_plan(base, variants, output_dir):
+    """``--dry_run``: one JSON line per variant, ``{"name", "config"}``, with the config it would train."""
+    for variant in variants:
+        config = variant_config(base, variant, output_dir)
+        print(json.dumps({"name": variant.name, "config": json.loads(config.to_json())}, sort_keys=True))
+
+
+def _same_config(config):
+    """True / False whether the run folder's config.json equals ``config``; None without one. A field that the
+    saved config lacks (added to ``TrainConfig`` since) counts as equal when ``config`` has its default value."""
+    config_path = os.path.join(config.output_dir, "config.json")
+    if not os.path.isfile(config_path):
+        return None
+    with open(config_path) as f:
+        saved = json.load(f)
+    current = json.loads(config.to_json())
+    defaults = json.loads(TrainConfig().to_json())
+    for key in set(current) - set(saved):
+        if current[key] != defaults.get(key):
+            return False
+        saved[key] = current[key]
+    return saved == current
+
+
+def _finished_results(config):
+    """The ``metrics.json`` of a finished run of exactly ``config`` in its output folder, else None."""
+    metrics_path = os.path.join(config.output_dir, "metrics.json")
+    if not (os.path.isfile(metrics_path) and _same_config(config)):
+        return None
+    with open(metrics_path) as f:
+        return json.load(f)
+
+
+def _clean_floats(value):
+    if isinstance(value, dict):
+        return {k: _clean_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean_floats(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def run_variants(base, variants, output_dir, rerun=False, verbose=0, on_record=None):
+    """Trains every variant (see the module docstring) and returns one record per variant: name, label, tasks,
+    weighting, overrides, paper numbers, and from the run: ``val``, ``val_untrained``, ``final_task_weights``,
+    ``wall_seconds``, ``fit_seconds``, ``steps``, ``parameters``, ``train_images_per_s`` and ``reused``.
+
+    ``on_record(records)`` is called after each variant (e.g. to save partial results).
+    """
+    import keras
+
+    from mtl_keras.experiment import run_training
+
+    records = []
+    for i, variant in enumerate(variants, start=1):
+        config = variant_config(base, variant, output_dir)
+        results = None
+        if os.path.isdir(config.output_dir) and (rerun or _same_config(config) is False):
+            # A fresh start, or a folder left by another config: its backup must not be resumed with this one.
+            if not rerun:
+                log.warning("%s holds a run of another config: starting afresh.", config.output_dir)
+            shutil.rmtree(config.output_dir)
+        elif not rerun:
+            results = _finished_results(config)
+        reused = results is not None
+        log.info("[%d/%d] %s: %s (tasks %s, %s weighting)%s", i, len(variants), variant.name, variant.label,
+                 ",".join(config.tasks), config.weighting, " - reusing the finished run" if reused else "")
+        if not reused:
+            keras.utils.clear_session(free_memory=True)
+            results = run_training(config, verbose=verbose)
+        record = {
+            "name": variant.name,
+            "label": variant.label,
+            "tasks": list(config.tasks),
+            "weighting": config.weighting,
+            "task_weights": list(config.task_weights),
+            "overrides": _clean_floats(dict(variant.overrides)),
+            "paper": dict(variant.paper),
+            "rank": variant.rank,
+            "output_dir": config.output_dir,
+            "reused": reused,
+        }
+        for key in ("val", "val_untrained", "final_task_weights", "wall_seconds", "fit_seconds", "steps",
+                    "parameters", "train_images_per_s"):
+            record[key] = results.get(key)
+        records.append(_clean_floats(record))
+        val = record["val"] or {}
+        log.info("[%d/%d] %s done in %.0f s: %s", i, len(variants), variant.name, record["wall_seconds"] or 0.0,
+                 ", ".join(f"{k}={v:.4g}" for k, v in val.items() if isinstance(v, float)
+                           and k in ("semantic_miou", "instance_mean_error_px", "depth_mean_error_px")))
+        if on_record is not None:
+            on_record(records)
+    return records
+
+
+def _task_weights_cell(record):
+    weights = record.get("final_task_weights") or {}
+    parts = []
+    for task in record["tasks"]:
+        value = weights.get(f"{task}_weight")
+        if value is not None:
+            parts.append(f"{TASK_ABBREVIATIONS.get(task, task)} {value:.3g}")
+    return ", ".join(parts) or "-"
+
+
+def results_table(records, metrics, untrained_row=True):
+    """A markdown table: variant, tasks, weighting, then ``paper | ours`` for each metric, final task weights and
+    the run's wall time. ``untrained_row`` adds a last row with the untrained network's scores (from the first run
+    that evaluates each metric): how much the runs learned at all."""
+    header = ["variant", "tasks", "weighting"]
+    for metric in metrics:
+        header += [f"{metric.header} paper", "ours"]
+    header += ["final task weights", "time [s]"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" --- "] * 3 + [" ---: "] * (2 * len(metrics))
+                                                               + [" --- ", " ---: "]) + "|"]
+    for record in records:
+        weighting = record["weighting"]
+        if weighting == "fixed" and record.get("task_weights"):
+            weighting += " " + "/".join(f"{w:g}" for w in record["task_weights"])
+        row = [f"{record['label']} (`{record['name']}`)",
+               "+".join(TASK_ABBREVIATIONS.get(t, t) for t in record["tasks"]), weighting]
+        for metric in metrics:
+            row += [record["paper"].get(metric.key, "-"), metric.format((record.get("val") or {}).get(metric.key))]
+        row += [_task_weights_cell(record), f"{record['wall_seconds']:.0f}" if record.get("wall_seconds") else "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    if untrained_row and records:
+        row = ["untrained network (step 0, reference)", "", ""]
+        for metric in metrics:
+            value = next(((r.get("val_untrained") or {}).get(metric.key) for r in records
+                          if (r.get("val_untrained") or {}).get(metric.key) is not None), None)
+            row += ["-", metric.format(value)]
+        row += ["", ""]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _finite(value):
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _best(records, metric, source):
+    """(label, value, shown) of the best record for ``metric`` (``source``: "paper" or "ours"), or None."""
+    candidates = []
+    for record in records:
+        if source == "paper":
+            shown = record["paper"].get(metric.key)
+            try:
+                value = float(str(shown).rstrip("%"))
+            except (TypeError, ValueError):
+                continue
+        else:
+            value = (record.get("val") or {}).get(metric.key)
+            if not _finite(value):
+                continue
+            shown = metric.format(value)
+        candidates.append((value, record["label"], shown))
+    if not candidates:
+        return None
+    value, label, shown = (max if metric.higher_is_better else min)(candidates, key=lambda c: c[0])
+    return label, value, shown
+
+
+def ranking_remarks(records, metrics):
+    """One sentence per metric: the best row in the paper and ours, among the rows where both have a number (and
+    that are not marked ``rank=False``)."""
+    remarks = []
+    for metric in metrics:
+        both = [r for r in records if r.get("rank", True) and metric.key in r["paper"]
+                and _finite((r.get("val") or {}).get(metric.key))]
+        if len(both) < 2:
+            continue
+        paper, ours = _best(both, metric, "paper"), _best(both, metric, "ours")
+        if paper is None or ours is None:
+            continue
+        agree = "the same row" if paper[0] == ours[0] else "a different row"
+        remarks.append(f"{metric.header}: among the {len(both)} rows with a paper number, the paper's best is "
+                       f"*{paper[0]}* ({paper[2]}); ours is *{ours[0]}* ({ours[2]}), {agree}.")
+    return remarks
+
+
+def untrained_remarks(records, metrics, threshold=0.1):
+    """Rows whose metric is less than ``threshold`` (relative) better than the same run's untrained network, or
+    worse. One sentence per metric, with each such row's final weight of the task."""
+    remarks = []
+    for metric in metrics:
+        task = metric.key.split("_")[0]
+        rows = []
+        for record in records:
+            trained = (record.get("val") or {}).get(metric.key)
+            untrained = (record.get("val_untrained") or {}).get(metric.key)
+            if not (_finite(trained) and _finite(untrained)) or untrained == 0:
+                continue
+            gain = (trained - untrained) / abs(untrained) * (1 if metric.higher_is_better else -1)
+            if gain < threshold:
+                weight = (record.get("final_task_weights") or {}).get(f"{task}_weight")
+                rows.append(f"*{record['label']}* ({metric.format(untrained)} -> {metric.format(trained)}"
+                            + (f", final {task} weight {weight:.3g}" if _finite(weight) else "") + ")")
+        if rows:
+            remarks.append(f"{metric.header}: less than {threshold:.0%} better than the same network untrained (or "
+                           f"worse) in {len(rows)} row(s): " + "; ".join(rows) + ".")
+    return remarks
+
+
+def format_duration(seconds):
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    if minutes:
+        return f"{minutes} min {secs:02d} s"
+    return f"{secs} s"
+
+
+def command_line(argv=None):
+    """The command as typed, relative to the repository root: ``python experiments/NAME.py --flags``."""
+    argv = list(sys.argv if argv is None else argv)
+    script = argv[0]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isabs(script) and script.startswith(root + os.sep):
+        script = os.path.relpath(script, root)
+    return " ".join(["python", shlex.quote(script)] + [shlex.quote(a) for a in argv[1:]])
+
+
+def git_commit():
+    """The short commit hash of the checkout, or None outside git."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def utc_now():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def write_json(path, payload):
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_clean_floats(payload), f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def base_config_summary(config):
+    """The fields of ``config`` that differ from ``TrainConfig()``'s defaults, as ``name=value`` pairs."""
+    defaults = TrainConfig()
+    parts = []
+    for field in dataclasses.fields(config):
+        if field.name in ("output_dir",):
+            continue
+        value = getattr(config, field.name)
+        if value != getattr(defaults, field.name):
+            parts.append(f"{field.name}={value!r}")
+    return ", ".join(parts)
+
+
+def write_fragment(path, heading, paragraphs, table, remarks):
+    """A markdown fragment for docs/results: ``## heading``, paragraphs, the table and a bulleted list of remarks."""
+    if not heading.startswith("## "):
+        heading = "## " + heading
+    parts = [heading, ""]
+    for paragraph in paragraphs:
+        parts += [paragraph, ""]
+    parts += [table, ""]
+    if remarks:
+        parts += ["Remarks:", ""] + [f"- {r}" for r in remarks] + [""]
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+    return path
+
+
+class Stopwatch:
+    """Wall time of the whole invocation, and the machine's load at start and end (a shared CPU slows runs)."""
+
+    def __init__(self):
+        self.start = time.time()
+        self.load_start = _loadavg()
+
+    def elapsed(self):
+        return time.time() - self.start
+
+    def summary(self):
+        load_end = _loadavg()
+        text = f"{format_duration(self.elapsed())} wall on {os.cpu_count()} CPU core(s)"
+        if self.load_start is not None and load_end is not None:
+            text += f" (1-min load average {self.load_start:.1f} at the start, {load_end:.1f} at the end)"
+        return text
+
+
+def _loadavg():
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def run_and_report(*, name, heading, paper, config, variants, metrics, output_dir, markdown, quick, rerun=False,
+                   verbose=0, describe=None, remarks=None, watch=None):
+    """The body of a reproduction script: generate / check the data, train ``variants`` on ``config``, write
+    ``OUTPUT_DIR/NAME.json`` (after every variant) and the markdown fragment (to ``markdown`` and
+    ``OUTPUT_DIR/NAME.md``). ``describe(config, data_dir)`` gives the set-up paragraph, ``remarks(config,
+    records)`` the script's own remarks (the ranking remarks are added here). Returns (records, table)."""
+    from mtl_keras.experiment import resolve_data_dir
+
+    watch = watch or Stopwatch()
+    data_dir = resolve_data_dir(config)  # generates the synthetic set once, before the first variant's clock
+    command = command_line()
+    results_path = os.path.join(output_dir, f"{name}.json")
+
+    def payload(records):
+        return {"script": f"experiments/{name}.py", "command": command, "quick": bool(quick),
+                "dataset": config.dataset, "data_dir": data_dir, "base_config": json.loads(config.to_json()),
+                "paper": paper, "git_commit": git_commit(), "date": utc_now(), "wall_seconds": watch.elapsed(),
+                "variants": records}
+
+    records = run_variants(config, variants, output_dir, rerun=rerun, verbose=verbose,
+                           on_record=lambda r: write_json(results_path, payload(r)))
+    write_json(results_path, payload(records))
+
+    mode = "quick mode" if quick else "full mode (the paper's schedule)"
+    reused = sum(r["reused"] for r in records)
+    trained_seconds = sum(r.get("wall_seconds") or 0.0 for r in records)
+    timing = (f"This invocation took {watch.summary()}; the CPU was shared with other jobs. The {len(records)} "
+              f"variant run(s) took {format_duration(trained_seconds)} together (the time column)")
+    timing += (f", {reused} of them reused from earlier invocations (their time as measured then)." if reused
+               else ".")
+    paragraphs = [
+        f"Command: `{command}` ({mode}, dataset `{config.dataset}`). {timing} Run {utc_now()} at commit "
+        f"{git_commit()}.",
+    ]
+    if describe is not None:
+        paragraphs.append(describe(config, data_dir))
+    paragraphs.append(f"Paper: {paper}. Raw results (per-class IoU, sigma^2 and weights, histories): "
+                      f"`{results_path}` (the run folder; not in git).")
+    table = results_table(records, metrics)
+    notes = (list(remarks(config, records) if remarks is not None else []) + ranking_remarks(records, metrics)
+             + untrained_remarks(records, metrics))
+    for path in (markdown, os.path.join(output_dir, f"{name}.md")):
+        if path:
+            write_fragment(path, heading, paragraphs, table, notes)
+    print("\n" + table + "\n")
+    print(f"Markdown: {markdown or os.path.join(output_dir, name + '.md')}; results: {results_path}; "
+          f"{watch.summary()}")
+    return records, table
