@@ -42,20 +42,24 @@ def _timed_batches(ds, batches):
     return batches * batch / (time.perf_counter() - t0)
 
 
-def make_data(work_dir, num_images, log):
+def make_data(work_dir, num_images, log, height=1024, width=2048, others=True):
+    """Raw set (``num_images`` scenes of ``height`` x ``width``) and its prepared cache; with ``others`` also the
+    .npy release and the NYUv2 .mat (``None`` for them otherwise)."""
     from mtl_keras.data import generate_synthetic_cityscapes
     from mtl_keras.data.miniature import write_npy_release, write_nyuv2
     from mtl_keras.data.prepared import write_prepared
 
-    raw = os.path.join(work_dir, "cityscapes_2048x1024")
+    raw = os.path.join(work_dir, f"cityscapes_{width}x{height}")
     t0 = time.perf_counter()
-    generate_synthetic_cityscapes(raw, num_train=num_images, num_val=2, height=1024, width=2048, seed=0)
-    log(f"raw CityScapes-format set: {num_images} scenes at 2048x1024 ({time.perf_counter() - t0:.0f} s)")
+    generate_synthetic_cityscapes(raw, num_train=num_images, num_val=2, height=height, width=width, seed=0)
+    log(f"raw CityScapes-format set: {num_images} scenes at {width}x{height} ({time.perf_counter() - t0:.0f} s)")
     prepared = os.path.join(work_dir, "prepared_128x256")
     if not os.path.isfile(os.path.join(prepared, "prepared_manifest.json")):
         t0 = time.perf_counter()
         write_prepared("cityscapes", raw, prepared, image_size=(128, 256), num_classes=19, tasks=TASKS)
         log(f"prepared cache at 128x256 ({time.perf_counter() - t0:.0f} s)")
+    if not others:
+        return raw, prepared, None, None
     npy = os.path.join(work_dir, "cityscapes_npy")
     if not os.path.isdir(os.path.join(npy, "val")):
         from mtl_keras.data.prepared import load_prepared
@@ -79,14 +83,16 @@ def make_data(work_dir, num_images, log):
     return raw, prepared, npy, nyu
 
 
-def bench_pipelines(raw, prepared, npy, nyu, batches, log):
+def bench_pipelines(raw, prepared, npy, nyu, batches, log, only=None):
+    """Images/s of each loader; ``only``: run just the cases with these titles."""
     from mtl_keras.data.datasets import load_dataset
 
     common = dict(batch_size=8, seed=0, flip=True, repeat=True)
     aug = dict(scale_range=(0.5, 2.0), crop_size=(128, 256))
+    raw_size = os.path.basename(os.path.normpath(raw)).replace("cityscapes_", "")  # e.g. 2048x1024
     cases = [
-        ("raw CityScapes PNGs 2048x1024 -> 128x256", "cityscapes", raw, dict(num_classes=19, tasks=TASKS), {}),
-        ("raw CityScapes PNGs 2048x1024 -> 128x256 + scale/crop", "cityscapes", raw,
+        (f"raw CityScapes PNGs {raw_size} -> 128x256", "cityscapes", raw, dict(num_classes=19, tasks=TASKS), {}),
+        (f"raw CityScapes PNGs {raw_size} -> 128x256 + scale/crop", "cityscapes", raw,
          dict(num_classes=19, tasks=TASKS), aug),
         ("prepared cache 128x256", "prepared", prepared, dict(num_classes=19, tasks=TASKS), {}),
         ("prepared cache 128x256 + scale/crop", "prepared", prepared, dict(num_classes=19, tasks=TASKS), aug),
@@ -97,6 +103,8 @@ def bench_pipelines(raw, prepared, npy, nyu, batches, log):
         ("NYUv2 .mat 640x480 -> 288x384 (h5py)", "nyuv2", nyu,
          dict(num_classes=13, tasks=TASKS, image_size=(288, 384)), {}),
     ]
+    if only:
+        cases = [c for c in cases if c[0] in only]
     rows = []
     for title, name, data_dir, kwargs, extra in cases:
         kwargs = dict(common, **kwargs, **extra)
