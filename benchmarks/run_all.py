@@ -21,6 +21,11 @@ What one run measures (each row is printed as soon as it is measured):
    milliseconds per batch, best (median).
 5. **Input pipeline** (a short variant of ``benchmarks/input_pipeline.py``) and **instance clustering** (a short
    variant of ``benchmarks/clustering.py``).
+6. With ``--profile DIR``: a ``tf.profiler`` trace of two more training steps per row, op time grouped (conv
+   forward / input gradient / filter gradient by kind of conv, batch norm, other layers, optimizer, rest).
+
+``--isolate`` measures each model and size in a child process (a child killed for memory costs only its rows);
+``--render_json`` rewrites the Markdown of an earlier run's ``--json`` without measuring.
 
 Fraction of peak = FLOPs per image x images/s / matmul FLOP/s (nominal and effective FLOPs). The machine may be
 shared: every row records the 1-minute load average, the timings keep the best step (least disturbed), and the
@@ -117,38 +122,12 @@ def random_batch(height, width, batch, tasks=TASKS, num_classes=19, seed=0):
     return tf.constant(x), {k: tf.constant(v) for k, v in y.items()}
 
 
-def use_fused_batchnorm():
-    """``--fused_batchnorm`` (an experiment, not the zoo's default): Keras 3's ``BatchNormalization`` computes
-    training-mode statistics with ``tf.nn.moments`` (Eigen reductions over N, H, W) and normalises with elementwise
-    ops; this replaces, in this process, its training call on 4-D float32 channels-last inputs (no mask, renorm or
-    synchronisation) by TensorFlow's fused kernel (``FusedBatchNormV3``, oneDNN). Same statistics (the kernel's
-    unbiased batch variance is rescaled to Keras' biased one for the moving average) and the same weights."""
-    import keras
-    import tensorflow as tf
+def use_keras_batchnorm():
+    """``--keras_batchnorm`` (for comparison): the zoo's ``FusedBatchNormalization`` runs Keras 3's own batch norm
+    (``ops.moments`` + elementwise ops) instead of TensorFlow's fused kernel, as before it existed."""
+    from mtl_keras.layers import FusedBatchNormalization
 
-    bn = keras.layers.BatchNormalization
-    if getattr(bn.call, "_fused", False):
-        return
-    original = bn.call
-
-    def call(self, inputs, training=None, mask=None):
-        if (training and self.trainable and mask is None and len(inputs.shape) == 4 and self.axis in (-1, 3)
-                and not self.renorm and not self.synchronized and inputs.dtype in (tf.float32, "float32")):
-            channels = inputs.shape[-1]
-            gamma = self.gamma if self.scale else tf.ones([channels])
-            beta = self.beta if self.center else tf.zeros([channels])
-            y, mean, variance = tf.compat.v1.nn.fused_batch_norm(inputs, tf.convert_to_tensor(gamma),
-                                                                 tf.convert_to_tensor(beta), epsilon=self.epsilon,
-                                                                 is_training=True)
-            n = tf.cast(tf.reduce_prod(tf.shape(inputs)[:3]), tf.float32)
-            variance = variance * (n - 1.0) / tf.maximum(n, 1.0)  # the op returns the unbiased variance
-            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
-            self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
-            return y
-        return original(self, inputs, training=training, mask=mask)
-
-    call._fused = True
-    bn.call = call
+    FusedBatchNormalization._fused_available = lambda self, inputs, mask: False
 
 
 # ------------------------------------------------------------------------------------------------- measurements
@@ -315,11 +294,69 @@ def clustering_rows(data_dir, quick, work_dir):
     return rows, "python benchmarks/clustering.py " + " ".join(argv)
 
 
+def add_fractions(row, peak_gflops, peak_gflops_per_cpu_s):
+    """Images/s and fractions of the matmul rate of a measured row (``factor``: 3 for training, 1 for inference)."""
+    if "best_s" not in row:
+        return row
+    factor, batch = row["factor"], row["batch"]
+    ips = batch / row["best_s"]
+    row.update(images_per_s=ips,
+               peak_nominal=factor * row["gflops_nominal"] * ips / peak_gflops,
+               peak_effective=factor * row["gflops_effective"] * ips / peak_gflops,
+               peak_cpu=factor * row["gflops_nominal"] * batch / max(row["cpu_best_s"], 1e-9) / peak_gflops_per_cpu_s)
+    return row
+
+
+def measure_in_child(args, name, height, width, batch, steps, train_variants, infer_paths, add_row, log):
+    """``--isolate``: one model and size measured by a child process (its memory is returned afterwards, and a
+    child killed, e.g. for running out of memory, costs its own rows only: they are reported as failed)."""
+    import subprocess
+
+    fd, path = tempfile.mkstemp(suffix=".json", prefix="run_all_child_")
+    os.close(fd)
+    os.remove(path)
+    cmd = [sys.executable, os.path.abspath(__file__), "--models", name, "--sizes", f"{height}x{width}",
+           "--batch_size", str(batch), "--steps", str(steps), "--warmup", str(args.warmup),
+           "--model_overrides", args.model_overrides, "--matmul_sizes", "256", "--matmul_repeats", "1",
+           "--skip_pipeline", "--skip_clustering", "--skip_crosscheck", "--output", "", "--json", path]
+    for flag in ("skip_xla", "skip_training", "skip_inference", "skip_savedmodel", "keras_batchnorm"):
+        if getattr(args, flag):
+            cmd.append("--" + flag)
+    for flag in ("threads", "precision", "profile"):
+        if getattr(args, flag):
+            cmd += ["--" + flag, getattr(args, flag)]
+    code = subprocess.call(cmd)
+    child = {"training": [], "inference": []}
+    if os.path.isfile(path):
+        with open(path) as f:
+            child = json.load(f)
+        os.remove(path)
+    for row in child["training"]:
+        add_row(row, "training")
+    for row in child["inference"]:
+        add_row(row, "inference")
+    if code != 0:
+        why = {-9: " (killed: out of memory?)"}.get(code, "")
+        error = {"error": f"failed: the measuring process died, exit code {code}{why}", "load": load_average(),
+                 "model": name, "size": f"{height}x{width}", "batch": batch, "gflops_nominal": float("nan"),
+                 "gflops_effective": float("nan")}
+        done = {row.get("xla") for row in child["training"]}
+        for xla in [v for v in train_variants if v not in done]:
+            add_row(dict(error, xla=xla), "training")
+        for p in infer_paths[len(child["inference"]):]:
+            add_row(dict(error, path=p), "inference")
+        log(f"{name} {height}x{width}: child process exit code {code}")
+
+
 # ----------------------------------------------------------------------------------------------------- formatting
 def fmt(value, digits=2):
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     return f"{value:.{digits}f}"
+
+
+def fmt_g(value):
+    return "-" if value is None or not math.isfinite(value) else f"{value:.3g}"
 
 
 def pct(value):
@@ -345,7 +382,7 @@ def cpu_pct(r):
 
 def train_row(r):
     head = f"| {r['model']} | {r['size']} | {r['batch']} | {'yes' if r['xla'] else 'no'} | " \
-           f"{r['gflops_nominal']:.3g} / {r['gflops_effective']:.3g} |"
+           f"{fmt_g(r['gflops_nominal'])} / {fmt_g(r['gflops_effective'])} |"
     if "error" in r:
         return head + f" {r['error']} | - | - | - | - | - | {fmt(r.get('load'), 1)} |"
     return head + (f" {r['best_s']:.2f} ({r['median_s']:.2f}) | {r['images_per_s']:.2f} | "
@@ -425,9 +462,9 @@ def render(report):
                       f"{c['profiler_conv_as_run'] / 1e9:.4f} GFLOP in convs by the profiler's count; the taps that "
                       f"touch the image (*effective*): {c['count_flops_effective'] / 1e9:.4f} GFLOP.", ""]
     lines += ["## Training", ""]
-    if report.get("fused_batchnorm"):
-        lines += ["With `--fused_batchnorm`: batch norm by TensorFlow's fused kernel (an experiment; see "
-                  "benchmarks/README.md).", ""]
+    if report.get("keras_batchnorm"):
+        lines += ["With `--keras_batchnorm`: batch norm by Keras 3's own ops instead of TensorFlow's fused kernel "
+                  "(for comparison; see benchmarks/README.md).", ""]
     if report.get("threads") or report.get("precision"):
         lines += [f"Threads (intra,inter): {report.get('threads') or 'default'}; dtype policy: "
                   f"{report.get('precision') or 'float32'}.", ""]
@@ -485,12 +522,15 @@ def parse_args(argv=None):
     parser.add_argument("--model_overrides", default=None, help="JSON of architecture overrides for every model")
     parser.add_argument("--matmul_sizes", default=None, help="default 1024,2048,4096")
     parser.add_argument("--matmul_repeats", type=int, default=None, help="default 5")
-    parser.add_argument("--fused_batchnorm", action="store_true",
-                        help="experiment: train with TensorFlow's fused batch norm (see use_fused_batchnorm)")
+    parser.add_argument("--keras_batchnorm", action="store_true",
+                        help="for comparison: batch norm by Keras 3's ops, not TensorFlow's fused kernel")
     parser.add_argument("--threads", default="", help="intra,inter op threads (default: TensorFlow's choice)")
     parser.add_argument("--precision", default="", help="Keras dtype policy, e.g. mixed_bfloat16 (default float32)")
     parser.add_argument("--profile", default="",
                         help="trace 2 more training steps (no XLA) per row into this folder; op time by group")
+    parser.add_argument("--isolate", action="store_true",
+                        help="measure each model and size in a child process (memory returned after each; a child "
+                             "that dies, e.g. out of memory, costs only its rows)")
     parser.add_argument("--skip_xla", action="store_true")
     parser.add_argument("--skip_training", action="store_true")
     parser.add_argument("--skip_inference", action="store_true")
@@ -549,8 +589,8 @@ def main(argv=None):
         tf.config.threading.set_inter_op_parallelism_threads(inter)
     if args.precision:
         keras.mixed_precision.set_global_policy(args.precision)
-    if args.fused_batchnorm:
-        use_fused_batchnorm()
+    if args.keras_batchnorm:
+        use_keras_batchnorm()
     command = "python benchmarks/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:])
     models = [m for m in args.models.split(",") if m] or mtl_keras.list_models()
     large_models = [m for m in args.large_models.split(",") if m] or models
@@ -563,7 +603,7 @@ def main(argv=None):
 
     report = {"command": command.strip(), "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_description(),
               "load_start": load_average(), "matmul": {}, "training": [], "inference": [],
-              "fused_batchnorm": args.fused_batchnorm, "threads": args.threads, "precision": args.precision}
+              "keras_batchnorm": args.keras_batchnorm, "threads": args.threads, "precision": args.precision}
     log(report["machine"])
     log(f"load average {report['load_start']:.1f}")
     report["matmul"]["start"] = matmul_rate(matmul_sizes, args.matmul_repeats)
@@ -587,74 +627,74 @@ def main(argv=None):
         keras.backend.clear_session()
 
     def save_partial():
-        """The Markdown so far (a long run that dies still leaves its rows), marked as partial."""
-        if not args.output:
-            return
+        """The Markdown (and JSON) so far: a long run that dies still leaves its rows, marked as partial."""
         partial = dict(report, peak_gflops=peak, peak_gflops_per_cpu_s=peak_cpu, load_end=load_average(),
                        wall_minutes=(time.time() - started) / 60,
                        notes="**Partial: the run was still going (or died) when this was written.**")
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            f.write(render(partial))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(partial, f, indent=1, default=float)
+        if args.output:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+            with open(args.output, "w") as f:
+                f.write(render(partial))
 
-    train_variants = [False] if args.skip_xla else [False, True]
+    train_variants = [] if args.skip_training else ([False] if args.skip_xla else [False, True])
+    infer_paths = ([] if args.skip_inference else
+                   ["Keras tf.function"] + ([] if args.skip_xla else ["Keras tf.function + XLA"]))
+    infer_paths += [] if args.skip_savedmodel else ["SavedModel serving_default"]
+
+    def add_row(row, kind):
+        add_fractions(row, peak, peak_cpu)
+        report[kind].append(row)
+        log(train_row(row) if kind == "training" else "inference " + infer_row(row))
+        save_partial()
+
     log("\n" + TRAIN_HEADER + "\n" + separator(TRAIN_HEADER))
     for height, width in sizes:
         large = height * width > 128 * 256
         batch = args.large_batch_size if large and args.large_batch_size else args.batch_size
         steps = args.large_steps if large and args.large_steps else args.steps
         for name in (large_models if large else models):
+            if args.isolate:
+                measure_in_child(args, name, height, width, batch, steps, train_variants, infer_paths, add_row, log)
+                continue
             model = mtl_keras.build_model(name, input_shape=(height, width, 3), **overrides)
             flops = count_flops(model)
             x, y = random_batch(height, width, batch, tasks=tuple(model.output.keys()))
             label = name + (f" ({', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else "")
             base = {"model": label, "size": f"{height}x{width}", "batch": batch,
                     "gflops_nominal": flops["matmul"] / 1e9, "gflops_effective": flops["effective"] / 1e9}
-
-            def rates(t, factor, base=base, batch=batch, flops=flops):
-                ips = batch / t["best_s"]
-                return dict(base, **t, images_per_s=ips,
-                            peak_nominal=factor * flops["matmul"] * ips / (peak * 1e9),
-                            peak_effective=factor * flops["effective"] * ips / (peak * 1e9),
-                            peak_cpu=factor * flops["matmul"] * batch / max(t["cpu_best_s"], 1e-9) / (peak_cpu * 1e9))
-
-            if not args.skip_training:
-                for xla in train_variants:
-                    try:
-                        profile = os.path.join(args.profile, f"{name}_{height}x{width}") if args.profile and not xla \
-                            else ""
-                        row = rates(measure_training(model, x, y, steps, args.warmup, xla, profile), 3)
-                        for g in row.get("profile", []):
-                            log(f"    {g['group']}: {g['seconds']:.3f} s ({100 * g['share']:.1f}%)")
-                    except Exception as e:  # noqa: BLE001 - XLA on CPU may fail: reported in the row
-                        row = dict(base, **failure(e), load=load_average())
-                        traceback.print_exc(limit=2)
-                    row["xla"] = xla
-                    report["training"].append(row)
-                    log(train_row(row))
-                    save_partial()
-                    gc.collect()
-            paths = []
-            if not args.skip_inference:
-                paths += [("Keras tf.function", lambda m=model: measure_inference(m, x, args.steps, args.warmup,
-                                                                                  False))]
-                if not args.skip_xla:
-                    paths += [("Keras tf.function + XLA", lambda m=model: measure_inference(m, x, args.steps,
-                                                                                            args.warmup, True))]
-            if not args.skip_savedmodel:
-                paths += [("SavedModel serving_default", lambda m=model: measure_savedmodel(m, x, args.steps,
-                                                                                           args.warmup))]
-            for path, fn in paths:
+            def train(xla, model=model, x=x, y=y, base=base, steps=steps, name=name, height=height, width=width):
                 try:
-                    row = rates(fn(), 1)
+                    profile = os.path.join(args.profile, f"{name}_{height}x{width}") if args.profile and not xla \
+                        else ""
+                    row = dict(base, **measure_training(model, x, y, steps, args.warmup, xla, profile))
+                    for g in row.get("profile", []):
+                        log(f"    {g['group']}: {g['seconds']:.3f} s ({100 * g['share']:.1f}%)")
+                except Exception as e:  # noqa: BLE001 - XLA on CPU may fail: reported in the row
+                    row = dict(base, **failure(e), load=load_average())
+                    traceback.print_exc(limit=2)
+                add_row(dict(row, xla=xla, factor=3), "training")
+                gc.collect()
+
+            runs = {"Keras tf.function": lambda m=model: measure_inference(m, x, args.steps, args.warmup, False),
+                    "Keras tf.function + XLA": lambda m=model: measure_inference(m, x, args.steps, args.warmup, True),
+                    "SavedModel serving_default": lambda m=model: measure_savedmodel(m, x, args.steps, args.warmup)}
+            # Order: training, inference, then XLA training (its compile needs the most memory: if that kills the
+            # process, as it did for ResNet-50 at 256x512 batch 8 on 23 GB, the other rows are already measured).
+            if False in train_variants:
+                train(False)
+            for path in infer_paths:
+                try:
+                    row = dict(base, **runs[path]())
                 except Exception as e:  # noqa: BLE001
                     row = dict(base, **failure(e), load=load_average())
                     traceback.print_exc(limit=2)
-                row["path"] = path
-                report["inference"].append(row)
-                log("inference " + infer_row(row))
-                save_partial()
-            del model, x, y
+                add_row(dict(row, path=path, factor=1), "inference")
+            if True in train_variants:
+                train(True)
+            del model, x, y, runs
             keras.backend.clear_session()
             gc.collect()
 
@@ -685,13 +725,8 @@ def main(argv=None):
     all_mm = report["matmul"]["start"] + report["matmul"]["end"]
     report["peak_gflops"] = max(m["gflops"] for m in all_mm)
     report["peak_gflops_per_cpu_s"] = max(m["gflops_per_cpu_s"] for m in all_mm)
-    # Fractions against the best matmul of the whole run.
-    for row in report["training"] + report["inference"]:
-        for key, ref, new in (("peak_nominal", peak, report["peak_gflops"]),
-                              ("peak_effective", peak, report["peak_gflops"]),
-                              ("peak_cpu", peak_cpu, report["peak_gflops_per_cpu_s"])):
-            if key in row:
-                row[key] *= ref / new
+    for row in report["training"] + report["inference"]:  # against the best matmul of the whole run
+        add_fractions(row, report["peak_gflops"], report["peak_gflops_per_cpu_s"])
     report["load_end"] = load_average()
     report["wall_minutes"] = (time.time() - started) / 60
     report["notes"] = args.notes

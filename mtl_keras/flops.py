@@ -24,6 +24,8 @@ graph profiler instead (``tf.compat.v1.profiler``, ``float_ops``) for a cross-ch
 import math
 from collections import OrderedDict
 
+import keras
+
 CONV_CLASSES = ("Conv1D", "Conv2D", "Conv3D", "AtrousConv2D", "Conv2DTranspose", "Conv1DTranspose",
                 "Conv3DTranspose", "DepthwiseConv2D", "DepthwiseConv1D", "SeparableConv2D", "SeparableConv1D",
                 "Dense")
@@ -101,7 +103,7 @@ def _elementwise(layer, in_shapes, out_shape, training):
     if cls in ("InputLayer", "Dropout", "ZeroPadding2D", "ZeroPadding1D", "Reshape", "Flatten", "Concatenate",
                "Cropping2D", "Permute", "SpatialDropout2D", "Identity"):
         return 0
-    if cls == "BatchNormalization":
+    if isinstance(layer, keras.layers.BatchNormalization):
         return 8 * n if training else 2 * n
     if cls in ("Normalization", "LayerNormalization", "GroupNormalization"):
         return 2 * n if cls == "Normalization" else 8 * n

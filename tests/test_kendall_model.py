@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import mtl_keras
-from mtl_keras.layers import AtrousConv2D, ResizeLike
+from mtl_keras.layers import AtrousConv2D, FusedBatchNormalization, ResizeLike
 from mtl_keras.models.kendall import KendallMultiTaskModel
 from mtl_keras.models.resnet import stage_strides_and_dilations
 from tests.helpers import (assert_config_round_trip, assert_keras_save_load, assert_model_config_round_trip,
@@ -84,6 +84,7 @@ def test_config_round_trip_and_keras_save_load(tmp_path):
 def test_layer_config_round_trips():
     assert_config_round_trip(ResizeLike(interpolation="nearest", name="r"))
     assert_config_round_trip(AtrousConv2D(4, 3, dilation_rate=2, padding="same", name="c"))
+    assert_config_round_trip(FusedBatchNormalization(epsilon=1e-3, momentum=0.9, center=False, name="bn"))
 
 
 @pytest.mark.parametrize("rate", [1, 2, 5])
@@ -94,6 +95,71 @@ def test_atrous_conv_equals_keras_conv(rate):
     fast.build(x.shape), reference.build(x.shape)
     reference.set_weights(fast.get_weights())
     np.testing.assert_allclose(np.asarray(fast(x)), np.asarray(reference(x)), rtol=1e-4, atol=1e-3)
+
+
+def _bn_step(layer, x, training):
+    """Output, gradients (input, gamma, beta) of a weighted sum of the output, and the moving statistics after."""
+    import tensorflow as tf  # the fused path is TensorFlow's
+
+    x = tf.convert_to_tensor(x)
+    weights = tf.random.stateless_normal(x.shape, seed=(1, 2), dtype=x.dtype)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=training)
+        loss = tf.reduce_sum(y * weights)
+    grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+    return [np.asarray(v) for v in [y, *grads, layer.moving_mean, layer.moving_variance]]
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fused_batch_norm_equals_keras_batch_norm(training, dtype):
+    # float32 takes TensorFlow's fused kernel, float64 Keras' own code (both must agree with keras.layers'.)
+    rng = np.random.default_rng(0)
+    x = (3.0 + 2.0 * rng.normal(size=(2, 5, 7, 6))).astype(dtype)
+    fused = FusedBatchNormalization(epsilon=1.001e-5, momentum=0.9, dtype=dtype)
+    reference = keras.layers.BatchNormalization(epsilon=1.001e-5, momentum=0.9, dtype=dtype)
+    fused.build(x.shape), reference.build(x.shape)
+    state = [rng.normal(size=6), rng.normal(size=6), rng.normal(size=6), rng.uniform(0.5, 2.0, size=6)]
+    for layer in (fused, reference):
+        layer.set_weights([s.astype(dtype) for s in state])
+    for _ in range(2):  # the second step starts from updated moving statistics
+        got, expected = _bn_step(fused, x, training), _bn_step(reference, x, training)
+        for name, a, b in zip(("output", "d/dx", "d/dgamma", "d/dbeta", "moving mean", "moving variance"), got,
+                              expected):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5, err_msg=name)
+    if training:  # the statistics moved towards the batch's (mean 3, variance 4)
+        assert np.all(np.abs(got[4] - 3.0) < np.abs(state[2] - 3.0) + 1e-6)
+
+
+@pytest.mark.skipif(keras.config.backend() != "tensorflow", reason="the fused kernel is TensorFlow's")
+def test_model_batch_norm_runs_tensorflows_fused_kernel_in_float32_only():
+    import tensorflow as tf
+
+    def fused_ops(layer, shape, dtype, training):
+        fn = tf.function(lambda images: layer(images, training=training))
+        graph = fn.get_concrete_function(tf.zeros(shape, dtype)).graph
+        return sum(op.type == "FusedBatchNormV3" for op in graph.get_operations())
+
+    model = mtl_keras.build_model("kendall_deeplabv3_resnet26_slim", tasks=("depth",), input_shape=(32, 32, 3),
+                                  **tiny_kendall_kwargs())
+    num_bn = sum(isinstance(layer, FusedBatchNormalization) for layer in model.layers)
+    assert num_bn > 20
+    for training in (True, False):  # every batch norm of the model, training and inference
+        assert fused_ops(model, (1, 32, 32, 3), "float32", training) == num_bn
+        assert fused_ops(FusedBatchNormalization(dtype="float64"), (1, 4, 4, 3), "float64", training) == 0
+
+
+
+def test_fused_batch_norm_falls_back_to_keras_for_synchronized_and_masked_inputs():
+    x = random_images(2, 4, 4)
+    layer = FusedBatchNormalization(synchronized=True)
+    layer.build(x.shape)
+    assert not layer._fused_available(x, None)
+    assert not FusedBatchNormalization()._fused_available(x, mask=np.ones((2, 4, 4), bool))
+    assert FusedBatchNormalization()._fused_available(x, None) == (keras.config.backend() == "tensorflow")
+    assert FusedBatchNormalization()._fused_available(keras.ops.convert_to_tensor(x), None) == (
+        keras.config.backend() == "tensorflow")
 
 
 def test_model_accepts_other_image_sizes_when_built_without_a_fixed_size():
