@@ -123,11 +123,11 @@ def random_batch(height, width, batch, tasks=TASKS, num_classes=19, seed=0):
 
 
 def use_keras_batchnorm():
-    """``--keras_batchnorm`` (for comparison): the zoo's ``FusedBatchNormalization`` runs Keras 3's own batch norm
+    """``--keras_batchnorm`` (for comparison): the zoo's ``BatchNormalization`` runs Keras 3's own batch norm
     (``ops.moments`` + elementwise ops) instead of TensorFlow's fused kernel, as before it existed."""
-    from mtl_keras.layers import FusedBatchNormalization
+    from mtl_keras.layers import BatchNormalization
 
-    FusedBatchNormalization._fused_available = lambda self, inputs, mask: False
+    BatchNormalization._fused_available = lambda self, inputs, mask: False
 
 
 # ------------------------------------------------------------------------------------------------- measurements

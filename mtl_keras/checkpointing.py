@@ -12,6 +12,7 @@ import os
 import shutil
 
 import keras
+import numpy as np
 
 from mtl_keras.pretrained import file_sha256
 
@@ -110,6 +111,18 @@ class DivergenceGuard(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        # A finite loss does not prove finite weights: oneDNN's max-pooling (and ReLU fused into batch norm) maps NaN
+        # to a number, so NaN images can leave the loss finite while they turn batch-norm statistics and scales into
+        # NaN. This runs before the epoch's backup is written (the guard comes first in the callback list).
+        bad = [v.path for v in self.model.weights if not np.all(np.isfinite(keras.ops.convert_to_numpy(v)))]
+        if bad:
+            where = f" The last good state is kept in {self.backup_dir}." if self.backup_dir else ""
+            raise FloatingPointError(
+                f"Training diverged in epoch {epoch + 1}: non-finite weights ({len(bad)} variable(s), e.g. "
+                f"{', '.join(bad[:3])}) although the loss stayed finite.{where} Check the data for NaN/inf images, or "
+                f"lower the learning rate.")
 
     def on_train_batch_end(self, batch, logs=None):
         bad = {k: v for k, v in (logs or {}).items() if k.endswith("loss") and not _finite(v)}

@@ -102,6 +102,38 @@ def _to_jsonable(value):
     return value
 
 
+# Settings that may change when an interrupted run is started again: where things are written or read, how much is
+# evaluated, and how the same computation is placed (another machine may resume with another strategy).
+RESUME_MAY_CHANGE = ("output_dir", "data_dir", "val_batches", "num_sample_images", "export", "strategy",
+                     "cpu_replicas", "jit_compile", "deterministic")
+
+
+def check_resumable(config, out, backup_dir):
+    """Refuses to resume the backups in ``out`` under other training settings than those they were made with.
+
+    A run started again in the same output folder resumes from its backups; with another learning rate, model or
+    weighting it would silently continue a different run (or fail to load with an obscure error). Raises a
+    ``ValueError`` that lists the differing settings; nothing is loaded or overwritten.
+    """
+    saved_path = os.path.join(out, "config.json")
+    if not checkpointing.read_state(backup_dir).get("backups") or not os.path.exists(saved_path):
+        return
+    try:
+        with open(saved_path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        log.warning("Cannot read %s (%s): resuming without comparing the settings.", saved_path, e)
+        return
+    now = json.loads(config.to_json())
+    differing = [k for k in sorted(set(saved) | set(now)) if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)]
+    if differing:
+        changes = "; ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in differing)
+        raise ValueError(
+            f"{out} holds an interrupted run (backups in {backup_dir}) made with other settings ({changes}). "
+            f"Start it again with the same settings to resume it, choose another --output_dir, or delete "
+            f"{backup_dir} to start this run from scratch there.")
+
+
 def _worker_dir(config):
     """Where a non-chief worker keeps its own backups: outside the shared output folder, stable across restarts."""
     task_type, index, _ = distribution.task_info()
@@ -165,6 +197,7 @@ def _run_training(config, verbose):
     backup_dir = os.path.join(out, "backup")
     os.makedirs(out, exist_ok=True)
     if chief:
+        check_resumable(config, out, backup_dir)
         with open(os.path.join(out, "config.json"), "w") as f:
             f.write(config.to_json())
     keras.utils.set_random_seed(config.seed)

@@ -106,7 +106,7 @@ class AtrousConv2D(keras.layers.Conv2D):
 
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
-class FusedBatchNormalization(keras.layers.BatchNormalization):
+class BatchNormalization(keras.layers.BatchNormalization):
     """``keras.layers.BatchNormalization`` that runs TensorFlow's fused kernel on the TF backend.
 
     Keras 3 computes batch norm with ``ops.moments`` (separate reductions over N, H, W) and elementwise ops, forward
@@ -116,8 +116,10 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     without a mask, renorm or cross-replica synchronisation; everything else (other backends and dtypes,
     ``synchronized=True``) runs Keras' own code. Same variables, config and update rule as the Keras layer (the
     kernel's unbiased batch variance is rescaled to Keras' biased one for the moving average), so checkpoints and
-    ImageNet weights load by layer name either way. One difference: TensorFlow raises an epsilon below 1.001e-5 to
-    1.001e-5 (a cuDNN limit), a relative change of at most 1e-3 in epsilon.
+    ImageNet weights load by layer name either way. The class keeps Keras' name on purpose: Keras 3 keys a layer's
+    variables in ``.weights.h5`` files by its class name (``batch_normalization_12``), so weight files written with
+    ``keras.layers.BatchNormalization`` load into these models and vice versa. One difference: TensorFlow raises an
+    epsilon below 1.001e-5 to 1.001e-5 (a cuDNN limit), a relative change of at most 1e-3 in epsilon.
     """
 
     def _fused_available(self, inputs, mask):
@@ -153,5 +155,5 @@ def conv_bn_relu(x, filters, kernel_size, dilation_rate=1, name=None, use_bias=F
     """Conv -> BN -> ReLU, the unit of ASPP branches and task decoders."""
     x = AtrousConv2D(filters, kernel_size, padding="same", dilation_rate=dilation_rate, use_bias=use_bias,
                      name=f"{name}_conv")(x)
-    x = FusedBatchNormalization(epsilon=1e-5, name=f"{name}_bn")(x)
+    x = BatchNormalization(epsilon=1e-5, name=f"{name}_bn")(x)
     return keras.layers.Activation("relu", name=f"{name}_relu")(x)

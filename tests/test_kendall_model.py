@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import mtl_keras
-from mtl_keras.layers import AtrousConv2D, FusedBatchNormalization, ResizeLike
+from mtl_keras.layers import AtrousConv2D, BatchNormalization, ResizeLike
 from mtl_keras.models.kendall import KendallMultiTaskModel
 from mtl_keras.models.resnet import stage_strides_and_dilations
 from tests.helpers import (assert_config_round_trip, assert_keras_save_load, assert_model_config_round_trip,
@@ -84,7 +84,7 @@ def test_config_round_trip_and_keras_save_load(tmp_path):
 def test_layer_config_round_trips():
     assert_config_round_trip(ResizeLike(interpolation="nearest", name="r"))
     assert_config_round_trip(AtrousConv2D(4, 3, dilation_rate=2, padding="same", name="c"))
-    assert_config_round_trip(FusedBatchNormalization(epsilon=1e-3, momentum=0.9, center=False, name="bn"))
+    assert_config_round_trip(BatchNormalization(epsilon=1e-3, momentum=0.9, center=False, name="bn"))
 
 
 @pytest.mark.parametrize("rate", [1, 2, 5])
@@ -117,7 +117,7 @@ def test_fused_batch_norm_equals_keras_batch_norm(training, dtype):
     # float32 takes TensorFlow's fused kernel, float64 Keras' own code (both must agree with keras.layers'.)
     rng = np.random.default_rng(0)
     x = (3.0 + 2.0 * rng.normal(size=(2, 5, 7, 6))).astype(dtype)
-    fused = FusedBatchNormalization(epsilon=1.001e-5, momentum=0.9, dtype=dtype)
+    fused = BatchNormalization(epsilon=1.001e-5, momentum=0.9, dtype=dtype)
     reference = keras.layers.BatchNormalization(epsilon=1.001e-5, momentum=0.9, dtype=dtype)
     fused.build(x.shape), reference.build(x.shape)
     state = [rng.normal(size=6), rng.normal(size=6), rng.normal(size=6), rng.uniform(0.5, 2.0, size=6)]
@@ -143,22 +143,22 @@ def test_model_batch_norm_runs_tensorflows_fused_kernel_in_float32_only():
 
     model = mtl_keras.build_model("kendall_deeplabv3_resnet26_slim", tasks=("depth",), input_shape=(32, 32, 3),
                                   **tiny_kendall_kwargs())
-    num_bn = sum(isinstance(layer, FusedBatchNormalization) for layer in model.layers)
+    num_bn = sum(isinstance(layer, BatchNormalization) for layer in model.layers)
     assert num_bn > 20
     for training in (True, False):  # every batch norm of the model, training and inference
         assert fused_ops(model, (1, 32, 32, 3), "float32", training) == num_bn
-        assert fused_ops(FusedBatchNormalization(dtype="float64"), (1, 4, 4, 3), "float64", training) == 0
+        assert fused_ops(BatchNormalization(dtype="float64"), (1, 4, 4, 3), "float64", training) == 0
 
 
 
 def test_fused_batch_norm_falls_back_to_keras_for_synchronized_and_masked_inputs():
     x = random_images(2, 4, 4)
-    layer = FusedBatchNormalization(synchronized=True)
+    layer = BatchNormalization(synchronized=True)
     layer.build(x.shape)
     assert not layer._fused_available(x, None)
-    assert not FusedBatchNormalization()._fused_available(x, mask=np.ones((2, 4, 4), bool))
-    assert FusedBatchNormalization()._fused_available(x, None) == (keras.config.backend() == "tensorflow")
-    assert FusedBatchNormalization()._fused_available(keras.ops.convert_to_tensor(x), None) == (
+    assert not BatchNormalization()._fused_available(x, mask=np.ones((2, 4, 4), bool))
+    assert BatchNormalization()._fused_available(x, None) == (keras.config.backend() == "tensorflow")
+    assert BatchNormalization()._fused_available(keras.ops.convert_to_tensor(x), None) == (
         keras.config.backend() == "tensorflow")
 
 

@@ -35,7 +35,7 @@ Where the paper is vague, this implementation chooses (the switches of Table 3 a
 
 import keras
 
-from mtl_keras.layers import FusedBatchNormalization, conv_bn_relu, image_normalization
+from mtl_keras.layers import BatchNormalization, conv_bn_relu, image_normalization
 from mtl_keras.models.heads import task_output
 from mtl_keras.registry import register_model
 from mtl_keras.tasks import validate_tasks
@@ -62,7 +62,7 @@ def attention_mask(x, filters, name):
     """The soft attention module: 3x3 conv-BN-ReLU, then 3x3 conv-BN-sigmoid; a mask in [0, 1]."""
     x = conv_bn_relu(x, filters, 3, name=f"{name}1")
     x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}2_conv")(x)
-    x = FusedBatchNormalization(epsilon=1e-5, name=f"{name}2_bn")(x)
+    x = BatchNormalization(epsilon=1e-5, name=f"{name}2_bn")(x)
     return keras.layers.Activation("sigmoid", name=f"{name}2_sigmoid")(x)
 
 

@@ -8,7 +8,7 @@ keeps the previous dilation and the following blocks use the new one.
 
 import keras
 
-from mtl_keras.layers import AtrousConv2D, FusedBatchNormalization
+from mtl_keras.layers import AtrousConv2D, BatchNormalization
 
 RESNET_BLOCKS = {
     26: (2, 2, 2, 2),  # small depth for quick runs and tests
@@ -22,17 +22,17 @@ def bottleneck_block(x, filters, stride=1, dilation=1, conv_shortcut=False, name
     """keras.applications ``residual_block_v1`` with a dilation rate on the 3x3 conv."""
     if conv_shortcut:
         shortcut = keras.layers.Conv2D(4 * filters, 1, strides=stride, name=f"{name}_0_conv")(x)
-        shortcut = FusedBatchNormalization(epsilon=_BN_EPS, name=f"{name}_0_bn")(shortcut)
+        shortcut = BatchNormalization(epsilon=_BN_EPS, name=f"{name}_0_bn")(shortcut)
     else:
         shortcut = x
     x = keras.layers.Conv2D(filters, 1, strides=stride, name=f"{name}_1_conv")(x)
-    x = FusedBatchNormalization(epsilon=_BN_EPS, name=f"{name}_1_bn")(x)
+    x = BatchNormalization(epsilon=_BN_EPS, name=f"{name}_1_bn")(x)
     x = keras.layers.Activation("relu", name=f"{name}_1_relu")(x)
     x = AtrousConv2D(filters, 3, padding="same", dilation_rate=dilation, name=f"{name}_2_conv")(x)
-    x = FusedBatchNormalization(epsilon=_BN_EPS, name=f"{name}_2_bn")(x)
+    x = BatchNormalization(epsilon=_BN_EPS, name=f"{name}_2_bn")(x)
     x = keras.layers.Activation("relu", name=f"{name}_2_relu")(x)
     x = keras.layers.Conv2D(4 * filters, 1, name=f"{name}_3_conv")(x)
-    x = FusedBatchNormalization(epsilon=_BN_EPS, name=f"{name}_3_bn")(x)
+    x = BatchNormalization(epsilon=_BN_EPS, name=f"{name}_3_bn")(x)
     x = keras.layers.Add(name=f"{name}_add")([shortcut, x])
     return keras.layers.Activation("relu", name=f"{name}_out")(x)
 
@@ -63,7 +63,7 @@ def dilated_resnet(inputs, depth=101, output_stride=8, width=64, name_prefix="")
     p = name_prefix
     x = keras.layers.ZeroPadding2D(padding=((3, 3), (3, 3)), name=f"{p}conv1_pad")(inputs)
     x = keras.layers.Conv2D(width, 7, strides=2, name=f"{p}conv1_conv")(x)
-    x = FusedBatchNormalization(epsilon=_BN_EPS, name=f"{p}conv1_bn")(x)
+    x = BatchNormalization(epsilon=_BN_EPS, name=f"{p}conv1_bn")(x)
     x = keras.layers.Activation("relu", name=f"{p}conv1_relu")(x)
     x = keras.layers.ZeroPadding2D(padding=((1, 1), (1, 1)), name=f"{p}pool1_pad")(x)
     x = keras.layers.MaxPooling2D(3, strides=2, name=f"{p}pool1_pool")(x)
