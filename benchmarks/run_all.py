@@ -127,7 +127,7 @@ def use_keras_batchnorm():
     (``ops.moments`` + elementwise ops) instead of TensorFlow's fused kernel, as before it existed."""
     from mtl_keras.layers import BatchNormalization
 
-    BatchNormalization._fused_available = lambda self, inputs, mask: False
+    BatchNormalization.use_fused_kernel = False
 
 
 # ------------------------------------------------------------------------------------------------- measurements
@@ -307,7 +307,8 @@ def add_fractions(row, peak_gflops, peak_gflops_per_cpu_s):
     return row
 
 
-def measure_in_child(args, name, height, width, batch, steps, train_variants, infer_paths, add_row, log):
+def measure_in_child(args, name, height, width, batch, steps, train_variants, infer_paths, add_row, log, peak,
+                     peak_cpu):
     """``--isolate``: one model and size measured by a child process (its memory is returned afterwards, and a
     child killed, e.g. for running out of memory, costs its own rows only: they are reported as failed)."""
     import subprocess
@@ -317,7 +318,7 @@ def measure_in_child(args, name, height, width, batch, steps, train_variants, in
     os.remove(path)
     cmd = [sys.executable, os.path.abspath(__file__), "--models", name, "--sizes", f"{height}x{width}",
            "--batch_size", str(batch), "--steps", str(steps), "--warmup", str(args.warmup),
-           "--model_overrides", args.model_overrides, "--matmul_sizes", "256", "--matmul_repeats", "1",
+           "--model_overrides", args.model_overrides, "--reference_peak", f"{peak},{peak_cpu}",
            "--skip_pipeline", "--skip_clustering", "--skip_crosscheck", "--output", "", "--json", path]
     for flag in ("skip_xla", "skip_training", "skip_inference", "skip_savedmodel", "keras_batchnorm"):
         if getattr(args, flag):
@@ -380,23 +381,28 @@ def cpu_pct(r):
     return f"{pct(r['peak_cpu'])} / {pct(effective)}"
 
 
-def train_row(r):
-    head = f"| {r['model']} | {r['size']} | {r['batch']} | {'yes' if r['xla'] else 'no'} | " \
-           f"{fmt_g(r['gflops_nominal'])} / {fmt_g(r['gflops_effective'])} |"
+def _row(head, r, time_cell, extra_cells=()):
+    """A table row: ``head`` cells, then the time, img/s, the three fractions, ``extra_cells`` and the load (an
+    error message and dashes for a failed measurement)."""
     if "error" in r:
-        return head + f" {r['error']} | - | - | - | - | - | {fmt(r.get('load'), 1)} |"
-    return head + (f" {r['best_s']:.2f} ({r['median_s']:.2f}) | {r['images_per_s']:.2f} | "
-                   f"{pct(r['peak_nominal'])} | {pct(r['peak_effective'])} | {cpu_pct(r)} | "
-                   f"{r['warmup_s']:.1f} | {r['load']:.1f} |")
+        cells = [r["error"]] + ["-"] * (4 + len(extra_cells))
+    else:
+        cells = [time_cell, f"{r['images_per_s']:.2f}", pct(r["peak_nominal"]), pct(r["peak_effective"]), cpu_pct(r),
+                 *extra_cells]
+    return "| " + " | ".join([*head, *cells, fmt(r.get("load"), 1)]) + " |"
+
+
+def train_row(r):
+    head = [r["model"], r["size"], str(r["batch"]), "yes" if r["xla"] else "no",
+            f"{fmt_g(r['gflops_nominal'])} / {fmt_g(r['gflops_effective'])}"]
+    if "error" in r:
+        return _row(head, r, None, ["-"])
+    return _row(head, r, f"{r['best_s']:.2f} ({r['median_s']:.2f})", [f"{r['warmup_s']:.1f}"])
 
 
 def infer_row(r):
-    head = f"| {r['model']} | {r['size']} | {r['batch']} | {r['path']} |"
-    if "error" in r:
-        return head + f" {r['error']} | - | - | - | - | {fmt(r.get('load'), 1)} |"
-    return head + (f" {1000 * r['best_s']:.1f} ({1000 * r['median_s']:.1f}) | {r['images_per_s']:.2f} | "
-                   f"{pct(r['peak_nominal'])} | {pct(r['peak_effective'])} | {cpu_pct(r)} | "
-                   f"{r['load']:.1f} |")
+    head = [r["model"], r["size"], str(r["batch"]), r["path"]]
+    return _row(head, r, "" if "error" in r else f"{1000 * r['best_s']:.1f} ({1000 * r['median_s']:.1f})")
 
 
 def separator(header):
@@ -528,6 +534,9 @@ def parse_args(argv=None):
     parser.add_argument("--precision", default="", help="Keras dtype policy, e.g. mixed_bfloat16 (default float32)")
     parser.add_argument("--profile", default="",
                         help="trace 2 more training steps (no XLA) per row into this folder; op time by group")
+    parser.add_argument("--reference_peak", default="",
+                        help="GFLOP/s,GFLOP per CPU-second: the peak to use instead of measuring the matmul rate "
+                             "(what --isolate passes to its child processes)")
     parser.add_argument("--isolate", action="store_true",
                         help="measure each model and size in a child process (memory returned after each; a child "
                              "that dies, e.g. out of memory, costs only its rows)")
@@ -606,13 +615,17 @@ def main(argv=None):
               "keras_batchnorm": args.keras_batchnorm, "threads": args.threads, "precision": args.precision}
     log(report["machine"])
     log(f"load average {report['load_start']:.1f}")
-    report["matmul"]["start"] = matmul_rate(matmul_sizes, args.matmul_repeats)
-    for m in report["matmul"]["start"]:
-        log(f"matmul {m['n']}: {m['gflops']:.1f} GFLOP/s best, {m['gflops_per_cpu_s']:.1f} GFLOP/CPU-s "
-            f"(load {m['load']:.1f})")
     # Peak for the rows printed during the run; the final table uses the best of the start and end measurements.
-    peak = max(m["gflops"] for m in report["matmul"]["start"])
-    peak_cpu = max(m["gflops_per_cpu_s"] for m in report["matmul"]["start"])
+    if args.reference_peak:  # an --isolate child: its parent's matmul rate, not a measurement of its own
+        peak, peak_cpu = (float(v) for v in args.reference_peak.split(","))
+        report["matmul"]["start"] = []
+    else:
+        report["matmul"]["start"] = matmul_rate(matmul_sizes, args.matmul_repeats)
+        for m in report["matmul"]["start"]:
+            log(f"matmul {m['n']}: {m['gflops']:.1f} GFLOP/s best, {m['gflops_per_cpu_s']:.1f} GFLOP/CPU-s "
+                f"(load {m['load']:.1f})")
+        peak = max(m["gflops"] for m in report["matmul"]["start"])
+        peak_cpu = max(m["gflops_per_cpu_s"] for m in report["matmul"]["start"])
 
     if not args.skip_crosscheck:
         name = args.crosscheck_model or models[0]
@@ -657,7 +670,8 @@ def main(argv=None):
         steps = args.large_steps if large and args.large_steps else args.steps
         for name in (large_models if large else models):
             if args.isolate:
-                measure_in_child(args, name, height, width, batch, steps, train_variants, infer_paths, add_row, log)
+                measure_in_child(args, name, height, width, batch, steps, train_variants, infer_paths, add_row, log,
+                                 peak, peak_cpu)
                 continue
             model = mtl_keras.build_model(name, input_shape=(height, width, 3), **overrides)
             flops = count_flops(model)
@@ -721,10 +735,10 @@ def main(argv=None):
 
     if temporary:
         shutil.rmtree(temporary, ignore_errors=True)
-    report["matmul"]["end"] = matmul_rate(matmul_sizes, args.matmul_repeats)
+    report["matmul"]["end"] = [] if args.reference_peak else matmul_rate(matmul_sizes, args.matmul_repeats)
     all_mm = report["matmul"]["start"] + report["matmul"]["end"]
-    report["peak_gflops"] = max(m["gflops"] for m in all_mm)
-    report["peak_gflops_per_cpu_s"] = max(m["gflops_per_cpu_s"] for m in all_mm)
+    report["peak_gflops"] = max((m["gflops"] for m in all_mm), default=peak)
+    report["peak_gflops_per_cpu_s"] = max((m["gflops_per_cpu_s"] for m in all_mm), default=peak_cpu)
     for row in report["training"] + report["inference"]:  # against the best matmul of the whole run
         add_fractions(row, report["peak_gflops"], report["peak_gflops_per_cpu_s"])
     report["load_end"] = load_average()

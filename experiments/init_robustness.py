@@ -40,7 +40,6 @@ Choices (the paper is vague on them; the results fragment repeats them):
   for the networks to agree within 0.1, so in quick mode a missed criterion is reported but is not an error exit.
 """
 
-import json
 import math
 import os
 import sys
@@ -49,6 +48,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
+
+from mtl_keras import reproduction  # noqa: E402
 
 from mtl_keras.tasks import TASK_TYPES  # noqa: E402
 
@@ -175,7 +176,7 @@ def run(quick=False, steps=None, initial_log_variances=PAPER_INITS, image_size=N
     from mtl_keras.training import MultiTaskTrainer, WeightingHistory
     from mtl_keras.weighting import UncertaintyWeightingLayer
 
-    start = time.time()
+    watch = reproduction.Stopwatch()
     steps = int(steps or (100 if quick else 400))
     batch_size = int(batch_size or (4 if quick else 8))
     image_size = tuple(int(v) for v in (image_size or ((32, 64) if quick else (64, 128))))
@@ -234,7 +235,7 @@ def run(quick=False, steps=None, initial_log_variances=PAPER_INITS, image_size=N
     optimum_spread = {t: max(optimum[s0][t] for s0 in inits) - min(optimum[s0][t] for s0 in inits) for t in TASKS}
     max_gap = {t: max(abs(final[s0][t] - optimum[s0][t]) for s0 in inits) for t in TASKS}
     passed = all(spread[t] <= tolerance for t in TASKS)
-    seconds = time.time() - start
+    seconds = watch.elapsed()
 
     print("\ninit log sigma^2 -> final log sigma^2")
     print("  init " + "".join(f"{t:>11s}" for t in TASKS))
@@ -257,22 +258,16 @@ def run(quick=False, steps=None, initial_log_variances=PAPER_INITS, image_size=N
                     tolerance=tolerance)
     title = (f"seed 001 Fig. 6: log sigma^2 from {len(inits)} initialisations ({MODEL}"
              f"{' narrow' if overrides else ''}, {image_size[0]}x{image_size[1]}, {steps} steps)")
-    plot(curves, spread_curve, inits, tolerance, os.path.join(output_dir, "log_variances.png"), title)
     summary = {"settings": settings, "passed": passed, "seconds": seconds,
                "final": {str(k): v for k, v in final.items()}, "spread": spread, "settled_step": settled,
                "optimum": {str(k): v for k, v in optimum.items()}, "optimum_spread": optimum_spread,
                "max_gap_to_optimum": max_gap, "run_seconds": {str(k): v for k, v in run_seconds.items()},
                "history": {str(k): v for k, v in histories.items()}}
-    with open(os.path.join(output_dir, "log_variances.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    if results_md:
-        folder = os.path.dirname(results_md)
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-        png = os.path.splitext(results_md)[0] + ".png"
-        plot(curves, spread_curve, inits, tolerance, png, title)
-        write_markdown(results_md, os.path.basename(png), command, settings, inits, final, spread, settled,
-                       spread_curve, optimum_spread, max_gap, passed, seconds)
+    reproduction.save_experiment(
+        output_dir, "log_variances", summary,
+        lambda path: plot(curves, spread_curve, inits, tolerance, path, title), results_md,
+        lambda md, png: write_markdown(md, png, command, settings, inits, final, spread, settled, spread_curve,
+                                       optimum_spread, max_gap, passed, watch.summary()))
     return {"final": final, "spread": spread, "settled_step": settled, "passed": passed, "seconds": seconds,
             "optimum": optimum, "optimum_spread": optimum_spread, "max_gap_to_optimum": max_gap,
             "spread_curve": {t: spread_curve[t].tolist() for t in TASKS}, "settings": settings}
@@ -309,7 +304,7 @@ def plot(curves, spread_curve, inits, tolerance, path, title):
 
 
 def write_markdown(path, png_name, command, settings, inits, final, spread, settled, spread_curve, optimum_spread,
-                   max_gap, passed, seconds):
+                   max_gap, passed, timing):
     import numpy as np
 
     steps = settings["steps"]
@@ -319,7 +314,7 @@ def write_markdown(path, png_name, command, settings, inits, final, spread, sett
     lines = [
         "## Initialisation robustness of the learned task uncertainty (seed 001, Fig. 6)",
         "",
-        f"Command: `{command}` ({seconds / 60:.1f} min on the project's 2-core CPU machine, shared with other jobs).",
+        f"Command: `{command}`. It took {timing}.",
         "",
         f"{model} ({settings['parameters']:,} parameters), synthetic street scenes (`{settings['data_dir']}`) at "
         f"{settings['image_size'][0]}x{settings['image_size'][1]}, batch {settings['batch_size']}, three tasks, "
@@ -402,7 +397,7 @@ def write_markdown(path, png_name, command, settings, inits, final, spread, sett
 
 def main(argv):
     del argv
-    command = "python " + " ".join(["experiments/init_robustness.py"] + sys.argv[1:])
+    command = reproduction.command_line()
     outcome = run(quick=FLAGS.quick, steps=FLAGS.steps, initial_log_variances=FLAGS.initial_log_variances,
                   image_size=FLAGS.image_size, batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
                   log_variance_learning_rate=FLAGS.log_variance_learning_rate,

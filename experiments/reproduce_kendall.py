@@ -13,8 +13,6 @@ GPU). Runs go to OUTPUT_DIR/runs/VARIANT; a finished run of the same config is r
 so the table can be built over several sessions (--rerun starts afresh).
 """
 
-import json
-import logging
 import os
 import sys
 
@@ -23,12 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from mtl_keras import reproduction  # noqa: E402
-from mtl_keras.config import TrainConfig  # noqa: E402
 from mtl_keras.reproduction import Metric, Variant  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET = os.path.join(ROOT, "experiments", "presets", "kendall_tiny_cityscapes.json")
-QUICK_DATA_DIR = os.path.join("data", "synthetic_repro_quick")  # shared with reproduce_mtunet.py --quick
 ALL3 = ("semantic", "instance", "depth")
 
 # The paper's numbers as printed (seed 004's copy of the paper's Table: Tiny CityScapes 128x256, validation).
@@ -70,42 +66,12 @@ QUICK = dict(
     synthetic_num_train=96, synthetic_num_val=32)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_boolean("quick", False, "Minutes on a CPU: tiny model (ResNet-26, width 8), 64x128 images, 96 steps, "
-                     "96/32 synthetic images. Without it: the paper's schedule (the preset).")
-flags.DEFINE_enum("dataset", "synthetic", ["synthetic", "cityscapes"], "synthetic (generated once) or the raw "
-                  "CityScapes release (--data_dir).")
-flags.DEFINE_string("data_dir", "", f"Dataset root. Default: {QUICK_DATA_DIR} with --quick (generated once), "
-                    "data/synthetic otherwise; required for cityscapes.")
-flags.DEFINE_list("variants", [], "Variants to run (default all): " + ", ".join(v.name for v in VARIANTS) + ".")
-flags.DEFINE_integer("steps", 0, "Override the training steps of every variant (0: the mode's).")
-flags.DEFINE_integer("synthetic_num_train", 0, "Synthetic training images when the set is generated (0: the mode's).")
-flags.DEFINE_integer("synthetic_num_val", 0, "Synthetic validation images when the set is generated (0: the mode's).")
-flags.DEFINE_string("output_dir", "", "Runs and the JSON of results (default runs/reproduce_kendall[_quick]).")
-flags.DEFINE_string("markdown", os.path.join("docs", "results", "reproduce_kendall.md"),
-                    "Where to write the markdown fragment (a copy goes to --output_dir too).")
-flags.DEFINE_boolean("rerun", False, "Train every selected variant afresh (default: reuse finished runs of the same "
-                     "config, resume unfinished ones).")
-flags.DEFINE_integer("verbose", 0, "Keras fit verbosity (0 silent, 1 progress bar, 2 one line per epoch).")
-flags.DEFINE_boolean("dry_run", False, "Print each selected variant's training config (one JSON line each) and "
-                     "stop: no data, no training.")
-
-
-def base_config():
-    """The config every variant overrides: the quick set-up or the paper's preset, plus the data flags."""
-    if FLAGS.quick:
-        config = TrainConfig(**QUICK)
-    else:
-        with open(PRESET) as f:
-            config = TrainConfig.from_dict(json.load(f))
-    data_dir = FLAGS.data_dir or (QUICK_DATA_DIR if FLAGS.quick and FLAGS.dataset == "synthetic" else "")
-    overrides = dict(dataset=FLAGS.dataset, data_dir=data_dir, export=False, num_sample_images=0)
-    if FLAGS.steps:
-        overrides.update(steps=FLAGS.steps, epochs=0)
-    if FLAGS.synthetic_num_train:
-        overrides["synthetic_num_train"] = FLAGS.synthetic_num_train
-    if FLAGS.synthetic_num_val:
-        overrides["synthetic_num_val"] = FLAGS.synthetic_num_val
-    return config.replace(**overrides)
+reproduction.define_flags(
+    "reproduce_kendall", [v.name for v in VARIANTS],
+    quick_help="Minutes on a CPU: tiny model (ResNet-26, width 8), 64x128 images, 96 steps, 96/32 synthetic images. "
+               "Without it: the paper's schedule (the preset).",
+    datasets=["synthetic", "cityscapes"],
+    dataset_help="synthetic (generated once) or the raw CityScapes release (--data_dir).")
 
 
 def describe(config, data_dir):
@@ -160,25 +126,15 @@ def remarks(config, records):
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    watch = reproduction.Stopwatch()
-    variants = reproduction.select_variants(VARIANTS, FLAGS.variants)
-    config = base_config()
-    output_dir = FLAGS.output_dir or os.path.join("runs", "reproduce_kendall" + ("_quick" if FLAGS.quick else ""))
-    if FLAGS.dry_run:
-        reproduction.print_plan(config, variants, output_dir)
-        return
     mode = "quick mode" if FLAGS.quick else "full mode, the paper's schedule"
-    data = "synthetic data" if config.dataset == "synthetic" else "CityScapes"
-    reproduction.run_and_report(
-        name="reproduce_kendall",
+    data = "synthetic data" if FLAGS.dataset == "synthetic" else "CityScapes"
+    reproduction.main(
+        FLAGS, name="reproduce_kendall",
         heading=f"## Reproduction: Kendall et al. 2018, Tiny CityScapes table ({mode}, {data})",
         paper="Kendall, Gal & Cipolla (CVPR 2018), Tiny CityScapes validation at 128x256 (seed 004's copy of the "
               "table; `shared/reference/anchors.md`)",
-        config=config, variants=variants, metrics=METRICS,
-        output_dir=output_dir,
-        markdown=FLAGS.markdown, quick=FLAGS.quick, rerun=FLAGS.rerun, verbose=FLAGS.verbose, describe=describe,
-        remarks=remarks, watch=watch)
+        config=reproduction.base_config(FLAGS, QUICK, PRESET), variants=VARIANTS, metrics=METRICS,
+        describe=describe, remarks=remarks)
 
 
 if __name__ == "__main__":

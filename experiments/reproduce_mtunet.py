@@ -17,8 +17,6 @@ estimation task is assigned lower priority". Our tasks are ordered (semantic, de
 ``task_weights=(0.7, 0.3)``.
 """
 
-import json
-import logging
 import os
 import sys
 
@@ -27,12 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from mtl_keras import reproduction  # noqa: E402
-from mtl_keras.config import TrainConfig  # noqa: E402
 from mtl_keras.reproduction import Metric, Variant  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET_DIR = os.path.join(ROOT, "experiments", "presets")
-QUICK_DATA_DIR = os.path.join("data", "synthetic_repro_quick")  # shared with reproduce_kendall.py --quick
 FULL = dict(attention=True, cross_talk=True)
 
 # The paper's numbers as printed: Table 1 (CityScapes, 7 and 19 classes), Table 3 (cross-talk off), Table 2 (NYUv2).
@@ -83,24 +79,12 @@ QUICK = dict(
     weighting="mtunet", weight_learning_rate=1e-3, synthetic_num_train=96, synthetic_num_val=32)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_boolean("quick", False, "Minutes on a CPU: MT-UNet at base_filters 8, 64x128 images, 72 steps, Adam "
-                     "1e-3, 96/32 synthetic images. Without it: the paper's schedule (the presets).")
-flags.DEFINE_enum("dataset", "synthetic", ["synthetic", "cityscapes_npy", "cityscapes", "nyuv2_npy", "nyuv2"],
-                  "synthetic (generated once), the CityScapes .npy release the paper used, raw CityScapes, or NYUv2.")
-flags.DEFINE_string("data_dir", "", f"Dataset root. Default: {QUICK_DATA_DIR} with --quick (generated once), "
-                    "data/synthetic otherwise; required for the real datasets.")
-flags.DEFINE_list("variants", [], "Variants to run (default all): " + ", ".join(r[0] for r in ROWS) + ".")
-flags.DEFINE_integer("steps", 0, "Override the training steps of every variant (0: the mode's).")
-flags.DEFINE_integer("synthetic_num_train", 0, "Synthetic training images when the set is generated (0: the mode's).")
-flags.DEFINE_integer("synthetic_num_val", 0, "Synthetic validation images when the set is generated (0: the mode's).")
-flags.DEFINE_string("output_dir", "", "Runs and the JSON of results (default runs/reproduce_mtunet[_quick]).")
-flags.DEFINE_string("markdown", os.path.join("docs", "results", "reproduce_mtunet.md"),
-                    "Where to write the markdown fragment (a copy goes to --output_dir too).")
-flags.DEFINE_boolean("rerun", False, "Train every selected variant afresh (default: reuse finished runs of the same "
-                     "config, resume unfinished ones).")
-flags.DEFINE_integer("verbose", 0, "Keras fit verbosity (0 silent, 1 progress bar, 2 one line per epoch).")
-flags.DEFINE_boolean("dry_run", False, "Print each selected variant's training config (one JSON line each) and "
-                     "stop: no data, no training.")
+reproduction.define_flags(
+    "reproduce_mtunet", [r[0] for r in ROWS],
+    quick_help="Minutes on a CPU: MT-UNet at base_filters 8, 64x128 images, 72 steps, Adam 1e-3, 96/32 synthetic "
+               "images. Without it: the paper's schedule (the presets).",
+    datasets=["synthetic", "cityscapes_npy", "cityscapes", "nyuv2_npy", "nyuv2"],
+    dataset_help="synthetic (generated once), the CityScapes .npy release the paper used, raw CityScapes, or NYUv2.")
 
 
 def variants_for(dataset):
@@ -109,25 +93,6 @@ def variants_for(dataset):
     # The 19-class row is not ranked against the 7-class rows; NYUv2 has 13 classes only.
     return [Variant(name, label, overrides, paper.get(name, {}), rank=name != "mt_unet_19cls")
             for name, label, overrides in ROWS if not (nyu and name == "mt_unet_19cls")]
-
-
-def base_config():
-    """The config every variant overrides: the quick set-up or the paper's preset, plus the data flags."""
-    if FLAGS.quick:
-        config = TrainConfig(**QUICK)
-    else:
-        preset = "mtunet_nyuv2_13" if FLAGS.dataset in NYUV2_DATASETS else "mtunet_cityscapes_7"
-        with open(os.path.join(PRESET_DIR, f"{preset}.json")) as f:
-            config = TrainConfig.from_dict(json.load(f))
-    data_dir = FLAGS.data_dir or (QUICK_DATA_DIR if FLAGS.quick and FLAGS.dataset == "synthetic" else "")
-    overrides = dict(dataset=FLAGS.dataset, data_dir=data_dir, export=False, num_sample_images=0)
-    if FLAGS.steps:
-        overrides.update(steps=FLAGS.steps, epochs=0)
-    if FLAGS.synthetic_num_train:
-        overrides["synthetic_num_train"] = FLAGS.synthetic_num_train
-    if FLAGS.synthetic_num_val:
-        overrides["synthetic_num_val"] = FLAGS.synthetic_num_val
-    return config.replace(**overrides)
 
 
 def describe(config, data_dir):
@@ -189,24 +154,15 @@ def remarks(config, records):
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    watch = reproduction.Stopwatch()
-    variants = reproduction.select_variants(variants_for(FLAGS.dataset), FLAGS.variants)
-    config = base_config()
-    output_dir = FLAGS.output_dir or os.path.join("runs", "reproduce_mtunet" + ("_quick" if FLAGS.quick else ""))
-    if FLAGS.dry_run:
-        reproduction.print_plan(config, variants, output_dir)
-        return
     mode = "quick mode" if FLAGS.quick else "full mode, the paper's schedule"
-    data = {"synthetic": "synthetic data", "nyuv2": "NYUv2", "nyuv2_npy": "NYUv2"}.get(config.dataset, "CityScapes")
-    reproduction.run_and_report(
-        name="reproduce_mtunet", heading=f"## Reproduction: MT-UNet, semantic + depth ({mode}, {data})",
+    data = {"synthetic": "synthetic data", "nyuv2": "NYUv2", "nyuv2_npy": "NYUv2"}.get(FLAGS.dataset, "CityScapes")
+    preset = "mtunet_nyuv2_13" if FLAGS.dataset in NYUV2_DATASETS else "mtunet_cityscapes_7"
+    reproduction.main(
+        FLAGS, name="reproduce_mtunet", heading=f"## Reproduction: MT-UNet, semantic + depth ({mode}, {data})",
         paper="MT-UNet (seed 003), Tables 1-3: CityScapes .npy release at 128x256 (7 and 19 classes), NYUv2 13 "
               "classes; `shared/reference/anchors.md`",
-        config=config, variants=variants, metrics=METRICS,
-        output_dir=output_dir,
-        markdown=FLAGS.markdown, quick=FLAGS.quick, rerun=FLAGS.rerun, verbose=FLAGS.verbose, describe=describe,
-        remarks=remarks, watch=watch)
+        config=reproduction.base_config(FLAGS, QUICK, os.path.join(PRESET_DIR, f"{preset}.json")),
+        variants=variants_for(FLAGS.dataset), metrics=METRICS, describe=describe, remarks=remarks)
 
 
 if __name__ == "__main__":

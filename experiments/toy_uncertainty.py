@@ -32,15 +32,15 @@ The layer only accepts the zoo's task names; the toy's y1 and y2 take its two re
 ``depth`` (the names only select the regression form; nothing else of those tasks is used).
 """
 
-import json
 import math
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
+
+from mtl_keras import reproduction  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_boolean("quick", False, "Full-batch Adam with a larger learning rate: a few seconds (for tests).")
@@ -161,11 +161,11 @@ def plot(histories, path, title):
     plt.close(fig)
 
 
-def write_markdown(path, png_name, command, settings, results, passed, seconds):
+def write_markdown(path, png_name, command, settings, results, passed, timing):
     lines = [
         "## Toy: learned task uncertainty recovers the noise (seed 004, section 2.3)",
         "",
-        f"Command: `{command}` ({seconds:.0f} s on the project's 2-core CPU machine, shared with other jobs).",
+        f"Command: `{command}`. It took {timing}.",
         "",
         "y1 = 2x + 8 + N(0, 10^2), y2 = 3x + 3 + N(0, 1^2), "
         f"{settings['num_samples']} samples, x ~ N(0, 1) (the seed does not give the distribution of x; we chose "
@@ -207,7 +207,7 @@ def write_markdown(path, png_name, command, settings, results, passed, seconds):
 def run(quick=False, initial_sigmas=(1.0, 5.0), num_samples=1000, hidden=1024, epochs=None, batch_size=None,
         learning_rate=None, beta_2=None, seed=0, output_dir="runs/toy_uncertainty", results_md="", command=""):
     """Runs every initialisation; returns ``{"results": {sigma0: {...}}, "passed": bool, ...}``."""
-    start = time.time()
+    watch = reproduction.Stopwatch()
     settings = dict(
         num_samples=num_samples, hidden=hidden, seed=seed,
         epochs=epochs or (300 if quick else 500),
@@ -230,31 +230,23 @@ def run(quick=False, initial_sigmas=(1.0, 5.0), num_samples=1000, hidden=1024, e
               f"residual std {residual_std['y1']:.3f}, {residual_std['y2']:.3f}", flush=True)
     passed = all(abs(r["sigma"][k] - true) <= TOLERANCE * true
                  for r in results.values() for k, true in zip(SLOTS, TRUE_SIGMAS))
-    seconds = time.time() - start
+    seconds = watch.elapsed()
     print(f"{'PASS' if passed else 'FAIL'}: every sigma within {TOLERANCE:.0%} of (10, 1) ({seconds:.0f} s)")
 
-    os.makedirs(output_dir, exist_ok=True)
     title = (f"seed 004 toy: learned sigma over epochs (Adam lr {settings['learning_rate']:g}, beta_2 "
              f"{settings['beta_2']:g}, batch {settings['batch_size']}, seed {seed})")
-    plot(histories, os.path.join(output_dir, "sigmas.png"), title)
     summary = {"settings": settings, "passed": passed, "seconds": seconds,
                "results": {str(k): v for k, v in results.items()},
                "history": {str(k): v for k, v in histories.items()}}
-    with open(os.path.join(output_dir, "sigmas.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    if results_md:
-        folder = os.path.dirname(results_md)
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-        png = os.path.splitext(results_md)[0] + ".png"
-        plot(histories, png, title)
-        write_markdown(results_md, os.path.basename(png), command, settings, results, passed, seconds)
+    reproduction.save_experiment(
+        output_dir, "sigmas", summary, lambda path: plot(histories, path, title), results_md,
+        lambda md, png: write_markdown(md, png, command, settings, results, passed, watch.summary()))
     return {"results": results, "passed": passed, "settings": settings, "seconds": seconds}
 
 
 def main(argv):
     del argv
-    command = "python " + " ".join(["experiments/toy_uncertainty.py"] + sys.argv[1:])
+    command = reproduction.command_line()
     outcome = run(quick=FLAGS.quick, initial_sigmas=[float(v) for v in FLAGS.initial_sigmas],
                   num_samples=FLAGS.num_samples, hidden=FLAGS.hidden, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
                   learning_rate=FLAGS.learning_rate, beta_2=FLAGS.beta_2, seed=FLAGS.seed,

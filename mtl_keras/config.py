@@ -73,3 +73,12 @@ class TrainConfig:
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    def differences(self, saved, ignore=()):
+        """The fields (sorted names) in which this config differs from ``saved``, a config dict as written by
+        :meth:`to_json` (e.g. a run folder's ``config.json``), leaving out ``ignore``. A field that ``saved`` lacks
+        (added to ``TrainConfig`` since it was written) counts as equal when this config has the default value."""
+        now = json.loads(self.to_json())
+        defaults = json.loads(TrainConfig().to_json())
+        return [k for k in sorted(set(now) | set(saved))
+                if k not in ignore and saved.get(k, defaults.get(k)) != now.get(k)]

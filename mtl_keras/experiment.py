@@ -9,7 +9,6 @@ run is unfinished: see mtl_keras/checkpointing.py), ``logs/`` (TensorBoard: per-
 import hashlib
 import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -124,9 +123,9 @@ def check_resumable(config, out, backup_dir):
     except (OSError, ValueError) as e:
         log.warning("Cannot read %s (%s): resuming without comparing the settings.", saved_path, e)
         return
-    now = json.loads(config.to_json())
-    differing = [k for k in sorted(set(saved) | set(now)) if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)]
+    differing = config.differences(saved, ignore=RESUME_MAY_CHANGE)
     if differing:
+        now = json.loads(config.to_json())
         changes = "; ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in differing)
         raise ValueError(
             f"{out} holds an interrupted run (backups in {backup_dir}) made with other settings ({changes}). "

@@ -196,8 +196,8 @@ def profiler_flops(model, batch_size=1, full_kernels=True):
 
     ``AtrousConv2D`` leaves out, at static sizes, the kernel taps that only see padding (a rate-36 3x3 conv on a
     16x32 map runs as a 1x1 conv): with ``full_kernels`` (default) that is switched off while tracing, so the
-    profiler counts the full kernels like :func:`count_flops`' nominal count; ``full_kernels=False`` counts the
-    graph as it runs.
+    profiler counts the full kernels like :func:`count_flops`' nominal count (``AtrousConv2D.trim_padding_taps``
+    off while tracing); ``full_kernels=False`` counts the graph as it runs.
 
     Returns ``{"total": per-image FLOPs of the whole graph, "by_op": {op type: per-image FLOPs}}``.
     """
@@ -209,14 +209,12 @@ def profiler_flops(model, batch_size=1, full_kernels=True):
 
     shape = (batch_size,) + tuple(model.inputs[0].shape[1:])
     fn = tf.function(lambda x: model(x, training=False))
-    trim = AtrousConv2D.__dict__.get("_taps_inside_input")
-    if full_kernels and trim is not None:
-        AtrousConv2D._taps_inside_input = lambda self, inputs, kernel: (kernel, list(self.dilation_rate))
+    trim = AtrousConv2D.trim_padding_taps
+    AtrousConv2D.trim_padding_taps = trim and not full_kernels
     try:
         concrete = fn.get_concrete_function(tf.TensorSpec(shape, tf.float32))
     finally:
-        if full_kernels and trim is not None:
-            AtrousConv2D._taps_inside_input = trim
+        AtrousConv2D.trim_padding_taps = trim
     graph = convert_variables_to_constants_v2(concrete).graph
     opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     opts["output"] = "none"

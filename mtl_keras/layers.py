@@ -72,6 +72,10 @@ class AtrousConv2D(keras.layers.Conv2D):
 
         return bool(tf.config.list_logical_devices("GPU"))
 
+    # Class-wide switch for measurements: False runs the full kernels (``mtl_keras.flops.profiler_flops`` counts
+    # nominal FLOPs that way).
+    trim_padding_taps = True
+
     def convolution_op(self, inputs, kernel):
         if self._native_dilation_available():
             import tensorflow as tf  # backend fast path only
@@ -91,7 +95,7 @@ class AtrousConv2D(keras.layers.Conv2D):
         batch 8, takes about 12% less CPU time).
         """
         dilations = list(self.dilation_rate)
-        if self.padding != "same":
+        if self.padding != "same" or not self.trim_padding_taps:
             return kernel, dilations
         for axis in (0, 1):
             size, k, rate = inputs.shape[1 + axis], self.kernel_size[axis], dilations[axis]
@@ -122,8 +126,11 @@ class BatchNormalization(keras.layers.BatchNormalization):
     epsilon below 1.001e-5 to 1.001e-5 (a cuDNN limit), a relative change of at most 1e-3 in epsilon.
     """
 
+    # Class-wide switch for comparisons (``benchmarks/run_all.py --keras_batchnorm``): False runs Keras' own code.
+    use_fused_kernel = True
+
     def _fused_available(self, inputs, mask):
-        if keras.config.backend() != "tensorflow" or mask is not None or self.renorm or self.synchronized:
+        if not self.use_fused_kernel or keras.config.backend() != "tensorflow" or mask is not None or self.renorm or self.synchronized:
             return False
         if len(inputs.shape) != 4 or self.axis not in (-1, 3) or inputs.shape[-1] is None:
             return False

@@ -28,6 +28,8 @@ from mtl_keras.config import TrainConfig
 
 log = logging.getLogger("mtl_keras")
 
+QUICK_DATA_DIR = os.path.join("data", "synthetic_repro_quick")  # the small synthetic set of every script's --quick
+
 TASK_ABBREVIATIONS = {"semantic": "sem", "instance": "inst", "depth": "depth", "normals": "normals"}
 
 
@@ -93,20 +95,12 @@ def print_plan(base, variants, output_dir):
 
 
 def _same_config(config):
-    """True / False whether the run folder's config.json equals ``config``; None without one. A field that the
-    saved config lacks (added to ``TrainConfig`` since) counts as equal when ``config`` has its default value."""
+    """True / False whether the run folder's config.json equals ``config``; None without one."""
     config_path = os.path.join(config.output_dir, "config.json")
     if not os.path.isfile(config_path):
         return None
     with open(config_path) as f:
-        saved = json.load(f)
-    current = json.loads(config.to_json())
-    defaults = json.loads(TrainConfig().to_json())
-    for key in set(current) - set(saved):
-        if current[key] != defaults.get(key):
-            return False
-        saved[key] = current[key]
-    return saved == current
+        return not config.differences(json.load(f))
 
 
 def _finished_results(config):
@@ -335,17 +329,22 @@ def write_json(path, payload):
     os.replace(tmp, path)
 
 
-def base_config_summary(config):
-    """The fields of ``config`` that differ from ``TrainConfig()``'s defaults, as ``name=value`` pairs."""
-    defaults = TrainConfig()
-    parts = []
-    for field in dataclasses.fields(config):
-        if field.name in ("output_dir",):
-            continue
-        value = getattr(config, field.name)
-        if value != getattr(defaults, field.name):
-            parts.append(f"{field.name}={value!r}")
-    return ", ".join(parts)
+def save_experiment(output_dir, stem, summary, plot, results_md="", write_markdown=None):
+    """The outputs of a single experiment script: ``OUTPUT_DIR/STEM.json`` (``summary``) and ``OUTPUT_DIR/STEM.png``
+    (drawn by ``plot(path)``); with ``results_md``, the plot is copied next to it (same name, ``.png``) and
+    ``write_markdown(results_md, png_file_name)`` writes the fragment."""
+    os.makedirs(output_dir, exist_ok=True)
+    png = os.path.join(output_dir, stem + ".png")
+    plot(png)
+    with open(os.path.join(output_dir, stem + ".json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    if results_md:
+        folder = os.path.dirname(results_md)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        copy = os.path.splitext(results_md)[0] + ".png"
+        shutil.copyfile(png, copy)
+        write_markdown(results_md, os.path.basename(copy))
 
 
 def write_fragment(path, heading, paragraphs, table, remarks):
@@ -417,7 +416,7 @@ def run_and_report(*, name, heading, paper, config, variants, metrics, output_di
     mode = "quick mode" if quick else "full mode (the paper's schedule)"
     reused = sum(r["reused"] for r in records)
     trained_seconds = sum(r.get("wall_seconds") or 0.0 for r in records)
-    timing = (f"This invocation took {watch.summary()}; the CPU was shared with other jobs. The {len(records)} "
+    timing = (f"This invocation took {watch.summary()}. The {len(records)} "
               f"variant run(s) took {format_duration(trained_seconds)} together (the time column)")
     timing += (f", {reused} of them reused from earlier invocations (their time as measured then)." if reused
                else ".")
@@ -439,3 +438,62 @@ def run_and_report(*, name, heading, paper, config, variants, metrics, output_di
     print(f"Markdown: {markdown or os.path.join(output_dir, name + '.md')}; results: {results_path}; "
           f"{watch.summary()}")
     return records, table
+
+
+# ------------------------------------------------------------------------------------------ the scripts' common parts
+def define_flags(name, variant_names, quick_help, datasets, dataset_help):
+    """The absl flags every reproduction script takes (``experiments/NAME.py``)."""
+    from absl import flags
+
+    flags.DEFINE_boolean("quick", False, quick_help)
+    flags.DEFINE_enum("dataset", "synthetic", list(datasets), dataset_help)
+    flags.DEFINE_string("data_dir", "", f"Dataset root. Default: {QUICK_DATA_DIR} with --quick (generated once), "
+                        "data/synthetic otherwise; required for the real datasets.")
+    flags.DEFINE_list("variants", [], "Variants to run (default all): " + ", ".join(variant_names) + ".")
+    flags.DEFINE_integer("steps", 0, "Override the training steps of every variant (0: the mode's).")
+    flags.DEFINE_integer("synthetic_num_train", 0,
+                         "Synthetic training images when the set is generated (0: the mode's).")
+    flags.DEFINE_integer("synthetic_num_val", 0, "Synthetic validation images when the set is generated (0: the mode's).")
+    flags.DEFINE_string("output_dir", "", f"Runs and the JSON of results (default runs/{name}[_quick]).")
+    flags.DEFINE_string("markdown", os.path.join("docs", "results", f"{name}.md"),
+                        "Where to write the markdown fragment (a copy goes to --output_dir too).")
+    flags.DEFINE_boolean("rerun", False, "Train every selected variant afresh (default: reuse finished runs of the "
+                         "same config, resume unfinished ones).")
+    flags.DEFINE_integer("verbose", 0, "Keras fit verbosity (0 silent, 1 progress bar, 2 one line per epoch).")
+    flags.DEFINE_boolean("dry_run", False, "Print each selected variant's training config (one JSON line each) and "
+                         "stop: no data, no training.")
+
+
+def base_config(flag_values, quick, preset_path):
+    """The config every variant overrides: ``quick`` (TrainConfig fields) with --quick, else the paper's preset;
+    plus the data flags."""
+    if flag_values.quick:
+        config = TrainConfig(**quick)
+    else:
+        with open(preset_path) as f:
+            config = TrainConfig.from_dict(json.load(f))
+    data_dir = flag_values.data_dir or (QUICK_DATA_DIR if flag_values.quick and flag_values.dataset == "synthetic"
+                                        else "")
+    overrides = dict(dataset=flag_values.dataset, data_dir=data_dir, export=False, num_sample_images=0)
+    if flag_values.steps:
+        overrides.update(steps=flag_values.steps, epochs=0)
+    if flag_values.synthetic_num_train:
+        overrides["synthetic_num_train"] = flag_values.synthetic_num_train
+    if flag_values.synthetic_num_val:
+        overrides["synthetic_num_val"] = flag_values.synthetic_num_val
+    return config.replace(**overrides)
+
+
+def main(flag_values, *, name, heading, paper, config, variants, metrics, describe=None, remarks=None):
+    """A reproduction script's ``main``: ``--dry_run`` prints the plan, otherwise :func:`run_and_report`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    watch = Stopwatch()
+    variants = select_variants(variants, flag_values.variants)
+    output_dir = flag_values.output_dir or os.path.join("runs", name + ("_quick" if flag_values.quick else ""))
+    if flag_values.dry_run:
+        print_plan(config, variants, output_dir)
+        return None
+    return run_and_report(name=name, heading=heading, paper=paper, config=config, variants=variants,
+                          metrics=metrics, output_dir=output_dir, markdown=flag_values.markdown,
+                          quick=flag_values.quick, rerun=flag_values.rerun, verbose=flag_values.verbose,
+                          describe=describe, remarks=remarks, watch=watch)

@@ -41,3 +41,21 @@ def assert_keras_save_load(model, images, folder):
     loaded = keras.saving.load_model(path)  # safe_mode stays on
     assert_outputs_close(model(images, training=False), loaded(images, training=False))
     return loaded
+
+
+def run_quick_experiment(script, tmp_path, summary_file, timeout):
+    """Runs ``experiments/SCRIPT --quick`` in a subprocess with its outputs in ``tmp_path`` (``out/`` and
+    ``results.md``); returns (the JSON summary ``out/SUMMARY_FILE``, the markdown path)."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results_md = tmp_path / "results.md"
+    proc = subprocess.run([sys.executable, os.path.join(root, "experiments", script), "--quick", "--output_dir",
+                           str(tmp_path / "out"), "--results_md", str(results_md)], cwd=root,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "out" / summary_file) as f:
+        return json.load(f), results_md

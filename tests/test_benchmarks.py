@@ -158,6 +158,20 @@ def test_run_all_quick_models(tmp_path, monkeypatch):
         assert row["images_per_s"] > 0 and math.isfinite(row["peak_cpu"]) and row["peak_cpu"] > 0
 
 
+def test_run_all_isolate_measures_in_a_child_process_against_the_parents_peak(tmp_path):
+    """--isolate: the rows come back from a child process (a real, tiny model), as rows, not failures, with the
+    fractions taken against the parent's matmul rate."""
+    run_all = _load("benchmarks/run_all.py", "run_all_under_test_isolate")
+    report = run_all.main(["--quick", "--isolate", "--models", "kendall_deeplabv3_resnet26_slim", "--skip_xla",
+                           "--skip_savedmodel", "--skip_pipeline", "--skip_clustering", "--skip_crosscheck",
+                           "--output", str(tmp_path / "b.md")])
+    assert len(report["training"]) == 1 and len(report["inference"]) == 1
+    for row in report["training"] + report["inference"]:
+        assert "error" not in row, row
+        expected = row["factor"] * row["gflops_nominal"] * row["images_per_s"] / report["peak_gflops"]
+        assert abs(row["peak_nominal"] - expected) < 1e-9 * max(expected, 1.0)
+
+
 def test_run_all_quick_data(tmp_path):
     """The input-pipeline and clustering rows (tiny generated data)."""
     run_all = _load("benchmarks/run_all.py", "run_all_under_test_data")

@@ -8,26 +8,14 @@ steps and end with somewhat different losses. The full run (docs/results/init_ro
 criterion, all within 0.1.
 """
 
-import json
-import os
-import subprocess
-import sys
+from tests.helpers import run_quick_experiment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "experiments", "init_robustness.py")
 TASKS = ("semantic", "instance", "depth")
 INITS = ("-2.0", "-1.0", "0.0", "1.0", "2.0", "3.0", "4.0", "5.0")
 
 
 def test_quick_run_converges_from_every_initialisation(tmp_path):
-    results_md = tmp_path / "init.md"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--output_dir", str(tmp_path / "out"),
-                           "--results_md", str(results_md)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(tmp_path / "out" / "log_variances.json") as f:
-        summary = json.load(f)
+    summary, results_md = run_quick_experiment("init_robustness.py", tmp_path, "log_variances.json", timeout=600)
     assert set(summary["final"]) == set(INITS)
     steps = summary["settings"]["steps"]
     for s0, history in summary["history"].items():
@@ -42,4 +30,4 @@ def test_quick_run_converges_from_every_initialisation(tmp_path):
     text = results_md.read_text()
     assert text.startswith("## ")
     assert "experiments/init_robustness.py --quick" in text
-    assert (tmp_path / "init.png").stat().st_size > 0
+    assert (tmp_path / "results.png").stat().st_size > 0
