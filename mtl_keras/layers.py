@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from mtl_keras import platform
+
 IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)  # in 0..255 pixel units
 IMAGENET_STD_RGB = (58.395, 57.12, 57.375)
 
@@ -56,8 +58,10 @@ class AtrousConv2D(keras.layers.Conv2D):
     batch-to-space. On CPU that is 5x (rate 2) to 40x (rate 36, a 16x32 map) slower than ``tf.nn.conv2d`` with
     ``dilations``, whose forward and backward kernels exist on CPU and GPU (measured: fwd+bwd of a 512->128 3x3 conv
     on 8x16x32: 2.45 s vs 0.056 s at rate 36). Other backends, and undilated or strided convs, use ``ops.conv``.
-    TensorFlow's CPU kernels have the dilated backward pass for float32 only (oneDNN), so other dtypes take the
-    fast path only where a GPU is present. Same weights and config as Conv2D, so checkpoints and ImageNet weights
+    TensorFlow's CPU kernels have the dilated backward pass for float32 only, and only with oneDNN (on by default
+    on AVX-512 VNNI/AMX CPUs; ``import mtl_keras`` turns it on elsewhere, see ``mtl_keras.platform``): where it is
+    off, the forward pass stays native and :func:`dilated_conv2d_tap_gradients` supplies the gradients. Other dtypes
+    take the fast path only where a GPU is present. Same weights and config as Conv2D, so checkpoints and ImageNet weights
     load by layer name either way.
     """
 
@@ -72,6 +76,13 @@ class AtrousConv2D(keras.layers.Conv2D):
 
         return bool(tf.config.list_logical_devices("GPU"))
 
+    @staticmethod
+    def _native_dilated_gradients():
+        """TensorFlow differentiates dilated convs natively: on GPU (cuDNN), and on CPU with oneDNN (probed once)."""
+        import tensorflow as tf
+
+        return bool(tf.config.list_logical_devices("GPU")) or platform.native_dilated_conv_gradients()
+
     # Class-wide switch for measurements: False runs the full kernels (``mtl_keras.flops.profiler_flops`` counts
     # nominal FLOPs that way).
     trim_padding_taps = True
@@ -80,8 +91,12 @@ class AtrousConv2D(keras.layers.Conv2D):
         if self._native_dilation_available():
             import tensorflow as tf  # backend fast path only
 
-            kernel, dilations = self._taps_inside_input(inputs, kernel)
-            return tf.nn.conv2d(inputs, kernel, strides=1, padding=self.padding.upper(), dilations=dilations)
+            taps, dilations = self._taps_inside_input(inputs, kernel)
+            if max(dilations) == 1 or self._native_dilated_gradients():
+                return tf.nn.conv2d(inputs, taps, strides=1, padding=self.padding.upper(), dilations=dilations)
+            if self.padding == "same" and all(int(k) % 2 == 1 for k in taps.shape[:2]):
+                # Eigen CPU kernels (oneDNN off): native forward pass, gradients written out.
+                return dilated_conv2d_tap_gradients(inputs, taps, dilations)
         return super().convolution_op(inputs, kernel)
 
     def _taps_inside_input(self, inputs, kernel):
@@ -107,6 +122,50 @@ class AtrousConv2D(keras.layers.Conv2D):
                 kernel = kernel[keep] if axis == 0 else kernel[:, keep]
                 dilations[axis] = rate if half else 1
         return kernel, dilations
+
+
+def dilated_conv2d_tap_gradients(inputs, kernel, dilations):
+    """``tf.nn.conv2d(inputs, kernel, dilations=dilations, padding="SAME")`` (stride 1, odd kernel sizes) with its
+    gradients written out, for TensorFlow's CPU kernels without oneDNN, which run the dilated forward pass but have
+    no dilated ``Conv2DBackpropInput`` / ``Conv2DBackpropFilter``.
+
+    * input gradient: with "same" padding, stride 1 and an odd kernel, the transpose of the convolution is the same
+      dilated convolution with the kernel flipped in space and its channel axes swapped (a forward op, which exists);
+    * filter gradient: one matrix product per tap, ``dK[i, j] = X_ij^T dY`` with ``X_ij`` the padded input shifted by
+      the tap's offset (N*H*W x C_in) and ``dY`` the output gradient (N*H*W x C_out).
+
+    Tested against the autodiff gradients of Keras' own convolution (``tests/test_layers.py``).
+    """
+    import tensorflow as tf  # TF-only path
+
+    rate_h, rate_w = (int(r) for r in dilations)
+    k_h, k_w = (int(k) for k in kernel.shape[:2])
+    pad_h, pad_w = (k_h - 1) * rate_h // 2, (k_w - 1) * rate_w // 2
+
+    @tf.custom_gradient
+    def conv(x, k):
+        y = tf.nn.conv2d(x, k, strides=1, padding="SAME", dilations=[rate_h, rate_w])
+
+        def grad(dy):
+            k_transposed = tf.transpose(tf.reverse(k, axis=[0, 1]), [0, 1, 3, 2])
+            dx = tf.nn.conv2d(dy, k_transposed, strides=1, padding="SAME", dilations=[rate_h, rate_w])
+            shape = tf.shape(x)
+            height, width, c_in = shape[1], shape[2], shape[3]
+            padded = tf.pad(x, [[0, 0], [pad_h, pad_h], [pad_w, pad_w], [0, 0]])
+            dy_flat = tf.reshape(dy, [-1, tf.shape(dy)[3]])
+            rows = []
+            for i in range(k_h):
+                taps = []
+                for j in range(k_w):
+                    shifted = padded[:, i * rate_h:i * rate_h + height, j * rate_w:j * rate_w + width, :]
+                    taps.append(tf.matmul(tf.reshape(shifted, [-1, c_in]), dy_flat, transpose_a=True))
+                rows.append(tf.stack(taps))
+            return dx, tf.stack(rows)
+
+        return y, grad
+
+    # A tensor, not the variable: custom_gradient would otherwise want the variables' gradients from grad too.
+    return conv(inputs, tf.convert_to_tensor(kernel))
 
 
 @keras.saving.register_keras_serializable(package="mtl_keras")

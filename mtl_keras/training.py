@@ -60,31 +60,37 @@ class MultiTaskTrainer(keras.Model):
         for tracker, value in zip(self.weight_trackers, self.loss_weighting.log_values().values()):
             tracker.update_state(value)
         loss = super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
-        if keras.config.backend() == "jax":
-            # JAX evaluates compute_loss in a stateless scope that drops add_loss terms made there: add the total
-            # here instead (JAX has no tf.distribute replica scaling to keep consistent).
-            loss = loss + total
+        if not any(term is total for term in self.loss_weighting.losses):
+            # The weighting's add_loss term is not collected here: JAX's trainer evaluates compute_loss in a
+            # stateless scope that drops add_loss terms made there (it collects only those of the forward pass).
+            # Added explicitly instead, scaled as Keras scales add_loss terms (1 / replicas under tf.distribute, so 1
+            # here); a direct call outside that scope collects it and must not count it twice.
+            loss = loss + total / distribution.replicas_in_sync()
         return loss
 
-    def train_step(self, data):
-        logs = super().train_step(data)
-        if distribution.is_multi_worker(self.distribute_strategy):
-            # Keras 3 reduces each scalar log with strategy.reduce(MEAN, axis=0) under MultiWorkerMirroredStrategy,
-            # which fails on rank-0 values (tensorflow/tensorflow#72388); shape (1,) reduces to the same scalar.
-            logs = {name: ops.reshape(value, (1,)) for name, value in logs.items()}
-        return logs
+    if keras.config.backend() == "tensorflow":
+        # TF-only hooks: the JAX and PyTorch trainers have their own train_step signatures and no tf.distribute.
 
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Keras 3.15's TF trainer reduces the first distributed batch across all replicas to build the model
-        # symbolically; under MultiWorkerMirroredStrategy that eager cross-worker reduce fails. This trainer is fully
-        # built at construction (functional model, eager loss-weight variables), so only the optimizer needs
-        # building there.
-        if distribution.is_multi_worker(self.distribute_strategy):
-            if self.optimizer is not None and not self.optimizer.built:
-                with self.distribute_strategy.scope():
-                    self.optimizer.build(self.trainable_variables)
-            return
-        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        def train_step(self, data):
+            logs = super().train_step(data)
+            if distribution.is_multi_worker(self.distribute_strategy):
+                # Keras 3 reduces each scalar log with strategy.reduce(MEAN, axis=0) under
+                # MultiWorkerMirroredStrategy, which fails on rank-0 values (tensorflow/tensorflow#72388); shape (1,)
+                # reduces to the same scalar.
+                logs = {name: ops.reshape(value, (1,)) for name, value in logs.items()}
+            return logs
+
+        def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+            # Keras 3.15's TF trainer reduces the first distributed batch across all replicas to build the model
+            # symbolically; under MultiWorkerMirroredStrategy that eager cross-worker reduce fails. This trainer is
+            # fully built at construction (functional model, eager loss-weight variables), so only the optimizer
+            # needs building there.
+            if distribution.is_multi_worker(self.distribute_strategy):
+                if self.optimizer is not None and not self.optimizer.built:
+                    with self.distribute_strategy.scope():
+                        self.optimizer.build(self.trainable_variables)
+                return
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def get_config(self):
         return {
@@ -134,6 +140,7 @@ class WeightingHistory(keras.callbacks.Callback):
         self._step += 1
         if self._step % self.every:
             return
+        self.model  # noqa: B018 - on JAX, reading Callback.model writes the training state back to the variables
         self.history["step"].append(self._step)
         for name, value in self.weighting.log_values().items():
             self.history.setdefault(name, []).append(float(ops.convert_to_numpy(value)))

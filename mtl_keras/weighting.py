@@ -210,7 +210,7 @@ class EpochStatisticsWeighting(LossWeighting):
         mean = ops.convert_to_numpy(self.loss_sum) / count
         variance = np.maximum(ops.convert_to_numpy(self.loss_square_sum) / count - mean ** 2, 0.0)
         for v in (self.loss_sum, self.loss_square_sum):
-            v.assign(ops.zeros_like(v))
+            v.assign(np.zeros(v.shape, v.dtype))
         self.loss_count.assign(0.0)
         self.epochs_seen.assign(self.epochs_seen + 1.0)
         return mean, variance
@@ -352,6 +352,7 @@ class WeightingEpochCallback(keras.callbacks.Callback):
         self.weighting = weighting
 
     def on_epoch_end(self, epoch, logs=None):
+        self.model  # noqa: B018 - on JAX, reading Callback.model writes the training state back to the variables
         self.weighting.on_epoch_end()
 
 
