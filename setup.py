@@ -56,6 +56,9 @@ setup(
     ],
     extras_require={
         "onnx": ["tf2onnx", "onnxruntime"],  # experiments/export.py --onnx
-        "test": ["pytest", "pytest-xdist", "tf2onnx", "onnxruntime"],
+        # The JAX and PyTorch backends, CPU builds: the backend tests and benchmarks (torch 2.13.0 is the CPU wheel
+        # this project's machines carry; a newer torch from PyPI is a CUDA build of several GB).
+        "backends": ["jax>=0.4.36", "torch==2.13.0"],
+        "test": ["pytest", "pytest-xdist", "tf2onnx", "onnxruntime", "jax>=0.4.36", "torch==2.13.0"],
     },
 )

@@ -56,7 +56,8 @@ flags.DEFINE_float("learning_rate", _D.learning_rate, "Initial learning rate (po
 flags.DEFINE_float("lr_power", _D.lr_power, "Power of the polynomial decay (0: constant).")
 flags.DEFINE_float("momentum", _D.momentum, "sgd: Nesterov momentum.")
 flags.DEFINE_float("weight_decay", _D.weight_decay, "sgd: weight decay.")
-flags.DEFINE_boolean("jit_compile", _D.jit_compile, "Compile the train step with XLA.")
+flags.DEFINE_boolean("jit_compile", _D.jit_compile, "Compile the train step with XLA (default: on with "
+                     "KERAS_BACKEND=jax, off with tensorflow and torch).")
 flags.DEFINE_integer("seed", _D.seed, "Random seed.")
 flags.DEFINE_enum("strategy", _D.strategy, ["auto", "one_device", "mirrored", "multi_worker"],
                   "auto: mirrored over all GPUs if any, else one device. multi_worker reads TF_CONFIG.")

@@ -1,4 +1,4 @@
-"""tf.distribute glue: strategies, replica arithmetic for exact loss scaling, chief-only outputs, sync BN.
+"""tf.distribute glue (and its JAX / PyTorch counterpart, :class:`KerasPlacement`): strategies, replica arithmetic for exact loss scaling, chief-only outputs, sync BN.
 
 Why the loss needs help under several replicas: Keras divides every ``add_loss`` term by the number of replicas
 and sums the replicas' gradients. A per-replica masked mean (``sum / count`` over the replica's own pixels) would
@@ -73,19 +73,78 @@ def configure_cpu_replicas(count):
         cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
 
 
+class KerasPlacement:
+    """The JAX / PyTorch counterpart of a tf.distribute strategy: ``scope()``, ``num_replicas_in_sync``.
+
+    On JAX with several devices it holds a ``keras.distribution.DataParallel``: variables replicated, each batch
+    split over the devices, and the whole training step compiled as one global (SPMD) computation, so every masked
+    mean is already the global one and the step equals the one-device step (tests/test_backends.py). ``scope()``
+    must cover model building *and* ``fit``: Keras reads the distribution when it places data.
+    """
+
+    def __init__(self, keras_distribution=None, devices=1):
+        self.keras_distribution = keras_distribution
+        self.num_replicas_in_sync = int(devices)
+
+    def scope(self):
+        import contextlib
+
+        return self.keras_distribution.scope() if self.keras_distribution else contextlib.nullcontext()
+
+    @property
+    def name(self):
+        return type(self.keras_distribution).__name__ if self.keras_distribution else "SingleDevice"
+
+
+def _keras_placement(name, cpu_replicas):
+    backend = keras.config.backend()
+    if name == "multi_worker":
+        raise ValueError(f"--strategy multi_worker needs the TensorFlow backend (KERAS_BACKEND={backend}); on JAX use "
+                         f"--strategy mirrored over the local devices.")
+    if backend != "jax":
+        if name == "mirrored":
+            raise ValueError(f"--strategy mirrored needs KERAS_BACKEND=tensorflow or jax (now {backend}).")
+        return KerasPlacement()
+    import jax
+
+    devices = jax.devices()
+    if cpu_replicas and cpu_replicas > 1 and len(devices) != cpu_replicas and devices[0].platform == "cpu":
+        raise ValueError(f"--cpu_replicas {cpu_replicas} on JAX: start Python with "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={cpu_replicas} (JAX sees "
+                         f"{len(devices)} CPU device(s); the count is fixed when JAX starts).")
+    if name == "one_device" or len(devices) == 1 or (name == "auto" and devices[0].platform == "cpu"):
+        return KerasPlacement()
+    return KerasPlacement(keras.distribution.DataParallel(devices=devices), len(devices))
+
+
+def fit_scope(strategy):
+    """What must surround ``fit`` as well as model building: the Keras distribution on JAX; nothing on TF (Keras
+    enters the tf.distribute strategy by itself)."""
+    import contextlib
+
+    return strategy.scope() if isinstance(strategy, KerasPlacement) else contextlib.nullcontext()
+
+
+def strategy_name(strategy):
+    return strategy.name if isinstance(strategy, KerasPlacement) else type(strategy).__name__
+
+
 def create_strategy(name="auto", cpu_replicas=0):
-    """The tf.distribute strategy ``name``:
+    """The tf.distribute strategy ``name`` on the TensorFlow backend (a :class:`KerasPlacement` on the others):
 
     * ``auto``: mirrored over all GPUs when there is at least one, else one device (the CPU);
     * ``one_device``: the first GPU, or the CPU;
     * ``mirrored``: all GPUs; without GPUs, ``cpu_replicas`` logical CPU devices (for tests on CPU);
     * ``multi_worker``: MultiWorkerMirroredStrategy over the cluster in ``TF_CONFIG``.
+
+    On JAX: ``auto`` and ``mirrored`` give data parallelism over every accelerator (``mirrored`` also over CPU
+    devices made with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``); on PyTorch, one device.
     """
-    tf = _tf()
-    if tf is None:
-        raise ValueError("Distribution strategies need the TensorFlow backend (KERAS_BACKEND=tensorflow).")
     if name not in STRATEGIES:
         raise ValueError(f"Unknown strategy {name!r}. Valid: {', '.join(STRATEGIES)}.")
+    tf = _tf()
+    if tf is None:
+        return _keras_placement(name, cpu_replicas)
     if name == "multi_worker":
         if "TF_CONFIG" not in os.environ:
             raise ValueError("--strategy multi_worker needs the TF_CONFIG environment variable (cluster and task).")

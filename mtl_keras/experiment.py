@@ -16,7 +16,7 @@ import time
 import keras
 import numpy as np
 
-from mtl_keras import checkpointing, distribution
+from mtl_keras import checkpointing, distribution, platform
 from mtl_keras.config import TrainConfig
 from mtl_keras.registry import build_model
 from mtl_keras.tasks import validate_tasks
@@ -213,13 +213,17 @@ def _run_training(config, verbose):
         augment["scale_range"] = tuple(config.scale_range)
     if config.crop_size:
         augment["crop_size"] = tuple(config.crop_size)
-    val_ds = load_dataset(config.dataset, data_dir, "val", batch_size=config.batch_size, shuffle=False, flip=False,
-                          **data_kwargs)
-    if config.val_batches:
-        val_ds = val_ds.take(config.val_batches)
+    use_tf_data = platform.tensorflow_available()
+    if use_tf_data:
+        val_ds = load_dataset(config.dataset, data_dir, "val", batch_size=config.batch_size, shuffle=False,
+                              flip=False, **data_kwargs)
+        if config.val_batches:
+            val_ds = val_ds.take(config.val_batches)
+    else:
+        val_ds = _numpy_dataset(config, data_dir, "val", augment, data_kwargs, max_batches=config.val_batches)
 
-    jit_compile = config.jit_compile
-    if jit_compile and replicas > 1:
+    jit_compile = backend_default_jit(config.jit_compile)
+    if jit_compile and replicas > 1 and keras.config.backend() == "tensorflow":
         log.warning("--jit_compile is off under %d replicas (XLA fails with add_loss across devices).", replicas)
         jit_compile = False
     with strategy.scope():
@@ -250,9 +254,12 @@ def _run_training(config, verbose):
                                 repeat=True, input_context=context, **augment, **data_kwargs).skip(skip)
 
         train_ds = strategy.distribute_datasets_from_function(dataset_fn)
-    else:  # Keras splits each global batch over the local replicas
+    elif use_tf_data:  # Keras splits each global batch over the local replicas
         train_ds = load_dataset(config.dataset, data_dir, "train", batch_size=config.batch_size, flip=config.flip,
                                 repeat=True, **augment, **data_kwargs).skip(skip)
+    else:  # no TensorFlow: the numpy loader, resumed by its epoch number
+        train_ds = _numpy_dataset(config, data_dir, "train", augment, data_kwargs, steps_per_epoch=steps_per_epoch,
+                                  initial_epoch=initial_epoch)
 
     untrained_path = os.path.join(out, "metrics_untrained.json")
     if chief and initial_epoch == 0:
@@ -272,11 +279,15 @@ def _run_training(config, verbose):
         callbacks += [
             keras.callbacks.ModelCheckpoint(os.path.join(out, "checkpoints", "last.weights.h5"),
                                             save_weights_only=True),
-            keras.callbacks.TensorBoard(os.path.join(out, "logs"), update_freq=max(steps_per_epoch // 4, 1)),
         ]
+        if use_tf_data:  # Keras' TensorBoard callback writes with tf.summary
+            callbacks.append(keras.callbacks.TensorBoard(os.path.join(out, "logs"),
+                                                         update_freq=max(steps_per_epoch // 4, 1)))
     fit_start = time.time()
-    history = trainer.fit(train_ds, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
-                          callbacks=callbacks, verbose=verbose)
+    with distribution.fit_scope(strategy):
+        # shuffle=False: the datasets shuffle themselves, by (seed, epoch); Keras would reorder a PyDataset's batches.
+        history = trainer.fit(train_ds, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
+                              callbacks=callbacks, verbose=verbose, shuffle=False)
     fit_seconds = time.time() - fit_start
     checkpointing.remove_backups(backup_dir)
     digest = weights_digest(trainer)
@@ -295,8 +306,10 @@ def _run_training(config, verbose):
     _save_samples(model, val_ds, os.path.join(out, "samples"), config, save_prediction_panel)
 
     model.save(os.path.join(out, "model.keras"))
-    if config.export:
+    if config.export and use_tf_data:
         model.export(os.path.join(out, "export"), format="tf_saved_model", verbose=False)
+    elif config.export:
+        log.warning("No SavedModel export: TensorFlow is not installed (model.keras is written).")
 
     results = {
         "chief": True,
@@ -304,7 +317,9 @@ def _run_training(config, verbose):
         "dataset": config.dataset,
         "tasks": list(tasks),
         "weighting": config.weighting,
-        "strategy": type(strategy).__name__,
+        "strategy": distribution.strategy_name(strategy),
+        "backend": keras.config.backend(),
+        "jit_compile": bool(jit_compile),
         "replicas": int(replicas),
         "global_batch_size": int(config.batch_size),
         "per_replica_batch_size": int(config.batch_size // replicas),
@@ -325,6 +340,34 @@ def _run_training(config, verbose):
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(results, f, indent=2, sort_keys=True)
     return results
+
+
+def backend_default_jit(jit_compile):
+    """``--jit_compile`` or, when not given (None), the backend's faster default: XLA on JAX; off on TensorFlow (its
+    XLA is 1.6 to 4.2x slower for these models on CPU, benchmarks/README.md) and PyTorch (torch.compile)."""
+    if jit_compile is None:
+        return keras.config.backend() == "jax"
+    return bool(jit_compile)
+
+
+def _numpy_dataset(config, data_dir, split, augment, data_kwargs, max_batches=0, **kwargs):
+    """The TensorFlow-free loader (``mtl_keras.data.numpy_loader``), for the CityScapes-layout datasets."""
+    from mtl_keras.data.numpy_loader import CityscapesPyDataset
+
+    if config.dataset not in ("synthetic", "cityscapes") or augment or data_kwargs.get("depth_target",
+                                                                                     "inverse") != "inverse":
+        raise ValueError(f"Without TensorFlow, only --dataset synthetic or cityscapes with inverse depth and no "
+                         f"--scale_range / --crop_size can be read (got --dataset {config.dataset}); install "
+                         f"tensorflow for the tf.data pipelines.")
+    kwargs.update({k: v for k, v in data_kwargs.items() if k != "depth_target"})
+    if split == "train":
+        kwargs.update(flip=config.flip, shuffle=True)
+    else:
+        kwargs.update(flip=False, shuffle=False)
+    dataset = CityscapesPyDataset(data_dir, split, batch_size=config.batch_size, **kwargs)
+    if max_batches:
+        return [dataset[i] for i in range(min(max_batches, len(dataset)))]
+    return dataset
 
 
 def _save_samples(model, dataset, folder, config, save_panel):

@@ -1,6 +1,7 @@
 """Small layers shared by the architectures. ``keras.ops`` only, so they run on any backend."""
 
 import keras
+import numpy as np
 from keras import ops
 
 from mtl_keras import platform
@@ -23,6 +24,10 @@ class ResizeLike(keras.layers.Layer):
 
     def call(self, inputs):
         x, reference = inputs
+        if keras.config.backend() == "tensorflow" and keras.backend.standardize_dtype(x.dtype) == "float64":
+            # tf.image.resize computes and returns float32 whatever the input: float64 (the cross-backend
+            # equivalence tests) takes the exact interpolation by matrices.
+            return bilinear_resize_by_matrices(x, ops.shape(reference)[1:3])
         if keras.config.backend() == "tensorflow":
             # The op Keras' TF backend runs, called directly: ``ops.image.resize`` checks ``size[0] <= 0`` in Python,
             # which fails on a symbolic size (unknown height/width under tf.function without autograph, as
@@ -41,13 +46,63 @@ class ResizeLike(keras.layers.Layer):
         return {**super().get_config(), "interpolation": self.interpolation}
 
 
+def _bilinear_matrix(out_size, in_size, dtype):
+    """(out_size, in_size) weights of bilinear interpolation with half-pixel centres, clamped at the edges: the
+    convention of ``tf.image.resize``, ``jax.image.resize`` and ``torch``'s ``align_corners=False`` (upsampling)."""
+    out_f, in_f = ops.cast(out_size, "float64"), ops.cast(in_size, "float64")
+    source = (ops.cast(ops.arange(out_size), "float64") + 0.5) * (in_f / out_f) - 0.5
+    source = ops.clip(source, 0.0, in_f - 1.0)
+    distance = ops.abs(ops.expand_dims(source, 1) - ops.expand_dims(ops.cast(ops.arange(in_size), "float64"), 0))
+    return ops.cast(ops.maximum(1.0 - distance, 0.0), dtype)
+
+
+def bilinear_resize_by_matrices(x, size):
+    """Bilinear upsampling of NHWC ``x`` to ``size`` as two matrix products, in ``x``'s dtype."""
+    rows = _bilinear_matrix(size[0], ops.shape(x)[1], x.dtype)
+    columns = _bilinear_matrix(size[1], ops.shape(x)[2], x.dtype)
+    x = ops.einsum("hH,bHWc->bhWc", rows, x)
+    return ops.einsum("wW,bhWc->bhwc", columns, x)
+
+
+@keras.saving.register_keras_serializable(package="mtl_keras")
+class Normalization(keras.layers.Normalization):
+    """``keras.layers.Normalization`` with given mean and variance, exact in float64 on every backend.
+
+    Keras' torch backend rounds ``maximum(float64 tensor, epsilon)``, the guard against a zero variance in Keras'
+    ``call``, to float32; the given (ImageNet) variances are positive, so no guard is needed here. The class keeps Keras' name, so
+    weight files key this layer as before (``layers/normalization``; see ``BatchNormalization``).
+    """
+
+    def call(self, inputs):
+        if self.invert or self.mean is None:
+            return super().call(inputs)
+        inputs = ops.convert_to_tensor(inputs, dtype=self.compute_dtype)
+        mean = ops.cast(self.convert_weight(self.mean), inputs.dtype)
+        std = ops.sqrt(ops.cast(self.convert_weight(self.variance), inputs.dtype))
+        return (inputs - mean) / std
+
+
+@keras.saving.register_keras_serializable(package="mtl_keras")
+class GlobalAveragePooling2D(keras.layers.GlobalAveragePooling2D):
+    """``keras.layers.GlobalAveragePooling2D`` as a sum over the pixels divided by their number: Keras' torch backend
+    computes ``ops.mean`` of float64 tensors in float32 precision. Keeps Keras' class name (weight-file keys)."""
+
+    def call(self, inputs):
+        axes = [1, 2] if self.data_format == "channels_last" else [2, 3]
+        count = ops.cast(ops.shape(inputs)[axes[0]] * ops.shape(inputs)[axes[1]], inputs.dtype)
+        return ops.sum(inputs, axis=axes, keepdims=self.keepdims) / count
+
+
 def image_normalization(name="image_normalization"):
     """Maps float RGB images in 0..255 to ImageNet-standardised values (the convention of torchvision weights).
 
     Preprocessing lives inside the model so that an exported model takes raw images.
     """
-    return keras.layers.Normalization(
-        axis=-1, mean=list(IMAGENET_MEAN_RGB), variance=[s * s for s in IMAGENET_STD_RGB], name=name)
+    # float64 arrays, not lists: the torch backend turns a list into a float32 tensor before casting it to the
+    # compute dtype, which would round the constants in float64 models.
+    return Normalization(
+        axis=-1, mean=np.asarray(IMAGENET_MEAN_RGB, "float64"),
+        variance=np.square(np.asarray(IMAGENET_STD_RGB, "float64")), name=name)
 
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
@@ -195,8 +250,32 @@ class BatchNormalization(keras.layers.BatchNormalization):
             return False
         return keras.backend.standardize_dtype(inputs.dtype) == "float32" and self.compute_dtype == "float32"
 
+    def _exact_float64(self, inputs, mask):
+        return (mask is None and not self.renorm and keras.backend.standardize_dtype(inputs.dtype) == "float64"
+                and self.compute_dtype == "float64")
+
+    def _call_float64(self, inputs, training):
+        """Keras' batch norm, with the normalisation written out: the JAX and PyTorch backends' ``rsqrt`` is
+        accurate to about 1e-7 only, even in float64, which the cross-backend equivalence tests cannot tell apart
+        from a real difference."""
+        if training and self.trainable:
+            mean, variance = self._moments(inputs, None)
+            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+            self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+        else:
+            mean, variance = self.moving_mean, self.moving_variance
+        shape = [1] * len(inputs.shape)
+        shape[self.axis] = inputs.shape[self.axis]
+        scale = 1.0 / ops.sqrt(variance + self.epsilon)
+        if self.scale:
+            scale = scale * self.gamma
+        outputs = (inputs - ops.reshape(mean, shape)) * ops.reshape(scale, shape)
+        return outputs + ops.reshape(self.beta, shape) if self.center else outputs
+
     def call(self, inputs, training=None, mask=None):
         if not self._fused_available(inputs, mask):
+            if self._exact_float64(inputs, mask):
+                return self._call_float64(inputs, training)
             return super().call(inputs, training=training, mask=mask)
         import tensorflow as tf  # backend fast path only
 

@@ -14,7 +14,7 @@ Decoder per task: conv to 256 + BN + ReLU, 1x1 conv to the task's channels, bili
 
 import keras
 
-from mtl_keras.layers import ResizeLike, conv_bn_relu, image_normalization
+from mtl_keras.layers import GlobalAveragePooling2D, ResizeLike, conv_bn_relu, image_normalization
 from mtl_keras.models.heads import task_output
 from mtl_keras.models.resnet import dilated_resnet
 from mtl_keras.registry import register_model
@@ -27,7 +27,7 @@ def aspp(x, channels=256, rates=(12, 24, 36), name="aspp"):
     branches = [conv_bn_relu(x, channels, 1, name=f"{name}_1x1")]
     for i, rate in enumerate(rates, start=1):
         branches.append(conv_bn_relu(x, channels, 3, dilation_rate=rate, name=f"{name}_atrous{i}"))
-    pooled = keras.layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}_pool")(x)
+    pooled = GlobalAveragePooling2D(keepdims=True, name=f"{name}_pool")(x)
     pooled = conv_bn_relu(pooled, channels, 1, name=f"{name}_pool")
     branches.append(ResizeLike(interpolation="bilinear", name=f"{name}_pool_resize")([pooled, x]))
     return keras.layers.Concatenate(name=f"{name}_concat")(branches)

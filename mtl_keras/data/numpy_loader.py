@@ -1,0 +1,517 @@
+"""TensorFlow-free loader of the CityScapes raw layout (real CityScapes and the synthetic set), as a
+``keras.utils.PyDataset``: training and evaluation on the JAX and PyTorch backends without TensorFlow installed.
+
+It yields the batches of :func:`mtl_keras.data.load_cityscapes` (the contract of ``mtl_keras.data.pipeline``):
+``(image float32 (B,H,W,3) RGB 0..255, targets)`` with, for the requested tasks only, ``"semantic"`` int32 (B,H,W)
+training ids (255 = ignore), ``"instance"`` float32 (B,H,W,2) (dy, dx) to the instance centroid in px +
+``"instance_mask"`` float32 (B,H,W,1), ``"depth"`` float32 (B,H,W,1) inverse depth = disparity in px at the training
+width (0 where invalid) + ``"depth_mask"`` float32 (B,H,W,1). Only numpy, OpenCV (PNG decoding) and Keras are used;
+nothing here imports TensorFlow.
+
+**Same values as the tf.data loader.** Without augmentation the batches equal ``load_cityscapes``'s bit for bit:
+the image resize re-implements ``tf.image.resize(method="bilinear", antialias=True)`` (TF's ``ScaleAndTranslate``
+with the triangle kernel: the same float32 span weights, rows then columns, taps summed in the same order, then
+round-half-to-even and clip, as ``pipeline.resize_image``), and label maps use TF's nearest-neighbour indices
+(half-pixel centres, ``floor((i + 0.5) * in / out)`` in float32). OpenCV's resizes are not used for this:
+``INTER_AREA`` / ``INTER_LINEAR`` differ from TF's antialiased triangle filter by up to 12 / 28 grey levels (a
+smooth 1024x2048 test image downscaled to 128x256), ``INTER_NEAREST`` picks other pixels on every downscale (no
+half-pixel offset), and ``INTER_NEAREST_EXACT`` differs at non-integer ratios (e.g. 2048 -> 300).
+
+**Order and augmentation** (not the tf.data streams, which come from TF's stateless RNGs): examples sorted by
+``(city, file stem)`` (the file-name order of CityScapes, and the order of the tf.data loader); with ``shuffle`` the
+order of data epoch ``e`` is ``np.random.default_rng([seed, e]).permutation(n)``; with ``flip`` example ``k`` of data
+epoch ``e`` is mirrored when ``np.random.default_rng([seed, e, k, 1]).random() < 0.5`` (the trailing 1 keeps that
+stream apart from the permutation's: numpy's seed sequences ignore trailing zeros). Mirroring flips the image and
+every label map before the instance vectors are computed, which negates their ``dx``. Every batch is a pure function
+of ``(seed, epoch, index)``, so worker threads or processes cannot change it.
+
+**Epochs.** ``epoch`` (start: ``initial_epoch``) advances in :meth:`CityscapesPyDataset.on_epoch_end`, which Keras
+calls at the end of every epoch of ``fit`` / ``evaluate``. Keras 3.15's ``fit`` also calls it once before the first
+epoch (``EpochIterator.reset()`` after building the model), so the Keras epoch ``i`` of a ``fit`` reads data epoch
+``initial_epoch + i + 1``: a run resumed with ``fit(initial_epoch=k)`` on a dataset made with ``initial_epoch=k``
+reads the same data as the uninterrupted run. Plain iteration (``for images, targets in ds``, as
+:func:`mtl_keras.evaluation.evaluate_model` does) yields ``len(ds)`` batches of the current epoch and advances
+nothing. Pass ``shuffle=False`` to ``fit``: its default ``shuffle=True`` makes Keras permute the *batch indices* of a
+PyDataset with Python's global ``random`` each epoch (the dataset shuffles itself).
+
+**More steps per epoch than one pass** (``steps_per_epoch``). Keras 3.15 cannot draw more than ``len(ds)`` batches
+from a finite PyDataset in one epoch: ``fit(steps_per_epoch=S)`` with ``S > len(ds)`` stops the epoch after
+``len(ds)`` batches ("Your input ran out of data"); an infinite PyDataset (``num_batches`` ``None``) would need
+``steps_per_epoch`` in ``fit`` and never ends a plain ``for`` loop. So with ``steps_per_epoch=S`` set here the
+dataset stays finite with ``len(ds) == S`` and serves an endless stream of passes over the data, cut into batches:
+batch ``i`` of epoch ``e`` holds the stream elements ``(e S + i) B ... (e S + i + 1) B - 1``, element ``q`` being
+example ``order(q // n)[q % n]`` of pass ``q // n`` (shuffled and flipped as data epoch ``q // n``). As with
+``tf.data``'s ``repeat()`` before ``batch()``, every batch is full and a batch may straddle two passes
+(``drop_remainder`` does not apply). Then call ``fit`` without ``steps_per_epoch`` (or with the same value): with a
+smaller one Keras keeps its iterator across epochs while ``on_epoch_end`` moves the stream.
+
+**Parallelism**: the ``PyDataset`` arguments ``workers``, ``use_multiprocessing`` and ``max_queue_size`` are passed
+on (decoding releases the GIL in OpenCV and in numpy's large array operations, so threads help). With
+``workers > 1`` Keras 3.15 keeps the batches it prefetched when ``fit`` pulls one batch to build the model and serves
+them at the start of the first epoch: the first epoch then depends on timing. Use the default ``workers=1`` where a
+run must be reproducible batch for batch.
+
+Not supported (use :func:`mtl_keras.data.load_cityscapes`): metric depth (``depth_target="metric"``), random scale
+and crop augmentation, caching, sharding over replicas.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import logging
+import os
+
+import cv2
+import keras
+import numpy as np
+
+from mtl_keras.data.checks import PNG_IEND, DataError, check_png
+from mtl_keras.data.labels import IGNORE_INDEX, known_label_mask, label_lookup_table
+
+__all__ = ["CityscapesPyDataset", "load_cityscapes_numpy", "list_cityscapes_files_numpy", "resize_image_numpy",
+           "nearest_indices", "resize_nearest_numpy", "centroid_vectors_numpy", "TASKS"]
+
+log = logging.getLogger("mtl_keras")
+
+TASKS = ("semantic", "instance", "depth")
+
+# key -> (type folder, suffix): the CityScapes raw layout (as mtl_keras.data.cityscapes.FILE_TYPES)
+_FILE_TYPES = {
+    "image": ("leftImg8bit", "leftImg8bit.png"),
+    "label_ids": ("gtFine", "gtFine_labelIds.png"),
+    "instance_ids": ("gtFine", "gtFine_instanceIds.png"),
+    "disparity": ("disparity", "disparity.png"),
+}
+_TASK_FILES = {"semantic": "label_ids", "instance": "instance_ids", "depth": "disparity"}
+# What each label PNG must be: (description, bit depth, numpy dtype)
+_PNG_EXPECT = {
+    "label_ids": ("labelIds", 8, np.uint8),
+    "instance_ids": ("instanceIds", 16, np.uint16),
+    "disparity": ("disparity", 16, np.uint16),
+}
+# Folders that may be absent for the test split, whose labels CityScapes withholds.
+_WITHHELD_ON_TEST = ("label_ids", "instance_ids", "disparity")
+_FLIP_STREAM = 1  # last word of the flip seeds (non-zero: see the module docstring)
+
+_F32 = np.float32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resizing as TensorFlow does it
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _triangle_spans(out_size: int, in_size: int):
+    """TF's ``ScaleAndTranslate`` spans (triangle kernel, antialias, no translation) of one axis, in float32.
+
+    Returns ``(indices int (out_size, span), weights float32 (out_size, span))``; taps past the end of the input have
+    weight 0 (their index is clamped to stay valid).
+    """
+    scale = _F32(out_size) / _F32(in_size)  # tf.image.resize: float32 new_size / old_size
+    inv_scale = _F32(1.0 / np.float64(scale))  # the kernel: const float inv_scale = 1.0 / scale
+    kernel_scale = max(inv_scale, _F32(1.0))  # antialias: widen the kernel when downsampling
+    span = min(2 * int(np.ceil(kernel_scale)) + 1, in_size)  # triangle radius 1
+    one_over_kernel_scale = _F32(1.0) / kernel_scale
+    starts = np.zeros(out_size, np.int64)
+    weights = np.zeros((out_size, span), _F32)
+    for x in range(out_size):
+        sample = (_F32(x) + _F32(0.5)) * inv_scale
+        if sample < 0 or sample > in_size:  # cannot happen without translation; as TF: an empty span
+            continue
+        start = int(np.ceil(sample - kernel_scale - _F32(0.5)))
+        end = int(np.floor(sample + kernel_scale - _F32(0.5)))
+        start = min(max(start, 0), in_size - 1)
+        end = min(max(end, 0), in_size - 1) + 1
+        taps, total = [], _F32(0.0)
+        for source in range(start, end):
+            pos = abs((_F32(source) + _F32(0.5) - sample) * one_over_kernel_scale)
+            w = _F32(1.0) - pos if pos < 1.0 else _F32(0.0)
+            total = _F32(total + w)
+            taps.append(w)
+        if abs(total) >= 1000.0 * np.finfo(_F32).tiny:
+            weights[x, : len(taps)] = np.array(taps, _F32) * (_F32(1.0) / total)
+        starts[x] = start
+    indices = np.minimum(starts[:, None] + np.arange(span), in_size - 1)
+    return indices, weights
+
+
+def _resize_triangle(image, out_h: int, out_w: int):
+    """float32 ``tf.image.resize(image, (out_h, out_w), "bilinear", antialias=True)`` of an HxWxC array."""
+    x = np.asarray(image)
+    if x.dtype not in (np.uint8, np.uint16, _F32):
+        x = x.astype(_F32)
+    rows, row_w = _triangle_spans(int(out_h), x.shape[0])
+    inter = np.zeros((int(out_h),) + x.shape[1:], _F32)
+    term = np.empty_like(inter)
+    tail = (1,) * (x.ndim - 1)
+    for k in range(rows.shape[1]):  # rows first, taps in order (TF's GatherRows); uint -> float32 is exact
+        np.multiply(row_w[:, k].reshape((-1,) + tail), x[rows[:, k]], out=term)
+        inter += term
+    cols, col_w = _triangle_spans(int(out_w), x.shape[1])
+    out = np.zeros((int(out_h), int(out_w)) + x.shape[2:], _F32)
+    tail = (1,) * (x.ndim - 2)
+    for k in range(cols.shape[1]):  # then columns (TF's GatherColumns)
+        out += col_w[:, k].reshape((1, -1) + tail) * inter[:, cols[:, k]]
+    return out
+
+
+def resize_image_numpy(image, image_size):
+    """Any HxWx3 image (0..255) -> uint8 ``image_size`` x 3, as ``pipeline.resize_image``: TF's antialiased
+    bilinear (triangle) resize, rounded half to even, clipped."""
+    h, w = (int(v) for v in image_size)
+    out = _resize_triangle(image, h, w)
+    return np.clip(np.rint(out), 0.0, 255.0).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=64)
+def nearest_indices(out_size: int, in_size: int):
+    """Source index of each output index of ``tf.image.resize(method="nearest")`` along one axis:
+    ``min(floor((i + 0.5) * (in / out)), in - 1)`` in float32 (TF's half-pixel-centre nearest neighbour)."""
+    scale = _F32(in_size) / _F32(out_size)
+    idx = np.floor((np.arange(out_size, dtype=_F32) + _F32(0.5)) * scale).astype(np.int64)
+    idx = np.minimum(idx, in_size - 1)
+    idx.setflags(write=False)
+    return idx
+
+
+def resize_nearest_numpy(array, image_size):
+    """HxW(xC) array -> ``image_size``, picking the pixels ``tf.image.resize(method="nearest")`` picks."""
+    h, w = (int(v) for v in image_size)
+    a = np.asarray(array)
+    return a[nearest_indices(h, a.shape[0])][:, nearest_indices(w, a.shape[1])]
+
+
+def centroid_vectors_numpy(segment_ids):
+    """(dy, dx) from each pixel to the centroid of its segment, and the mask of segment pixels (numpy version of
+    ``pipeline.centroid_vectors``).
+
+    ``segment_ids``: int HxW, ``0`` = no instance, any other value = one instance. Returns (vectors float32 HxWx2,
+    mask float32 HxWx1); vectors are 0 outside instances. Centroids are means of pixel indices (float64).
+    """
+    ids = np.asarray(segment_ids)
+    h, w = ids.shape
+    mask = ids != 0
+    vec = np.zeros((h, w, 2), _F32)
+    ys, xs = np.nonzero(mask)  # row-major, the order of ids[mask]
+    if ys.size:
+        _, seg = np.unique(ids[mask], return_inverse=True)
+        seg = seg.reshape(-1)
+        count = np.bincount(seg).astype(np.float64)
+        yf, xf = ys.astype(np.float64), xs.astype(np.float64)
+        cy = np.bincount(seg, weights=yf) / count
+        cx = np.bincount(seg, weights=xf) / count
+        vec[ys, xs, 0] = (cy[seg] - yf).astype(_F32)
+        vec[ys, xs, 1] = (cx[seg] - xf).astype(_F32)
+    return vec, mask[..., None].astype(_F32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _scan(data_dir, split, key):
+    folder, suffix = _FILE_TYPES[key]
+    split_dir = os.path.join(data_dir, folder, split)
+    if not os.path.isdir(split_dir):
+        raise FileNotFoundError(f"missing folder {split_dir}: expected {folder}/{split}/{{city}}/"
+                                f"{{city}}_{{seq}}_{{frame}}_{suffix} files under the CityScapes root {data_dir}")
+    files = glob.glob(os.path.join(glob.escape(split_dir), "*", f"*_{suffix}"))
+    # (city, stem) -> path; stem = file name without "_" + suffix
+    return {(os.path.basename(os.path.dirname(p)), os.path.basename(p)[: -len(suffix) - 1]): p for p in files}
+
+
+def list_cityscapes_files_numpy(data_dir, split="train", require=("label_ids", "instance_ids", "disparity"),
+                                optional=()) -> list[dict]:
+    """The samples of a split of a CityScapes-layout folder, without TensorFlow (as
+    :func:`mtl_keras.data.cityscapes.list_cityscapes_files`, which imports TensorFlow).
+
+    Returns a list sorted by (city, stem) of dicts with ``"id"`` (``city_seq_frame``), ``"city"``, ``"image"`` and one
+    path per key of ``require`` (``"label_ids"``, ``"instance_ids"``, ``"disparity"``). ``optional``: keys whose
+    whole ``{type}/{split}`` folder may be absent (then left out of the entries). Raises ``FileNotFoundError`` naming
+    the missing root, folder or file (an image without its label file or the reverse), ``ValueError`` for an empty
+    split or an unknown key.
+    """
+    data_dir = os.fspath(data_dir)
+    require = tuple(k for k in dict.fromkeys(require) if k != "image")
+    unknown = [k for k in require if k not in _FILE_TYPES]
+    if unknown:
+        raise ValueError(f"require must be a subset of {tuple(_FILE_TYPES)}, got unknown {unknown}")
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"CityScapes root folder {data_dir} does not exist")
+    images = _scan(data_dir, split, "image")
+    if not images:
+        folder = os.path.join(data_dir, _FILE_TYPES["image"][0], split)
+        raise ValueError(f"empty split {split!r}: no *_{_FILE_TYPES['image'][1]} files in the city folders of "
+                         f"{folder}")
+    require = tuple(k for k in require if not (
+        k in optional and not os.path.isdir(os.path.join(data_dir, _FILE_TYPES[k][0], split))))
+    found = {k: _scan(data_dir, split, k) for k in require}
+    for key in require:
+        folder, suffix = _FILE_TYPES[key]
+        missing = sorted(set(images) - set(found[key]))
+        if missing:
+            city, stem = missing[0]
+            raise FileNotFoundError(
+                f"image {images[missing[0]]} has no {key} file: expected "
+                f"{os.path.join(data_dir, folder, split, city, f'{stem}_{suffix}')} ({len(missing)} image(s) of "
+                f"split {split!r} lack their {suffix})")
+        orphans = sorted(set(found[key]) - set(images))
+        if orphans:
+            city, stem = orphans[0]
+            image_folder, image_suffix = _FILE_TYPES["image"]
+            raise FileNotFoundError(
+                f"{key} file {found[key][orphans[0]]} has no image: expected "
+                f"{os.path.join(data_dir, image_folder, split, city, f'{stem}_{image_suffix}')} ({len(orphans)} "
+                f"{suffix} file(s) of split {split!r} without an image)")
+    out = []
+    for city_stem in sorted(images):
+        entry = {"id": city_stem[1], "city": city_stem[0], "image": images[city_stem]}
+        entry.update({k: found[k][city_stem] for k in require})
+        out.append(entry)
+    return out
+
+
+def _check_headers(files):
+    """Every PNG complete, label maps of the right bit depth, single channel and of their image's size (headers
+    only, as ``mtl_keras.data.cityscapes.check_cityscapes_files``)."""
+    for entry in files:
+        info = check_png(entry["image"], "image")
+        for key, (what, depth, _) in _PNG_EXPECT.items():
+            if key in entry:
+                check_png(entry[key], what, bit_depth=depth, grey=True, size=(info.width, info.height))
+
+
+def _read_png(path, flags):
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 45 or data[-12:] != PNG_IEND:
+        raise DataError(f"{path} is a truncated or corrupt PNG: it does not end with the IEND chunk "
+                        f"({len(data)} bytes; re-extract or re-download it)")
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if array is None:
+        raise DataError(f"{path}: OpenCV cannot decode the PNG; the file is corrupt: re-extract or re-download it")
+    return array
+
+
+def _read_label_png(path, key):
+    what, depth, dtype = _PNG_EXPECT[key]
+    array = _read_png(path, cv2.IMREAD_UNCHANGED)
+    if array.dtype != dtype or array.ndim != 2:
+        raise DataError(f"{path}: expected a single-channel {depth}-bit {what} PNG, got {array.dtype} with shape "
+                        f"{array.shape}")
+    return array
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The dataset
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_tasks(tasks):
+    if isinstance(tasks, str):
+        tasks = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    tasks = tuple(tasks)
+    if not tasks or any(t not in TASKS for t in tasks):
+        raise ValueError(f"tasks must be a non-empty subset of {TASKS} for cityscapes, got {tasks!r}")
+    return tuple(dict.fromkeys(tasks))
+
+
+def _check_int(value, name, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class CityscapesPyDataset(keras.utils.PyDataset):
+    """``(image, targets)`` batches of a CityScapes-layout split, without TensorFlow (see the module docstring).
+
+    ``data_dir``: the CityScapes root (``leftImg8bit/``, ``gtFine/``, ``disparity/``). ``image_size``: (H, W) every
+    file is resized to. ``tasks``: any of ``"semantic"``, ``"instance"``, ``"depth"`` (a comma-separated string is
+    accepted). ``num_classes``: 19 (trainIds) or 7 (categories). ``shuffle``, ``flip`` and ``drop_remainder`` default
+    to ``split == "train"``. ``seed``: non-negative int; the order and the flips are functions of
+    ``(seed, epoch, index)``. ``steps_per_epoch``: batches per epoch drawn from an endless stream of passes (see
+    "More steps per epoch than one pass"); ``None``: one pass per epoch. ``initial_epoch``: the first data epoch (set
+    it to ``fit``'s ``initial_epoch`` when resuming). ``depth_target``: only ``"inverse"``. ``check_files``: read
+    every PNG header up front (complete file, bit depth, size) so that a broken file is named before training.
+    ``**kwargs``: ``workers``, ``use_multiprocessing``, ``max_queue_size`` of ``keras.utils.PyDataset``.
+
+    ``len(ds)``: batches per epoch; ``ds[i]``: batch ``i`` of the current ``ds.epoch``; iterating yields ``len(ds)``
+    batches; ``ds.on_epoch_end()`` moves to the next epoch.
+    """
+
+    def __init__(self, data_dir, split="train", image_size=(128, 256), batch_size=8, num_classes=19,
+                 tasks=TASKS, shuffle=None, flip=None, seed=0, drop_remainder=None, steps_per_epoch=None,
+                 initial_epoch=0, depth_target="inverse", check_files=True, **kwargs):
+        super().__init__(**kwargs)
+        if depth_target != "inverse":
+            if depth_target == "metric":
+                raise ValueError("depth_target='metric' is not supported by the TensorFlow-free loader "
+                                 "(mtl_keras.data.numpy_loader); use the tf.data loader "
+                                 "mtl_keras.data.load_cityscapes(..., depth_target='metric')")
+            raise ValueError(f"depth_target must be 'inverse' (or 'metric' with the tf.data loader), "
+                             f"got {depth_target!r}")
+        self.tasks = _check_tasks(tasks)
+        self.num_classes = num_classes
+        self._lut = label_lookup_table(num_classes)  # validates num_classes
+        try:
+            h, w = (int(v) for v in image_size)
+            ok = h > 0 and w > 0 and all(float(v) == int(v) for v in image_size)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"image_size must be (height, width) with positive ints, got {image_size!r}")
+        self.image_size = (h, w)
+        self.batch_size = _check_int(batch_size, "batch_size", 1)
+        self.seed = _check_int(seed, "seed", 0)
+        self.epoch = _check_int(initial_epoch, "initial_epoch", 0)
+        self.steps_per_epoch = None if steps_per_epoch is None else _check_int(steps_per_epoch, "steps_per_epoch", 1)
+        is_train = split == "train"
+        self.split = split
+        self.shuffle = is_train if shuffle is None else bool(shuffle)
+        self.flip = is_train if flip is None else bool(flip)
+        self.drop_remainder = is_train if drop_remainder is None else bool(drop_remainder)
+        self.data_dir = os.fspath(data_dir)
+
+        require = [_TASK_FILES[t] for t in TASKS if t in self.tasks]
+        optional = _WITHHELD_ON_TEST if split == "test" else ()
+        self.files = list_cityscapes_files_numpy(self.data_dir, split, require=require, optional=optional)
+        self._present = set(self.files[0])
+        withheld = [k for k in require if k not in self._present]
+        if withheld:
+            log.warning("CityScapes %s: no %s folder(s) for the test split (CityScapes withholds test labels): "
+                        "those targets are masked out everywhere", self.data_dir,
+                        ", ".join(os.path.join(_FILE_TYPES[k][0], split) for k in withheld))
+        if check_files:
+            _check_headers(self.files)
+        self.num_examples = len(self.files)
+        if self.steps_per_epoch is None and self.drop_remainder and self.num_examples < self.batch_size:
+            raise ValueError(f"split {split!r} of {self.data_dir} has {self.num_examples} example(s), fewer than "
+                             f"batch_size={self.batch_size}: with drop_remainder=True there is no batch (pass "
+                             f"drop_remainder=False or a smaller batch_size)")
+        known = known_label_mask()
+        self._max_known = int(np.nonzero(known)[0].max())
+        assert known[: self._max_known + 1].all(), "the fast label check assumes contiguous known ids"
+        self._known = known
+
+    # ---- order and augmentation: pure functions of (seed, epoch, index) ----
+
+    def order(self, epoch):
+        """The example indices of data epoch ``epoch`` in the order they are served."""
+        if not self.shuffle:
+            return np.arange(self.num_examples)
+        return np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_examples)
+
+    def flipped(self, epoch, example):
+        """Whether example ``example`` (index into ``files``) is mirrored in data epoch ``epoch``."""
+        if not self.flip:
+            return False
+        return bool(np.random.default_rng([self.seed, int(epoch), int(example), _FLIP_STREAM]).random() < 0.5)
+
+    def batch_elements(self, index, epoch=None):
+        """``[(data epoch, example index), ...]`` of batch ``index`` of epoch ``epoch`` (default: the current)."""
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch index {index} out of range for a dataset of {len(self)} batches")
+        epoch = self.epoch if epoch is None else int(epoch)
+        n, b = self.num_examples, self.batch_size
+        if self.steps_per_epoch is None:
+            order = self.order(epoch)
+            return [(epoch, int(k)) for k in order[index * b: min((index + 1) * b, n)]]
+        first = (epoch * self.steps_per_epoch + index) * b  # position in the endless stream of passes
+        out, orders = [], {}
+        for q in range(first, first + b):
+            p = q // n
+            if p not in orders:
+                orders[p] = self.order(p)
+            out.append((p, int(orders[p][q % n])))
+        return out
+
+    # ---- PyDataset ----
+
+    def __len__(self):
+        if self.steps_per_epoch is not None:
+            return self.steps_per_epoch
+        n, b = self.num_examples, self.batch_size
+        return n // b if self.drop_remainder else -(-n // b)
+
+    @property
+    def num_batches(self):
+        return len(self)
+
+    def __getitem__(self, index):
+        examples = [self.example(k, self.flipped(e, k)) for e, k in self.batch_elements(index)]
+        images = np.stack([im for im, _ in examples])
+        targets = {key: np.stack([t[key] for _, t in examples]) for key in examples[0][1]}
+        return images, targets
+
+    def on_epoch_end(self):
+        self.epoch += 1
+
+    # ---- one example ----
+
+    def prepared(self, example):
+        """Example ``example`` (index into ``files``) at the training size, before flips and targets: ``"image"``
+        uint8 HxWx3, ``"semantic"`` uint8 HxW, ``"instance_ids"`` int32 HxW (ids >= 1000, else 0), ``"depth"`` float32
+        HxWx1 inverse depth, NaN = invalid (the prepared example of ``mtl_keras.data.pipeline``)."""
+        entry = self.files[example]
+        h, w = self.image_size
+        image = _read_png(entry["image"], cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        out = {"image": resize_image_numpy(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), (h, w))}
+        if "semantic" in self.tasks:
+            if "label_ids" in self._present:
+                ids = _read_label_png(entry["label_ids"], "label_ids")
+                if int(ids.max()) > self._max_known:  # known ids are 0..33: one max tells whether the file is clean
+                    hist = np.bincount(ids.reshape(-1), minlength=256)
+                    bad = np.nonzero((hist > 0) & ~self._known)[0]
+                    raise DataError(f"unknown CityScapes labelId(s) (not in cityscapesscripts' table, ids 0..33) "
+                                    f"in labelIds file {entry['label_ids']}: unknown ids {bad.tolist()}")
+                out["semantic"] = self._lut[resize_nearest_numpy(ids, (h, w))]
+            else:  # withheld test labels: ignore everywhere
+                out["semantic"] = np.full((h, w), IGNORE_INDEX, np.uint8)
+        if "instance" in self.tasks:
+            if "instance_ids" in self._present:
+                inst = resize_nearest_numpy(_read_label_png(entry["instance_ids"], "instance_ids"), (h, w))
+                inst = inst.astype(np.int32)
+                out["instance_ids"] = np.where(inst >= 1000, inst, 0)  # plain labelIds (incl. groups): no instance
+            else:
+                out["instance_ids"] = np.zeros((h, w), np.int32)
+        if "depth" in self.tasks:
+            if "disparity" in self._present:
+                raw = _read_label_png(entry["disparity"], "disparity")
+                p = resize_nearest_numpy(raw, (h, w)).astype(_F32)[..., None]
+                d = (p - _F32(1.0)) / _F32(256.0)  # disparity in px at the PNG's (full) resolution
+                value = d * (_F32(w) / _F32(raw.shape[1]))  # px at the training width
+                out["depth"] = np.where(p > 0, value, _F32(np.nan)).astype(_F32)
+            else:
+                out["depth"] = np.full((h, w, 1), np.nan, _F32)
+        return out
+
+    def example(self, example, flip=False):
+        """``(image float32 HxWx3, targets)`` of example ``example`` (index into ``files``), mirrored if ``flip``."""
+        prep = self.prepared(example)
+        if flip:
+            prep = {k: v[:, ::-1] for k, v in prep.items()}
+        targets = {}
+        if "semantic" in prep:
+            targets["semantic"] = prep["semantic"].astype(np.int32)
+        if "instance_ids" in prep:
+            targets["instance"], targets["instance_mask"] = centroid_vectors_numpy(prep["instance_ids"])
+        if "depth" in prep:
+            valid = np.isfinite(prep["depth"])
+            targets["depth"] = np.where(valid, prep["depth"], _F32(0.0)).astype(_F32)
+            targets["depth_mask"] = valid.astype(_F32)
+        return prep["image"].astype(_F32), targets
+
+    def __repr__(self):
+        return (f"CityscapesPyDataset({self.data_dir!r}, split={self.split!r}, image_size={self.image_size}, "
+                f"batch_size={self.batch_size}, tasks={self.tasks}, examples={self.num_examples}, "
+                f"batches={len(self)}, epoch={self.epoch})")
+
+
+def load_cityscapes_numpy(data_dir, split="train", **kwargs) -> CityscapesPyDataset:
+    """:class:`CityscapesPyDataset` ``(data_dir, split, **kwargs)``: the TensorFlow-free counterpart of
+    :func:`mtl_keras.data.load_cityscapes` (same batches contract)."""
+    return CityscapesPyDataset(data_dir, split, **kwargs)
