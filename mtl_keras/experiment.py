@@ -377,8 +377,8 @@ def _save_samples(model, dataset, folder, config, save_panel):
     palette = class_colors(config.num_classes)
     saved = 0
     for images, targets in dataset:
+        images = np.asarray(images)  # tf.data tensors: JAX and PyTorch take numpy
         predictions = model.predict_on_batch(images)
-        images = np.asarray(images)
         for i in range(images.shape[0]):
             if saved >= config.num_sample_images:
                 return

@@ -62,8 +62,9 @@ def test_every_weighting_trains_the_same_on_every_backend(backend_steps, backend
     tf_run, other = backend_steps["tensorflow"], backend_steps[backend]
     key = f"{weighting}/"
     assert list(other[key + "paths"]) == list(tf_run[key + "paths"])  # same variables, same order
-    # Per step: total and task losses, then the weighting's logged sigma^2 / task weights after the step.
-    assert relative_error(other[key + "losses"], tf_run[key + "losses"]) < 1e-9
+    # Per step: total and task losses (as logged: Keras' Mean trackers hold float32), then the weighting's sigma^2 /
+    # task weights after the step (float64 variables).
+    assert relative_error(other[key + "losses"], tf_run[key + "losses"]) < 1e-6
     assert relative_error(other[key + "logged"], tf_run[key + "logged"]) < 1e-9
     # After the first plain-SGD step w1 = w0 - lr * gradient: equal w1 means equal gradients.
     assert relative_error(other[key + "weights_step1"], tf_run[key + "weights_step1"]) < 1e-9
@@ -80,12 +81,12 @@ def test_jax_data_parallel_takes_the_one_device_step(backend_steps, weighting):
     the data-parallel step the one-device step (a per-device mean would not)."""
     jax_run = backend_steps["jax"]
     assert int(jax_run["dp/devices"]) == 2
-    for name in ("losses", "logged", "weights_final"):
-        assert relative_error(jax_run[f"dp/{weighting}/{name}"], jax_run[f"{weighting}/{name}"]) < 1e-9, name
+    for name, tolerance in (("losses", 1e-6), ("logged", 1e-9), ("weights_final", 1e-8)):
+        assert relative_error(jax_run[f"dp/{weighting}/{name}"], jax_run[f"{weighting}/{name}"]) < tolerance, name
 
 
 TRAIN_FLAGS = ["--image_size", "32,64", "--batch_size", "4", "--steps", "4", "--val_batches", "1",
-               "--num_sample_images", "1", "--model", "kendall_deeplabv3_resnet26_slim"]
+               "--model", "kendall_deeplabv3_resnet26_slim"]
 TINY_DATA = textwrap.dedent("""
     from mtl_keras.data import generate_synthetic_cityscapes
     generate_synthetic_cityscapes({folder!r}, num_train=8, num_val=4, height=64, width=128, seed=0)
