@@ -306,10 +306,14 @@ def _run_training(config, verbose):
     _save_samples(model, val_ds, os.path.join(out, "samples"), config, save_prediction_panel)
 
     model.save(os.path.join(out, "model.keras"))
-    if config.export and use_tf_data:
-        model.export(os.path.join(out, "export"), format="tf_saved_model", verbose=False)
+    if config.export and use_tf_data and keras.config.backend() != "torch":
+        model.export(os.path.join(out, "export"), format="tf_saved_model", verbose=False)  # jax2tf on JAX
     elif config.export:
-        log.warning("No SavedModel export: TensorFlow is not installed (model.keras is written).")
+        # Keras' torch -> SavedModel path (torch.export) fails on these models' dict outputs; the .keras file loads
+        # on any backend, so the export is one command away.
+        why = "TensorFlow is not installed" if not use_tf_data else "the PyTorch backend cannot write one"
+        log.warning("No SavedModel export: %s. model.keras is written; export it with KERAS_BACKEND=tensorflow "
+                    "python experiments/export.py %s", why, out)
 
     results = {
         "chief": True,
