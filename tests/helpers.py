@@ -18,7 +18,8 @@ def random_images(batch=2, height=64, width=64, seed=0):
 def assert_outputs_close(a, b, atol=1e-5):
     assert set(a) == set(b)
     for key in a:
-        np.testing.assert_allclose(np.asarray(a[key]), np.asarray(b[key]), atol=atol, rtol=1e-5, err_msg=key)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(a[key]), keras.ops.convert_to_numpy(b[key]), atol=atol,
+                                   rtol=1e-5, err_msg=key)
 
 
 def assert_config_round_trip(obj):
