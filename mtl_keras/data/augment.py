@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from mtl_keras.data.checks import check_image_size
+
 __all__ = ["AugmentConfig", "augment_example", "PAD_VALUES"]
 
 # Padding value of each key (masks are 0: padded pixels are invalid everywhere).
@@ -68,14 +70,7 @@ class AugmentConfig:
         if crop_size is not None and len(tuple(crop_size)) == 0:
             crop_size = None
         if crop_size is not None:
-            try:
-                ch, cw = (int(v) for v in crop_size)
-                ok = ch > 0 and cw > 0 and all(float(v) == int(v) for v in crop_size)
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise ValueError(f"crop_size must be (height, width) with positive ints, got {crop_size!r}")
-            crop_size = (ch, cw)
+            crop_size = check_image_size(crop_size, "crop_size")
         self.crop_size = crop_size
         self.random_crop = bool(random_crop)
         self.depth_scales_with_zoom = bool(depth_scales_with_zoom)

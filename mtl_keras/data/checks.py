@@ -136,3 +136,33 @@ def npy_info(path) -> NpyInfo:
         raise DataError(f"{path} is truncated: its header says {shape} {dtype} ({nbytes} bytes of data) but the "
                         f"file has {size - offset} bytes after the header")
     return NpyInfo(shape, dtype, fortran, offset)
+
+
+# Validation of loader arguments (TensorFlow-free: shared by the tf.data and the numpy loaders).
+ALL_TASKS = ("semantic", "instance", "depth", "normals")
+
+
+def check_image_size(image_size, name="image_size"):
+    try:
+        h, w = (int(v) for v in image_size)
+        ok = h > 0 and w > 0 and all(float(v) == int(v) for v in image_size)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be (height, width) with positive ints, got {image_size!r}")
+    return h, w
+
+
+def check_tasks(tasks, available, dataset):
+    """``tasks`` as a tuple; ValueError naming the dataset when a task is unknown or not in the data."""
+    if isinstance(tasks, str):
+        tasks = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    tasks = tuple(tasks)
+    unknown = [t for t in tasks if t not in ALL_TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"tasks must be a non-empty subset of {available} for {dataset}, got {tasks!r}")
+    missing = [t for t in tasks if t not in available]
+    if missing:
+        raise ValueError(f"{dataset} has no {', '.join(missing)} targets: its tasks are {', '.join(available)} "
+                         f"(got tasks={tasks!r}; e.g. --tasks {','.join(t for t in tasks if t in available) or available[0]})")
+    return tasks

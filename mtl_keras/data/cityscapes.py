@@ -23,8 +23,6 @@ test split is for predictions to submit, not for scores.
 
 from __future__ import annotations
 
-import glob
-import json
 import logging
 import os
 
@@ -33,7 +31,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from mtl_keras.data.checks import PNG_IEND, check_png  # noqa: E402
+from mtl_keras.data.checks import PNG_IEND  # noqa: E402
+from mtl_keras.data.cityscapes_files import (  # noqa: E402,F401  (the layout, re-exported)
+    _WITHHELD_ON_TEST,
+    FILE_TYPES,
+    TASKS,
+    _read_baseline_fx,
+    check_cityscapes_files,
+    list_cityscapes_files,
+)
 from mtl_keras.data.labels import known_label_mask, label_lookup_table  # noqa: E402
 from mtl_keras.data.pipeline import (  # noqa: E402
     Source,
@@ -48,134 +54,6 @@ __all__ = ["list_cityscapes_files", "load_cityscapes", "cityscapes_source", "che
            "instance_centroid_vectors", "TASKS", "FILE_TYPES"]
 
 log = logging.getLogger("mtl_keras")
-
-TASKS = ("semantic", "instance", "depth")
-
-# key -> (type folder, suffix)
-FILE_TYPES = {
-    "image": ("leftImg8bit", "leftImg8bit.png"),
-    "label_ids": ("gtFine", "gtFine_labelIds.png"),
-    "instance_ids": ("gtFine", "gtFine_instanceIds.png"),
-    "disparity": ("disparity", "disparity.png"),
-    "camera": ("camera", "camera.json"),
-}
-_ALL_KEYS = tuple(FILE_TYPES)
-# What each PNG must be: (description, bit depth, single channel)
-_PNG_EXPECT = {
-    "label_ids": ("labelIds", 8, True),
-    "instance_ids": ("instanceIds", 16, True),
-    "disparity": ("disparity", 16, True),
-}
-# Folders that may be absent for the test split, whose labels CityScapes withholds.
-_WITHHELD_ON_TEST = ("label_ids", "instance_ids", "disparity", "camera")
-
-
-def _stem(path: str, suffix: str) -> str:
-    name = os.path.basename(path)
-    return name[: -len(suffix) - 1]  # strip "_" + suffix
-
-
-def _split_dir(data_dir, split, key):
-    return os.path.join(data_dir, FILE_TYPES[key][0], split)
-
-
-def _scan(data_dir: str, split: str, key: str) -> dict:
-    folder, suffix = FILE_TYPES[key]
-    split_dir = _split_dir(data_dir, split, key)
-    if not os.path.isdir(split_dir):
-        raise FileNotFoundError(
-            f"missing folder {split_dir}: expected {folder}/{split}/{{city}}/"
-            f"{{city}}_{{seq}}_{{frame}}_{suffix} files under the CityScapes root {data_dir}")
-    files = glob.glob(os.path.join(glob.escape(split_dir), "*", f"*_{suffix}"))
-    return {(os.path.basename(os.path.dirname(p)), _stem(p, suffix)): p for p in files}
-
-
-def list_cityscapes_files(data_dir, split: str = "train", require=_ALL_KEYS, check: bool = False,
-                          optional=()) -> list[dict]:
-    """Lists the samples of a split of a CityScapes-layout folder.
-
-    Returns a list sorted by (city, stem) of dicts with keys ``"id"`` (``city_seq_frame``),
-    ``"city"`` and one path per key in ``require`` (any of ``"image"``, ``"label_ids"``,
-    ``"instance_ids"``, ``"disparity"``, ``"camera"``; ``"image"`` is always included).
-
-    Raises ``FileNotFoundError`` naming the folder when the root or a required
-    ``{type}/{split}`` folder is missing, or naming the file when an image lacks one of its
-    required files (or a required file has no image); ``ValueError`` for an empty split or an
-    unknown key. ``optional``: keys whose whole ``{type}/{split}`` folder may be absent (they are then left
-    out of the entries). ``check``: also read every PNG's header (:func:`check_cityscapes_files`).
-    """
-    data_dir = os.fspath(data_dir)
-    require = tuple(dict.fromkeys(("image",) + tuple(require)))
-    unknown = [k for k in require if k not in FILE_TYPES]
-    if unknown:
-        raise ValueError(f"require must be a subset of {_ALL_KEYS}, got unknown {unknown}")
-    if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"CityScapes root folder {data_dir} does not exist")
-    images = _scan(data_dir, split, "image")
-    if not images:
-        folder = os.path.join(data_dir, FILE_TYPES["image"][0], split)
-        raise ValueError(
-            f"empty split {split!r}: no *_{FILE_TYPES['image'][1]} files in the city folders "
-            f"of {folder}")
-    require = tuple(k for k in require
-                    if not (k in optional and not os.path.isdir(_split_dir(data_dir, split, k))))
-    found = {"image": images}
-    found.update({k: _scan(data_dir, split, k) for k in require[1:]})
-    for key in require[1:]:
-        folder, suffix = FILE_TYPES[key]
-        missing = sorted(set(images) - set(found[key]))
-        if missing:
-            city, stem = missing[0]
-            expected = os.path.join(data_dir, folder, split, city, f"{stem}_{suffix}")
-            raise FileNotFoundError(
-                f"image {images[missing[0]]} has no {key} file: expected {expected} "
-                f"({len(missing)} image(s) of split {split!r} lack their {suffix})")
-        orphans = sorted(set(found[key]) - set(images))
-        if orphans:
-            city, stem = orphans[0]
-            expected = os.path.join(data_dir, FILE_TYPES["image"][0], split, city,
-                                    f"{stem}_{FILE_TYPES['image'][1]}")
-            raise FileNotFoundError(
-                f"{key} file {found[key][orphans[0]]} has no image: expected {expected} "
-                f"({len(orphans)} {suffix} file(s) of split {split!r} without an image)")
-    out = []
-    for city_stem in sorted(images):
-        entry = {"id": city_stem[1], "city": city_stem[0]}
-        entry.update({k: found[k][city_stem] for k in require})
-        out.append(entry)
-    if check:
-        check_cityscapes_files(out)
-    return out
-
-
-def check_cityscapes_files(files) -> dict:
-    """Reads the header of every PNG of ``files`` (entries of :func:`list_cityscapes_files`), no decoding.
-
-    Checks: each file is a complete PNG (signature, IHDR, final IEND: catches truncated downloads), labelIds are
-    8-bit grey, instanceIds and disparity 16-bit grey, and every label map has its image's size. Raises
-    :class:`mtl_keras.data.checks.DataError` naming the first bad file. Returns ``{(width, height): count}`` of
-    the images.
-    """
-    sizes = {}
-    for entry in files:
-        info = check_png(entry["image"], "image")
-        size = (info.width, info.height)
-        sizes[size] = sizes.get(size, 0) + 1
-        for key, (what, depth, grey) in _PNG_EXPECT.items():
-            if key in entry:
-                check_png(entry[key], what, bit_depth=depth, grey=grey, size=size)
-    return sizes
-
-
-def _read_baseline_fx(camera_path: str) -> float:
-    try:
-        with open(camera_path) as f:
-            cam = json.load(f)
-        return float(cam["extrinsic"]["baseline"]) * float(cam["intrinsic"]["fx"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(
-            f"cannot read extrinsic.baseline and intrinsic.fx from {camera_path} (expected the CityScapes "
-            f"camera.json: {{\"extrinsic\": {{\"baseline\", ...}}, \"intrinsic\": {{\"fx\", ...}}}}): {e}") from e
 
 
 # ----------------------------------------------------------------------------------------

@@ -36,13 +36,7 @@ def _cityscapes_load(data_dir, split, **kwargs):
 
 
 def _cityscapes_count(data_dir, split):
-    from mtl_keras.platform import tensorflow_available
-
-    if not tensorflow_available():
-        from mtl_keras.data.numpy_loader import list_cityscapes_files_numpy
-
-        return len(list_cityscapes_files_numpy(data_dir, split))
-    from mtl_keras.data.cityscapes import list_cityscapes_files
+    from mtl_keras.data.cityscapes_files import list_cityscapes_files  # TensorFlow-free
 
     return len(list_cityscapes_files(data_dir, split))
 

@@ -58,7 +58,6 @@ and crop augmentation, caching, sharding over replicas.
 from __future__ import annotations
 
 import functools
-import glob
 import logging
 import os
 
@@ -66,32 +65,23 @@ import cv2
 import keras
 import numpy as np
 
-from mtl_keras.data.checks import PNG_IEND, DataError, check_png
+from mtl_keras.data.checks import PNG_IEND, DataError, check_image_size, check_tasks
+from mtl_keras.data.cityscapes_files import (
+    _PNG_EXPECT,
+    _WITHHELD_ON_TEST,
+    FILE_TYPES,
+    TASKS,
+    check_cityscapes_files,
+    list_cityscapes_files,
+)
 from mtl_keras.data.labels import IGNORE_INDEX, known_label_mask, label_lookup_table
 
-__all__ = ["CityscapesPyDataset", "load_cityscapes_numpy", "list_cityscapes_files_numpy", "resize_image_numpy",
+__all__ = ["CityscapesPyDataset", "load_cityscapes_numpy", "resize_image_numpy",
            "nearest_indices", "resize_nearest_numpy", "centroid_vectors_numpy", "TASKS"]
 
 log = logging.getLogger("mtl_keras")
 
-TASKS = ("semantic", "instance", "depth")
-
-# key -> (type folder, suffix): the CityScapes raw layout (as mtl_keras.data.cityscapes.FILE_TYPES)
-_FILE_TYPES = {
-    "image": ("leftImg8bit", "leftImg8bit.png"),
-    "label_ids": ("gtFine", "gtFine_labelIds.png"),
-    "instance_ids": ("gtFine", "gtFine_instanceIds.png"),
-    "disparity": ("disparity", "disparity.png"),
-}
 _TASK_FILES = {"semantic": "label_ids", "instance": "instance_ids", "depth": "disparity"}
-# What each label PNG must be: (description, bit depth, numpy dtype)
-_PNG_EXPECT = {
-    "label_ids": ("labelIds", 8, np.uint8),
-    "instance_ids": ("instanceIds", 16, np.uint16),
-    "disparity": ("disparity", 16, np.uint16),
-}
-# Folders that may be absent for the test split, whose labels CityScapes withholds.
-_WITHHELD_ON_TEST = ("label_ids", "instance_ids", "disparity")
 _FLIP_STREAM = 1  # last word of the flip seeds (non-zero: see the module docstring)
 
 _F32 = np.float32
@@ -212,78 +202,6 @@ def centroid_vectors_numpy(segment_ids):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _scan(data_dir, split, key):
-    folder, suffix = _FILE_TYPES[key]
-    split_dir = os.path.join(data_dir, folder, split)
-    if not os.path.isdir(split_dir):
-        raise FileNotFoundError(f"missing folder {split_dir}: expected {folder}/{split}/{{city}}/"
-                                f"{{city}}_{{seq}}_{{frame}}_{suffix} files under the CityScapes root {data_dir}")
-    files = glob.glob(os.path.join(glob.escape(split_dir), "*", f"*_{suffix}"))
-    # (city, stem) -> path; stem = file name without "_" + suffix
-    return {(os.path.basename(os.path.dirname(p)), os.path.basename(p)[: -len(suffix) - 1]): p for p in files}
-
-
-def list_cityscapes_files_numpy(data_dir, split="train", require=("label_ids", "instance_ids", "disparity"),
-                                optional=()) -> list[dict]:
-    """The samples of a split of a CityScapes-layout folder, without TensorFlow (as
-    :func:`mtl_keras.data.cityscapes.list_cityscapes_files`, which imports TensorFlow).
-
-    Returns a list sorted by (city, stem) of dicts with ``"id"`` (``city_seq_frame``), ``"city"``, ``"image"`` and one
-    path per key of ``require`` (``"label_ids"``, ``"instance_ids"``, ``"disparity"``). ``optional``: keys whose
-    whole ``{type}/{split}`` folder may be absent (then left out of the entries). Raises ``FileNotFoundError`` naming
-    the missing root, folder or file (an image without its label file or the reverse), ``ValueError`` for an empty
-    split or an unknown key.
-    """
-    data_dir = os.fspath(data_dir)
-    require = tuple(k for k in dict.fromkeys(require) if k != "image")
-    unknown = [k for k in require if k not in _FILE_TYPES]
-    if unknown:
-        raise ValueError(f"require must be a subset of {tuple(_FILE_TYPES)}, got unknown {unknown}")
-    if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"CityScapes root folder {data_dir} does not exist")
-    images = _scan(data_dir, split, "image")
-    if not images:
-        folder = os.path.join(data_dir, _FILE_TYPES["image"][0], split)
-        raise ValueError(f"empty split {split!r}: no *_{_FILE_TYPES['image'][1]} files in the city folders of "
-                         f"{folder}")
-    require = tuple(k for k in require if not (
-        k in optional and not os.path.isdir(os.path.join(data_dir, _FILE_TYPES[k][0], split))))
-    found = {k: _scan(data_dir, split, k) for k in require}
-    for key in require:
-        folder, suffix = _FILE_TYPES[key]
-        missing = sorted(set(images) - set(found[key]))
-        if missing:
-            city, stem = missing[0]
-            raise FileNotFoundError(
-                f"image {images[missing[0]]} has no {key} file: expected "
-                f"{os.path.join(data_dir, folder, split, city, f'{stem}_{suffix}')} ({len(missing)} image(s) of "
-                f"split {split!r} lack their {suffix})")
-        orphans = sorted(set(found[key]) - set(images))
-        if orphans:
-            city, stem = orphans[0]
-            image_folder, image_suffix = _FILE_TYPES["image"]
-            raise FileNotFoundError(
-                f"{key} file {found[key][orphans[0]]} has no image: expected "
-                f"{os.path.join(data_dir, image_folder, split, city, f'{stem}_{image_suffix}')} ({len(orphans)} "
-                f"{suffix} file(s) of split {split!r} without an image)")
-    out = []
-    for city_stem in sorted(images):
-        entry = {"id": city_stem[1], "city": city_stem[0], "image": images[city_stem]}
-        entry.update({k: found[k][city_stem] for k in require})
-        out.append(entry)
-    return out
-
-
-def _check_headers(files):
-    """Every PNG complete, label maps of the right bit depth, single channel and of their image's size (headers
-    only, as ``mtl_keras.data.cityscapes.check_cityscapes_files``)."""
-    for entry in files:
-        info = check_png(entry["image"], "image")
-        for key, (what, depth, _) in _PNG_EXPECT.items():
-            if key in entry:
-                check_png(entry[key], what, bit_depth=depth, grey=True, size=(info.width, info.height))
-
-
 def _read_png(path, flags):
     with open(path, "rb") as f:
         data = f.read()
@@ -297,7 +215,8 @@ def _read_png(path, flags):
 
 
 def _read_label_png(path, key):
-    what, depth, dtype = _PNG_EXPECT[key]
+    what, depth, _ = _PNG_EXPECT[key]
+    dtype = np.uint8 if depth == 8 else np.uint16
     array = _read_png(path, cv2.IMREAD_UNCHANGED)
     if array.dtype != dtype or array.ndim != 2:
         raise DataError(f"{path}: expected a single-channel {depth}-bit {what} PNG, got {array.dtype} with shape "
@@ -308,15 +227,6 @@ def _read_label_png(path, key):
 # ----------------------------------------------------------------------------------------------------------------
 # The dataset
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _check_tasks(tasks):
-    if isinstance(tasks, str):
-        tasks = tuple(t.strip() for t in tasks.split(",") if t.strip())
-    tasks = tuple(tasks)
-    if not tasks or any(t not in TASKS for t in tasks):
-        raise ValueError(f"tasks must be a non-empty subset of {TASKS} for cityscapes, got {tasks!r}")
-    return tuple(dict.fromkeys(tasks))
 
 
 def _check_int(value, name, minimum):
@@ -353,17 +263,10 @@ class CityscapesPyDataset(keras.utils.PyDataset):
                                  "mtl_keras.data.load_cityscapes(..., depth_target='metric')")
             raise ValueError(f"depth_target must be 'inverse' (or 'metric' with the tf.data loader), "
                              f"got {depth_target!r}")
-        self.tasks = _check_tasks(tasks)
+        self.tasks = tuple(dict.fromkeys(check_tasks(tasks, TASKS, "cityscapes")))
         self.num_classes = num_classes
         self._lut = label_lookup_table(num_classes)  # validates num_classes
-        try:
-            h, w = (int(v) for v in image_size)
-            ok = h > 0 and w > 0 and all(float(v) == int(v) for v in image_size)
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ValueError(f"image_size must be (height, width) with positive ints, got {image_size!r}")
-        self.image_size = (h, w)
+        self.image_size = check_image_size(image_size)
         self.batch_size = _check_int(batch_size, "batch_size", 1)
         self.seed = _check_int(seed, "seed", 0)
         self.epoch = _check_int(initial_epoch, "initial_epoch", 0)
@@ -377,15 +280,15 @@ class CityscapesPyDataset(keras.utils.PyDataset):
 
         require = [_TASK_FILES[t] for t in TASKS if t in self.tasks]
         optional = _WITHHELD_ON_TEST if split == "test" else ()
-        self.files = list_cityscapes_files_numpy(self.data_dir, split, require=require, optional=optional)
+        self.files = list_cityscapes_files(self.data_dir, split, require=require, optional=optional)
         self._present = set(self.files[0])
         withheld = [k for k in require if k not in self._present]
         if withheld:
             log.warning("CityScapes %s: no %s folder(s) for the test split (CityScapes withholds test labels): "
                         "those targets are masked out everywhere", self.data_dir,
-                        ", ".join(os.path.join(_FILE_TYPES[k][0], split) for k in withheld))
+                        ", ".join(os.path.join(FILE_TYPES[k][0], split) for k in withheld))
         if check_files:
-            _check_headers(self.files)
+            check_cityscapes_files(self.files)
         self.num_examples = len(self.files)
         if self.steps_per_epoch is None and self.drop_remainder and self.num_examples < self.batch_size:
             raise ValueError(f"split {split!r} of {self.data_dir} has {self.num_examples} example(s), fewer than "

@@ -31,11 +31,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
 from mtl_keras.data.augment import AugmentConfig, augment_example  # noqa: E402
+from mtl_keras.data.checks import ALL_TASKS, check_image_size, check_tasks  # noqa: E402,F401  (re-exported)
 
 __all__ = ["ALL_TASKS", "Source", "build_dataset", "load_source", "centroid_vectors", "prepared_to_targets",
            "check_tasks", "check_image_size", "resize_image", "shuffled_epochs"]
 
-ALL_TASKS = ("semantic", "instance", "depth", "normals")
 
 
 @dataclasses.dataclass
@@ -52,32 +52,6 @@ class Source:
     tasks: tuple
     image_size: tuple
     depth_scales_with_zoom: bool = True
-
-
-def check_image_size(image_size, name="image_size"):
-    try:
-        h, w = (int(v) for v in image_size)
-        ok = h > 0 and w > 0 and all(float(v) == int(v) for v in image_size)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"{name} must be (height, width) with positive ints, got {image_size!r}")
-    return h, w
-
-
-def check_tasks(tasks, available, dataset):
-    """``tasks`` as a tuple; ValueError naming the dataset when a task is unknown or not in the data."""
-    if isinstance(tasks, str):
-        tasks = tuple(t.strip() for t in tasks.split(",") if t.strip())
-    tasks = tuple(tasks)
-    unknown = [t for t in tasks if t not in ALL_TASKS]
-    if unknown or not tasks:
-        raise ValueError(f"tasks must be a non-empty subset of {available} for {dataset}, got {tasks!r}")
-    missing = [t for t in tasks if t not in available]
-    if missing:
-        raise ValueError(f"{dataset} has no {', '.join(missing)} targets: its tasks are {', '.join(available)} "
-                         f"(got tasks={tasks!r}; e.g. --tasks {','.join(t for t in tasks if t in available) or available[0]})")
-    return tasks
 
 
 def centroid_vectors(segment_ids):
