@@ -42,6 +42,8 @@ sys.path.insert(0, HERE)
 
 from absl import app, flags  # noqa: E402
 
+from common import first_line, random_batch, table_cell, timed  # noqa: E402
+
 FLAGS = flags.FLAGS
 
 
@@ -84,34 +86,6 @@ JIT_COMPILE = {"tf_onednn": False, "tf_eigen": False, "jax": True, "torch": Fals
 
 
 # --------------------------------------------------------------------------------------------------- child rows
-def random_keras_batch(batch, height, width, num_classes=19, seed=0):
-    """Random images (0..255) and the trainer's target dict, NHWC numpy, as benchmarks/train_speed.py."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(0, 255, (batch, height, width, 3)).astype("float32")
-    y = {"semantic": rng.integers(0, num_classes, (batch, height, width)).astype("int32"),
-         "instance": rng.normal(size=(batch, height, width, 2)).astype("float32"),
-         "instance_mask": np.ones((batch, height, width, 1), "float32"),
-         "depth": rng.uniform(size=(batch, height, width, 1)).astype("float32"),
-         "depth_mask": np.ones((batch, height, width, 1), "float32")}
-    return x, y
-
-
-def timed_steps(step, steps, warmup):
-    """Calls ``step`` ``warmup`` times, then ``steps`` timed times; ``step`` must return once the work is done."""
-    start = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    warmup_s = time.perf_counter() - start
-    step_s = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        step_s.append(time.perf_counter() - start)
-    return {"step_s": step_s, "median_s": statistics.median(step_s), "best_s": min(step_s), "warmup_s": warmup_s}
-
-
 def measure_keras(row, model_name, overrides, height, width, batch, steps, warmup, threads):
     import mtl_keras  # before Keras: mtl_keras sets up TensorFlow's environment before TensorFlow loads
 
@@ -138,12 +112,12 @@ def measure_keras(row, model_name, overrides, height, width, batch, steps, warmu
     model = mtl_keras.build_model(model_name, input_shape=(height, width, 3), **overrides)
     trainer = MultiTaskTrainer(model, UncertaintyWeightingLayer(model.output.keys()))
     trainer.compile(optimizer=kendall_sgd(total_steps=1000), jit_compile=JIT_COMPILE[row])
-    x, y = random_keras_batch(batch, height, width, getattr(model, "num_classes", 19))
+    x, y = random_batch(batch, height, width, tuple(model.output.keys()), getattr(model, "num_classes", 19))
 
     def step():
         return float(trainer.train_on_batch(x, y, return_dict=True)["loss"])  # numpy: the step has finished
 
-    return {**info, "parameters": model.count_params(), **timed_steps(step, steps, warmup)}
+    return {**info, "parameters": model.count_params(), **timed(step, steps, warmup)}
 
 
 def measure_plain_pytorch(model_name, overrides, height, width, batch, steps, warmup, threads, channels_last):
@@ -166,7 +140,7 @@ def measure_plain_pytorch(model_name, overrides, height, width, batch, steps, wa
                              f"{keras_parameters:,} in Keras.")
     result = torch_reference.time_training(model, height, width, batch, steps, warmup, threads, channels_last)
     return {"parameters": counts["total"], "channels_last": channels_last, "intra_op_threads": result["threads"],
-            **{k: result[k] for k in ("step_s", "median_s", "best_s", "warmup_s")}}
+            **{k: result[k] for k in ("times_s", "median_s", "best_s", "warmup_s")}}
 
 
 def measure_matmul(size, repeats=5):
@@ -236,15 +210,6 @@ def child_arguments(argv, row):
             continue
         kept.append(arg)
     return kept + ["--child", row]
-
-
-def table_cell(text):
-    return str(text).replace("|", "\\|")
-
-
-def first_line(text, limit=300):
-    line = next((s.strip() for s in str(text).splitlines() if s.strip()), "")
-    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def measure_row(row, argv, timeout, threads):

@@ -31,7 +31,6 @@ and any other backend is refused.
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -40,8 +39,11 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
 
 from absl import app, flags  # noqa: E402
+
+from common import first_line, random_batch, table_cell, timed  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -139,20 +141,6 @@ def probe_device(matmul_size):
     return info
 
 
-def random_batch(batch, height, width, num_classes=19, seed=0):
-    """Random images (0..255) and the trainer's targets, NHWC numpy (as benchmarks/train_speed.py)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(0, 255, (batch, height, width, 3)).astype("float32")
-    y = {"semantic": rng.integers(0, num_classes, (batch, height, width)).astype("int32"),
-         "instance": rng.normal(size=(batch, height, width, 2)).astype("float32"),
-         "instance_mask": np.ones((batch, height, width, 1), "float32"),
-         "depth": rng.uniform(size=(batch, height, width, 1)).astype("float32"),
-         "depth_mask": np.ones((batch, height, width, 1), "float32")}
-    return x, y
-
-
 def peak_memory():
     """(bytes, what was measured): the allocator's peak of device 0 where reported, else the process's max RSS."""
     import resource
@@ -184,28 +172,20 @@ def measure_row(model_name, height, width, batch, precision="float32", steps=10,
     model = mtl_keras.build_model(model_name, input_shape=(height, width, 3), **(overrides or {}))
     trainer = MultiTaskTrainer(model, UncertaintyWeightingLayer(model.output.keys()))
     trainer.compile(optimizer=kendall_sgd(total_steps=1000), jit_compile=True)
-    x, y = random_batch(batch, height, width, getattr(model, "num_classes", 19))
+    x, y = random_batch(batch, height, width, tuple(model.output.keys()), getattr(model, "num_classes", 19))
 
     def step():
         return float(trainer.train_on_batch(x, y, return_dict=True)["loss"])  # waits for the device
 
-    start = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    warmup_s = time.perf_counter() - start
-    step_s = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        step_s.append(time.perf_counter() - start)
-    median_s = statistics.median(step_s)
+    timing = timed(step, steps, warmup)
+    median_s, step_s, warmup_s = timing["median_s"], timing["times_s"], timing["warmup_s"]
     images_per_s = batch / median_s
     flops = training_flops_per_image(model)
     memory_bytes, memory_source = peak_memory()
     row = {"model": model_name, "height": height, "width": width, "batch": batch, "precision": precision,
            "parameters": model.count_params(), "device_kind": jax.devices()[0].device_kind,
            "images_per_s": images_per_s, "step_ms": 1e3 * median_s, "best_step_ms": 1e3 * min(step_s),
-           "step_s": step_s, "warmup_s": warmup_s, "peak_memory_bytes": memory_bytes,
+           "times_s": step_s, "warmup_s": warmup_s, "peak_memory_bytes": memory_bytes,
            "peak_memory_source": memory_source, "train_flops_per_image": flops,
            "achieved_flops": flops * images_per_s, "tensorflow_imported": "tensorflow" in sys.modules}
     if peak_flops:
@@ -231,11 +211,6 @@ def run_child(spec_text, matmul_size):
 
 
 # ---------------------------------------------------------------------------------------------------------- parent
-def first_line(text, limit=300):
-    line = next((s.strip() for s in str(text).splitlines() if s.strip()), "")
-    return line if len(line) <= limit else line[:limit - 3] + "..."
-
-
 def run_in_child(child_spec, timeout, matmul_size):
     """This script with ``--child child_spec`` in a fresh process; its result dict (``error`` when it failed).
     The environment is this process's, with KERAS_BACKEND=jax (``use_jax_backend``)."""
@@ -268,10 +243,6 @@ def parse_size(text):
 
 def format_bytes(value):
     return f"{value / 2 ** 30:.2f} GiB" if value >= 2 ** 30 else f"{value / 2 ** 20:.0f} MiB"
-
-
-def table_cell(text):
-    return str(text).replace("|", "\\|")
 
 
 def markdown(rows, command, device):

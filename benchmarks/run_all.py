@@ -40,7 +40,6 @@ import math
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -52,32 +51,14 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from common import load_average, random_batch, timed  # noqa: E402
+
 TASKS = ("semantic", "instance", "depth")
 FRAGMENT_TITLE = "# Speed benchmarks"
 QUICK_OVERRIDES = {"backbone_width": 8, "aspp_channels": 16, "decoder_channels": 16}  # --quick: a tiny slim model
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def load_average():
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-
-
-def timed(fn, steps, warmup):
-    """Runs ``fn`` ``warmup`` times, then ``steps`` timed times. Returns wall and process-CPU seconds per call."""
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        fn()
-    first = time.perf_counter() - t0
-    walls, cpus = [], []
-    for _ in range(steps):
-        w, c = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - w)
-        cpus.append(time.process_time() - c)
-    return {"best_s": min(walls), "median_s": statistics.median(walls), "cpu_best_s": min(cpus),
-            "warmup_s": first, "times_s": walls, "load": load_average()}
-
-
 def failure(exc):
     """``{"error": "failed: Type: reason"}``; for TensorFlow's graph errors the reason, not the trace location."""
     text = getattr(exc, "message", None) or str(exc)
@@ -102,24 +83,6 @@ def matmul_rate(sizes, repeats):
         rows.append({"n": n, "gflops": flops / t["best_s"] / 1e9, "gflops_median": flops / t["median_s"] / 1e9,
                      "gflops_per_cpu_s": flops / max(t["cpu_best_s"], 1e-9) / 1e9, "load": t["load"]})
     return rows
-
-
-def random_batch(height, width, batch, tasks=TASKS, num_classes=19, seed=0):
-    import numpy as np
-    import tensorflow as tf
-
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(0, 255, (batch, height, width, 3)).astype("float32")
-    y = {}
-    if "semantic" in tasks:
-        y["semantic"] = rng.integers(0, num_classes, (batch, height, width)).astype("int32")
-    if "instance" in tasks:
-        y["instance"] = rng.normal(size=(batch, height, width, 2)).astype("float32")
-        y["instance_mask"] = np.ones((batch, height, width, 1), "float32")
-    if "depth" in tasks:
-        y["depth"] = rng.uniform(size=(batch, height, width, 1)).astype("float32")
-        y["depth_mask"] = np.ones((batch, height, width, 1), "float32")
-    return tf.constant(x), {k: tf.constant(v) for k, v in y.items()}
 
 
 def use_keras_batchnorm():
@@ -675,7 +638,8 @@ def main(argv=None):
                 continue
             model = mtl_keras.build_model(name, input_shape=(height, width, 3), **overrides)
             flops = count_flops(model)
-            x, y = random_batch(height, width, batch, tasks=tuple(model.output.keys()))
+            x, y = random_batch(batch, height, width, tasks=tuple(model.output.keys()))
+            x, y = tf.constant(x), {k: tf.constant(v) for k, v in y.items()}
             label = name + (f" ({', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else "")
             base = {"model": label, "size": f"{height}x{width}", "batch": batch,
                     "gflops_nominal": flops["matmul"] / 1e9, "gflops_effective": flops["effective"] / 1e9}

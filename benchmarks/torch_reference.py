@@ -32,12 +32,12 @@ stores the tensors NHWC (``torch.channels_last``), which some CPU and GPU kernel
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from common import timed
 
 # Same as mtl_keras.models.resnet.RESNET_BLOCKS; not imported, so that this file needs PyTorch only (importing
 # mtl_keras imports Keras and its backend). The parameter-count test catches any drift.
@@ -387,7 +387,7 @@ def time_training(model=None, height=128, width=256, batch=8, steps=5, warmup=2,
     """Times ``steps`` full training steps after ``warmup`` on one random batch (reused, as the Keras benchmarks do).
 
     ``model``: a ``KendallDeepLabV3`` (default: one built from ``model_kwargs``). ``threads``: PyTorch's intra-op
-    threads (default: PyTorch's choice). Returns ``step_s`` (each timed step's seconds), ``median_s``, ``best_s``,
+    threads (default: PyTorch's choice). Returns ``common.timed``'s figures (``times_s``: each timed step's seconds, ``median_s``, ``best_s``, ...),
     ``images_per_s`` (batch / median step; the median keeps one disturbed step on a shared machine from moving the
     figure), ``warmup_s`` and ``threads``.
     """
@@ -398,18 +398,9 @@ def time_training(model=None, height=128, width=256, batch=8, steps=5, warmup=2,
         model = model.to(memory_format=torch.channels_last)
     trainer = ReferenceTrainer(model)
     images, targets = random_batch(batch, height, width, model.num_classes, model.tasks, channels_last=channels_last)
-    start = time.perf_counter()
-    for _ in range(warmup):
-        trainer.train_step(images, targets)
-    warmup_s = time.perf_counter() - start
-    step_s = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        trainer.train_step(images, targets)  # returns a float: the step has finished (CPU ops are synchronous)
-        step_s.append(time.perf_counter() - start)
-    median = statistics.median(step_s)
-    return {"step_s": step_s, "median_s": median, "best_s": min(step_s), "images_per_s": batch / median,
-            "warmup_s": warmup_s, "threads": torch.get_num_threads()}
+    # train_step returns a float: the step has finished when it returns (CPU ops are synchronous).
+    timing = timed(lambda: trainer.train_step(images, targets), steps, warmup)
+    return {**timing, "images_per_s": batch / timing["median_s"], "threads": torch.get_num_threads()}
 
 
 def train_images_per_s(depth=50, height=128, width=256, batch=8, steps=5, warmup=2, threads=None,

@@ -8,8 +8,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags  # noqa: E402
+
+from common import random_batch  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["kendall_deeplabv3_resnet26_slim", "kendall_deeplabv3_resnet101"], "Registered models.")
@@ -20,8 +23,6 @@ flags.DEFINE_boolean("jit_compile", False, "XLA.")
 
 
 def measure(name, height, width, batch, steps, jit_compile):
-    import keras
-    import numpy as np
     import tensorflow as tf
 
     import mtl_keras
@@ -31,13 +32,7 @@ def measure(name, height, width, batch, steps, jit_compile):
     model = mtl_keras.build_model(name, input_shape=(height, width, 3))
     trainer = MultiTaskTrainer(model, UncertaintyWeightingLayer(model.output.keys()))
     trainer.compile(optimizer=kendall_sgd(total_steps=1000), jit_compile=jit_compile)
-    rng = np.random.default_rng(0)
-    x = rng.uniform(0, 255, (batch, height, width, 3)).astype("float32")
-    y = {"semantic": rng.integers(0, 19, (batch, height, width)).astype("int32"),
-         "instance": rng.normal(size=(batch, height, width, 2)).astype("float32"),
-         "instance_mask": np.ones((batch, height, width, 1), "float32"),
-         "depth": rng.uniform(size=(batch, height, width, 1)).astype("float32"),
-         "depth_mask": np.ones((batch, height, width, 1), "float32")}
+    x, y = random_batch(batch, height, width, tuple(model.output.keys()))
     ds = tf.data.Dataset.from_tensors((x, y)).repeat()
     trainer.fit(ds, steps_per_epoch=2, epochs=1, verbose=0)
     start = time.perf_counter()

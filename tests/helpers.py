@@ -60,3 +60,19 @@ def run_quick_experiment(script, tmp_path, summary_file, timeout):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(tmp_path / "out" / summary_file) as f:
         return json.load(f), results_md
+
+
+def load_script(relative, name):
+    """A script of the repository (e.g. ``benchmarks/gpu.py``) imported as module ``name``, with its folder on
+    ``sys.path`` as when it runs (scripts import their siblings, e.g. ``benchmarks/common.py``)."""
+    import importlib.util
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folder = os.path.dirname(os.path.join(root, relative))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, relative))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

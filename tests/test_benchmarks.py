@@ -1,7 +1,6 @@
 """benchmarks/run_all.py (a --quick run on a tiny model), the FLOP counter (exact counts by hand), and
 docs/make_results.py. No timing is asserted: only that the numbers exist, are finite and positive."""
 
-import importlib.util
 import math
 import os
 import re
@@ -10,16 +9,10 @@ import keras
 
 from mtl_keras.flops import count_flops, layer_flops, profiler_flops
 from mtl_keras.layers import AtrousConv2D
+from tests.helpers import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "benchmark_test_tiny_net"
-
-
-def _load(relative, name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relative))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------------------------------------------- FLOP counter
@@ -108,7 +101,7 @@ def test_run_all_quick_models(tmp_path, monkeypatch):
     """Training, inference and SavedModel rows of a tiny model; XLA is made to fail (compiling costs too long for a
     unit test): a failure is reported in its row, not raised."""
     _register_tiny_model(monkeypatch)
-    run_all = _load("benchmarks/run_all.py", "run_all_under_test")
+    run_all = load_script("benchmarks/run_all.py", "run_all_under_test")
 
     def no_xla(fn, position):
         def wrapped(*args):
@@ -161,7 +154,7 @@ def test_run_all_quick_models(tmp_path, monkeypatch):
 def test_run_all_isolate_measures_in_a_child_process_against_the_parents_peak(tmp_path):
     """--isolate: the rows come back from a child process (a real, tiny model), as rows, not failures, with the
     fractions taken against the parent's matmul rate."""
-    run_all = _load("benchmarks/run_all.py", "run_all_under_test_isolate")
+    run_all = load_script("benchmarks/run_all.py", "run_all_under_test_isolate")
     report = run_all.main(["--quick", "--isolate", "--models", "kendall_deeplabv3_resnet26_slim", "--skip_xla",
                            "--skip_savedmodel", "--skip_pipeline", "--skip_clustering", "--skip_crosscheck",
                            "--output", str(tmp_path / "b.md")])
@@ -174,7 +167,7 @@ def test_run_all_isolate_measures_in_a_child_process_against_the_parents_peak(tm
 
 def test_run_all_quick_data(tmp_path):
     """The input-pipeline and clustering rows (tiny generated data)."""
-    run_all = _load("benchmarks/run_all.py", "run_all_under_test_data")
+    run_all = load_script("benchmarks/run_all.py", "run_all_under_test_data")
     output = tmp_path / "benchmarks.md"
     run_all.main(["--quick", "--skip_training", "--skip_inference", "--skip_savedmodel", "--skip_crosscheck",
                   "--output", str(output), "--work_dir", str(tmp_path / "work")])
@@ -189,7 +182,7 @@ def test_run_all_quick_data(tmp_path):
 
 # ------------------------------------------------------------------------------------------------- make_results
 def test_make_results(tmp_path):
-    make_results = _load("docs/make_results.py", "make_results_under_test")
+    make_results = load_script("docs/make_results.py", "make_results_under_test")
     results = tmp_path / "docs" / "results"
     results.mkdir(parents=True)
     (results / "benchmarks.md").write_text("# Speed\n\n| a |\n| --- |\n| 1 |\n")

@@ -2,7 +2,6 @@
 (its FLOP count by hand, its peak table, a tiny row on the CPU) and benchmarks/backends.py (its table and a tiny
 run). Tiny models only; no timing is asserted, only that the numbers exist and are positive."""
 
-import importlib.util
 import json
 import math
 import os
@@ -15,20 +14,14 @@ import pytest
 import torch
 
 import mtl_keras
+from tests.helpers import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(backbone_width=8, aspp_channels=16, decoder_channels=16)  # small widths of the depth-50 model
 TINY_MODEL = "kendall_deeplabv3_resnet50"
 
 
-def _load(relative, name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relative))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-torch_reference = _load("benchmarks/torch_reference.py", "torch_reference_under_test")
+torch_reference = load_script("benchmarks/torch_reference.py", "torch_reference_under_test")
 
 
 def _keras_tiny(input_shape=(64, 64, 3), depth=50, **overrides):
@@ -146,7 +139,7 @@ def test_torch_reference_trains_and_decays_conv_kernels_only():
 
 # --------------------------------------------------------------------------------------------------------- gpu.py
 def test_gpu_flop_count_of_one_conv_by_hand():
-    gpu = _load("benchmarks/gpu.py", "gpu_under_test")
+    gpu = load_script("benchmarks/gpu.py", "gpu_under_test")
     image = keras.Input((8, 10, 3))
     model = keras.Model(image, keras.layers.Conv2D(4, 3, padding="same", name="conv")(image))
     forward = 2 * (3 * 3 * 3) * 4 * (8 * 10)  # 2 FLOPs per multiply-add x kh*kw*cin x cout x output pixels
@@ -154,7 +147,7 @@ def test_gpu_flop_count_of_one_conv_by_hand():
 
 
 def test_gpu_peak_table():
-    gpu = _load("benchmarks/gpu.py", "gpu_under_test_peaks")
+    gpu = load_script("benchmarks/gpu.py", "gpu_under_test_peaks")
     assert gpu.peak_for("NVIDIA H200", "mixed_bfloat16", None) == (989e12, "H200 bf16 (data sheet)")
     assert gpu.peak_for("NVIDIA H100 80GB HBM3", "float32", None)[0] == 494e12  # TF32 at JAX's default precision
     assert gpu.peak_for("NVIDIA H100 80GB HBM3", "float32", "highest")[0] == 67e12
@@ -207,7 +200,7 @@ def test_gpu_refuses_other_backends():
 
 # ---------------------------------------------------------------------------------------------------- backends.py
 def test_backends_table_shows_failures_in_their_rows():
-    backends = _load("benchmarks/backends.py", "backends_under_test")
+    backends = load_script("benchmarks/backends.py", "backends_under_test")
     rounds = {
         "jax": [{"row": "jax", "median_s": 0.5, "jit_compile": True}, {"row": "jax", "median_s": 0.7}],
         "torch": [{"row": "torch", "error": "TypeError: train_step() takes 2 | 3 arguments"}],
