@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from typing import Optional
 
 
 @dataclasses.dataclass
@@ -38,7 +39,7 @@ class TrainConfig:
     batch_size: int = 8  # global batch size (split over replicas)
     steps: int = 0  # total training steps; 0 = use epochs
     epochs: int = 0  # passes over the training split; used when steps == 0
-    jit_compile: bool = None  # None: the backend's default (XLA on JAX; off on TensorFlow and PyTorch)
+    jit_compile: Optional[bool] = None  # None: the backend's default (XLA on JAX; off on TensorFlow and PyTorch)
     seed: int = 0
     # Distribution
     strategy: str = "auto"  # auto (mirrored over all GPUs if any, else one device) | one_device | mirrored | multi_worker

@@ -63,9 +63,9 @@ class MultiTaskTrainer(keras.Model):
         if not any(term is total for term in self.loss_weighting.losses):
             # The weighting's add_loss term is not collected here: JAX's trainer evaluates compute_loss in a
             # stateless scope that drops add_loss terms made there (it collects only those of the forward pass).
-            # Added explicitly instead, scaled as Keras scales add_loss terms (1 / replicas under tf.distribute, so 1
-            # here); a direct call outside that scope collects it and must not count it twice.
-            loss = loss + total / distribution.replicas_in_sync()
+            # Added explicitly instead (JAX has no tf.distribute replica scaling to match); a direct call outside that
+            # scope collects it, and it must not count twice.
+            loss = loss + total
         return loss
 
     if keras.config.backend() == "tensorflow":
