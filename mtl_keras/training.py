@@ -8,10 +8,12 @@ that takes images only: that is what is exported and served.
 import keras
 from keras import ops
 
-from mtl_keras import distribution
+from mtl_keras import distribution, gradient_training
 from mtl_keras.losses import task_loss
 from mtl_keras.tasks import IGNORE_LABEL, validate_tasks
-from mtl_keras.weighting import LossWeighting
+from mtl_keras.weighting import GradientWeighting, LossWeighting
+
+JACOBIAN_MODES = ("loop", "batched")
 
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
@@ -20,9 +22,13 @@ class MultiTaskTrainer(keras.Model):
 
     Logged each step (progress bar, history, TensorBoard): ``loss`` (the weighted total), ``{task}_loss`` and the
     weighting's ``log_values()`` (``{task}_weight``, ``{task}_sigma2``).
+
+    With a ``GradientWeighting`` (PCGrad, MGDA, ...) the training step computes the per-task gradients
+    (``mtl_keras.gradient_training``): ``jacobian_mode`` "loop" takes K backward passes sharing one forward pass,
+    "batched" one vectorised Jacobian pass (JAX only; TF always loops).
     """
 
-    def __init__(self, model, weighting, ignore_label=IGNORE_LABEL, **kwargs):
+    def __init__(self, model, weighting, ignore_label=IGNORE_LABEL, jacobian_mode="loop", **kwargs):
         super().__init__(**kwargs)
         if not isinstance(weighting, LossWeighting):
             raise TypeError(f"weighting must be a mtl_keras LossWeighting, got {type(weighting).__name__}.")
@@ -36,6 +42,16 @@ class MultiTaskTrainer(keras.Model):
         self.ignore_label = ignore_label
         self.task_loss_trackers = [keras.metrics.Mean(name=f"{t}_loss") for t in self.tasks]
         self.weight_trackers = [keras.metrics.Mean(name=n) for n in weighting.log_values()]
+        if jacobian_mode not in JACOBIAN_MODES:
+            raise ValueError(f"jacobian_mode must be one of {JACOBIAN_MODES}, got {jacobian_mode!r}.")
+        self.jacobian_mode = jacobian_mode
+        self.partition = None
+        if isinstance(weighting, GradientWeighting):
+            if keras.config.backend() not in ("tensorflow", "jax"):
+                raise ValueError(f"Gradient weightings ({weighting.method_name}) need KERAS_BACKEND=tensorflow or "
+                                 f"jax (now {keras.config.backend()}); the loss weightings run on every backend.")
+            self.partition = gradient_training.SharedPartition(model, self.tasks)
+            weighting.build_state(self.partition.num_shared)
         # Every variable exists now (functional model, eager weighting variables): callbacks such as
         # BackupAndRestore may load weights before the first step.
         self.built = True
@@ -68,11 +84,36 @@ class MultiTaskTrainer(keras.Model):
             loss = loss + total
         return loss
 
+    def task_loss(self, task, y, y_pred):
+        return task_loss(task, y, y_pred, self.ignore_label)
+
+    def record_step(self, global_losses, x, y, y_pred):
+        """Updates the logged metrics after a gradient-weighting step (``global_losses``: (K,), replica means)."""
+        weights = self.loss_weighting.last_weights
+        total = ops.sum(ops.cast(weights, "float32") * ops.cast(global_losses, "float32"))
+        for k, tracker in enumerate(self.task_loss_trackers):
+            tracker.update_state(global_losses[k])
+        for tracker, value in zip(self.weight_trackers, self.loss_weighting.log_values().values()):
+            tracker.update_state(value)
+        batch = ops.shape(keras.tree.flatten(x)[0])[0]
+        self._loss_tracker.update_state(total, sample_weight=batch)
+        return self.get_metrics_result()
+
+    if keras.config.backend() == "jax":
+
+        def train_step(self, state, data):
+            if self.partition is None:
+                return super().train_step(state, data)
+            return gradient_training.jax_train_step(self, state, data)
+
     if keras.config.backend() == "tensorflow":
         # TF-only hooks: the JAX and PyTorch trainers have their own train_step signatures and no tf.distribute.
 
         def train_step(self, data):
-            logs = super().train_step(data)
+            if self.partition is not None:
+                logs = gradient_training.tensorflow_train_step(self, data)
+            else:
+                logs = super().train_step(data)
             if distribution.is_multi_worker(self.distribute_strategy):
                 # Keras 3 reduces each scalar log with strategy.reduce(MEAN, axis=0) under
                 # MultiWorkerMirroredStrategy, which fails on rank-0 values (tensorflow/tensorflow#72388); shape (1,)
@@ -98,6 +139,7 @@ class MultiTaskTrainer(keras.Model):
             "model": keras.saving.serialize_keras_object(self.inference_model),
             "weighting": keras.saving.serialize_keras_object(self.loss_weighting),
             "ignore_label": self.ignore_label,
+            "jacobian_mode": self.jacobian_mode,
         }
 
     @classmethod

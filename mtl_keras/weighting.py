@@ -344,6 +344,113 @@ class MTUNetWeighting(EpochStatisticsWeighting):
                 "epsilon": self.epsilon}
 
 
+@keras.saving.register_keras_serializable(package="mtl_keras")
+class GradientWeighting(LossWeighting):
+    """A weighting that sees the per-task gradients: one of ``mtl_keras.gradient_methods`` (PCGrad, MGDA, Nash-MTL,
+    CAGrad, UPGrad, ConFIG, ... and the loss-only GLS, RLW, STCH, FAMO).
+
+    ``MultiTaskTrainer`` computes, each step, the gradients of every task loss with respect to the shared parameters
+    (or, with ``rep_grad=True``, the shared representation; LibMTL's cheaper variant), all-reduced over replicas;
+    :meth:`direction` turns them into the shared parameters' update direction. Each task's own parameters (its
+    decoder) get that task's gradient, as in LibMTL. The method's state (and the step counter that seeds its
+    randomness) lives in non-trainable variables of this layer: checkpointed, resumed bit for bit, identical on every
+    replica. ``task_weights()`` are the weights of the last step where the method defines them (else 1).
+
+    Called on losses (evaluation), the total is ``sum_k w_k L_k`` with the last weights.
+    """
+
+    def __init__(self, tasks, method="pcgrad", rep_grad=False, seed=0, options=None, **kwargs):
+        super().__init__(tasks, **kwargs)
+        from mtl_keras.gradient_methods import build_gradient_method
+
+        self.method_name = str(method)
+        self.options = dict(options or {})
+        self.rep_grad = bool(rep_grad)
+        self.seed = int(seed)
+        self.method = build_gradient_method(self.method_name, len(self.tasks), **self.options)
+        if self.rep_grad and not self.method.supports_rep_grad:
+            raise ValueError(f"Weighting {self.method_name!r} is defined on parameter gradients only; drop --rep_grad.")
+        n = len(self.tasks)
+        self.step = self.add_weight(name="step", shape=(), initializer="zeros", dtype="int32", trainable=False,
+                                    aggregation="only_first_replica")
+        self.last_weights = self.add_weight(name="last_weights", shape=(n,), initializer="ones", trainable=False,
+                                            aggregation="only_first_replica")
+        self.state_variables = {}
+        self.num_params = None
+        self.built = True
+
+    def build_state(self, num_params):
+        """Creates the method's state variables for ``num_params`` (P) shared values; the trainer calls it once."""
+        if self.num_params is not None:
+            if int(num_params) != self.num_params:
+                raise ValueError(f"{self.method_name}: state built for {self.num_params} shared values, now "
+                                 f"{num_params}.")
+            return
+        self.num_params = int(num_params)
+        for name, value in self.method.initial_state(self.num_params).items():
+            value = np.asarray(value)
+            self.state_variables[name] = self.add_weight(
+                name=f"state_{name}", shape=value.shape, dtype=str(value.dtype), trainable=False,
+                initializer=keras.initializers.Constant(value) if value.ndim == 0 else _ArrayInitializer(value),
+                aggregation="only_first_replica")
+
+    def _state(self):
+        return {k: v.value for k, v in self.state_variables.items()}
+
+    def _assign_state(self, state):
+        for k, v in self.state_variables.items():
+            v.assign(ops.cast(state[k], v.dtype))
+
+    def direction(self, gradients, losses):
+        """The update direction (P,) from ``gradients`` (K, P) (or (S, K, P)) and ``losses`` (K,); advances the state."""
+        gradients = ops.convert_to_tensor(gradients)
+        losses = ops.cast(losses, gradients.dtype)
+        direction, weights, state = self.method.aggregate(gradients, losses, self._state(), self.step.value,
+                                                          self.seed)
+        self._after_aggregate(weights, state)
+        return direction
+
+    def loss_weights(self, losses):
+        """Loss-only methods (``method.uses_gradients`` False): the weights (K,) of this step; advances the state."""
+        weights, state = self.method.loss_weights(losses, self._state(), self.step.value, self.seed)
+        self._after_aggregate(weights, state)
+        return weights
+
+    def _after_aggregate(self, weights, state):
+        self._assign_state(state)
+        if weights is not None:
+            self.last_weights.assign(ops.cast(weights, self.last_weights.dtype))
+        self.step.assign(self.step.value + 1)
+
+    def after_step(self, losses_before, losses_after):
+        """FAMO-like methods: update from the losses before and after this step's update."""
+        state = self.method.after_step(losses_before, losses_after, self._state(), self.step.value)
+        self._assign_state(state)
+
+    def weighted_total(self, task_losses):
+        return sum(self.last_weights[i] * task_losses[t] for i, t in enumerate(self.tasks))
+
+    def task_weights(self):
+        return {t: self.last_weights[i] for i, t in enumerate(self.tasks)}
+
+    def get_config(self):
+        return {**super().get_config(), "method": self.method_name, "rep_grad": self.rep_grad, "seed": self.seed,
+                "options": dict(self.options)}
+
+
+class _ArrayInitializer(keras.initializers.Initializer):
+    """Initialises a variable to a given numpy array (the method's initial state)."""
+
+    def __init__(self, value):
+        self.value = np.asarray(value)
+
+    def __call__(self, shape, dtype=None):
+        return ops.cast(ops.reshape(ops.convert_to_tensor(self.value), shape), dtype or self.value.dtype)
+
+    def get_config(self):
+        return {"value": self.value.tolist()}
+
+
 class WeightingEpochCallback(keras.callbacks.Callback):
     """Lets epoch-adaptive weightings (DWA, MT-UNet) update at the end of each training epoch."""
 
@@ -365,8 +472,29 @@ WEIGHTINGS = {
 }
 
 
-def build_weighting(name, tasks, **kwargs):
-    """The weighting ``name`` (one of ``WEIGHTINGS``) for ``tasks``."""
-    if name not in WEIGHTINGS:
-        raise ValueError(f"Unknown weighting {name!r}. Valid: {', '.join(WEIGHTINGS)}.")
-    return WEIGHTINGS[name](tasks, **kwargs)
+def weighting_names():
+    """Every ``--weighting`` name: the loss weightings, then the gradient methods (sorted)."""
+    from mtl_keras.gradient_methods import GRADIENT_METHODS
+
+    return list(WEIGHTINGS) + sorted(n for n in GRADIENT_METHODS if n not in WEIGHTINGS)
+
+
+def build_weighting(name, tasks, rep_grad=False, seed=0, options=None, **kwargs):
+    """The weighting ``name`` for ``tasks``: a loss weighting of ``WEIGHTINGS`` (``kwargs`` are its arguments) or a
+    gradient method of ``mtl_keras.gradient_methods`` (``options`` are its options)."""
+    from mtl_keras.gradient_methods import GRADIENT_METHODS
+
+    if name in WEIGHTINGS:
+        if rep_grad:
+            raise ValueError(f"--rep_grad applies to gradient weightings; {name!r} weights the losses.")
+        return WEIGHTINGS[name](tasks, **kwargs)
+    if name in GRADIENT_METHODS:
+        return GradientWeighting(tasks, method=name, rep_grad=rep_grad, seed=seed, options=options, **kwargs)
+    raise ValueError(f"Unknown weighting {name!r}. Valid: {', '.join(weighting_names())}.")
+
+
+def aggregate(name, gradients, **kwargs):
+    """``mtl_keras.gradient_methods.aggregate``: (K, P) per-task gradients -> the (P,) direction of method ``name``."""
+    from mtl_keras.gradient_methods import aggregate as _aggregate
+
+    return _aggregate(name, gradients, **kwargs)
