@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from mtl_keras.config import TrainConfig  # noqa: E402
+from mtl_keras.weighting import weighting_names  # noqa: E402
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 PRESETS = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(PRESET_DIR, "*.json")))
@@ -35,7 +36,15 @@ flags.DEFINE_string("dataset", _D.dataset, "Dataset name (mtl_keras.data.dataset
 flags.DEFINE_string("data_dir", _D.data_dir, "Dataset root (default for synthetic: data/synthetic).")
 flags.DEFINE_list("tasks", list(_D.tasks), "Comma-separated tasks: semantic,instance,depth.")
 flags.DEFINE_integer("num_classes", _D.num_classes, "19 (trainIds) or 7 (categories) on CityScapes; 13 on NYUv2.")
-flags.DEFINE_enum("weighting", _D.weighting, ["uncertainty", "equal", "fixed", "dwa", "mtunet"], "Loss weighting.")
+flags.DEFINE_enum("weighting", _D.weighting, weighting_names(), "Loss weighting: uncertainty, equal, fixed, dwa, "
+                  "mtunet weight the losses; the others are gradient methods (mtl_keras.gradient_methods), which see "
+                  "the per-task gradients of the shared parameters.")
+flags.DEFINE_list("weighting_options", [], "A gradient method's options as key=value pairs (values in JSON), e.g. "
+                  "c=0.4 for cagrad; default: the paper's values.")
+flags.DEFINE_boolean("rep_grad", _D.rep_grad, "Gradient methods: use the gradients of the shared representation "
+                     "(cheaper; LibMTL's rep_grad) instead of the shared parameters'.")
+flags.DEFINE_enum("jacobian_mode", _D.jacobian_mode, ["loop", "batched"], "Gradient methods: K backward passes "
+                  "sharing one forward pass (loop), or one vectorised Jacobian pass (batched; JAX only).")
 flags.DEFINE_list("task_weights", [], "Weights for --weighting fixed, in task order, e.g. 0.89,0.01,0.1.")
 flags.DEFINE_float("initial_log_variance", _D.initial_log_variance, "uncertainty: initial log sigma^2 of every task.")
 flags.DEFINE_float("dwa_temperature", _D.dwa_temperature, "dwa: softmax temperature.")
@@ -84,6 +93,20 @@ flags.DEFINE_boolean("publish_overwrite", False, "Let --publish replace an exist
 _TUPLE_FLAGS = {"tasks": str, "task_weights": float, "image_size": int, "scale_range": float, "crop_size": int}
 
 
+def parse_options(pairs):
+    """``["c=0.4", "mgda_gn=\"l2\""]`` -> ``{"c": 0.4, "mgda_gn": "l2"}`` (values JSON; bare words are strings)."""
+    options = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--weighting_options: expected key=value, got {pair!r}.")
+        try:
+            options[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key.strip()] = text
+    return options
+
+
 def load_preset(name):
     with open(os.path.join(PRESET_DIR, f"{name}.json")) as f:
         return TrainConfig.from_dict(json.load(f))
@@ -99,6 +122,8 @@ def config_from_flags():
         value = FLAGS[name].value
         if name in _TUPLE_FLAGS:
             value = tuple(_TUPLE_FLAGS[name](v) for v in value)
+        elif name == "weighting_options":
+            value = parse_options(value)
         overrides[name] = value
     config = config.replace(**overrides)
     if config.dataset == "synthetic" and not config.steps and not config.epochs:

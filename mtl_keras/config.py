@@ -23,7 +23,10 @@ class TrainConfig:
     crop_size: tuple = ()  # random training crops (height, width), padded with the ignore label; () = none
     depth_target: str = ""  # "inverse" | "metric"; "" = the dataset's default (CityScapes inverse, NYUv2 metric)
     # Loss weighting
-    weighting: str = "uncertainty"  # uncertainty | equal | fixed | dwa | mtunet
+    weighting: str = "uncertainty"  # uncertainty | equal | fixed | dwa | mtunet, or a gradient method (pcgrad, ...)
+    weighting_options: dict = dataclasses.field(default_factory=dict)  # a gradient method's options, e.g. {"c": 0.4}
+    rep_grad: bool = False  # gradient methods: per-task gradients of the shared representation, not the parameters
+    jacobian_mode: str = "loop"  # gradient methods: K backward passes (loop) or one vectorised pass (batched, JAX)
     task_weights: tuple = ()  # for "fixed", in task order
     initial_log_variance: float = 0.0  # uncertainty: initial log sigma^2
     dwa_temperature: float = 2.0

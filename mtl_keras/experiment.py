@@ -74,7 +74,12 @@ def build_loss_weighting(config, tasks):
         if len(config.task_weights) != len(tasks):
             raise ValueError(f"--task_weights needs one value per task {tasks}, got {list(config.task_weights)}.")
         kwargs["task_weights"] = [float(w) for w in config.task_weights]
-    return build_weighting(config.weighting, tasks, **kwargs)
+    else:  # a gradient method: its options, rep_grad and the run's seed (for its random draws)
+        return build_weighting(config.weighting, tasks, rep_grad=config.rep_grad, seed=config.seed,
+                               options=dict(config.weighting_options))
+    if config.weighting_options:
+        raise ValueError(f"--weighting_options applies to gradient weightings; {config.weighting!r} has its own flags.")
+    return build_weighting(config.weighting, tasks, rep_grad=config.rep_grad, **kwargs)
 
 
 def plan_steps(config, num_train_images):
@@ -236,7 +241,7 @@ def _run_training(config, verbose):
             # Without it each replica keeps its own moving statistics: workers would end with different weights.
             distribution.set_synchronized_batchnorm(model)
         weighting = build_loss_weighting(config, tasks)
-        trainer = MultiTaskTrainer(model, weighting)
+        trainer = MultiTaskTrainer(model, weighting, jacobian_mode=config.jacobian_mode)
         trainer.compile(optimizer=build_optimizer(config, total_steps), jit_compile=jit_compile)
         initial_epoch = checkpointing.restore(trainer, backup_dir)
     log.info("model %s: %d parameters; %d epochs x %d steps; global batch %d = %d replica(s) x %d%s; %s", config.model,

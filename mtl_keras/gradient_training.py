@@ -20,6 +20,11 @@ from keras import ops
 from mtl_keras import distribution
 
 
+def _float():
+    """The dtype of losses, gradients and directions: the variables' (floatx; float32 under mixed precision)."""
+    return keras.config.floatx()
+
+
 # ------------------------------------------------------------------------------------------------ graph partition
 def _producer(tensor):
     history = tensor._keras_history
@@ -118,8 +123,8 @@ def _size(variable):
     return size
 
 
-def flatten(tensors, dtype="float32"):
-    return ops.concatenate([ops.reshape(ops.cast(t, dtype), (-1,)) for t in tensors], axis=0)
+def flatten(tensors):
+    return ops.concatenate([ops.reshape(ops.cast(t, _float()), (-1,)) for t in tensors], axis=0)
 
 
 def unflatten(vector, like):
@@ -143,7 +148,7 @@ def split_samples(x, y, samples):
 
 def loss_scale(optimizer):
     """The optimiser's current loss scale (1 without mixed precision)."""
-    return ops.cast(optimizer.scale_loss(ops.ones((), "float32")), "float32")
+    return ops.cast(optimizer.scale_loss(ops.ones((), _float())), _float())
 
 
 # --------------------------------------------------------------------------------------------- TensorFlow step
@@ -174,11 +179,11 @@ def tensorflow_train_step(trainer, data):
         else:
             y_pred = trainer.inference_model(x, training=True)
         losses = [trainer.task_loss(t, y, y_pred) for t in tasks]  # replica losses; their replica mean is global
-        global_losses = ops.stack([distribution.cross_replica_mean(ops.cast(v, "float32")) for v in losses])
+        global_losses = ops.stack([distribution.cross_replica_mean(ops.cast(v, _float())) for v in losses])
         if not method.uses_gradients:
             weights = ops.stop_gradient(weighting.loss_weights(global_losses))
-            weighted = sum(weights[k] * ops.cast(losses[k], "float32") for k in range(len(tasks))) * scale
-        scaled = [ops.cast(v, "float32") * scale for v in losses]
+            weighted = sum(weights[k] * ops.cast(losses[k], _float()) for k in range(len(tasks))) * scale
+        scaled = [ops.cast(v, _float()) * scale for v in losses]
 
     grads_by_variable = {}
     if not method.uses_gradients:
@@ -191,7 +196,7 @@ def tensorflow_train_step(trainer, data):
         for k, task in enumerate(tasks):
             grads = tape.gradient(scaled[k], list(targets) + partition.own[task])
             shared_grads, own_grads = grads[:len(targets)], grads[len(targets):]
-            rows.append(flatten([g if g is not None else tf.zeros(v.shape, "float32")
+            rows.append(flatten([g if g is not None else tf.zeros(v.shape, _float())
                                  for g, v in zip(shared_grads, targets)]) / scale)
             for variable, grad in zip(partition.own[task], own_grads):
                 grads_by_variable[id(variable)] = grad / replicas if grad is not None else None
@@ -243,13 +248,13 @@ def _tensorflow_sampled_step(trainer, x, y, scale, replicas):
     for part_x, part_y in parts:
         with tf.GradientTape(persistent=True) as tape:
             y_pred = trainer.inference_model(part_x, training=True)
-            losses = [ops.cast(trainer.task_loss(t, part_y, y_pred), "float32") for t in tasks]
+            losses = [ops.cast(trainer.task_loss(t, part_y, y_pred), _float()) for t in tasks]
             scaled = [v * scale for v in losses]
         rows = []
         for k, task in enumerate(tasks):
             grads = tape.gradient(scaled[k], partition.shared + partition.own[task])
             shared_grads, own_grads = grads[:len(partition.shared)], grads[len(partition.shared):]
-            rows.append(flatten([g if g is not None else tf.zeros(v.shape, "float32")
+            rows.append(flatten([g if g is not None else tf.zeros(v.shape, _float())
                                  for g, v in zip(shared_grads, partition.shared)]) / scale)
             for variable, grad in zip(partition.own[task], own_grads):
                 if grad is None:
@@ -274,7 +279,7 @@ def _tensorflow_after_step(trainer, x, y, global_losses):
     model = trainer.inference_model
     saved = [ops.convert_to_tensor(v.value) for v in model.non_trainable_variables]
     y_after = model(x, training=True)
-    after = ops.stack([distribution.cross_replica_mean(ops.cast(trainer.task_loss(t, y, y_after), "float32"))
+    after = ops.stack([distribution.cross_replica_mean(ops.cast(trainer.task_loss(t, y, y_after), _float()))
                        for t in trainer.tasks])
     for variable, value in zip(model.non_trainable_variables, saved):
         variable.assign(value)
@@ -350,7 +355,7 @@ class _JaxStep:
         with keras.StatelessScope(state_mapping=mapping) as scope:
             y_pred = (model or trainer.inference_model)(inputs if model_inputs is None else model_inputs,
                                                         training=True)
-            losses = ops.stack([ops.cast(trainer.task_loss(t, targets, y_pred), "float32") for t in self.tasks])
+            losses = ops.stack([ops.cast(trainer.task_loss(t, targets, y_pred), _float()) for t in self.tasks])
         return losses, y_pred, _current(scope, trainer.non_trainable_variables, non_trainable_values)
 
     def weighting_call(self, non_trainable, fn, *args):
@@ -369,7 +374,7 @@ class _JaxStep:
             jac, aux = jax.jacrev(function, has_aux=True)(argument)
         else:
             _, vjp, aux = jax.vjp(function, argument, has_aux=True)
-            eye = jax.numpy.eye(len(self.tasks), dtype="float32")
+            eye = jax.numpy.eye(len(self.tasks), dtype=_float())
             rows = [vjp(eye[k])[0] for k in range(len(self.tasks))]
             jac = jax.tree_util.tree_map(lambda *leaves: ops.stack(leaves), *rows)
         return jax.tree_util.tree_map(lambda j: j / self.scale, jac), aux
@@ -462,4 +467,4 @@ class _JaxStep:
 
 def flatten_jacobian(per_variable, num_tasks):
     """(K, P) from a list of (K, *shape) per-variable Jacobian blocks."""
-    return ops.concatenate([ops.reshape(ops.cast(j, "float32"), (num_tasks, -1)) for j in per_variable], axis=1)
+    return ops.concatenate([ops.reshape(ops.cast(j, _float()), (num_tasks, -1)) for j in per_variable], axis=1)

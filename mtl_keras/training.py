@@ -44,6 +44,9 @@ class MultiTaskTrainer(keras.Model):
         self.weight_trackers = [keras.metrics.Mean(name=n) for n in weighting.log_values()]
         if jacobian_mode not in JACOBIAN_MODES:
             raise ValueError(f"jacobian_mode must be one of {JACOBIAN_MODES}, got {jacobian_mode!r}.")
+        if jacobian_mode == "batched" and keras.config.backend() != "jax":
+            raise ValueError("jacobian_mode 'batched' (one vectorised Jacobian pass) needs KERAS_BACKEND=jax; "
+                             "use 'loop' (K backward passes) here.")
         self.jacobian_mode = jacobian_mode
         self.partition = None
         if isinstance(weighting, GradientWeighting):

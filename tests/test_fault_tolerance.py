@@ -79,10 +79,11 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_backup(tmp_
     assert all(np.all(np.isfinite(w)) for w in restored.get_weights())
 
 
-def _train_command(out, data):
+def _train_command(out, data, weighting="uncertainty"):
     return [sys.executable, os.path.join(ROOT, "experiments", "train.py"), f"--output_dir={out}",
             f"--data_dir={data}", "--image_size=32,64", "--batch_size=2", "--epochs=6", "--deterministic",
-            "--tasks=semantic,depth", "--export=false", "--val_batches=1", "--model=kendall_deeplabv3_resnet26_slim"]
+            "--tasks=semantic,depth", "--export=false", "--val_batches=1", "--model=kendall_deeplabv3_resnet26_slim",
+            f"--weighting={weighting}"]
 
 
 def _generate(data):
@@ -91,18 +92,21 @@ def _generate(data):
     generate_synthetic_cityscapes(str(data), num_train=6, num_val=2, height=64, width=128, seed=0)
 
 
-def test_sigkill_mid_training_resumes_from_the_last_completed_epoch_and_ends_as_an_uninterrupted_run(tmp_path):
+# gradvac: a gradient method with state (its cosine targets) and a random task order per step: both must resume.
+@pytest.mark.parametrize("weighting", ["uncertainty", "gradvac"])
+def test_sigkill_mid_training_resumes_from_the_last_completed_epoch_and_ends_as_an_uninterrupted_run(tmp_path,
+                                                                                                     weighting):
     data = tmp_path / "synthetic"
     _generate(data)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
     # Small model overrides through the preset-free flags are not exposed, so use the slim model at 32x64.
-    reference = subprocess.run(_train_command(tmp_path / "reference", data), env=env, capture_output=True,
+    reference = subprocess.run(_train_command(tmp_path / "reference", data, weighting), env=env, capture_output=True,
                                text=True, timeout=900)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     out = tmp_path / "interrupted"
     state_file = out / "backup" / "state.json"
-    proc = subprocess.Popen(_train_command(out, data), env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_train_command(out, data, weighting), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
@@ -115,7 +119,7 @@ def test_sigkill_mid_training_resumes_from_the_last_completed_epoch_and_ends_as_
     killed_at = json.loads(state_file.read_text())["backups"][0]["epoch"]
     assert 2 <= killed_at < 6
 
-    resumed = subprocess.run(_train_command(out, data), env=env, capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run(_train_command(out, data, weighting), env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     reference_metrics = json.loads((tmp_path / "reference" / "metrics.json").read_text())

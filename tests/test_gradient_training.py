@@ -176,3 +176,22 @@ def _gradients(model, images, targets, task):
         pytest.skip("gradient weightings: TF and JAX")
     return {v.path: (np.zeros(v.shape, "float32") if g is None else ops.convert_to_numpy(g))
             for v, g in zip(variables, grads)}
+
+
+def test_mixed_precision_unscales_each_task_gradient_before_the_method():
+    """mixed_float16: Keras wraps the optimiser in a LossScaleOptimizer (scale 2^15); the per-task gradients are
+    unscaled before the method and the direction rescaled for the optimiser, so the step equals the ordinary
+    trainer's under the same policy (a missed or doubled scale would be off by 2^15)."""
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        expected, _, reference = trained_weights(EqualWeighting(TASKS), steps=1)
+        got, _, trainer = trained_weights(GradientWeighting(TASKS, method="_test_row_sum"), steps=1)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    assert type(trainer.optimizer).__name__ == "LossScaleOptimizer"
+    assert float(ops.convert_to_numpy(trainer.optimizer.dynamic_scale)) > 1000
+    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(expected, trained_weights(EqualWeighting(TASKS),
+                                                                                        steps=0)[0]))
+    assert moved > 1e-3
+    for a, b in zip(expected, got):
+        np.testing.assert_allclose(b, a, rtol=1e-2, atol=1e-3)

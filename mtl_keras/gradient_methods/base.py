@@ -40,7 +40,7 @@ class GradientMethod:
         supports_rep_grad: the method is defined on the gradients of the shared representation (LibMTL's
             ``rep_grad=True``) as well as of the shared parameters. False where the state or the definition is per
             parameter (MoCo, GradNorm, ExcessMTL, ...).
-        gradient_samples: independent gradient estimates the method needs per step (MoDo 3, SDMGrad 2); the trainer
+        gradient_samples: independent gradient estimates the method needs per step (MoDo and SDMGrad: 3); the trainer
             splits each batch into that many parts and passes ``(S, K, P)``.
         needs_losses_after_step: FAMO: the trainer evaluates the losses again after the update and calls
             ``after_step``.

@@ -1,5 +1,5 @@
 """Trains the same tiny model on the same data on one device and under MirroredStrategy over 2 logical CPUs, for
-each weighting, and prints the largest weight differences (run by tests/test_distribution.py in its own process,
+each weighting (gradient methods included, ``NAME:rep`` with representation gradients), and prints the largest weight differences (run by tests/test_distribution.py in its own process,
 since logical devices must be configured before TensorFlow starts).
 
 It runs in float64: in float32 the two runs differ by reduction-order noise that the tiny model's batch norm over
@@ -57,6 +57,8 @@ def small_model():
 
 
 def train(strategy, weighting_name):
+    """``weighting_name``: a weighting, or ``METHOD:rep`` for a gradient method on representation gradients."""
+    weighting_name, _, mode = weighting_name.partition(":")
     keras.utils.set_random_seed(0)
     with strategy.scope():
         model = small_model()
@@ -64,10 +66,14 @@ def train(strategy, weighting_name):
         kwargs = {"task_weights": [0.5, 0.2, 0.3]} if weighting_name == "fixed" else {}
         if weighting_name == "mtunet":
             kwargs["weight_learning_rate"] = 0.05  # large enough that a wrong update would show
+        if mode == "rep":
+            kwargs["rep_grad"] = True
         weighting = build_weighting(weighting_name, TASKS, **kwargs)
         trainer = MultiTaskTrainer(model, weighting)
         trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
-    trainer.fit(data(), epochs=3, steps_per_epoch=2, verbose=0, callbacks=[WeightingEpochCallback(weighting)])
+    history = trainer.fit(data(), epochs=3, steps_per_epoch=2, verbose=0,
+                          callbacks=[WeightingEpochCallback(weighting)])
+    train.history = {f"{t}_loss": [float(v) for v in history.history[f"{t}_loss"]] for t in TASKS}
     return [(v.path, np.asarray(v)) for v in trainer.variables]
 
 
@@ -77,6 +83,7 @@ MIRRORED = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 results = {}
 for name in sys.argv[1:]:
     one = train(ONE_DEVICE, name)
+    one_device_history = train.history
     two = train(MIRRORED, name)
     assert len(one) == len(two)
     # Biases of convs followed by batch norm have a zero true gradient and move by float noise only: absolute
@@ -84,8 +91,9 @@ for name in sys.argv[1:]:
     mismatched = [path for (path, a), (_, b) in zip(one, two) if not np.allclose(a, b, rtol=1e-7, atol=1e-9)]
     worst = max(float(np.max(np.abs(a - b))) for (_, a), (_, b) in zip(one, two))
     results[name] = {"mismatched": mismatched, "max_abs_difference": worst, "num_variables": len(one),
+                     "history": one_device_history,
                      "loss_weight_state": {path: [np.asarray(a).ravel().tolist(), np.asarray(b).ravel().tolist()]
                                            for (path, a), (_, b) in zip(one, two)
-                                           if path.split("/")[0].endswith("weighting")
+                                           if "weighting" in path.split("/")[0]
                                            or "weighting_layer" in path}}
 print("RESULT " + json.dumps(results))
