@@ -136,6 +136,18 @@ def unflatten(vector, like):
     return pieces
 
 
+def _split_like_tensors(vector, tensors):
+    """``vector`` cut into pieces shaped like ``tensors``, whose shapes may be known only at run time (the batch)."""
+    import tensorflow as tf
+
+    pieces, start = [], 0
+    for t in tensors:
+        size = tf.size(t)
+        pieces.append(tf.reshape(vector[start:start + size], tf.shape(t)))
+        start = start + size
+    return pieces
+
+
 def split_samples(x, y, samples):
     """The batch cut into ``samples`` equal parts along axis 0 (independent gradient estimates: MoDo, SDMGrad)."""
     def part(tensor, i):
@@ -203,7 +215,7 @@ def tensorflow_train_step(trainer, data):
         gradients = ops.stack(rows)
         if weighting.rep_grad:
             direction = _tensorflow_rep_direction(weighting, gradients, global_losses, replicas)
-            pieces = unflatten(direction * scale, representation)
+            pieces = _split_like_tensors(direction * scale, representation)
             encoder_grads = tape.gradient(representation, partition.shared, output_gradients=pieces)
             for variable, grad in zip(partition.shared, encoder_grads):
                 grads_by_variable[id(variable)] = grad
@@ -228,9 +240,9 @@ def _tensorflow_rep_direction(weighting, gradients, global_losses, replicas):
 
     context = tf.distribute.get_replica_context()
     # dL/drep_r of the global loss is (1/R) dL_r/drep_r (the replica loss L_r is R times its share)
-    gathered = context.all_gather(gradients / replicas, axis=1)
+    gathered = tf.reshape(context.all_gather(gradients / replicas, axis=1), [gradients.shape[0], -1])
     direction = weighting.direction(gathered, global_losses)
-    size = gradients.shape[1]
+    size = tf.shape(gradients)[1]
     start = tf.cast(context.replica_id_in_sync_group, tf.int32) * size
     return tf.slice(direction, [start], [size])
 

@@ -17,6 +17,9 @@ from mtl_keras.weighting import EqualWeighting, GradientWeighting
 
 TASKS = ("semantic", "instance", "depth")
 
+if keras.config.backend() not in ("tensorflow", "jax"):
+    pytest.skip("gradient weightings run on TensorFlow and JAX", allow_module_level=True)
+
 
 class _RowSum(GradientMethod):
     """sum_k g_k, computed from the (K, P) matrix: the gradient of the summed loss."""
@@ -195,3 +198,25 @@ def test_mixed_precision_unscales_each_task_gradient_before_the_method():
     assert moved > 1e-3
     for a, b in zip(expected, got):
         np.testing.assert_allclose(b, a, rtol=1e-2, atol=1e-3)
+
+
+# One method of each kind through the real trainer: random (pcgrad), stateful + random (gradvac), three gradient
+# samples (modo), losses after the step (famo), loss only (gls), an on-device solver (nash_mtl), representation
+# gradients (graddrop). The float64 two-replica test (tests/test_distribution.py) runs every method on TensorFlow.
+@pytest.mark.parametrize("name", ["pcgrad", "gradvac", "modo", "famo", "gls", "nash_mtl", "graddrop:rep"])
+def test_methods_of_every_kind_train_and_lower_every_task_loss(name):
+    method, _, mode = name.partition(":")
+    weighting = GradientWeighting(TASKS, method=method, rep_grad=mode == "rep")
+    state_before = {k: ops.convert_to_numpy(v).copy() for k, v in weighting.state_variables.items()}
+    model = small_model(seed=1)
+    trainer = MultiTaskTrainer(model, weighting)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+                    jit_compile=keras.config.backend() == "jax")
+    images, targets = batch(n=6)
+    history = trainer.fit(images, targets, batch_size=6, epochs=6, verbose=0, shuffle=False).history
+    for t in TASKS:
+        losses = history[f"{t}_loss"]
+        assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], (t, losses)
+    assert int(ops.convert_to_numpy(weighting.step)) == 6
+    for key, before in state_before.items():  # the method's state moved and was written back to its variables
+        assert not np.array_equal(ops.convert_to_numpy(weighting.state_variables[key]), before), key

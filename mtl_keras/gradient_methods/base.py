@@ -171,7 +171,8 @@ def stateless_uniform(shape, seed, step, stream=0, dtype="float32"):
         import tensorflow as tf
 
         pair = tf.stack([tf.constant(base % (2 ** 31 - 1), tf.int64), tf.cast(step, tf.int64)])
-        return tf.random.stateless_uniform(tuple(shape), seed=pair, dtype=dtype)
+        # philox named: the default algorithm differs under XLA, which would change the draws with jit_compile
+        return tf.random.stateless_uniform(tuple(shape), seed=pair, dtype=dtype, alg="philox")
     if backend == "jax":
         import jax
 
