@@ -241,6 +241,11 @@ def _run_training(config, verbose):
             # Without it each replica keeps its own moving statistics: workers would end with different weights.
             distribution.set_synchronized_batchnorm(model)
         weighting = build_loss_weighting(config, tasks)
+        samples = getattr(getattr(weighting, "method", None), "gradient_samples", 1)
+        if samples > 1 and replicas > 1 and (config.batch_size // replicas) % samples:
+            log.warning("--weighting %s cuts each replica's batch into %d gradient samples: with %d per replica "
+                        "(not a multiple of %d) the parts differ from the one-device parts of the global batch.",
+                        config.weighting, samples, config.batch_size // replicas, samples)
         trainer = MultiTaskTrainer(model, weighting, jacobian_mode=config.jacobian_mode)
         trainer.compile(optimizer=build_optimizer(config, total_steps), jit_compile=jit_compile)
         initial_epoch = checkpointing.restore(trainer, backup_dir)

@@ -112,6 +112,11 @@ class SharedPartition:
             encoder = keras.Model(inputs, list(self.representation), name="shared_encoder")
             heads = keras.Model(list(self.representation) + list(self.passthrough),
                                 {t: self.model.output[t] for t in self.tasks}, name="task_heads")
+            encoder_variables = {id(v) for v in encoder.trainable_variables}
+            outside = [v.path for v in self.shared if id(v) not in encoder_variables]
+            if outside:
+                raise ValueError(f"rep_grad: shared variables {outside[:3]} lie after the shared representation "
+                                 f"(tied between task heads); train this model with parameter gradients.")
             self._split = (encoder, heads)
         return self._split
 
@@ -149,13 +154,13 @@ def _split_like_tensors(vector, tensors):
 
 
 def split_samples(x, y, samples):
-    """The batch cut into ``samples`` equal parts along axis 0 (independent gradient estimates: MoDo, SDMGrad)."""
-    def part(tensor, i):
-        n = ops.shape(tensor)[0] // samples
-        return tensor[i * n:(i + 1) * n]
+    """The batch cut into ``samples`` strided parts (samples ``i, i + S, i + 2S, ...``): independent gradient
+    estimates for MoDo and SDMGrad. Strided, so that when each replica's batch divides by S the replicas' parts
+    together are exactly the one-device parts of the global batch (replicas hold contiguous shards)."""
+    def part(i):
+        return keras.tree.map_structure(lambda t: t[i::samples], (x, y))
 
-    return [(keras.tree.map_structure(lambda t: part(t, i), x), keras.tree.map_structure(lambda t: part(t, i), y))
-            for i in range(samples)]
+    return [part(i) for i in range(samples)]
 
 
 def loss_scale(optimizer):
@@ -215,7 +220,8 @@ def tensorflow_train_step(trainer, data):
         gradients = ops.stack(rows)
         if weighting.rep_grad:
             direction = _tensorflow_rep_direction(weighting, gradients, global_losses, replicas)
-            pieces = _split_like_tensors(direction * scale, representation)
+            pieces = [ops.cast(p, r.dtype) for p, r in
+                      zip(_split_like_tensors(direction * scale, representation), representation)]
             encoder_grads = tape.gradient(representation, partition.shared, output_gradients=pieces)
             for variable, grad in zip(partition.shared, encoder_grads):
                 grads_by_variable[id(variable)] = grad
@@ -242,8 +248,11 @@ def _tensorflow_rep_direction(weighting, gradients, global_losses, replicas):
     # dL/drep_r of the global loss is (1/R) dL_r/drep_r (the replica loss L_r is R times its share)
     gathered = tf.reshape(context.all_gather(gradients / replicas, axis=1), [gradients.shape[0], -1])
     direction = weighting.direction(gathered, global_losses)
+    # Replicas may hold different numbers of samples (a last partial batch): each starts after the ones before it.
     size = tf.shape(gradients)[1]
-    start = tf.cast(context.replica_id_in_sync_group, tf.int32) * size
+    sizes = context.all_gather(tf.reshape(size, [1]), axis=0)
+    replica = tf.cast(context.replica_id_in_sync_group, tf.int32)
+    start = tf.reduce_sum(tf.where(tf.range(replicas) < replica, sizes, tf.zeros_like(sizes)))
     return tf.slice(direction, [start], [size])
 
 
@@ -471,9 +480,11 @@ class _JaxStep:
         pieces, start = [], 0
         for r in representation:
             size = int(ops.size(r))
-            pieces.append(ops.reshape(direction[start:start + size], ops.shape(r)))
+            # scaled for the (float16) backward pass through the encoder, in the representation's dtype
+            pieces.append(ops.cast(ops.reshape(direction[start:start + size] * self.scale, ops.shape(r)), r.dtype))
             start += size
         (encoder_grads,) = encode_vjp(pieces)
+        encoder_grads = [g / self.scale for g in encoder_grads]
         return self._assemble(None, param_jac, encoder_grads), losses, y_pred, non_trainable
 
 

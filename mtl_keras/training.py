@@ -55,6 +55,8 @@ class MultiTaskTrainer(keras.Model):
                                  f"jax (now {keras.config.backend()}); the loss weightings run on every backend.")
             self.partition = gradient_training.SharedPartition(model, self.tasks)
             weighting.build_state(self.partition.num_shared)
+            if weighting.rep_grad:
+                self.partition.split_models()  # fails now, not at the first step, if the model cannot split
         # Every variable exists now (functional model, eager weighting variables): callbacks such as
         # BackupAndRestore may load weights before the first step.
         self.built = True

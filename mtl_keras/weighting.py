@@ -397,35 +397,47 @@ class GradientWeighting(LossWeighting):
     def _state(self):
         return {k: v.value for k, v in self.state_variables.items()}
 
-    def _assign_state(self, state):
-        for k, v in self.state_variables.items():
-            v.assign(ops.cast(state[k], v.dtype))
-
     def direction(self, gradients, losses):
-        """The update direction (P,) from ``gradients`` (K, P) (or (S, K, P)) and ``losses`` (K,); advances the state."""
+        """The update direction (P,) from ``gradients`` (K, P) (or (S, K, P)) and ``losses`` (K,); advances the state.
+
+        A step whose gradients or losses are not finite (a float16 overflow under dynamic loss scaling, which the
+        ``LossScaleOptimizer`` then skips) leaves the state, the weights and the step counter as they were and
+        returns a non-finite direction, so that the optimiser sees the overflow whatever the method would make of it.
+        """
         gradients = ops.convert_to_tensor(gradients)
         losses = ops.cast(losses, gradients.dtype)
-        direction, weights, state = self.method.aggregate(gradients, losses, self._state(), self.step.value,
-                                                          self.seed)
-        self._after_aggregate(weights, state)
-        return direction
+        finite = ops.logical_and(ops.all(ops.isfinite(gradients)), ops.all(ops.isfinite(losses)))
+        safe_gradients = ops.where(finite, gradients, ops.zeros_like(gradients))
+        safe_losses = ops.where(finite, losses, ops.ones_like(losses))
+        direction, weights, state = self.method.aggregate(safe_gradients, safe_losses, self._state(),
+                                                          self.step.value, self.seed)
+        self._after_aggregate(weights, state, finite)
+        return ops.where(finite, direction, ops.full_like(direction, float("nan")))
 
     def loss_weights(self, losses):
-        """Loss-only methods (``method.uses_gradients`` False): the weights (K,) of this step; advances the state."""
-        weights, state = self.method.loss_weights(losses, self._state(), self.step.value, self.seed)
-        self._after_aggregate(weights, state)
+        """Loss-only methods (``method.uses_gradients`` False): the weights (K,) of this step; advances the state
+        (not on a step with non-finite losses)."""
+        finite = ops.all(ops.isfinite(losses))
+        weights, state = self.method.loss_weights(ops.where(finite, losses, ops.ones_like(losses)), self._state(),
+                                                  self.step.value, self.seed)
+        self._after_aggregate(weights, state, finite)
         return weights
 
-    def _after_aggregate(self, weights, state):
-        self._assign_state(state)
+    def _after_aggregate(self, weights, state, finite):
+        for k, v in self.state_variables.items():
+            v.assign(ops.where(finite, ops.cast(state[k], v.dtype), v.value))
         if weights is not None:
-            self.last_weights.assign(ops.cast(weights, self.last_weights.dtype))
-        self.step.assign(self.step.value + 1)
+            self.last_weights.assign(ops.where(finite, ops.cast(weights, self.last_weights.dtype),
+                                               self.last_weights.value))
+        self.step.assign(self.step.value + ops.cast(finite, "int32"))
 
     def after_step(self, losses_before, losses_after):
         """FAMO-like methods: update from the losses before and after this step's update."""
-        state = self.method.after_step(losses_before, losses_after, self._state(), self.step.value)
-        self._assign_state(state)
+        finite = ops.logical_and(ops.all(ops.isfinite(losses_before)), ops.all(ops.isfinite(losses_after)))
+        state = self.method.after_step(losses_before, ops.where(finite, losses_after, losses_before), self._state(),
+                                       self.step.value)
+        for k, v in self.state_variables.items():
+            v.assign(ops.where(finite, ops.cast(state[k], v.dtype), v.value))
 
     def weighted_total(self, task_losses):
         return sum(self.last_weights[i] * task_losses[t] for i, t in enumerate(self.tasks))

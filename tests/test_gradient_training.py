@@ -181,14 +181,16 @@ def _gradients(model, images, targets, task):
             for v, g in zip(variables, grads)}
 
 
-def test_mixed_precision_unscales_each_task_gradient_before_the_method():
+@pytest.mark.parametrize("rep_grad", [False, True])
+def test_mixed_precision_unscales_each_task_gradient_before_the_method(rep_grad):
     """mixed_float16: Keras wraps the optimiser in a LossScaleOptimizer (scale 2^15); the per-task gradients are
     unscaled before the method and the direction rescaled for the optimiser, so the step equals the ordinary
     trainer's under the same policy (a missed or doubled scale would be off by 2^15)."""
     keras.mixed_precision.set_dtype_policy("mixed_float16")
     try:
         expected, _, reference = trained_weights(EqualWeighting(TASKS), steps=1)
-        got, _, trainer = trained_weights(GradientWeighting(TASKS, method="_test_row_sum"), steps=1)
+        got, _, trainer = trained_weights(GradientWeighting(TASKS, method="_test_row_sum", rep_grad=rep_grad),
+                                          steps=1)
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
     assert type(trainer.optimizer).__name__ == "LossScaleOptimizer"
@@ -220,3 +222,25 @@ def test_methods_of_every_kind_train_and_lower_every_task_loss(name):
     assert int(ops.convert_to_numpy(weighting.step)) == 6
     for key, before in state_before.items():  # the method's state moved and was written back to its variables
         assert not np.array_equal(ops.convert_to_numpy(weighting.state_variables[key]), before), key
+
+
+def test_a_non_finite_step_leaves_the_method_state_alone_and_reaches_the_optimiser_as_non_finite():
+    """A float16 overflow (inf in a task gradient) must not poison the method's state, weights or step counter:
+    the LossScaleOptimizer skips that step, and the next one starts from the old state."""
+    weighting = GradientWeighting(TASKS, method="gradvac")
+    weighting.build_state(4)
+    rng = np.random.default_rng(0)
+    good = rng.normal(size=(3, 4)).astype("float32")
+    weighting.direction(good, np.ones(3, "float32"))
+    before = {k: ops.convert_to_numpy(v).copy() for k, v in weighting.state_variables.items()}
+    weights_before = ops.convert_to_numpy(weighting.last_weights).copy()
+    bad = good.copy()
+    bad[1, 2] = np.inf
+    direction = ops.convert_to_numpy(weighting.direction(bad, np.ones(3, "float32")))
+    assert not np.all(np.isfinite(direction))
+    assert int(ops.convert_to_numpy(weighting.step)) == 1
+    np.testing.assert_array_equal(ops.convert_to_numpy(weighting.last_weights), weights_before)
+    for key, value in before.items():
+        np.testing.assert_array_equal(ops.convert_to_numpy(weighting.state_variables[key]), value)
+    assert np.all(np.isfinite(ops.convert_to_numpy(weighting.direction(good, np.ones(3, "float32")))))
+    assert int(ops.convert_to_numpy(weighting.step)) == 2

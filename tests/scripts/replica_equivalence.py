@@ -27,7 +27,7 @@ from mtl_keras.weighting import WeightingEpochCallback, build_weighting  # noqa:
 TASKS = ("semantic", "instance", "depth")
 
 
-def data(n=8, h=32, w=32):
+def data(n=8, h=32, w=32, batch=4):
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (n, h, w, 3)).astype("float32")
     semantic = rng.integers(0, 3, (n, h, w)).astype("int32")
@@ -38,7 +38,7 @@ def data(n=8, h=32, w=32):
     targets = {"semantic": semantic, "instance": rng.normal(size=(n, h, w, 2)).astype("float32") * 5,
                "instance_mask": instance_mask, "depth": rng.uniform(0, 4, (n, h, w, 1)).astype("float32"),
                "depth_mask": (rng.uniform(size=(n, h, w, 1)) > 0.3).astype("float32")}
-    return tf.data.Dataset.from_tensor_slices((images, targets)).batch(4).repeat()
+    return tf.data.Dataset.from_tensor_slices((images, targets)).batch(batch).repeat()
 
 
 def small_model():
@@ -71,7 +71,10 @@ def train(strategy, weighting_name):
         weighting = build_weighting(weighting_name, TASKS, **kwargs)
         trainer = MultiTaskTrainer(model, weighting)
         trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
-    history = trainer.fit(data(), epochs=3, steps_per_epoch=2, verbose=0,
+    # Methods that cut the batch into S gradient samples are replica-exact when each replica's batch divides by S.
+    samples = getattr(getattr(weighting, "method", None), "gradient_samples", 1)
+    dataset = data(n=12, batch=6) if samples == 3 else data()
+    history = trainer.fit(dataset, epochs=3, steps_per_epoch=2, verbose=0,
                           callbacks=[WeightingEpochCallback(weighting)])
     train.history = {f"{t}_loss": [float(v) for v in history.history[f"{t}_loss"]] for t in TASKS}
     return [(v.path, np.asarray(v)) for v in trainer.variables]
