@@ -89,7 +89,7 @@ def gradnorm_reference(gradient_list, loss_list, alpha=1.5, lr=0.025):
         h = 1e-6
         dw = np.array([(grad_norm_loss(w + h * e) - grad_norm_loss(w - h * e)) / (2 * h) for e in np.eye(k)])
         used = w.copy()
-        w = w - lr * dw
+        w = w - lr * dw / np.mean(np.linalg.norm(g, axis=1))  # the step in units of the weights
         w = w * k / w.sum()
         out.append((direction, used, {"weights": w.copy(), "initial_losses": initial.copy()}))
     return out
@@ -184,11 +184,12 @@ def assert_steps_match(results, expected, atol=1e-6):
 # -------------------------------------------------------------------------------------- GradNorm
 def test_gradnorm_hand_computed():
     g = np.array([[3.0, 0.0], [0.0, 1.0]])
-    # step 0: L(0) = L = (1, 1), r = (1, 1); G = w * ||g|| = (3, 1), target = mean(G) = 2: dL_grad/dw = (+3, -1)
+    # step 0: L(0) = L = (1, 1), r = (1, 1); G = w * ||g|| = (3, 1), target = mean(G) = 2: dL_grad/dw = (+3, -1),
+    # divided by the mean norm 2: (+1.5, -0.5)
     d, w, s = run("gradnorm", g, np.array([1.0, 1.0]))
     np.testing.assert_allclose(d, [3.0, 1.0])
     np.testing.assert_allclose(w, [1.0, 1.0])
-    w1 = np.array([1 - 0.025 * 3, 1 + 0.025]) * 2 / 1.95
+    w1 = np.array([1 - 0.025 * 1.5, 1 + 0.025 * 0.5]) * 2 / 1.975
     np.testing.assert_allclose(s["weights"], w1, rtol=1e-6)
     np.testing.assert_allclose(s["initial_losses"], [1.0, 1.0])
     # step 1: L = (0.5, 1): r = (2/3, 4/3); G = (3 w1_0, w1_1) = (2.846, 1.051), targets = 1.949 * r^1.5 = (1.06, 3.0)
@@ -196,7 +197,7 @@ def test_gradnorm_hand_computed():
     d, w, s = run("gradnorm", g, np.array([0.5, 1.0]), state=s, step=1)
     np.testing.assert_allclose(w, w1, rtol=1e-6)
     np.testing.assert_allclose(d, w1 * [3.0, 1.0], rtol=1e-6)
-    np.testing.assert_allclose(s["weights"], (w1 + [-0.075, 0.025]) * 2 / 1.95, rtol=1e-6)
+    np.testing.assert_allclose(s["weights"], (w1 + [-0.0375, 0.0125]) * 2 / 1.975, rtol=1e-6)
     np.testing.assert_allclose(s["initial_losses"], [1.0, 1.0])
 
 

@@ -132,9 +132,6 @@ def test_shared_parameters_follow_the_direction_and_own_parameters_their_task():
     # shared parameters and every task's own loss for its decoder.
     reference_model = small_model(seed=0)
     images, targets = batch()
-    reference = MultiTaskTrainer(reference_model, EqualWeighting(TASKS))
-    from mtl_keras.losses import task_loss
-
     grads = {}
     for t in TASKS:
         grads[t] = _gradients(reference_model, images, targets, t)
@@ -149,12 +146,11 @@ def test_shared_parameters_follow_the_direction_and_own_parameters_their_task():
         np.testing.assert_allclose(after[path], expected, rtol=1e-4, atol=1e-6, err_msg=path)
     assert float(ops.convert_to_numpy(weighting.state_variables["calls"])) == 1.0
     assert int(ops.convert_to_numpy(weighting.step)) == 1
-    del reference, task_loss
 
 
 def _gradients(model, images, targets, task):
-    """{variable path: d task_loss / d variable} by a finite-difference-free route: the backend's autodiff on a
-    plain loss function (TF tape, JAX grad or torch autograd)."""
+    """{variable path: d task_loss / d variable}: the backend's autodiff (TF tape or JAX grad) on the plain loss of
+    one task, without the trainer."""
     from mtl_keras.losses import task_loss
 
     backend = keras.config.backend()
