@@ -242,6 +242,10 @@ def _run_training(config, verbose):
             distribution.set_synchronized_batchnorm(model)
         weighting = build_loss_weighting(config, tasks)
         samples = getattr(getattr(weighting, "method", None), "gradient_samples", 1)
+        if samples > 1 and config.batch_size // replicas < samples:
+            raise ValueError(f"--weighting {config.weighting} cuts each replica's batch into {samples} gradient samples: "
+                             f"--batch_size must give each of the {replicas} replica(s) at least {samples} images "
+                             f"(now {config.batch_size // replicas}).")
         if samples > 1 and replicas > 1 and (config.batch_size // replicas) % samples:
             log.warning("--weighting %s cuts each replica's batch into %d gradient samples: with %d per replica "
                         "(not a multiple of %d) the parts differ from the one-device parts of the global batch.",
