@@ -124,7 +124,8 @@ def main(argv):
     for jacobian_mode in FLAGS.jacobian_modes:
         for rep_grad in kinds:
             for name in ["ew"] + [m for m in methods if m != "ew"]:
-                if rep_grad and not GRADIENT_METHODS[name].supports_rep_grad:
+                known = GRADIENT_METHODS.get(name)  # an unknown name gets its row, which shows the error
+                if rep_grad and known is not None and not known.supports_rep_grad:
                     continue
                 plan.append((name, rep_grad, jacobian_mode))
     rows = []
