@@ -124,8 +124,12 @@ def test_fixed_and_equal_weightings():
 def test_missing_task_loss_and_unknown_weighting_are_clear_errors():
     with pytest.raises(ValueError, match="missing"):
         EqualWeighting(("semantic", "depth"))({"semantic": _c(1.0)})
-    with pytest.raises(ValueError, match="uncertainty"):
-        build_weighting("gradnorm", ("depth",))
+    with pytest.raises(ValueError, match="uncertainty.*pcgrad"):  # the valid names of both kinds
+        build_weighting("no_such_weighting", ("depth",))
+    with pytest.raises(ValueError, match=r"'cagrad' has no option\(s\) \['cc'\]; its options: c, "):
+        build_weighting("cagrad", ("semantic", "depth"), options={"cc": 0.5})
+    with pytest.raises(ValueError, match="drop --rep_grad"):
+        build_weighting("moco", ("semantic", "depth"), rep_grad=True)
 
 
 @pytest.mark.parametrize("layer", [
@@ -187,3 +191,9 @@ def test_mtunet_weights_take_a_gradient_step_with_their_own_rate_losses_held_fix
 @pytest.mark.parametrize("name", ["dwa", "mtunet"])
 def test_epoch_weighting_config_round_trip(name):
     assert_config_round_trip(build_weighting(name, ("semantic", "depth")))
+
+
+def test_gradient_weighting_config_round_trip():
+    clone = assert_config_round_trip(build_weighting("cagrad", ("semantic", "depth"), rep_grad=True, seed=3,
+                                                     options={"c": 0.5}))
+    assert clone.method.c == 0.5 and clone.rep_grad and clone.seed == 3
