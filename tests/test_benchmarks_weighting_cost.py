@@ -30,6 +30,6 @@ def test_weighting_cost_tabulates_every_row_relative_to_ew(tmp_path):
             assert row["median_s"] > 0 and row["peak_growth_mib"] > 0, row
     failed = [r for r in rows if "error" in r]
     assert [r["method"] for r in failed] == ["no_such_method", "no_such_method"]
-    assert "Unknown gradient weighting 'no_such_method'" in failed[0]["error"]
+    assert "Unknown weighting 'no_such_method'" in failed[0]["error"]
     table = [line for line in proc.stdout.splitlines() if line.startswith("| pcgrad |")]
     assert len(table) == 2 and table[0].split("|")[5].strip() not in ("", "-")  # a ratio to EW in each
