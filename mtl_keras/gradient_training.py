@@ -132,25 +132,30 @@ def flatten(tensors):
     return ops.concatenate([ops.reshape(ops.cast(t, _float()), (-1,)) for t in tensors], axis=0)
 
 
-def unflatten(vector, like):
+def unflatten(vector, like, dtype=None):
+    """``vector`` cut into pieces shaped like ``like`` (variables, or tensors whose batch size may be known only at
+    run time), cast to ``dtype`` if given: the inverse of :func:`flatten`."""
     pieces, start = [], 0
-    for variable in like:
-        size = _size(variable)
-        pieces.append(ops.reshape(vector[start:start + size], variable.shape))
-        start += size
-    return pieces
-
-
-def _split_like_tensors(vector, tensors):
-    """``vector`` cut into pieces shaped like ``tensors``, whose shapes may be known only at run time (the batch)."""
-    import tensorflow as tf
-
-    pieces, start = [], 0
-    for t in tensors:
-        size = tf.size(t)
-        pieces.append(tf.reshape(vector[start:start + size], tf.shape(t)))
+    for t in like:
+        size = ops.size(t)
+        piece = ops.reshape(vector[start:start + size], ops.shape(t))
+        pieces.append(piece if dtype is None else ops.cast(piece, dtype(t)))
         start = start + size
     return pieces
+
+
+def _task_gradient_rows(tape, scaled, targets, partition, tasks, scale):
+    """TF: one backward pass per task. Returns the (K, P) rows of the task gradients of ``targets`` (unscaled; zeros
+    where a task does not reach a target) and ``{task: [gradients of its own variables]}`` (still scaled)."""
+    import tensorflow as tf
+
+    rows, own = [], {}
+    for k, task in enumerate(tasks):
+        grads = tape.gradient(scaled[k], list(targets) + partition.own[task])
+        rows.append(flatten([g if g is not None else tf.zeros_like(v, _float())
+                             for g, v in zip(grads[:len(targets)], targets)]) / scale)
+        own[task] = grads[len(targets):]
+    return ops.stack(rows), own
 
 
 def split_samples(x, y, samples):
@@ -196,7 +201,7 @@ def tensorflow_train_step(trainer, data):
         else:
             y_pred = trainer.inference_model(x, training=True)
         losses = [trainer.task_loss(t, y, y_pred) for t in tasks]  # replica losses; their replica mean is global
-        global_losses = ops.stack([distribution.cross_replica_mean(ops.cast(v, _float())) for v in losses])
+        global_losses = distribution.cross_replica_mean(ops.stack([ops.cast(v, _float()) for v in losses]))
         if not method.uses_gradients:
             weights = ops.stop_gradient(weighting.loss_weights(global_losses))
             weighted = sum(weights[k] * ops.cast(losses[k], _float()) for k in range(len(tasks))) * scale
@@ -209,19 +214,13 @@ def tensorflow_train_step(trainer, data):
             grads_by_variable[id(variable)] = grad / replicas if grad is not None else None
     else:
         targets = representation if weighting.rep_grad else partition.shared
-        rows = []
-        for k, task in enumerate(tasks):
-            grads = tape.gradient(scaled[k], list(targets) + partition.own[task])
-            shared_grads, own_grads = grads[:len(targets)], grads[len(targets):]
-            rows.append(flatten([g if g is not None else tf.zeros(v.shape, _float())
-                                 for g, v in zip(shared_grads, targets)]) / scale)
-            for variable, grad in zip(partition.own[task], own_grads):
+        gradients, own = _task_gradient_rows(tape, scaled, targets, partition, tasks, scale)
+        for task in tasks:
+            for variable, grad in zip(partition.own[task], own[task]):
                 grads_by_variable[id(variable)] = grad / replicas if grad is not None else None
-        gradients = ops.stack(rows)
         if weighting.rep_grad:
             direction = _tensorflow_rep_direction(weighting, gradients, global_losses, replicas)
-            pieces = [ops.cast(p, r.dtype) for p, r in
-                      zip(_split_like_tensors(direction * scale, representation), representation)]
+            pieces = unflatten(direction * scale, representation, dtype=lambda r: r.dtype)
             encoder_grads = tape.gradient(representation, partition.shared, output_gradients=pieces)
             for variable, grad in zip(partition.shared, encoder_grads):
                 grads_by_variable[id(variable)] = grad
@@ -271,21 +270,17 @@ def _tensorflow_sampled_step(trainer, x, y, scale, replicas):
             y_pred = trainer.inference_model(part_x, training=True)
             losses = [ops.cast(trainer.task_loss(t, part_y, y_pred), _float()) for t in tasks]
             scaled = [v * scale for v in losses]
-        rows = []
-        for k, task in enumerate(tasks):
-            grads = tape.gradient(scaled[k], partition.shared + partition.own[task])
-            shared_grads, own_grads = grads[:len(partition.shared)], grads[len(partition.shared):]
-            rows.append(flatten([g if g is not None else tf.zeros(v.shape, _float())
-                                 for g, v in zip(shared_grads, partition.shared)]) / scale)
-            for variable, grad in zip(partition.own[task], own_grads):
+        rows, own = _task_gradient_rows(tape, scaled, partition.shared, partition, tasks, scale)
+        del tape
+        for task in tasks:
+            for variable, grad in zip(partition.own[task], own[task]):
                 if grad is None:
                     continue
                 grad = grad / (replicas * len(parts))  # the task's gradient on the whole batch: mean of the parts
                 previous = grads_by_variable.get(id(variable))
                 grads_by_variable[id(variable)] = grad if previous is None else previous + grad
-        del tape
-        samples.append(ops.stack(rows))
-        all_losses.append(ops.stack([distribution.cross_replica_mean(v) for v in losses]))
+        samples.append(rows)
+        all_losses.append(distribution.cross_replica_mean(ops.stack(losses)))
     gradients = distribution.cross_replica_mean(ops.stack(samples))
     global_losses = sum(all_losses) / len(all_losses)
     direction = weighting.direction(gradients, global_losses)
@@ -441,12 +436,10 @@ class _JaxStep:
             return losses_ * self.scale, (losses_, y_pred_, new_nt)
 
         _, vjp, (losses, y_pred, non_trainable) = jax.vjp(f, self.trainable, has_aux=True)
-        weights, non_trainable = self.trainer_weights(non_trainable, ops.stop_gradient(losses))
+        weights, non_trainable = self.weighting_call(non_trainable, self.trainer.loss_weighting.loss_weights,
+                                                     ops.stop_gradient(losses))
         (grads,) = vjp(ops.stop_gradient(weights))
         return [g / self.scale for g in grads], losses, y_pred, non_trainable
-
-    def trainer_weights(self, non_trainable, losses):
-        return self.weighting_call(non_trainable, self.trainer.loss_weighting.loss_weights, losses)
 
     def representation(self, x, y, non_trainable):
         """rep_grad: per-task gradients of the representation; the direction is pulled back through the encoder."""
@@ -477,13 +470,8 @@ class _JaxStep:
         gradients = flatten_jacobian(rep_jac, len(self.tasks))
         direction, non_trainable = self.weighting_call(non_trainable, trainer.loss_weighting.direction, gradients,
                                                        ops.stop_gradient(losses))
-        pieces, start = [], 0
-        for r in representation:
-            size = int(ops.size(r))
-            # scaled for the (float16) backward pass through the encoder, in the representation's dtype
-            pieces.append(ops.cast(ops.reshape(direction[start:start + size] * self.scale, ops.shape(r)), r.dtype))
-            start += size
-        (encoder_grads,) = encode_vjp(pieces)
+        # scaled for the (float16) backward pass through the encoder, in the representation's dtype
+        (encoder_grads,) = encode_vjp(unflatten(direction * self.scale, representation, dtype=lambda r: r.dtype))
         encoder_grads = [g / self.scale for g in encoder_grads]
         return self._assemble(None, param_jac, encoder_grads), losses, y_pred, non_trainable
 

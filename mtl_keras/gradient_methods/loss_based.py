@@ -34,6 +34,11 @@ _GLS_TINY = 1e-30
 _ADAM_BETA1, _ADAM_BETA2, _ADAM_EPSILON = 0.9, 0.999, 1e-8
 
 
+def _weights_dtype(losses):
+    """The dtype of weights computed without the losses' values: the losses' float dtype, float32 without losses."""
+    return "float32" if losses is None else _float_losses(losses).dtype
+
+
 def _float_losses(losses):
     """``losses`` as a float tensor of at least float32 precision."""
     losses = ops.convert_to_tensor(losses)
@@ -91,7 +96,7 @@ class EqualWeighting(_LossBasedMethod):
     needs_losses = False
 
     def loss_weights(self, losses, state, step, seed):
-        dtype = "float32" if losses is None else _float_losses(losses).dtype
+        dtype = _weights_dtype(losses)
         return ops.ones((self.num_tasks,), dtype=dtype), dict(state)
 
 
@@ -144,7 +149,7 @@ class RandomLossWeighting(_LossBasedMethod):
     needs_losses = False
 
     def loss_weights(self, losses, state, step, seed):
-        dtype = "float32" if losses is None else _float_losses(losses).dtype
+        dtype = _weights_dtype(losses)
         draw = stateless_normal((self.num_tasks,), seed, step, stream=0, dtype="float32")
         return ops.cast(_softmax(draw), dtype), dict(state)
 
