@@ -220,6 +220,14 @@ def sigma2_history(metrics):
 # ----------------------------------------------------------------------------------------------------------------
 
 TITLE_HEIGHT = 20
+LEGEND_LINE_HEIGHT = 20  # one line of the class legend under the panel
+LEGEND_SWATCH = 14  # side of a legend swatch (a 1-px grey frame around the class colour), px
+COLORBAR_WIDTH = 72  # the depth colour-bar column at the right edge (at least; wider if its labels need it)
+COLORBAR_MARGIN = 6  # gap between the last tile and the bar, px
+COLORBAR_BAR = 12  # width of the bar itself, px
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_FONT_SCALE = 0.45
+_SWATCH_FRAME = (160, 160, 160)
 
 
 def _unbatch(x):
@@ -246,20 +254,138 @@ def _semantic_labels(x):
     return _squeeze_channel(x)
 
 
+def _put_text(canvas, text, origin, colour=(255, 255, 255)):
+    cv2.putText(canvas, text, origin, _FONT, _FONT_SCALE, colour, 1, cv2.LINE_AA)
+
+
+def _text_width(text):
+    return cv2.getTextSize(text, _FONT, _FONT_SCALE, 1)[0][0]
+
+
 def _tile(rgb, title, height, width):
-    """Resizes ``rgb`` to (height, width) (nearest) and puts a black title strip on top."""
+    """Resizes ``rgb`` to (height, width) (nearest) and puts a black title strip on top; ``rgb=None``: a dark grey
+    placeholder (the task is missing on that side)."""
     if rgb is None:
         rgb = np.full((height, width, 3), 40, dtype=np.uint8)
     elif rgb.shape[:2] != (height, width):
         rgb = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_NEAREST)
     strip = np.zeros((TITLE_HEIGHT, width, 3), dtype=np.uint8)
-    cv2.putText(strip, title, (3, TITLE_HEIGHT - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
-                cv2.LINE_AA)
+    _put_text(strip, title, (3, TITLE_HEIGHT - 6))
     return np.concatenate([strip, rgb], axis=0)
 
 
-def render_prediction_panel(image, prediction, target=None, palette=None):
+def _match_instance_ids(pred_ids, true_ids):
+    """Renumbers ``pred_ids`` so that each predicted instance takes the id of the ground-truth instance it overlaps
+    most (greedily, by decreasing overlap, each true id used once): matched objects then have the same colour in
+    both rows. Unmatched predicted instances get ids after the largest true id. Display only."""
+    pred_ids = np.asarray(pred_ids, np.int64)
+    if true_ids is None or np.shape(true_ids) != pred_ids.shape or not (pred_ids > 0).any():
+        return pred_ids
+    true_ids = np.asarray(true_ids, np.int64)
+    both = (pred_ids > 0) & (true_ids > 0)
+    pairs, counts = np.unique(np.stack([pred_ids[both], true_ids[both]], axis=1), axis=0, return_counts=True)
+    mapping, used = {}, set()
+    for k in np.argsort(-counts, kind="stable"):
+        p, t = int(pairs[k, 0]), int(pairs[k, 1])
+        if p not in mapping and t not in used:
+            mapping[p] = t
+            used.add(t)
+    next_id = int(true_ids.max(initial=0)) + 1
+    for p in np.unique(pred_ids[pred_ids > 0]):
+        if int(p) not in mapping:
+            mapping[int(p)] = next_id
+            next_id += 1
+    lut = np.zeros(int(pred_ids.max()) + 1, np.int64)
+    for p, t in mapping.items():
+        lut[p] = t
+    return np.where(pred_ids > 0, lut[np.clip(pred_ids, 0, None)], 0)
+
+
+def default_class_names(num_classes):
+    """Names of classes ``0..num_classes-1`` for the legend: the CityScapes training-id names (road ... bicycle,
+    ``mtl_keras.data.labels.class_names(19)``) for up to 19 classes, ``"class N"`` otherwise."""
+    num_classes = int(num_classes)
+    if num_classes <= 19:
+        try:
+            from mtl_keras.data.labels import class_names
+
+            return list(class_names(19))[:num_classes]
+        except ImportError:  # cityscapesscripts missing: numbered names
+            pass
+    return [f"class {c}" for c in range(num_classes)]
+
+
+def render_legend(classes, palette, class_names, width):
+    """The class legend: for each class id in ``classes``, a ``LEGEND_SWATCH`` swatch of its palette colour (inside
+    a 1-px grey frame) and its name, left to right, wrapped onto new ``LEGEND_LINE_HEIGHT``-pixel lines when the
+    next entry would not fit in ``width``. Returns uint8 RGB (lines * LEGEND_LINE_HEIGHT, width, 3), black behind;
+    zero lines when ``classes`` is empty."""
+    palette = np.asarray(palette, dtype=np.uint8)
+    entries = []
+    for c in classes:
+        c = int(c)
+        name = class_names[c] if class_names is not None and c < len(class_names) else f"class {c}"
+        entries.append((c, str(name), LEGEND_SWATCH + 4 + _text_width(str(name))))
+    lines, line, x = [], [], 4
+    for c, name, w in entries:
+        if line and x + w > width - 2:
+            lines.append(line)
+            line, x = [], 4
+        line.append((c, name, x))
+        x += w + 12
+    if line:
+        lines.append(line)
+    out = np.zeros((len(lines) * LEGEND_LINE_HEIGHT, width, 3), dtype=np.uint8)
+    top = (LEGEND_LINE_HEIGHT - LEGEND_SWATCH) // 2
+    for i, line in enumerate(lines):
+        y0 = i * LEGEND_LINE_HEIGHT
+        for c, name, x0 in line:
+            out[y0 + top:y0 + top + LEGEND_SWATCH, x0:x0 + LEGEND_SWATCH] = _SWATCH_FRAME
+            out[y0 + top + 1:y0 + top + LEGEND_SWATCH - 1, x0 + 1:x0 + LEGEND_SWATCH - 1] = palette[c]
+            _put_text(out, name, (x0 + LEGEND_SWATCH + 4, y0 + LEGEND_LINE_HEIGHT - 6))
+    return out
+
+
+def _colorbar_labels(vmax):
+    return f"{vmax:.3g} px", "0 px"
+
+
+def render_colorbar(height, vmax, cmap="magma", top=TITLE_HEIGHT):
+    """The depth colour-bar column, uint8 RGB (height, width >= COLORBAR_WIDTH, 3), black behind.
+
+    The bar is ``COLORBAR_BAR`` px wide at ``COLORBAR_MARGIN`` px from the column's left edge, from row ``top`` to
+    the last row: its top row has the colour of ``vmax`` (``cmap`` at 1.0), its bottom row that of 0 (``cmap`` at
+    0.0), linear in between, as :func:`depth_to_color` maps values. The labels ``"<vmax> px"`` and ``"0 px"`` (inverse
+    depth in disparity pixels) are written at its right, next to its ends.
+    """
+    import matplotlib
+
+    high, low = _colorbar_labels(vmax)
+    x0 = COLORBAR_MARGIN
+    x1 = x0 + COLORBAR_BAR
+    width = max(COLORBAR_WIDTH, x1 + 5 + max(_text_width(high), _text_width(low)) + 3)
+    out = np.zeros((height, width, 3), dtype=np.uint8)
+    n = height - top
+    if n <= 0:
+        return out
+    values = np.linspace(1.0, 0.0, n) if n > 1 else np.ones(1)
+    colours = (matplotlib.colormaps[cmap](values)[:, :3] * 255.0 + 0.5).astype(np.uint8)
+    out[top:, x0:x1] = colours[:, None, :]
+    text_h = cv2.getTextSize(high, _FONT, _FONT_SCALE, 1)[0][1]
+    if n >= 2 * text_h + 6:  # both labels beside the bar, aligned with its ends
+        high_y = top + text_h
+    else:  # a short bar (one small row): the vmax label goes into the title strip above it
+        high_y = max(top - 5, text_h)
+    _put_text(out, high, (x1 + 5, high_y))
+    _put_text(out, low, (x1 + 5, height - 2))
+    return out
+
+
+def render_prediction_panel(image, prediction, target=None, palette=None, class_names=None, cluster=True,
+                            instance_ids=None, instance_classes=None):
     """The panel of :func:`save_prediction_panel` as a uint8 RGB array, without writing it."""
+    from mtl_keras import instances as inst
+
     img = _image_to_uint8(image)
     height, width = img.shape[:2]
     prediction = {k: v for k, v in (prediction or {}).items() if v is not None}
@@ -268,9 +394,32 @@ def render_prediction_panel(image, prediction, target=None, palette=None):
              if t in prediction or (target is not None and t in target)]
 
     pred_sem = _semantic_labels(prediction["semantic"]) if "semantic" in prediction else None
-    if palette is None:
-        num_classes = np.asarray(prediction["semantic"]).shape[-1] if pred_sem is not None else 19
-        palette = default_palette(max(int(num_classes), 1))
+    true_sem = (_squeeze_channel(_unbatch(target["semantic"])) if target is not None and "semantic" in target
+                else None)
+    if palette is None:  # the logits' class count; 19 for label maps (whose last axis is the width)
+        logits = _unbatch(prediction["semantic"]) if pred_sem is not None else None
+        num_classes = logits.shape[-1] if logits is not None and logits.ndim == 3 and logits.shape[-1] > 1 else 19
+        palette = default_palette(num_classes)
+    palette = np.asarray(palette, dtype=np.uint8)
+    if class_names is None:
+        class_names = default_class_names(len(palette))
+
+    # Predicted instances: precomputed ids, or clustered from the predicted semantics and vectors.
+    pred_ids = None if instance_ids is None else _squeeze_channel(_unbatch(instance_ids)).astype(np.int64)
+    show_instances = pred_ids is not None or (cluster and "semantic" in prediction and "instance" in prediction)
+    if show_instances and pred_ids is None:
+        semantic = _unbatch(prediction["semantic"])
+        num_classes = semantic.shape[-1] if semantic.ndim == 3 and semantic.shape[-1] > 1 else None
+        try:
+            pred_ids = inst.cluster_instances(semantic, _unbatch(prediction["instance"]).astype(np.float32),
+                                              num_classes=num_classes, instance_classes=instance_classes).ids
+        except ValueError:  # no default instance classes for this many classes: a placeholder tile
+            pred_ids = None
+    true_ids = None
+    if show_instances and target is not None and "instance" in target and "instance_mask" in target:
+        true_ids = inst.instance_ids_from_vectors(_unbatch(target["instance"]), _unbatch(target["instance_mask"]))
+    if pred_ids is not None:
+        pred_ids = _match_instance_ids(pred_ids, true_ids)
 
     # Shared scales so that prediction and ground truth are comparable.
     depth_vmax = vector_vmax = None
@@ -279,6 +428,9 @@ def render_prediction_panel(image, prediction, target=None, palette=None):
         m = target.get("depth_mask")
         valid = _valid_mask(d, None if m is None else _unbatch(m))
         depth_vmax = _robust_max(d[valid])
+    elif "depth" in prediction:
+        d = _squeeze_channel(_unbatch(prediction["depth"])).astype(np.float64)
+        depth_vmax = _robust_max(d[_valid_mask(d, None)])
     if target is not None and "instance" in target:
         v = _unbatch(target["instance"]).astype(np.float64)
         m = target.get("instance_mask")
@@ -299,9 +451,25 @@ def render_prediction_panel(image, prediction, target=None, palette=None):
         mask = _unbatch(mask_source["instance_mask"]) if "instance_mask" in mask_source else None
         return instance_vectors_to_color(x, mask=mask, max_magnitude=vector_vmax)
 
+    def instances_tile(ids, side):
+        if ids is None:
+            return _tile(None, f"{side} instances", height, width)
+        count = len(np.unique(ids[ids > 0]))
+        return _tile(instances_to_color(ids, img), f"{side} instances ({count})", height, width)
+
     names = {"semantic": "semantic", "instance": "instance vectors", "depth": "inverse depth"}
-    rows = [[_tile(img, "input", height, width)]
-            + [_tile(render(t, prediction, False), f"pred {names[t]}", height, width) for t in tasks]]
+
+    def row(first, source, side, is_target):
+        tiles = [first]
+        for t in tasks:
+            tiles.append(_tile(render(t, source, is_target), f"{side} {names[t]}", height, width))
+            if t == "instance" and show_instances:
+                tiles.append(instances_tile(true_ids if is_target else pred_ids, side))
+        if show_instances and "instance" not in tasks:  # precomputed ids without vectors
+            tiles.insert(2 if "semantic" in tasks else 1, instances_tile(true_ids if is_target else pred_ids, side))
+        return np.concatenate(tiles, axis=1)
+
+    rows = [row(_tile(img, "input", height, width), prediction, "pred", False)]
     if target is not None:
         overlay = img
         if pred_sem is not None:
@@ -309,25 +477,59 @@ def render_prediction_panel(image, prediction, target=None, palette=None):
             if colour.shape[:2] != (height, width):
                 colour = cv2.resize(colour, (width, height), interpolation=cv2.INTER_NEAREST)
             overlay = cv2.addWeighted(img, 0.5, colour, 0.5, 0.0)
-        rows.append([_tile(overlay, "input + pred semantic" if pred_sem is not None else "input", height, width)]
-                    + [_tile(render(t, target, True), f"true {names[t]}", height, width) for t in tasks])
-    return np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)
+        first = _tile(overlay, "input + pred semantic" if pred_sem is not None else "input", height, width)
+        rows.append(row(first, target, "true", True))
+    panel = np.concatenate(rows, axis=0)
+
+    if "depth" in tasks:
+        panel = np.concatenate([panel, render_colorbar(panel.shape[0], depth_vmax)], axis=1)
+    if pred_sem is not None or true_sem is not None:
+        present = set()
+        for labels in (pred_sem, true_sem):
+            if labels is not None:
+                present.update(int(c) for c in np.unique(labels) if 0 <= c < len(palette))
+        legend = render_legend(sorted(present), palette, class_names, panel.shape[1])
+        panel = np.concatenate([panel, legend], axis=0)
+    return panel
 
 
-def save_prediction_panel(path, image, prediction, target=None, palette=None):
+def save_prediction_panel(path, image, prediction, target=None, palette=None, class_names=None, cluster=True,
+                          instance_ids=None, instance_classes=None):
     """Writes one PNG comparing a prediction (and optionally its ground truth) for a single image.
 
     ``image``: (H, W, 3) float RGB 0..255 (or (1, H, W, 3)). ``prediction`` / ``target``: dicts of per-image arrays
     (a leading batch axis of 1 is dropped) with any subset of ``"semantic"`` (logits (H,W,C) or labels (H,W)),
     ``"instance"`` (H,W,2), ``"depth"`` (H,W,1), plus ``"instance_mask"`` / ``"depth_mask"`` in ``target``.
+    ``palette``: (C, 3) uint8 class colours (default :func:`default_palette` of the logits' C, else 19).
+    ``class_names``: legend names indexed by class id (default :func:`default_class_names`: the CityScapes
+    training-id names up to 19 classes, else ``"class N"``; ids beyond the list are also ``"class N"``).
 
-    Layout: columns = input, then one per task present in either dict (semantic, instance vectors, inverse depth);
-    row 1 = prediction, row 2 (if ``target``) = ground truth, with the input overlaid by the predicted semantics in
-    its first column. Each tile is H x W under a ``TITLE_HEIGHT``-pixel title strip, so the PNG is
-    ``rows * (H + TITLE_HEIGHT)`` x ``(1 + num_tasks) * W``. Depth and vector scales are shared between the two rows
-    (from the ground truth). Returns ``path``.
+    Layout: a grid of H x W tiles, each under a ``TITLE_HEIGHT``-pixel title strip. Columns: input, then per task
+    present in either dict, in this order: semantic, instance vectors, *instances*, inverse depth. Row 1 =
+    prediction; row 2 (if ``target``) = ground truth, whose first column is the input overlaid by the predicted
+    semantics. Depth and vector scales are shared between the rows (from the ground truth; without one, depth is
+    scaled by the prediction). A task missing on one side is a dark grey placeholder tile.
+
+    The *instances* column is there when ``instance_ids`` ((H, W) ids, 0 = none) is given, or when ``cluster``
+    is true and the prediction has ``"semantic"`` and ``"instance"``: the ids of
+    :func:`mtl_keras.instances.cluster_instances` (``num_classes`` = the logits' C; ``instance_classes`` passed on;
+    without defaults for C a placeholder), drawn by :func:`instances_to_color` over the input, the count in the
+    title. Its ground-truth tile shows :func:`mtl_keras.instances.instance_ids_from_vectors` of the target's
+    ``"instance"`` and ``"instance_mask"`` (a placeholder without them); predicted instances are then renumbered
+    after the true instance they overlap most, so that matched objects have the same colour in both rows.
+
+    With a depth column, a colour-bar column (:func:`render_colorbar`, ``COLORBAR_WIDTH`` px, wider only if its
+    labels need it) follows the grid at the right edge: magma from 0 (bottom) to the shared ``vmax`` (top), running
+    from row ``TITLE_HEIGHT`` to the last grid row, labelled in px (inverse depth = disparity). With semantics on
+    either side, the class legend (:func:`render_legend`) follows under the whole width: one swatch and name per
+    class present in the predicted or true map (ignore / out-of-palette labels excluded), in class order, over as
+    many ``LEGEND_LINE_HEIGHT``-pixel lines as needed.
+
+    So the PNG is ``rows * (H + TITLE_HEIGHT) + legend_lines * LEGEND_LINE_HEIGHT`` high and
+    ``columns * W (+ colour-bar width)`` wide. Returns ``path``.
     """
-    panel = render_prediction_panel(image, prediction, target, palette)
+    panel = render_prediction_panel(image, prediction, target, palette, class_names=class_names, cluster=cluster,
+                                    instance_ids=instance_ids, instance_classes=instance_classes)
     directory = os.path.dirname(os.fspath(path))
     if directory:
         os.makedirs(directory, exist_ok=True)
@@ -340,12 +542,31 @@ def save_prediction_panel(path, image, prediction, target=None, palette=None):
 # Task-weight plots
 # ----------------------------------------------------------------------------------------------------------------
 
-def plot_task_weights(history, path, title=None, xlabel="epoch"):
-    """Line plot PNG of per-task weight series, e.g. ``{"semantic_sigma2": [...], "depth_sigma2": [...]}``.
+_SIGMA2, _WEIGHT = "_sigma2", "_weight"
 
-    ``history``: dict ``{series_name: list of floats}`` (or a Keras ``History``, whose ``.history`` is used);
-    series may differ in length and may have one point (drawn as a marker). The y-axis is logarithmic when all
-    finite values are positive (e.g. sigma^2), linear otherwise (e.g. log sigma^2). Returns ``path``.
+
+def _positive_log_axis(ax, values, require_range=1.0):
+    """Log y-axis when all finite values are positive (and max / min >= ``require_range``)."""
+    finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.zeros(0)
+    if finite.size and (finite > 0).all() and finite.max() / finite.min() >= require_range:
+        ax.set_yscale("log")
+        return True
+    return False
+
+
+def _plot_series(ax, values, colour, label):
+    ax.plot(np.arange(len(values)), values, marker="o" if len(values) < 50 else None, markersize=3,
+            color=colour, label=label)
+
+
+def task_weights_figure(history, title=None, xlabel="epoch"):
+    """The matplotlib ``Figure`` (Agg canvas) drawn by :func:`plot_task_weights`.
+
+    When the series names include both ``<task>_sigma2`` and ``<task>_weight`` (what the weightings log), two
+    stacked axes share the x-axis: sigma^2 (log axis when all positive) on top, the effective weight below (log
+    when all positive and spanning over 50x); each task has one colour in both, and series named otherwise go to
+    a third axes below. Otherwise one axes holds all series (log axis when all finite values are positive). The
+    legend is a figure legend outside the axes, at the right (constrained layout), so it never covers a curve.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -357,22 +578,64 @@ def plot_task_weights(history, path, title=None, xlabel="epoch"):
     if not series:
         raise ValueError("history has no non-empty series to plot.")
 
-    fig = Figure(figsize=(7, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for name, values in series.items():
-        ax.plot(np.arange(len(values)), values, marker="o" if len(values) < 50 else None, markersize=3,
-                label=name)
-    finite = np.concatenate([v[np.isfinite(v)] for v in series.values()])
-    if finite.size and (finite > 0).all():
-        ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("value")
+    sigma2 = {k[:-len(_SIGMA2)]: v for k, v in series.items() if k.endswith(_SIGMA2)}
+    weight = {k[:-len(_WEIGHT)]: v for k, v in series.items() if k.endswith(_WEIGHT)}
+    cycle = ["C%d" % i for i in range(10)]
+    if sigma2 and weight:
+        other = {k: v for k, v in series.items() if not (k.endswith(_SIGMA2) or k.endswith(_WEIGHT))}
+        tasks = list(dict.fromkeys([k[:-len(_SIGMA2)] if k.endswith(_SIGMA2) else k[:-len(_WEIGHT)]
+                                    for k in series if k.endswith(_SIGMA2) or k.endswith(_WEIGHT)]))
+        colours = {t: cycle[i % len(cycle)] for i, t in enumerate(tasks)}
+        panels = 3 if other else 2
+        fig = Figure(figsize=(8, 2.6 * panels + 0.6), dpi=100, layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
+        handles = {}
+        for task in tasks:
+            for ax, group in ((axes[0], sigma2), (axes[1], weight)):
+                if task in group:
+                    _plot_series(ax, group[task], colours[task], task)
+            handles[task] = (axes[0] if task in sigma2 else axes[1]).lines[-1]
+        log = _positive_log_axis(axes[0], list(sigma2.values()))
+        axes[0].set_ylabel(r"$\sigma^2$" + (" (log)" if log else ""))
+        log = _positive_log_axis(axes[1], list(weight.values()), require_range=50.0)
+        axes[1].set_ylabel("effective weight" + (" (log)" if log else ""))
+        for i, (name, values) in enumerate(other.items()):
+            _plot_series(axes[2], values, cycle[(len(tasks) + i) % len(cycle)], name)
+            handles[name] = axes[2].lines[-1]
+        if other:
+            _positive_log_axis(axes[2], list(other.values()))
+            axes[2].set_ylabel("value")
+        labels = list(handles)
+        handles = list(handles.values())
+    else:
+        fig = Figure(figsize=(8, 4), dpi=100, layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = [fig.add_subplot(1, 1, 1)]
+        for i, (name, values) in enumerate(series.items()):
+            _plot_series(axes[0], values, cycle[i % len(cycle)], name)
+        _positive_log_axis(axes[0], list(series.values()))
+        axes[0].set_ylabel(r"$\sigma^2$" if all(k.endswith(_SIGMA2) for k in series)
+                           else "weight" if all(k.endswith(_WEIGHT) for k in series) else "value")
+        handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+    axes[-1].set_xlabel(xlabel)
     if title:
-        ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
-    fig.tight_layout()
+        fig.suptitle(title)
+    fig.legend(handles, labels, loc="outside right upper", fontsize="small")
+    return fig
+
+
+def plot_task_weights(history, path, title=None, xlabel="epoch"):
+    """PNG of per-task weight series, e.g. ``{"semantic_sigma2": [...], "semantic_weight": [...], ...}``.
+
+    ``history``: dict ``{series_name: list of floats}`` (or a Keras ``History``, whose ``.history`` is used);
+    series may differ in length and may have one point (drawn as a marker); the x-axis is the series index. The
+    figure is :func:`task_weights_figure`'s: sigma^2 and effective-weight axes stacked when both kinds are there,
+    one axes otherwise; the legend outside, at the right. Returns ``path``.
+    """
+    fig = task_weights_figure(history, title=title, xlabel=xlabel)
     directory = os.path.dirname(os.fspath(path))
     if directory:
         os.makedirs(directory, exist_ok=True)
@@ -381,7 +644,9 @@ def plot_task_weights(history, path, title=None, xlabel="epoch"):
 
 
 __all__ = [
-    "CITYSCAPES_PALETTE", "default_palette", "semantic_to_color", "depth_to_color", "instance_vectors_to_color",
-    "normals_to_color", "instance_colors", "instances_to_color", "save_rgb", "sigma2_history",
-    "render_prediction_panel", "save_prediction_panel", "plot_task_weights",
+    "CITYSCAPES_PALETTE", "TITLE_HEIGHT", "LEGEND_LINE_HEIGHT", "LEGEND_SWATCH", "COLORBAR_WIDTH", "COLORBAR_MARGIN",
+    "COLORBAR_BAR", "default_palette", "default_class_names", "semantic_to_color", "depth_to_color",
+    "instance_vectors_to_color", "normals_to_color", "instance_colors", "instances_to_color", "save_rgb",
+    "sigma2_history", "render_legend", "render_colorbar", "render_prediction_panel", "save_prediction_panel",
+    "task_weights_figure", "plot_task_weights",
 ]
