@@ -264,6 +264,8 @@ def run_evaluation(model_path, dataset=None, data_dir=None, split="val", image_s
         shutil.rmtree(results_root, ignore_errors=True)
         sem_results, inst_results = os.path.join(results_root, "semantic"), os.path.join(results_root, "instance")
     palette = class_colors(num_classes) if num_classes in (7, 19) else viz.default_palette(num_classes)
+    # Legend names: CityScapes (7, 19) or NYUv2 (13, 40) training ids; numbered names otherwise.
+    names = class_names(num_classes) if num_classes in (7, 13, 19, 40) else None
     lut = label_lookup_table(num_classes) if num_classes in (7, 19) else None
 
     evaluator = MultiTaskEvaluator(num_classes, eval_tasks)
@@ -310,7 +312,7 @@ def run_evaluation(model_path, dataset=None, data_dir=None, split="val", image_s
                                                  instances.classes, instances.scores, num_classes, size=gt_shape)
             if index < num_images:
                 _draw(image_dir, index, stem, images[i], {k: v[i] for k, v in preds.items()},
-                      {k: v[i] for k, v in targets.items()}, instances, palette, viz)
+                      {k: v[i] for k, v in targets.items()}, instances, palette, viz, class_names=names)
             index += 1
 
     metrics = {
@@ -385,7 +387,9 @@ def run_evaluation(model_path, dataset=None, data_dir=None, split="val", image_s
     return metrics
 
 
-def _draw(image_dir, index, stem, image, pred, target, instances, palette, viz):
+def _draw(image_dir, index, stem, image, pred, target, instances, palette, viz, class_names=None):
+    """One image's pictures. The panel shows ``instances`` (clustered by the caller, not again; without them, as
+    with ``--clustering none``, no instances tile) and a legend named by ``class_names``."""
     import numpy as np
 
     prefix = os.path.join(image_dir, f"{index:02d}_{stem}")
@@ -408,7 +412,8 @@ def _draw(image_dir, index, stem, image, pred, target, instances, palette, viz):
                          viz.normals_to_color(target["normals"], target.get("normals_mask")))
     if instances is not None:
         viz.save_rgb(f"{prefix}_instances.png", viz.instances_to_color(instances.ids, image))
-    viz.save_prediction_panel(f"{prefix}_panel.png", image, pred, target, palette=palette)
+    viz.save_prediction_panel(f"{prefix}_panel.png", image, pred, target, palette=palette, class_names=class_names,
+                              cluster=False, instance_ids=None if instances is None else instances.ids)
 
 
 def markdown_table(metrics):

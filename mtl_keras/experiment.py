@@ -389,10 +389,11 @@ def _numpy_dataset(config, data_dir, split, augment, data_kwargs, max_batches=0,
 
 
 def _save_samples(model, dataset, folder, config, save_panel):
-    from mtl_keras.data import class_colors
+    from mtl_keras.data import class_colors, class_names
 
     os.makedirs(folder, exist_ok=True)
     palette = class_colors(config.num_classes)
+    names = class_names(config.num_classes)  # the legend: CityScapes (7, 19) or NYUv2 (13, 40) names
     saved = 0
     for images, targets in dataset:
         images = np.asarray(images)  # tf.data tensors: JAX and PyTorch take numpy
@@ -402,5 +403,5 @@ def _save_samples(model, dataset, folder, config, save_panel):
                 return
             save_panel(os.path.join(folder, f"val_{saved:02d}.png"), images[i],
                        {k: np.asarray(v)[i] for k, v in predictions.items()},
-                       {k: np.asarray(v)[i] for k, v in targets.items()}, palette=palette)
+                       {k: np.asarray(v)[i] for k, v in targets.items()}, palette=palette, class_names=names)
             saved += 1
