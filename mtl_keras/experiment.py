@@ -315,7 +315,7 @@ def _run_training(config, verbose):
     model = _local_copy(model)
     trained = evaluate_model(model, val_ds, config.num_classes, tasks)
     final_weights = {k: float(keras.ops.convert_to_numpy(v)) for k, v in weighting.log_values().items()}
-    plot_task_weights({k: v for k, v in history_cb.history.items() if k != "step"},
+    plot_task_weights(dict(history_cb.history),
                       os.path.join(out, "task_weights.png"), title=f"{config.weighting} weighting", xlabel="step")
     _save_samples(model, val_ds, os.path.join(out, "samples"), config, save_prediction_panel)
 

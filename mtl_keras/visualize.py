@@ -554,9 +554,10 @@ def _positive_log_axis(ax, values, require_range=1.0):
     return False
 
 
-def _plot_series(ax, values, colour, label):
-    ax.plot(np.arange(len(values)), values, marker="o" if len(values) < 50 else None, markersize=3,
-            color=colour, label=label)
+def _plot_series(ax, values, colour, label, x=None):
+    # x: the recorded step of each point when it was given for this series' length; else the point index
+    x = x if x is not None and len(x) == len(values) else np.arange(len(values))
+    ax.plot(x, values, marker="o" if len(values) < 50 else None, markersize=3, color=colour, label=label)
 
 
 def task_weights_figure(history, title=None, xlabel="epoch"):
@@ -575,6 +576,7 @@ def task_weights_figure(history, title=None, xlabel="epoch"):
         history = history.history
     series = {str(k): np.asarray(v, dtype=np.float64).reshape(-1) for k, v in dict(history).items()}
     series = {k: v for k, v in series.items() if v.size}
+    steps = series.pop("step", None)  # WeightingHistory's x values: the step of each recorded point
     if not series:
         raise ValueError("history has no non-empty series to plot.")
 
@@ -594,14 +596,14 @@ def task_weights_figure(history, title=None, xlabel="epoch"):
         for task in tasks:
             for ax, group in ((axes[0], sigma2), (axes[1], weight)):
                 if task in group:
-                    _plot_series(ax, group[task], colours[task], task)
+                    _plot_series(ax, group[task], colours[task], task, steps)
             handles[task] = (axes[0] if task in sigma2 else axes[1]).lines[-1]
         log = _positive_log_axis(axes[0], list(sigma2.values()))
         axes[0].set_ylabel(r"$\sigma^2$" + (" (log)" if log else ""))
         log = _positive_log_axis(axes[1], list(weight.values()), require_range=50.0)
         axes[1].set_ylabel("effective weight" + (" (log)" if log else ""))
         for i, (name, values) in enumerate(other.items()):
-            _plot_series(axes[2], values, cycle[(len(tasks) + i) % len(cycle)], name)
+            _plot_series(axes[2], values, cycle[(len(tasks) + i) % len(cycle)], name, steps)
             handles[name] = axes[2].lines[-1]
         if other:
             _positive_log_axis(axes[2], list(other.values()))
@@ -613,7 +615,7 @@ def task_weights_figure(history, title=None, xlabel="epoch"):
         FigureCanvasAgg(fig)
         axes = [fig.add_subplot(1, 1, 1)]
         for i, (name, values) in enumerate(series.items()):
-            _plot_series(axes[0], values, cycle[i % len(cycle)], name)
+            _plot_series(axes[0], values, cycle[i % len(cycle)], name, steps)
         _positive_log_axis(axes[0], list(series.values()))
         axes[0].set_ylabel(r"$\sigma^2$" if all(k.endswith(_SIGMA2) for k in series)
                            else "weight" if all(k.endswith(_WEIGHT) for k in series) else "value")
@@ -631,7 +633,8 @@ def plot_task_weights(history, path, title=None, xlabel="epoch"):
     """PNG of per-task weight series, e.g. ``{"semantic_sigma2": [...], "semantic_weight": [...], ...}``.
 
     ``history``: dict ``{series_name: list of floats}`` (or a Keras ``History``, whose ``.history`` is used);
-    series may differ in length and may have one point (drawn as a marker); the x-axis is the series index. The
+    series may differ in length and may have one point (drawn as a marker); the x-axis is the series ``"step"``
+    (as :class:`mtl_keras.training.WeightingHistory` records it) where it has the series' length, else the index. The
     figure is :func:`task_weights_figure`'s: sigma^2 and effective-weight axes stacked when both kinds are there,
     one axes otherwise; the legend outside, at the right. Returns ``path``.
     """

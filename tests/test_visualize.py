@@ -324,3 +324,12 @@ def test_task_weights_figure_two_axes_and_legend_outside(tmp_path):
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     assert not _bbox_overlap(fig.legends[0].get_window_extent(renderer), fig.axes[0].get_window_extent(renderer))
+
+
+def test_task_weights_figure_plots_against_the_recorded_steps():
+    # WeightingHistory records every 10th step: the x values are those steps, not the point indices 0, 1, 2.
+    fig = task_weights_figure({"step": [10, 20, 30], "semantic_sigma2": [1.0, 0.5, 0.25],
+                               "semantic_weight": [1.0, 2.0, 4.0]})
+    for ax in fig.axes:
+        assert list(ax.lines[0].get_xdata()) == [10, 20, 30]
+    assert not any(line.get_label() == "step" for ax in fig.axes for line in ax.lines)
