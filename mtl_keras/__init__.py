@@ -9,6 +9,8 @@ from mtl_keras import platform as _platform  # noqa: E402
 # Before anything imports TensorFlow: its fast oneDNN CPU kernels on every x86 CPU, not only AVX-512 ones, unless
 # the user chose (TF_ENABLE_ONEDNN_OPTS set). See mtl_keras/platform.py.
 _platform.request_onednn()
+# TensorFlow (the default backend) loads here, not inside `import keras`: without its C++ start-up banners.
+_platform.import_tensorflow_quietly()
 
 from mtl_keras import models  # noqa: E402,F401  (registers the architectures)
 from mtl_keras.registry import build_model, list_models, register_model  # noqa: E402

@@ -86,3 +86,59 @@ def native_dilated_conv_gradients():
                    else "TensorFlow was imported before mtl_keras, or this CPU lacks oneDNN support")
             log.warning(_FALLBACK_WARNING, why)
             return False
+
+
+# TensorFlow's C++ start-up lines, written to the process's stderr before absl logging is initialised, so
+# TF_CPP_MIN_LOG_LEVEL does not hold them back: the oneDNN notice (once per TensorFlow shared library, so twice), the
+# absl preamble before each, and the CPU-feature notice. mtl_keras states the oneDNN choice in the README.
+TENSORFLOW_BANNERS = ("All log messages before absl::InitializeLog() is called", "port.cc:153] oneDNN custom operations",
+                      "cpu_feature_guard.cc", "To enable the following instructions:")
+
+
+def _keras_backend_is_tensorflow():
+    backend = os.environ.get("KERAS_BACKEND")
+    if backend is None:
+        config = os.path.join(os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras")),
+                              "keras.json")
+        try:
+            import json
+
+            with open(config) as f:
+                backend = json.load(f).get("backend")
+        except (OSError, ValueError, AttributeError):
+            backend = None
+    return (backend or "tensorflow") == "tensorflow"
+
+
+def import_tensorflow_quietly():
+    """Imports TensorFlow, when it is the Keras backend and not loaded yet, without its start-up banners.
+
+    While TensorFlow loads, file descriptor 2 points at a temporary file; afterwards every line except
+    :data:`TENSORFLOW_BANNERS` is written back to stderr, so errors and other messages are kept. Does nothing when
+    ``TF_CPP_MIN_LOG_LEVEL`` is 0 (the user asked for TensorFlow's informational messages), when TensorFlow is not
+    installed or already imported, or on another backend. Returns True when it imported TensorFlow.
+    """
+    if ("tensorflow" in sys.modules or not _keras_backend_is_tensorflow() or not tensorflow_available()
+            or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") in ("", "0")):
+        return False
+    import tempfile
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable file descriptor 2 (embedded interpreters)
+        return False
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True)
+                    if not any(banner in line for banner in TENSORFLOW_BANNERS)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+    return True
