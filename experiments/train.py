@@ -20,8 +20,30 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from mtl_keras.config import TrainConfig  # noqa: E402
-from mtl_keras.weighting import weighting_names  # noqa: E402
+HELP_ARGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
+HELP_REQUESTED = __name__ == "__main__" and any(a in HELP_ARGS for a in sys.argv[1:])
+
+
+def _config_module_alone():
+    """mtl_keras/config.py loaded on its own: the package's __init__ loads TensorFlow (seconds), --help needs none."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mtl_keras", "config.py")
+    spec = importlib.util.spec_from_file_location("_mtl_keras_config_for_help", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+if HELP_REQUESTED:
+    _config = _config_module_alone()
+    TrainConfig = _config.TrainConfig
+
+    def weighting_names():
+        return list(_config.WEIGHTING_NAMES)  # the registry's names (tests/test_train_script.py compares them)
+else:
+    from mtl_keras.config import TrainConfig  # noqa: E402
+    from mtl_keras.weighting import weighting_names  # noqa: E402
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 PRESETS = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(PRESET_DIR, "*.json")))
@@ -163,5 +185,14 @@ def main(argv):
         print(f"  published as {FLAGS.publish!r}: {path}; load with mtl_keras.load_model({FLAGS.publish!r})")
 
 
+def print_help(argv):
+    """What absl's --help prints, on stdout, exit status 0 (absl's own --help exits 1)."""
+    flags_help = FLAGS.get_help() if "--helpfull" in argv else FLAGS.main_module_help()
+    print(f"{__doc__.strip()}\n\nFlags:\n{flags_help}")
+
+
 if __name__ == "__main__":
+    if HELP_REQUESTED:
+        print_help(sys.argv)
+        sys.exit(0)
     app.run(main)

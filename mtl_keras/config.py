@@ -5,6 +5,16 @@ import json
 from typing import Optional
 
 
+# Every --weighting name, in mtl_keras.weighting.weighting_names() order: the loss weightings, then the gradient
+# methods. A copy for `train.py --help`, which must not import the package (TensorFlow); tests compare it with the
+# registries.
+WEIGHTING_NAMES = (
+    "uncertainty", "equal", "fixed", "dwa", "mtunet",
+    "aligned_mtl", "cagrad", "config", "db_mtl", "dualproj", "ew", "excess_mtl", "fairgrad", "famo", "gls", "graddrop",
+    "gradnorm", "gradvac", "imtl", "mgda", "moco", "modo", "nash_mtl", "pcgrad", "rlw", "sdmgrad", "stch", "upgrad",
+)
+
+
 @dataclasses.dataclass
 class TrainConfig:
     # What to train

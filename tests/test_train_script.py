@@ -1,0 +1,38 @@
+"""experiments/train.py's command line itself: --help (fast, exit 0, no TensorFlow)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(REPO, "experiments", "train.py")
+
+
+def test_weighting_names_copy_equals_the_registries():
+    from mtl_keras.config import WEIGHTING_NAMES
+    from mtl_keras.weighting import weighting_names
+
+    assert list(WEIGHTING_NAMES) == weighting_names()
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("flag", ["--help", "-h", "--helpfull"])
+def test_help_exits_0_without_importing_tensorflow(flag):
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['train.py', {flag!r}]\n"
+            "try:\n"
+            f"    runpy.run_path({TRAIN!r}, run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    print('EXIT', e.code, 'tensorflow' in sys.modules, 'keras' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("EXIT 0 False False"), result.stdout[-300:]
+    assert result.stdout.startswith("Train a multi-task model.")  # the script's docstring first
+    for name in ("--weighting", "--steps", "--output_dir", "pcgrad", "uncertainty"):
+        assert name in result.stdout
+    assert result.stderr == ""
+    # The --help listing is absl's own: the same flags as a parse of the real module would define.
+    if flag == "--helpfull":
+        assert "--[no]alsologtostderr" in result.stdout or "--logtostderr" in result.stdout
