@@ -452,8 +452,8 @@ def main(argv):
         max_batches=FLAGS.max_batches, clustering=FLAGS.clustering, official=FLAGS.official,
         baseline_metrics=FLAGS.baseline_metrics, num_images=FLAGS.num_images, output_dir=FLAGS.output_dir)
     keys = ("semantic_miou", "official_semantic_miou", "official_our_semantic_miou_same_files",
-            "instance_mean_error_px", "instance_ari_mean", "official_instance_ap", "depth_mean_error_px",
-            "depth_rel_error", "normals_mean_angle_deg", "clustering_ms_median", "delta_m")
+            "instance_mean_error_px", "instance_ari_mean", "official_instance_ap", "official_instance_ap50",
+            "depth_mean_error_px", "depth_rel_error", "normals_mean_angle_deg", "clustering_ms_median", "delta_m")
     print(f"\nEvaluated {metrics['num_images']:.0f} images of {metrics['dataset']}/{metrics['split']} "
           f"in {metrics['wall_seconds']:.0f} s")
     for key in keys:

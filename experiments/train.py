@@ -47,7 +47,7 @@ else:
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 PRESETS = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(PRESET_DIR, "*.json")))
-DEFAULT_SYNTHETIC_STEPS = 200  # the default job: about 6 minutes of training on 2 CPU cores
+DEFAULT_SYNTHETIC_STEPS = 800  # the default job: about 6 minutes of training on 2 CPU cores
 
 _D = TrainConfig()
 FLAGS = flags.FLAGS
@@ -77,6 +77,8 @@ flags.DEFINE_list("crop_size", [], "Random crop height,width (padded with the ig
 flags.DEFINE_string("depth_target", _D.depth_target, "Depth target: inverse (1/m or disparity px, as seed 001) or "
                     "metric (metres); empty: the dataset's default (CityScapes inverse, NYUv2 metric).")
 flags.DEFINE_boolean("flip", _D.flip, "Random horizontal flips.")
+flags.DEFINE_enum("cache", _D.cache, ["auto", "memory", "none"], "Keep the decoded training examples in memory: "
+                  "auto does when they take under 2 GiB (the synthetic default job: 600 images at 128x256).")
 flags.DEFINE_integer("batch_size", _D.batch_size, "GLOBAL batch size, split evenly over all replicas (the log "
                      "shows the per-replica size).")
 flags.DEFINE_integer("steps", _D.steps, f"Total training steps (0: use --epochs; synthetic default "

@@ -94,6 +94,21 @@ def plan_steps(config, num_train_images):
     return (config.epochs or 10), batches_per_pass
 
 
+CACHE_CHOICES = ("auto", "memory", "none")
+AUTO_CACHE_BYTES = 2 * 1024 ** 3
+
+
+def cache_training_examples(config, num_train_images, height, width):
+    """Whether the decoded training examples are kept in memory (``--cache``): decoding four PNGs per image takes a
+    core's worth of time at the default job's speed. ``auto``: when they take less than ``AUTO_CACHE_BYTES``, at
+    about 20 bytes per pixel (the float32 image and the targets)."""
+    if config.cache not in CACHE_CHOICES:
+        raise ValueError(f"--cache must be one of {', '.join(CACHE_CHOICES)}, got {config.cache!r}.")
+    if config.cache == "auto":
+        return num_train_images * height * width * 20 < AUTO_CACHE_BYTES
+    return config.cache == "memory"
+
+
 def _to_jsonable(value):
     if isinstance(value, dict):
         return {k: _to_jsonable(v) for k, v in value.items()}
@@ -219,6 +234,7 @@ def _run_training(config, verbose):
     if config.crop_size:
         augment["crop_size"] = tuple(config.crop_size)
     use_tf_data = platform.tensorflow_available()
+    train_cache = {"cache": True} if use_tf_data and cache_training_examples(config, num_train, height, width) else {}
     if use_tf_data:
         val_ds = load_dataset(config.dataset, data_dir, "val", batch_size=config.batch_size, shuffle=False,
                               flip=False, **data_kwargs)
@@ -265,12 +281,13 @@ def _run_training(config, verbose):
         def dataset_fn(context):
             per_replica = context.get_per_replica_batch_size(config.batch_size)
             return load_dataset(config.dataset, data_dir, "train", batch_size=per_replica, flip=config.flip,
-                                repeat=True, input_context=context, **augment, **data_kwargs).skip(skip)
+                                repeat=True, input_context=context, **train_cache, **augment,
+                                **data_kwargs).skip(skip)
 
         train_ds = strategy.distribute_datasets_from_function(dataset_fn)
     elif use_tf_data:  # Keras splits each global batch over the local replicas
         train_ds = load_dataset(config.dataset, data_dir, "train", batch_size=config.batch_size, flip=config.flip,
-                                repeat=True, **augment, **data_kwargs).skip(skip)
+                                repeat=True, **train_cache, **augment, **data_kwargs).skip(skip)
     else:  # no TensorFlow: the numpy loader, resumed by its epoch number
         train_ds = _numpy_dataset(config, data_dir, "train", augment, data_kwargs, steps_per_epoch=steps_per_epoch,
                                   initial_epoch=initial_epoch)
@@ -321,7 +338,8 @@ def _run_training(config, verbose):
 
     model.save(os.path.join(out, "model.keras"))
     if config.export and use_tf_data and keras.config.backend() != "torch":
-        model.export(os.path.join(out, "export"), format="tf_saved_model", verbose=False)  # jax2tf on JAX
+        with platform.quiet_tensorflow_logs():
+            model.export(os.path.join(out, "export"), format="tf_saved_model", verbose=False)  # jax2tf on JAX
     elif config.export:
         # Keras' torch -> SavedModel path (torch.export) fails on these models' dict outputs; the .keras file loads
         # on any backend, so the export is one command away.

@@ -358,8 +358,11 @@ def export_saved_model(model, path, instances=False, instance_classes=None, inst
                                                                     name=INPUT_NAME)], autograph=False)
     serve_float = module.serve.get_concrete_function()
     serve_uint8 = module.serve_uint8.get_concrete_function()
-    tf.saved_model.save(module, path, signatures={"serving_default": serve_float, "serve": serve_float,
-                                                  "serve_uint8": serve_uint8})
+    from mtl_keras.platform import quiet_tensorflow_logs
+
+    with quiet_tensorflow_logs():
+        tf.saved_model.save(module, path, signatures={"serving_default": serve_float, "serve": serve_float,
+                                                      "serve_uint8": serve_uint8})
     if verbose:
         print(f"Saved the serving model at {path}: signatures serving_default / serve (float32 images) and "
               f"serve_uint8 (uint8 images).")

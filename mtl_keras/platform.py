@@ -142,3 +142,21 @@ def import_tensorflow_quietly():
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()
     return True
+
+
+class quiet_tensorflow_logs:
+    """While active, TensorFlow's Python loggers pass on warnings and errors only: a SavedModel export otherwise logs,
+    at INFO, a renamed-input notice per signature, the saver's shard timings, "Assets written" (twice, through
+    absl's handler too) and the fingerprint file."""
+
+    def __enter__(self):
+        self._loggers = [logging.getLogger(name) for name in ("tensorflow", "absl")]
+        self._levels = [logger.level for logger in self._loggers]
+        for logger in self._loggers:
+            logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+        return self
+
+    def __exit__(self, *exc):
+        for logger, level in zip(self._loggers, self._levels):
+            logger.setLevel(level)
+        return False

@@ -433,3 +433,23 @@ def test_sharding(synth_root):
                                                   shuffle=False, flip=False, tasks=("depth",))]
     np.testing.assert_array_equal(seen[0][0], full[0])
     np.testing.assert_array_equal(seen[1][0], full[1])
+
+
+def test_synthetic_set_grows_without_rewriting_its_scenes(tmp_path):
+    # An existing default set (the previous default job's size) and a larger request: the existing scenes are kept
+    # untouched, the new ones are rendered, and the result equals a set generated at the larger size from scratch.
+    grown = generate_synthetic_cityscapes(tmp_path / "grown", num_train=2, num_val=1, height=32, width=64, seed=0)
+    kept = os.path.join(grown, _read_tree_keys(grown, "leftImg8bit")[0])
+    os.utime(kept, (1, 1))
+    generate_synthetic_cityscapes(grown, num_train=4, num_val=2, height=32, width=64, seed=0)
+    assert os.path.getmtime(kept) == 1
+    fresh = generate_synthetic_cityscapes(tmp_path / "fresh", num_train=4, num_val=2, height=32, width=64, seed=0)
+    assert _read_tree(grown) == _read_tree(fresh)
+    assert len(list_cityscapes_files(grown, "train")) == 4 and len(list_cityscapes_files(grown, "val")) == 2
+    # Another image size is no growth: refused as before.
+    with pytest.raises(FileExistsError):
+        generate_synthetic_cityscapes(grown, num_train=5, num_val=2, height=32, width=32, seed=0)
+
+
+def _read_tree_keys(root, kind):
+    return sorted(k for k in _read_tree(root) if kind in k and k.endswith(".png"))

@@ -61,3 +61,29 @@ def test_import_mtl_keras_prints_no_tensorflow_banner():
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "tensorflow"
     assert "oneDNN custom operations" not in result.stderr and "absl::InitializeLog" not in result.stderr
+
+
+def test_quiet_tensorflow_logs_holds_back_info_and_restores_the_levels():
+    import logging
+
+    from mtl_keras.platform import quiet_tensorflow_logs
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append((record.name, record.levelno))
+
+    tf_logger, handler = logging.getLogger("tensorflow"), Keep()
+    tf_logger.addHandler(handler)
+    before = tf_logger.level
+    try:
+        tf_logger.setLevel(logging.INFO)
+        with quiet_tensorflow_logs():
+            tf_logger.info("Assets written to: x")
+            tf_logger.warning("a real warning")
+        tf_logger.info("after")
+    finally:
+        tf_logger.removeHandler(handler)
+        tf_logger.setLevel(before)
+    assert records == [("tensorflow", logging.WARNING), ("tensorflow", logging.INFO)]

@@ -458,6 +458,13 @@ def _is_complete(root: str, params: dict) -> bool:
     return all(os.path.isfile(os.path.join(root, p)) for p in manifest.get("files", []))
 
 
+def _grows(old, new):
+    """Whether the set ``new`` (manifest params) only adds scenes to ``old``: same renderer, size and seed."""
+    same = {k: v for k, v in old.items() if k not in ("num_train", "num_val")} == \
+        {k: v for k, v in json.loads(json.dumps(new)).items() if k not in ("num_train", "num_val")}
+    return same and new["num_train"] >= old.get("num_train", 0) and new["num_val"] >= old.get("num_val", 0)
+
+
 def generate_synthetic_cityscapes(root, num_train: int = 200, num_val: int = 50,
                                   height: int = 256, width: int = 512, seed: int = 0,
                                   overwrite: bool = False, verbose: bool = False) -> str:
@@ -471,8 +478,9 @@ def generate_synthetic_cityscapes(root, num_train: int = 200, num_val: int = 50,
     Deterministic: the same arguments give byte-identical files (each scene has its own
     random stream seeded by ``(seed, split, index)``). If ``root`` already holds a complete
     set generated with the same arguments (``synthetic_manifest.json``), nothing is done
-    unless ``overwrite``. A manifest with different arguments raises ``FileExistsError``
-    unless ``overwrite``. Returns ``root``.
+    unless ``overwrite``. A complete set of the same size and seed with fewer scenes is grown: its
+    scenes are kept (they are the first ones of the larger set) and only the others rendered. A
+    manifest with other arguments raises ``FileExistsError`` unless ``overwrite``. Returns ``root``.
     """
     root = os.fspath(root)
     for name, v in (("num_train", num_train), ("num_val", num_val)):
@@ -482,6 +490,7 @@ def generate_synthetic_cityscapes(root, num_train: int = 200, num_val: int = 50,
         raise ValueError(f"height and width must be >= 16, got height={height}, width={width}")
     params = _manifest_params(num_train, num_val, height, width, seed)
     manifest_path = os.path.join(root, _MANIFEST)
+    keep = {"train": 0, "val": 0}  # scenes of an existing smaller set that are kept (grown, not rewritten)
     if not overwrite:
         if _is_complete(root, params):
             return root
@@ -492,9 +501,14 @@ def generate_synthetic_cityscapes(root, num_train: int = 200, num_val: int = 50,
             except (OSError, ValueError):
                 old = None
             if old is not None and old != json.loads(json.dumps(params)):
-                raise FileExistsError(
-                    f"{root} already holds a synthetic set generated with {old}; pass "
-                    f"overwrite=True or another root to generate one with {params}")
+                if _grows(old, params) and _is_complete(root, old):
+                    # Scene i depends only on (seed, split, i): the existing scenes are the first ones of the
+                    # larger set, byte for byte; only the missing ones are rendered.
+                    keep = {"train": old["num_train"], "val": old["num_val"]}
+                else:
+                    raise FileExistsError(
+                        f"{root} already holds a synthetic set generated with {old}; pass "
+                        f"overwrite=True or another root to generate one with {params}")
 
     t0 = time.perf_counter()
     if os.path.isfile(manifest_path):
@@ -506,13 +520,16 @@ def generate_synthetic_cityscapes(root, num_train: int = 200, num_val: int = 50,
         city = SYNTHETIC_CITIES[split]
         for t in ("leftImg8bit", "gtFine", "disparity", "camera"):
             d = os.path.join(root, t, split, city)
-            if os.path.isdir(d):  # only our own synthetic city folders are ever removed
+            if os.path.isdir(d) and not keep[split]:  # only our own synthetic city folders are ever removed
                 shutil.rmtree(d)
             os.makedirs(d, exist_ok=True)
         for i in range(int(count)):
+            p = _paths(root, split, city, i)
+            if i < keep[split]:
+                files.extend(os.path.relpath(v, root) for v in p.values())
+                continue
             rng = np.random.default_rng([int(seed), _SPLIT_CODE[split], i])
             rgb, label, inst, disp = render_scene(rng, height, width)
-            p = _paths(root, split, city, i)
             _write_png(p["image"], cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
             _write_png(p["label_ids"], label)
             _write_png(p["instance_ids"], inst)
