@@ -43,7 +43,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from mtl_keras import cli  # noqa: E402
 
 log = logging.getLogger("mtl_keras.evaluate")
 
@@ -443,9 +445,8 @@ def markdown_table(metrics):
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if not FLAGS.model_path:
-        raise app.UsageError("--model_path is required (a run folder, a .keras file or a SavedModel folder).")
+        raise ValueError("--model_path is required (a run folder, a .keras file or a SavedModel folder).")
     metrics = run_evaluation(
         FLAGS.model_path, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=FLAGS.split,
         image_size=FLAGS.image_size, num_classes=FLAGS.num_classes, tasks=FLAGS.tasks, batch_size=FLAGS.batch_size,
@@ -462,4 +463,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -14,13 +14,14 @@ and width) return semantic_logits, semantic_labels, instance_vectors, depth (tho
 mtl_keras to run. See mtl_keras/export.py for the details (padding, instance clustering inside the graph).
 """
 
-import logging
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from mtl_keras import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", None, "SavedModel folder (default: RUN/serving, or NAME_serving next to a .keras file, "
@@ -45,12 +46,11 @@ def default_output(source):
 
 def main(argv):
     if len(argv) != 2:
-        raise app.UsageError("Usage: python experiments/export.py SOURCE [--output DIR] [--instances] [--onnx]")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        raise ValueError("Usage: python experiments/export.py SOURCE [--output DIR] [--instances] [--onnx]")
     source = argv[1]
     output = FLAGS.output or default_output(source)
     if os.path.exists(os.path.join(output, "saved_model.pb")) and not FLAGS.overwrite:
-        raise app.UsageError(f"{output} already holds a SavedModel; pass --overwrite to replace it.")
+        raise ValueError(f"--output {output} already holds a SavedModel; pass --overwrite to replace it.")
 
     import mtl_keras
     from mtl_keras.export import export_onnx, export_saved_model
@@ -72,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -12,13 +12,12 @@ it.
 
 import glob
 import json
-import logging
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 HELP_ARGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
 HELP_REQUESTED = __name__ == "__main__" and any(a in HELP_ARGS for a in sys.argv[1:])
@@ -42,6 +41,7 @@ if HELP_REQUESTED:
     def weighting_names():
         return list(_config.WEIGHTING_NAMES)  # the registry's names (tests/test_train_script.py compares them)
 else:
+    from mtl_keras import cli  # noqa: E402
     from mtl_keras.config import TrainConfig  # noqa: E402
     from mtl_keras.weighting import weighting_names  # noqa: E402
 
@@ -100,7 +100,10 @@ flags.DEFINE_boolean("sync_batchnorm", _D.sync_batchnorm, "Batch-norm statistics
                      "with several replicas; --nosync_batchnorm for per-replica statistics).")
 flags.DEFINE_enum("precision", _D.precision, ["float32", "mixed_float16", "mixed_bfloat16"],
                   "Compute precision (loss weights and outputs stay float32).")
-flags.DEFINE_string("output_dir", _D.output_dir, "Output folder.")
+flags.DEFINE_string("output_dir", _D.output_dir, "Output folder. One holding an unfinished run resumes it; one "
+                    "holding a finished run is refused unless --overwrite.")
+flags.DEFINE_boolean("overwrite", _D.overwrite, "Replace a finished run in --output_dir (its outputs are removed "
+                     "when the new run's training starts).")
 flags.DEFINE_integer("val_batches", _D.val_batches, "Validation batches to evaluate (0: all).")
 flags.DEFINE_boolean("export", _D.export, "Write a SavedModel to OUTPUT_DIR/export.")
 flags.DEFINE_string("publish", None, "After training, publish the run as a named model (mtl_keras.zoo.publish_run): "
@@ -157,7 +160,6 @@ def config_from_flags():
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from mtl_keras.experiment import run_training
 
     config = config_from_flags()
@@ -197,4 +199,4 @@ if __name__ == "__main__":
     if HELP_REQUESTED:
         print_help(sys.argv)
         sys.exit(0)
-    app.run(main)
+    cli.run(main)

@@ -15,6 +15,17 @@ WEIGHTING_NAMES = (
 )
 
 
+# The settings with a fixed set of values (each also an enum flag of experiments/train.py).
+CHOICES = {
+    "optimizer": ("sgd", "adam"),
+    "precision": ("float32", "mixed_float16", "mixed_bfloat16"),
+    "depth_target": ("", "inverse", "metric"),
+    "cache": ("auto", "memory", "none"),
+    "strategy": ("auto", "one_device", "mirrored", "multi_worker"),
+    "jacobian_mode": ("loop", "batched"),
+}
+
+
 @dataclasses.dataclass
 class TrainConfig:
     # What to train
@@ -64,9 +75,44 @@ class TrainConfig:
     deterministic: bool = False  # deterministic TF ops: a resumed run reproduces an uninterrupted one bit for bit
     # Output
     output_dir: str = "runs/default"
+    overwrite: bool = False  # replace a finished run in output_dir (without it such a run is refused, untouched)
     val_batches: int = 0  # 0 = the whole validation split
     num_sample_images: int = 4
     export: bool = True
+
+    def __post_init__(self):
+        """Every setting checked up front, each error naming its flag (a run never starts with a value it would
+        fail on minutes later, after writing to its output folder)."""
+        problems = []
+
+        def check(ok, flag, expected):
+            if not ok:
+                problems.append(f"--{flag} must be {expected}, got {getattr(self, flag)!r}")
+
+        def is_int(v, low):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+        def positive_ints(v, n):
+            return isinstance(v, (tuple, list)) and len(v) == n and all(is_int(x, 1) for x in v)
+
+        for flag, low in (("batch_size", 1), ("num_classes", 1), ("steps", 0), ("epochs", 0), ("val_batches", 0),
+                          ("num_sample_images", 0), ("cpu_replicas", 0), ("synthetic_num_train", 1),
+                          ("synthetic_num_val", 1)):
+            check(is_int(getattr(self, flag), low), flag, f"an integer >= {low}")
+        check(isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < float("inf"),
+              "learning_rate", "a positive number")
+        check(isinstance(self.lr_power, (int, float)) and self.lr_power >= 0, "lr_power", "a number >= 0")
+        check(positive_ints(self.image_size, 2), "image_size", "height,width (two positive integers)")
+        check(self.crop_size in ((), []) or positive_ints(self.crop_size, 2), "crop_size",
+              "empty or height,width (two positive integers)")
+        check(isinstance(self.scale_range, (tuple, list)) and len(self.scale_range) == 2
+              and all(isinstance(x, (int, float)) for x in self.scale_range)
+              and 0 < self.scale_range[0] <= self.scale_range[1], "scale_range", "min,max with 0 < min <= max")
+        for flag, choices in CHOICES.items():
+            check(getattr(self, flag) in choices, flag, "one of " + ", ".join(repr(c) for c in choices))
+        check(isinstance(self.output_dir, str) and self.output_dir.strip(), "output_dir", "a folder name")
+        if problems:
+            raise ValueError("; ".join(problems) + ".")
 
     def replace(self, **overrides):
         unknown = [k for k in overrides if k not in {f.name for f in dataclasses.fields(self)}]

@@ -26,7 +26,6 @@ from mtl_keras.weighting import WeightingEpochCallback, build_weighting
 log = logging.getLogger("mtl_keras")
 
 DEFAULT_SYNTHETIC_DIR = os.path.join("data", "synthetic")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 def resolve_data_dir(config):
@@ -94,7 +93,6 @@ def plan_steps(config, num_train_images):
     return (config.epochs or 10), batches_per_pass
 
 
-CACHE_CHOICES = ("auto", "memory", "none")
 AUTO_CACHE_BYTES = 2 * 1024 ** 3
 
 
@@ -102,8 +100,6 @@ def cache_training_examples(config, num_train_images, height, width):
     """Whether the decoded training examples are kept in memory (``--cache``): decoding four PNGs per image takes a
     core's worth of time at the default job's speed. ``auto``: when they take less than ``AUTO_CACHE_BYTES``, at
     about 20 bytes per pixel (the float32 image and the targets)."""
-    if config.cache not in CACHE_CHOICES:
-        raise ValueError(f"--cache must be one of {', '.join(CACHE_CHOICES)}, got {config.cache!r}.")
     if config.cache == "auto":
         return num_train_images * height * width * 20 < AUTO_CACHE_BYTES
     return config.cache == "memory"
@@ -124,7 +120,39 @@ def _to_jsonable(value):
 # Settings that may change when an interrupted run is started again: where things are written or read, how much is
 # evaluated, and how the same computation is placed (another machine may resume with another strategy).
 RESUME_MAY_CHANGE = ("output_dir", "data_dir", "val_batches", "num_sample_images", "export", "strategy",
-                     "cpu_replicas", "jit_compile", "deterministic")
+                     "cpu_replicas", "jit_compile", "deterministic", "overwrite")
+
+# What a finished run leaves in its folder: removed when --overwrite replaces it, as its training starts.
+RUN_OUTPUTS = ("metrics.json", "metrics_untrained.json", "task_weights.png", "model.keras", "samples", "eval", "export",
+               "logs", "checkpoints")
+
+
+def check_output_dir(config, out):
+    """Refuses, before anything is written, an output folder that is a file or holds a finished run.
+
+    A finished run (``metrics.json`` there, no backups) is replaced only with ``--overwrite``; an unfinished one is
+    resumed (:func:`check_resumable`). Returns True when a finished run is there (to be replaced).
+    """
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--output_dir {out} is a file; expected a folder for the run (new or to resume).")
+    metrics = os.path.join(out, "metrics.json")
+    finished = os.path.isfile(metrics) and not checkpointing.read_state(os.path.join(out, "backup")).get("backups")
+    if finished and not config.overwrite:
+        raise ValueError(f"--output_dir {out} holds a finished run ({metrics}); choose another --output_dir, or pass "
+                         f"--overwrite to replace it.")
+    return finished
+
+
+def clear_finished_run(out):
+    """Removes a finished run's outputs (:data:`RUN_OUTPUTS`) so that none of them is mistaken for the new run's."""
+    import shutil
+
+    for name in RUN_OUTPUTS:
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
 
 
 def check_resumable(config, out, backup_dir):
@@ -197,11 +225,6 @@ def _run_training(config, verbose):
     from mtl_keras.visualize import plot_task_weights, save_prediction_panel
 
     start = time.time()
-    if config.precision not in PRECISIONS:
-        raise ValueError(f"Unknown precision {config.precision!r}. Valid: {', '.join(PRECISIONS)}.")
-    if config.depth_target not in ("", "inverse", "metric"):
-        raise ValueError(f"--depth_target must be inverse or metric (or empty: the dataset's default), got "
-                         f"{config.depth_target!r}.")
     if config.deterministic:
         distribution.enable_determinism()
     strategy = distribution.create_strategy(config.strategy, config.cpu_replicas)
@@ -214,11 +237,11 @@ def _run_training(config, verbose):
     height, width = (int(v) for v in config.image_size)
     out = config.output_dir if chief else _worker_dir(config)
     backup_dir = os.path.join(out, "backup")
-    os.makedirs(out, exist_ok=True)
+    # Nothing in the output folder is touched until training starts: a run that fails on its data, model or
+    # settings leaves an existing run there as it was.
+    replaces_finished_run = check_output_dir(config, out) if chief else False
     if chief:
         check_resumable(config, out, backup_dir)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            f.write(config.to_json())
     keras.utils.set_random_seed(config.seed)
 
     data_dir = resolve_data_dir(config)
@@ -269,6 +292,13 @@ def _run_training(config, verbose):
         trainer = MultiTaskTrainer(model, weighting, jacobian_mode=config.jacobian_mode)
         trainer.compile(optimizer=build_optimizer(config, total_steps), jit_compile=jit_compile)
         initial_epoch = checkpointing.restore(trainer, backup_dir)
+    # Training starts: the folder becomes this run's.
+    os.makedirs(out, exist_ok=True)
+    if chief:
+        if replaces_finished_run:
+            clear_finished_run(out)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            f.write(config.to_json())
     log.info("model %s: %d parameters; %d epochs x %d steps; global batch %d = %d replica(s) x %d%s; %s", config.model,
              model.count_params(), epochs, steps_per_epoch, config.batch_size, replicas, config.batch_size // replicas,
              f" over {num_workers} workers" if num_workers > 1 else "", config.precision)

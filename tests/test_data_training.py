@@ -59,7 +59,7 @@ def test_a_bad_depth_target_is_refused_before_anything_runs(tmp_path):
     from mtl_keras.config import TrainConfig
     from mtl_keras.experiment import run_training
 
-    with pytest.raises(ValueError, match="--depth_target must be inverse or metric"):
+    with pytest.raises(ValueError, match="--depth_target must be one of '', 'inverse', 'metric', got 'metres'"):
         run_training(TrainConfig(depth_target="metres", output_dir=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
 
