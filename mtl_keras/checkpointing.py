@@ -19,6 +19,9 @@ from mtl_keras.pretrained import file_sha256
 log = logging.getLogger("mtl_keras")
 
 STATE_FILE = "state.json"
+# Test hook: the process exits abruptly right after the backup of this epoch (1-based) is recorded.
+KILL_AFTER_EPOCH_ENV = "MTL_KERAS_TEST_KILL_AFTER_EPOCH"
+KILLED_EXIT_CODE = 75
 
 
 def _atomic_write_text(path, text):
@@ -31,14 +34,27 @@ def _atomic_write_text(path, text):
 
 
 class EpochBackup(keras.callbacks.Callback):
-    """Backs the whole trainer (model, loss weights, optimizer state) up to ``backup_dir`` after every epoch."""
+    """Backs the whole trainer (model, loss weights, optimizer state) up to ``backup_dir`` after every epoch.
 
-    def __init__(self, backup_dir, keep=2):
+    ``state.json`` also keeps what the run has recorded so far, so that a resumed run reports its whole history:
+    ``epoch_logs`` (every epoch's Keras logs, ``{name: [value per epoch]}``, seeded with the resumed epochs' values)
+    and the points of ``weighting_history`` (a :class:`mtl_keras.training.WeightingHistory`), both read back by
+    :func:`read_history`.
+    """
+
+    def __init__(self, backup_dir, keep=2, epoch_logs=None, weighting_history=None):
         super().__init__()
         self.backup_dir = backup_dir
         self.keep = keep
+        self.epoch_logs = {k: list(v) for k, v in (epoch_logs or {}).items()}
+        self.weighting_history = weighting_history
 
     def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            try:
+                self.epoch_logs.setdefault(key, []).append(float(value))
+            except (TypeError, ValueError):
+                continue
         os.makedirs(self.backup_dir, exist_ok=True)
         name = f"epoch-{epoch + 1:05d}.weights.h5"
         path = os.path.join(self.backup_dir, name)
@@ -50,8 +66,28 @@ class EpochBackup(keras.callbacks.Callback):
             stale_path = os.path.join(self.backup_dir, stale["file"])
             if os.path.exists(stale_path):
                 os.remove(stale_path)
+        history = {"epochs": epoch + 1, "epoch_logs": self.epoch_logs,
+                   "weighting": dict(self.weighting_history.history) if self.weighting_history is not None else {}}
         _atomic_write_text(os.path.join(self.backup_dir, STATE_FILE),
-                           json.dumps({"backups": entries[:self.keep]}, indent=2))
+                           json.dumps({"backups": entries[:self.keep], "history": history}, indent=2))
+        if os.environ.get(KILL_AFTER_EPOCH_ENV) == str(epoch + 1):
+            # Tests of resuming: the process dies here as under SIGKILL (no cleanup, no Python shutdown), at a
+            # known point instead of a racing signal.
+            log.warning("%s=%d: exiting as if killed.", KILL_AFTER_EPOCH_ENV, epoch + 1)
+            logging.shutdown()
+            os._exit(KILLED_EXIT_CODE)
+
+
+def read_history(backup_dir, epochs_done, steps_per_epoch):
+    """What the run recorded up to the end of epoch ``epochs_done`` (the backup it resumes from):
+    ``{"epoch_logs": {name: [...]}, "weighting": {"step": [...], name: [...]}}``, empty when nothing was recorded.
+    The state may be ahead of the backup that was restored (the newest one was unusable): it is cut back."""
+    history = read_state(backup_dir).get("history") or {}
+    logs = {k: list(v)[:epochs_done] for k, v in (history.get("epoch_logs") or {}).items()}
+    weighting = history.get("weighting") or {}
+    steps = list(weighting.get("step", []))
+    keep = sum(1 for step in steps if step <= epochs_done * steps_per_epoch)
+    return {"epoch_logs": logs, "weighting": {k: list(v)[:keep] for k, v in weighting.items()}}
 
 
 def read_state(backup_dir):

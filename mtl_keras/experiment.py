@@ -333,8 +333,13 @@ def _run_training(config, verbose):
 
     # About 500 points for the sigma^2 plot: reading the loss weights syncs with the device, so not every step.
     history_cb = WeightingHistory(weighting, every=max(total_steps // 500, 1))
-    callbacks = [checkpointing.DivergenceGuard(backup_dir), checkpointing.EpochBackup(backup_dir), history_cb,
-                 WeightingEpochCallback(weighting)]
+    # A resumed run continues its record from the backup's: the sigma^2 plot and train_history start at step 0.
+    recorded = checkpointing.read_history(backup_dir, initial_epoch, steps_per_epoch) if initial_epoch else {}
+    if initial_epoch:
+        history_cb.resume(recorded.get("weighting"), initial_epoch * steps_per_epoch)
+    backup_cb = checkpointing.EpochBackup(backup_dir, epoch_logs=recorded.get("epoch_logs"),
+                                          weighting_history=history_cb)
+    callbacks = [checkpointing.DivergenceGuard(backup_dir), backup_cb, history_cb, WeightingEpochCallback(weighting)]
     if chief:
         os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
         callbacks += [
@@ -347,7 +352,7 @@ def _run_training(config, verbose):
     fit_start = time.time()
     with distribution.fit_scope(strategy):
         # shuffle=False: the datasets shuffle themselves, by (seed, epoch); Keras would reorder a PyDataset's batches.
-        history = trainer.fit(train_ds, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
+        trainer.fit(train_ds, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
                               callbacks=callbacks, verbose=verbose, shuffle=False)
     fit_seconds = time.time() - fit_start
     checkpointing.remove_backups(backup_dir)
@@ -400,7 +405,8 @@ def _run_training(config, verbose):
         "val": trained,
         "val_untrained": untrained,
         "final_task_weights": final_weights,
-        "train_history": {k: v for k, v in history.history.items()},
+        "train_history": backup_cb.epoch_logs,  # every epoch, also those before a resume
+        "weighting_history": dict(history_cb.history),  # the sigma^2 / weight points of task_weights.png
     }
     results = _to_jsonable(results)
     with open(os.path.join(out, "metrics.json"), "w") as f:

@@ -183,6 +183,12 @@ class WeightingHistory(keras.callbacks.Callback):
         self.history = {"step": []}
         self._step = 0
 
+    def resume(self, history, step):
+        """Continues a resumed run's record: its points so far (``history``) and the step it resumes after."""
+        self.history = {k: list(v) for k, v in history.items()} if history else {"step": []}
+        self.history.setdefault("step", [])
+        self._step = int(step)
+
     def on_train_batch_end(self, batch, logs=None):
         self._step += 1
         if self._step % self.every:
