@@ -10,7 +10,10 @@
 (``tf.saved_model.load(path).serve(images)``). For a file or a SavedModel, the ``config.json`` of the folder around
 it (e.g. ``runs/x`` for ``runs/x/export``), when there is one, supplies the data settings; flags override them.
 
-Writes to ``--output_dir`` (default: ``eval/`` in the run folder, or next to the model file):
+Writes to ``--output_dir``, default: one folder per evaluated model and split (``eval/`` in a run folder for its model
+on ``val``, ``eval_export/``, ``eval_model/`` for its SavedModel or ``.keras`` file, ``eval_test/`` for ``--split
+test``, next to the model file otherwise). An earlier evaluation in that folder is replaced whole; a folder holding
+other files is refused:
 
 * ``metrics.json``: everything below, ``metrics.md``: the same as a markdown table;
 * the streaming metrics of ``mtl_keras.evaluation.MultiTaskEvaluator`` at the model's resolution (mIoU, per-class
@@ -63,7 +66,8 @@ flags.DEFINE_enum("clustering", "histogram", ["histogram", "optics", "none"], "I
 flags.DEFINE_boolean("official", False, "Also run the official CityScapes evaluation scripts.")
 flags.DEFINE_list("baseline_metrics", [], "metrics.json files of single-task runs, for Delta_m.")
 flags.DEFINE_integer("num_images", 4, "Images to draw.")
-flags.DEFINE_string("output_dir", None, "Output folder (default: eval/ in the run folder or next to the model).")
+flags.DEFINE_string("output_dir", None, "Output folder (default: eval/ in a run folder, eval_MODEL[_SPLIT]/ for "
+                    "another model file or split); an earlier evaluation there is replaced.")
 
 # Delta_m over these metrics, where both the model and the baselines have them: {metric: higher is better}.
 DELTA_M_METRICS = {"semantic_miou": True, "instance_mean_error_px": False, "depth_mean_error_px": False,
@@ -211,6 +215,36 @@ def _finite_or_none(value):
     return value
 
 
+def default_output_dir(info, split):
+    """One folder per evaluated model and split: ``eval`` in a run folder for its model on ``val``; ``eval_{model}``
+    for another model file or SavedModel there (``eval_export``, ``eval_last``), ``_{split}`` for another split."""
+    base = info["run_dir"] or (os.path.dirname(os.path.abspath(info["model_path"])) if info["kind"] != "run"
+                               else info["model_path"])
+    name = "eval"
+    if info["kind"] != "run":
+        stem = os.path.basename(os.path.normpath(info["model_path"]))
+        for suffix in (".weights.h5", ".keras", ".h5"):
+            stem = stem[:-len(suffix)] if stem.endswith(suffix) else stem
+        name += f"_{stem}"
+    if split != "val":
+        name += f"_{split}"
+    return os.path.join(base, name)
+
+
+def prepare_output_dir(output_dir):
+    """An empty folder for this evaluation: an earlier evaluation there (its ``metrics.json``) is replaced whole, so
+    no stale picture or result file stays beside the new ones; a folder holding anything else is refused."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output_dir {output_dir} is a file; expected a folder for the evaluation.")
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        if not os.path.isfile(os.path.join(output_dir, "metrics.json")):
+            raise ValueError(f"--output_dir {output_dir} holds files that are not an earlier evaluation; choose "
+                             f"another --output_dir.")
+        log.info("Replacing the earlier evaluation in %s.", output_dir)
+        shutil.rmtree(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+
+
 def run_evaluation(model_path, dataset=None, data_dir=None, split="val", image_size=None, num_classes=None,
                    tasks=None, batch_size=8, max_batches=0, clustering="histogram", official=False,
                    baseline_metrics=(), num_images=4, output_dir=None):
@@ -230,10 +264,8 @@ def run_evaluation(model_path, dataset=None, data_dir=None, split="val", image_s
     height, width = settings["image_size"]
     num_classes = settings["num_classes"]
     if output_dir is None:
-        base = info["run_dir"] or (os.path.dirname(info["model_path"]) if info["kind"] != "run"
-                                   else info["model_path"])
-        output_dir = os.path.join(base, "eval")
-    os.makedirs(output_dir, exist_ok=True)
+        output_dir = default_output_dir(info, split)
+    prepare_output_dir(output_dir)
     image_dir = os.path.join(output_dir, "images")
 
     # Tasks: the model's outputs (or --tasks), those the loader can supply.
