@@ -247,12 +247,27 @@ def _is_run_dir(path):
 
 
 def load_keras_file(path):
-    """``keras.saving.load_model`` with ``safe_mode=True`` (mtl_keras' layers registered)."""
+    """``keras.saving.load_model`` with ``safe_mode=True`` (mtl_keras' layers registered); a file that is not a
+    ``.keras`` archive (truncated, corrupt) is a ValueError naming it (Keras says "File not found")."""
+    import zipfile
+
     import keras
 
     import mtl_keras.models  # noqa: F401  (registers the serializable classes)
 
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a .keras file (a zip archive): truncated or corrupt? "
+                         f"({os.path.getsize(path)} bytes)")
     return keras.saving.load_model(path, safe_mode=True)
+
+
+def load_weights_file(model, path):
+    """``model.load_weights(path)`` whose errors name the file and the likely cause (h5py's own do not)."""
+    try:
+        model.load_weights(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"Cannot load the weights {path} into {model.name}: {' '.join(str(e).split())[:300]} "
+                         f"(a truncated or corrupt file, or weights of another architecture or size?)") from e
 
 
 def load_run(run_dir):
@@ -341,7 +356,7 @@ def load_model(name_or_path, weights=None, *, sha256=None, backbone_weights=None
         load_resnet_weights(model, backbone_weights)
     if weights is not None:
         check_sha256(weights, sha256)
-        model.load_weights(weights)
+        load_weights_file(model, weights)
         log.info("Loaded weights %s into %s.", weights, model.name)
     return model
 
