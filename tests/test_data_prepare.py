@@ -136,10 +136,18 @@ def test_check_lists_every_broken_file_and_fails(tmp_path, capsys):
     assert prepare_data.main(["--dataset", "cityscapes", "--data_dir", str(root), "--check", "--output",
                               str(tmp_path / "p")]) == 1
     assert not os.path.exists(tmp_path / "p")
-    # an image without its label: named, and the split is not examined further
+    # Missing files in both splits (an image without its label, one without its disparity, a label without its
+    # image): every one is listed, and the rest of each split is still examined (bad4's instanceIds).
     os.remove(bad3["label_ids"])
-    prepare_data.main(["--dataset", "cityscapes", "--data_dir", str(root), "--check", "--splits", "val"])
-    assert f"has no label_ids file: expected {bad3['label_ids']}" in capsys.readouterr().out
+    os.remove(bad2["disparity"])
+    os.remove(bad["image"])
+    status = prepare_data.main(["--dataset", "cityscapes", "--data_dir", str(root), "--check"])
+    out = capsys.readouterr().out
+    assert status == 1
+    assert f"{bad3['label_ids']}: missing label_ids file" in out
+    assert f"{bad2['disparity']}: missing disparity file" in out
+    assert f"{bad['label_ids']}: label_ids file without an image" in out
+    assert f"{bad4['instance_ids']}: instanceIds disagree" in out
 
 
 def test_check_test_split_and_other_formats(tmp_path, capsys):

@@ -54,7 +54,7 @@ def _scan(data_dir: str, split: str, key: str) -> dict:
 
 
 def list_cityscapes_files(data_dir, split: str = "train", require=_ALL_KEYS, check: bool = False,
-                          optional=()) -> list[dict]:
+                          optional=(), problems=None) -> list[dict]:
     """Lists the samples of a split of a CityScapes-layout folder.
 
     Returns a list sorted by (city, stem) of dicts with keys ``"id"`` (``city_seq_frame``),
@@ -66,6 +66,8 @@ def list_cityscapes_files(data_dir, split: str = "train", require=_ALL_KEYS, che
     required files (or a required file has no image); ``ValueError`` for an empty split or an
     unknown key. ``optional``: keys whose whole ``{type}/{split}`` folder may be absent (they are then left
     out of the entries). ``check``: also read every PNG's header (:func:`check_cityscapes_files`).
+    ``problems``: a list to collect every missing or orphan file in, as ``(path, message)``, instead of raising at
+    the first; images lacking a required file are then left out (``prepare_data.py --check`` lists them all).
     """
     data_dir = os.fspath(data_dir)
     require = tuple(dict.fromkeys(("image",) + tuple(require)))
@@ -84,25 +86,30 @@ def list_cityscapes_files(data_dir, split: str = "train", require=_ALL_KEYS, che
                     if not (k in optional and not os.path.isdir(_split_dir(data_dir, split, k))))
     found = {"image": images}
     found.update({k: _scan(data_dir, split, k) for k in require[1:]})
+    incomplete = set()
     for key in require[1:]:
         folder, suffix = FILE_TYPES[key]
         missing = sorted(set(images) - set(found[key]))
-        if missing:
-            city, stem = missing[0]
+        for city, stem in missing:
             expected = os.path.join(data_dir, folder, split, city, f"{stem}_{suffix}")
-            raise FileNotFoundError(
-                f"image {images[missing[0]]} has no {key} file: expected {expected} "
-                f"({len(missing)} image(s) of split {split!r} lack their {suffix})")
+            message = (f"image {images[(city, stem)]} has no {key} file: expected {expected} "
+                       f"({len(missing)} image(s) of split {split!r} lack their {suffix})")
+            if problems is None:
+                raise FileNotFoundError(message)
+            problems.append((expected, f"{expected}: missing {key} file (its image: {images[(city, stem)]})"))
+            incomplete.add((city, stem))
         orphans = sorted(set(found[key]) - set(images))
-        if orphans:
-            city, stem = orphans[0]
+        for city, stem in orphans:
             expected = os.path.join(data_dir, FILE_TYPES["image"][0], split, city,
                                     f"{stem}_{FILE_TYPES['image'][1]}")
-            raise FileNotFoundError(
-                f"{key} file {found[key][orphans[0]]} has no image: expected {expected} "
-                f"({len(orphans)} {suffix} file(s) of split {split!r} without an image)")
+            message = (f"{key} file {found[key][(city, stem)]} has no image: expected {expected} "
+                       f"({len(orphans)} {suffix} file(s) of split {split!r} without an image)")
+            if problems is None:
+                raise FileNotFoundError(message)
+            problems.append((found[key][(city, stem)],
+                             f"{found[key][(city, stem)]}: {key} file without an image (expected {expected})"))
     out = []
-    for city_stem in sorted(images):
+    for city_stem in sorted(set(images) - incomplete):
         entry = {"id": city_stem[1], "city": city_stem[0]}
         entry.update({k: found[k][city_stem] for k in require})
         out.append(entry)

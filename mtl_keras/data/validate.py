@@ -147,10 +147,14 @@ def _validate_cityscapes(data_dir, split, num_classes, tasks, workers, max_error
     require += ["instance_ids"] if "instance" in tasks else []
     require += ["disparity", "camera"] if "depth" in tasks else []
     optional = ("label_ids", "instance_ids", "disparity", "camera") if split == "test" else ("camera",)
+    problems = []  # every missing or orphan file of the split, not only the first
     try:
-        files = list_cityscapes_files(data_dir, split, require=require, optional=optional)
+        files = list_cityscapes_files(data_dir, split, require=require, optional=optional, problems=problems)
     except (OSError, ValueError) as e:
         report.errors.append((os.path.join(data_dir, FILE_TYPES["image"][0], split), _error_message(e)))
+        return report
+    report.errors.extend(problems)
+    if not files:
         return report
     absent = [k for k in require if k not in files[0]]
     if absent:
