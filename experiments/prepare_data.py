@@ -67,7 +67,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         try:
             reports = validate_dataset(args.dataset, args.data_dir, args.splits, num_classes, tasks,
-                                       workers=args.workers, max_errors=args.max_errors)
+                                       workers=args.workers, max_errors=args.max_errors,
+                                       depth_target=args.depth_target)
         except (OSError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

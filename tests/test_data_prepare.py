@@ -191,3 +191,21 @@ def test_prepare_cli_writes_a_cache_that_trains_by_name(tmp_path, capsys):
                                       num_classes=13, tasks=("semantic", "depth", "normals"), seed=0,
                                       flip=True, repeat=True)))
     assert image.shape == (2, 9, 12, 3) and t["normals"].shape == (2, 9, 12, 3)
+
+
+def test_check_flags_a_bad_camera_file_only_when_training_reads_it(tmp_path, capsys):
+    # Camera files are read only for metric depth; for the default inverse depth (from the disparity) a broken one
+    # cannot affect training: a note; with --depth_target metric: an error naming the file.
+    root = tmp_path / "cs"
+    write_cityscapes_miniature(root)
+    image, lab, inst, disp = cityscapes_arrays(11, 15, seed=9)
+    sample = write_cityscapes_sample(root, "train", "badcity", 5, image, lab, inst, disp, CAMERA)
+    with open(sample["camera"], "w") as f:
+        f.write('{"extrinsic": {"baseline": ')  # cut short
+    assert prepare_data.main(["--dataset", "cityscapes", "--data_dir", str(root), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "note (train): 1 unreadable camera file(s)" in out and "OK: no problem found" in out
+    assert prepare_data.main(["--dataset", "cityscapes", "--data_dir", str(root), "--check",
+                              "--depth_target", "metric"]) == 1
+    out = capsys.readouterr().out
+    assert "1 problem(s)" in out and sample["camera"] in out

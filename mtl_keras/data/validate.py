@@ -135,7 +135,7 @@ def _check_cityscapes_entry(entry, num_classes):
     return out, errors
 
 
-def _validate_cityscapes(data_dir, split, num_classes, tasks, workers, max_errors):
+def _validate_cityscapes(data_dir, split, num_classes, tasks, workers, max_errors, cameras_needed=True):
     from mtl_keras.data.cityscapes import FILE_TYPES, list_cityscapes_files
 
     report = SplitReport(split)
@@ -161,7 +161,7 @@ def _validate_cityscapes(data_dir, split, num_classes, tasks, workers, max_error
         report.notes.append("no " + ", ".join(os.path.join(FILE_TYPES[k][0], split) for k in absent)
                             + (" (CityScapes withholds test labels)" if split == "test" else ""))
     report.examples = len(files)
-    stats, void = _Stats(), []
+    stats, void, camera_notes = _Stats(), [], []
     with ThreadPoolExecutor(max(1, int(workers))) as pool:
         for entry, (out, errors) in zip(files, pool.map(lambda e: _check_cityscapes_entry(e, num_classes), files)):
             if out["size"]:
@@ -169,11 +169,17 @@ def _validate_cityscapes(data_dir, split, num_classes, tasks, workers, max_error
             for k in ("pixels", "labelled", "depth_pixels", "depth_valid", "instances"):
                 setattr(stats, k, getattr(stats, k) + out[k])
             void.append(out["void"])
+            if not cameras_needed:  # unread by training: noted, not an error
+                camera_notes += [m for p, m in errors if p == entry.get("camera")]
+                errors = [(p, m) for p, m in errors if p != entry.get("camera")]
             report.errors.extend(errors)
             if len(report.errors) >= max_errors:
                 report.notes.append(f"stopped after {max_errors} errors")
                 break
     stats.finish(report)
+    if camera_notes:
+        report.notes.append(f"{len(camera_notes)} unreadable camera file(s), e.g. {camera_notes[0]}; training reads "
+                            f"them only for --depth_target metric")
     if "label_ids" in files[0] and void and all(v is True for v in void):
         note = "all labels are void (ignored everywhere)"
         report.notes.append(note + (": the official test split withholds its labels" if split == "test" else
@@ -343,8 +349,12 @@ def _validate_prepared(data_dir, split):
     return report
 
 
-def validate_dataset(name, data_dir, splits=None, num_classes=None, tasks=None, workers=4, max_errors=20):
-    """``[SplitReport, ...]`` for ``splits`` (default: all of the format's) of dataset ``name`` in ``data_dir``."""
+def validate_dataset(name, data_dir, splits=None, num_classes=None, tasks=None, workers=4, max_errors=20,
+                     depth_target=None):
+    """``[SplitReport, ...]`` for ``splits`` (default: all of the format's) of dataset ``name`` in ``data_dir``.
+
+    ``depth_target``: what training will read. CityScapes camera files are only read for ``"metric"`` depth; for
+    the default (inverse depth from the disparity) an unreadable camera file is a note, not an error."""
     from mtl_keras.data.datasets import dataset_entry
 
     entry = dataset_entry(name)
@@ -359,7 +369,8 @@ def validate_dataset(name, data_dir, splits=None, num_classes=None, tasks=None, 
     reports = []
     for split in splits:
         if name in ("cityscapes", "synthetic"):
-            r = _validate_cityscapes(data_dir, split, num_classes, tasks, workers, max_errors)
+            r = _validate_cityscapes(data_dir, split, num_classes, tasks, workers, max_errors,
+                                     cameras_needed=depth_target == "metric")
         elif name in ("cityscapes_npy", "nyuv2_npy"):
             r = _validate_npy(name, data_dir, split, num_classes, tasks, workers, max_errors)
         elif name == "nyuv2":
