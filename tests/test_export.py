@@ -78,7 +78,8 @@ def test_export_cli_serves_without_mtl_keras_saved_model_cli_and_onnx(tmp_path):
     model.save(run / "model.keras")  # a training output folder, as experiments/train.py leaves it
     with_onnx = all(importlib.util.find_spec(m) for m in ("tf2onnx", "onnxruntime"))  # pip install .[test] has them
     result = subprocess.run([sys.executable, "experiments/export.py", str(run), "--instances"]
-                            + (["--onnx"] if with_onnx else []), cwd=ROOT, capture_output=True, text=True)
+                            + (["--onnx"] if with_onnx else []), cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     served = run / "serving"
     assert (served / "saved_model.pb").is_file()
@@ -91,7 +92,8 @@ def test_export_cli_serves_without_mtl_keras_saved_model_cli_and_onnx(tmp_path):
               "odd": random_images(1, 37, 51, seed=2)}
     np.savez(tmp_path / "inputs.npz", **inputs)
     result = subprocess.run([sys.executable, "-c", SERVE_WITHOUT_MTL_KERAS, str(served), str(tmp_path / "inputs.npz"),
-                             str(tmp_path / "outputs.npz")], cwd=str(tmp_path), capture_output=True, text=True)
+                             str(tmp_path / "outputs.npz")], cwd=str(tmp_path), capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     got = dict(np.load(tmp_path / "outputs.npz"))
 
@@ -105,7 +107,7 @@ def test_export_cli_serves_without_mtl_keras_saved_model_cli_and_onnx(tmp_path):
     cli = shutil.which("saved_model_cli")
     command = [cli] if cli else [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
     shown = subprocess.run(command + ["show", "--dir", str(served), "--all"], capture_output=True, text=True,
-                           check=True).stdout
+                           check=True, timeout=300).stdout
     for text in ("signature_def['serving_default']", "signature_def['serve_uint8']", "DT_UINT8", "images",
                  "semantic_logits", "semantic_labels", "instance_vectors", "depth", "instance_ids"):
         assert text in shown, text

@@ -41,7 +41,8 @@ def test_flags_override_a_preset():
     code = ("import sys; sys.path.insert(0, 'experiments'); import train; from absl import flags; "
             "flags.FLAGS(['t', '--preset', 'mtunet_cityscapes_7', '--epochs', '3', '--tasks', 'semantic']); "
             "c = train.config_from_flags(); print(c.model, c.weighting, c.epochs, c.tasks, c.learning_rate)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         timeout=300)
     assert out.stdout.split("\n")[-2] == "mt_unet mtunet 3 ('semantic',) 0.0001"
 
 

@@ -178,7 +178,7 @@ def test_run_training_writes_every_output_and_the_export_serves_in_a_fresh_proce
         np.savez({str(tmp_path / 'served.npz')!r}, **{{k: v.numpy() for k, v in out.items()}})
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=str(tmp_path), env=env)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=str(tmp_path), env=env, timeout=300)
     served = dict(np.load(tmp_path / "served.npz"))
     model = keras.saving.load_model(str(out / "model.keras"))
     assert_outputs_close(model(images, training=False), served, atol=1e-4)

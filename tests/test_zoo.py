@@ -116,7 +116,8 @@ def test_every_registered_model_round_trips_through_a_keras_file_in_a_new_proces
         "    model = mtl_keras.load_model(f'{folder}/{name}.keras')\n"
         "    out = model(np.load(f'{folder}/{name}_images.npy'), training=False)\n"
         "    np.savez(f'{folder}/{name}_out.npz', **{k: np.asarray(v) for k, v in out.items()})\n")
-    subprocess.run([sys.executable, "-c", code, str(tmp_path), *names], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", code, str(tmp_path), *names], cwd=ROOT, check=True, capture_output=True,
+                   timeout=600)
     for name in names:
         loaded = dict(np.load(tmp_path / f"{name}_out.npz"))
         assert_outputs_close(expected[name], loaded)
