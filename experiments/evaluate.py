@@ -79,8 +79,9 @@ DELTA_M_METRICS = {"semantic_miou": True, "instance_mean_error_px": False, "dept
 # ----------------------------------------------------------------------------------------------------------------
 
 def _read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    from mtl_keras.config import read_json
+
+    return read_json(path)
 
 
 def load_predictor(model_path):

@@ -5,6 +5,16 @@ import json
 from typing import Optional
 
 
+def read_json(path):
+    """The JSON document in ``path``; malformed JSON is a ValueError naming the file, line and column (the
+    standard library's error names neither the file nor what it is)."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.") from None
+
+
 # Every --weighting name, in mtl_keras.weighting.weighting_names() order: the loss weightings, then the gradient
 # methods. A copy for `train.py --help`, which must not import the package (TensorFlow); tests compare it with the
 # registries.

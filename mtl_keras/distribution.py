@@ -172,9 +172,22 @@ def is_multi_worker(strategy):
     return tf is not None and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
+def _tf_config():
+    """The TF_CONFIG environment variable's cluster description; malformed JSON is a ValueError naming it."""
+    text = os.environ.get("TF_CONFIG", "{}") or "{}"
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"The TF_CONFIG environment variable is not valid JSON ({e.msg} at character {e.pos}): "
+                         f"{text[:200]!r}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"The TF_CONFIG environment variable must be a JSON object, got {text[:200]!r}")
+    return config
+
+
 def task_info():
     """(task type, task index, number of workers) from TF_CONFIG; a single process is the chief."""
-    config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    config = _tf_config()
     cluster = config.get("cluster", {})
     task = config.get("task", {})
     workers = sum(len(cluster.get(k, [])) for k in ("chief", "worker"))
@@ -184,7 +197,7 @@ def task_info():
 def is_chief():
     """The process that writes checkpoints, logs and exports: the ``chief`` task, else worker 0."""
     task_type, index, _ = task_info()
-    config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    config = _tf_config()
     has_chief = bool(config.get("cluster", {}).get("chief"))
     return task_type == "chief" or (task_type == "worker" and index == 0 and not has_chief)
 

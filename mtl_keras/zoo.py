@@ -42,6 +42,7 @@ import os
 import re
 import tempfile
 
+from mtl_keras.config import read_json
 from mtl_keras.pretrained import file_sha256
 
 log = logging.getLogger("mtl_keras")
@@ -137,8 +138,7 @@ def get_preset(name):
     if name not in files:
         raise ValueError(f"Unknown model preset {name!r}. Presets: {', '.join(sorted(files))} (folders: "
                          f"{', '.join(presets_dirs())}).")
-    with open(files[name]) as f:
-        preset = json.load(f)
+    preset = read_json(files[name])
     validate_preset(preset, files[name])
     if preset["name"] != name:
         raise ValueError(f"Preset file {files[name]} is named {preset['name']!r} inside; expected {name!r}.")
@@ -286,8 +286,7 @@ def load_run(run_dir):
     from mtl_keras.tasks import validate_tasks
     from mtl_keras.training import MultiTaskTrainer
 
-    with open(config_file) as f:
-        config = TrainConfig.from_dict(json.load(f))
+    config = TrainConfig.from_dict(read_json(config_file))
     tasks = validate_tasks(config.tasks)
     model = build_model(config.model, tasks=tasks, num_classes=config.num_classes,
                         input_shape=(*[int(v) for v in config.image_size], 3), **dict(config.model_overrides))
@@ -488,6 +487,5 @@ def _classes_for(base_classes, num_classes):
 def _read_json(path):
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path)
 

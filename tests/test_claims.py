@@ -312,17 +312,7 @@ MALFORMED_JSON_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", [
-    _json_error_case("camera"),
-    _json_error_case("run_config_evaluate", "experiments/evaluate.py _read_json lets json.JSONDecodeError through "
-                                            "without the config.json path"),
-    _json_error_case("run_config_zoo", "zoo.load_run json.load(config.json) raises a bare JSONDecodeError without "
-                                       "the file path"),
-    _json_error_case("backup_state"),
-    _json_error_case("preset", "zoo.get_preset json.load raises a bare JSONDecodeError without the preset file path"),
-    _json_error_case("tf_config", "distribution.task_info json.loads(TF_CONFIG) raises a bare JSONDecodeError that "
-                                  "does not name TF_CONFIG"),
-])
+@pytest.mark.parametrize("case", [_json_error_case(name) for name in MALFORMED_JSON_CASES])
 def test_claim6_malformed_json_is_a_clear_error_naming_the_file(tmp_path, monkeypatch, case):
     where, message = MALFORMED_JSON_CASES[case](tmp_path, monkeypatch)
     assert where in message, message
@@ -370,9 +360,7 @@ def _nan_release(root, field):
 
 
 @pytest.mark.parametrize("field", [
-    pytest.param("depth", marks=pytest.mark.xfail(
-        strict=True, reason="NaN depth (documented invalid) is refused as 'negative depth': TF's graph optimiser "
-                            "rewrites the check not(d < 0) into d >= 0, which is False for NaN")),
+    "depth",
     "normal"])
 def test_claim8_nan_depth_and_normals_in_the_npy_release_are_masked_as_invalid(tmp_path, field):
     from mtl_keras.data import load_nyuv2_npy
@@ -402,9 +390,7 @@ def test_claim8_nan_images_and_labels_in_the_npy_release_are_refused_naming_the_
 
 
 @pytest.mark.parametrize("field,refused", [
-    pytest.param("image", True, marks=pytest.mark.xfail(
-        strict=True, reason="validate._check_npy_example checks images with np.nanmin/np.nanmax, so --check passes "
-                            "NaN images the loader refuses")),
+    ("image", True),
     ("label", True), ("depth", False), ("normal", False)])
 def test_claim8_prepare_data_check_flags_exactly_the_nan_the_loader_refuses(tmp_path, field, refused):
     """validate.py (prepare_data.py --check) documents the .npy value checks "as the loader checks them"."""

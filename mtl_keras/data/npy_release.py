@@ -282,7 +282,9 @@ def _decode_stage(variants, tasks, image_size, num_classes, inverse_metric_depth
         if "depth" in tasks:
             col = row["depth"]
             d = _decode_array(col, variants["depth"])
-            check = tf.debugging.Assert(tf.reduce_all(tf.logical_not(d < 0.0)), [
+            # NaN is invalid (masked below), not negative: "d < 0 or NaN is fine" written as not(d < 0) is rewritten
+            # by TF's graph optimiser into d >= 0, which is False for NaN; so test NaN explicitly.
+            check = tf.debugging.Assert(tf.reduce_all((d >= 0.0) | tf.math.is_nan(d)), [
                 "negative depth values (expected >= 0, 0 = invalid):", col["path"], "min", tf.reduce_min(d)])
             with tf.control_dependencies([check]):
                 valid = tf.logical_and(tf.math.is_finite(d), d > 0.0)

@@ -211,7 +211,10 @@ def _check_npy_example(paths, num_classes):
             out["size"] = (img.shape[1], img.shape[0])
             lo, hi = float(np.nanmin(img)), float(np.nanmax(img))
             ok = (-1e-3 <= lo and hi <= 1 + 1e-3) if img.dtype.kind == "f" else (lo >= 0 and hi <= 255)
-            if not ok:
+            if img.dtype.kind == "f" and not np.all(np.isfinite(img)):  # the loader refuses these too
+                errors.append((paths["image"], f"{paths['image']}: {int((~np.isfinite(img)).sum())} non-finite "
+                                               f"image value(s) (NaN or inf)"))
+            elif not ok:
                 errors.append((paths["image"], f"{paths['image']}: image values {lo:g}..{hi:g} outside "
                                                f"{'[0, 1]' if img.dtype.kind == 'f' else '0..255'}"))
     size = out["size"]
