@@ -180,6 +180,9 @@ def main(argv):
             print(f"  {key:24s} trained {val[key]:.4f}   untrained {untrained[key]:.4f}")
     print("  final task weights: " + ", ".join(f"{k}={v:.3g}" for k, v in results["final_task_weights"].items()))
     print(f"  weights digest {results['weights_digest']}")
+    if config.dataset in ("synthetic", "cityscapes") and "semantic" in val:
+        print(f"  instance AP and the official scores: python experiments/evaluate.py --model_path "
+              f"{config.output_dir} --official")
     if FLAGS.publish:
         from mtl_keras.zoo import publish_run
 
