@@ -1,6 +1,7 @@
 """Presets (models/*.json) against the registry, load_model by name and by path, and publish_run."""
 
 import glob
+import hashlib
 import json
 import os
 import subprocess
@@ -14,10 +15,15 @@ import mtl_keras
 from mtl_keras import zoo
 from mtl_keras.config import TrainConfig
 from mtl_keras.layers import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
-from mtl_keras.pretrained import file_sha256
 from tests.helpers import assert_outputs_close, random_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sha256_of(path):
+    """The file's SHA-256 hex digest by hashlib (mtl_keras.pretrained.file_sha256 is part of what is under test)."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def builtin_presets():
@@ -129,7 +135,7 @@ NAME = "kendall_deeplabv3_resnet26_slim"
 
 def write_trained_preset(folder, weights_file, name="tiny_trained", sha256=None):
     preset = dict(zoo.get_preset(NAME), name=name, arguments=zoo.preset_build_kwargs(zoo.get_preset(NAME), tiny=True),
-                  weights={"file": os.path.basename(weights_file), "sha256": sha256 or file_sha256(weights_file)})
+                  weights={"file": os.path.basename(weights_file), "sha256": sha256 or sha256_of(weights_file)})
     preset["arguments"] = {k: list(v) if isinstance(v, tuple) else v for k, v in preset["arguments"].items()}
     return zoo.write_preset(preset, str(folder))
 
@@ -232,7 +238,7 @@ def test_publish_run_makes_a_named_model_with_weights_sha256_and_metrics(tmp_pat
     preset = zoo.get_preset("slim_tiny_synthetic")
     assert preset["architecture"] == NAME
     weights_file = weights / preset["weights"]["file"]
-    assert preset["weights"]["sha256"] == file_sha256(weights_file)
+    assert preset["weights"]["sha256"] == sha256_of(weights_file)
     assert preset["metrics"] == {"semantic_miou": 0.5}
     assert preset["training"]["model"] == NAME and preset["classes"]["names"][0] == "road"
     loaded = mtl_keras.load_model("slim_tiny_synthetic")
@@ -266,6 +272,8 @@ def _train_and_publish(tmp_path, name, *extra):
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
 
 
+@pytest.mark.slow  # about 100 s: three train.py processes
+@pytest.mark.subprocess
 def test_train_publish_makes_a_model_loadable_by_name_and_refuses_a_bad_name_before_training(tmp_path,
                                                                                              monkeypatch):
     done = _train_and_publish(tmp_path, "slim_published_synthetic", "--publish_description=from the test")
@@ -277,7 +285,7 @@ def test_train_publish_makes_a_model_loadable_by_name_and_refuses_a_bad_name_bef
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert preset["description"] == "from the test"
     assert preset["metrics"]["semantic_miou"] == pytest.approx(metrics["val"]["semantic_miou"])
-    assert preset["weights"]["sha256"] == file_sha256(tmp_path / "weights" / "slim_published_synthetic.weights.h5")
+    assert preset["weights"]["sha256"] == sha256_of(tmp_path / "weights" / "slim_published_synthetic.weights.h5")
     loaded = mtl_keras.load_model("slim_published_synthetic")
     saved = mtl_keras.load_model(str(tmp_path / "run" / "model.keras"))
     images = random_images(batch=1, height=32, width=64)
