@@ -76,3 +76,66 @@ def load_script(relative, name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def reference_dense_metrics(pairs, num_classes, ignore_label=255):
+    """Plain-numpy metrics of ``(predictions, targets)`` batch pairs, written from the definitions (not from
+    ``mtl_keras.evaluation``), to check that code's numbers against:
+
+    * ``semantic_miou``: from one confusion matrix over the whole split, IoU_c = TP / (TP + FP + FN) over the classes
+      present in the ground truth or the prediction (the CityScapes convention), pixels labelled ``ignore_label``
+      left out; predictions are the argmax of the logits;
+    * ``instance_mean_error_px``: mean over pixels with ``instance_mask`` of the Euclidean norm of the vector error;
+    * ``depth_mean_error_px``: mean over pixels with ``depth_mask`` of |predicted - true|;
+    * ``normals_mean_angle_deg``: mean over pixels with ``normals_mask`` (and a non-zero true normal) of the angle
+      in degrees between the predicted and the true normal.
+
+    Only the tasks present in both are computed; every mean is over all the split's pixels at once.
+    """
+    import numpy as np
+
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    sums = {"instance": [0.0, 0], "depth": [0.0, 0], "normals": [0.0, 0]}
+
+    def mask_of(targets, key, shape):
+        if key not in targets:
+            return np.ones(shape, bool)
+        return np.asarray(targets[key], np.float64).reshape(shape) > 0.5
+
+    for predictions, targets in pairs:
+        predictions = {k: np.asarray(v, np.float64) for k, v in predictions.items()}
+        targets = {k: np.asarray(v) for k, v in targets.items()}
+        if "semantic" in predictions and "semantic" in targets:
+            labels = targets["semantic"].reshape(predictions["semantic"].shape[:3]).astype(np.int64)
+            predicted = predictions["semantic"].argmax(-1)
+            keep = labels != ignore_label
+            np.add.at(confusion, (labels[keep], predicted[keep]), 1)
+        if "instance" in predictions and "instance" in targets:
+            true = targets["instance"].astype(np.float64)
+            mask = mask_of(targets, "instance_mask", true.shape[:3])
+            sums["instance"][0] += np.sqrt(((predictions["instance"] - true) ** 2).sum(-1))[mask].sum()
+            sums["instance"][1] += mask.sum()
+        if "depth" in predictions and "depth" in targets:
+            true = targets["depth"].astype(np.float64).reshape(predictions["depth"].shape[:3])
+            mask = mask_of(targets, "depth_mask", true.shape) & np.isfinite(true)
+            sums["depth"][0] += np.abs(predictions["depth"].reshape(true.shape) - true)[mask].sum()
+            sums["depth"][1] += mask.sum()
+        if "normals" in predictions and "normals" in targets:
+            true = targets["normals"].astype(np.float64)
+            true_norm = np.linalg.norm(true, axis=-1)
+            mask = mask_of(targets, "normals_mask", true.shape[:3]) & (true_norm > 1e-6)
+            pred = predictions["normals"]
+            cosine = (pred * true).sum(-1) / np.maximum(np.linalg.norm(pred, axis=-1) * true_norm, 1e-12)
+            sums["normals"][0] += np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))[mask].sum()
+            sums["normals"][1] += mask.sum()
+
+    out = {}
+    if confusion.any():
+        tp = np.diag(confusion).astype(np.float64)
+        union = confusion.sum(0) + confusion.sum(1) - tp
+        out["semantic_miou"] = float(np.mean(tp[union > 0] / union[union > 0]))
+    for task, key in (("instance", "instance_mean_error_px"), ("depth", "depth_mean_error_px"),
+                      ("normals", "normals_mean_angle_deg")):
+        if sums[task][1]:
+            out[key] = float(sums[task][0] / sums[task][1])
+    return out

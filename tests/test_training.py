@@ -13,7 +13,7 @@ from mtl_keras.config import TrainConfig
 from mtl_keras.experiment import run_training
 from mtl_keras.training import MultiTaskTrainer, kendall_sgd
 from mtl_keras.weighting import FixedWeighting, UncertaintyWeightingLayer, WeightingEpochCallback, build_weighting
-from tests.helpers import assert_outputs_close, tiny_kendall_kwargs
+from tests.helpers import assert_outputs_close, reference_dense_metrics, tiny_kendall_kwargs
 
 TASKS = ("semantic", "instance", "depth")
 # run_training writes a SavedModel on TensorFlow and (jax2tf) JAX; on PyTorch Keras' export fails, so it writes none.
@@ -87,8 +87,21 @@ def test_short_training_run_lowers_every_task_loss(weighting):
         losses = history[f"{task}_loss"]
         assert losses[-1] < 0.8 * losses[0], (task, losses)
         assert f"{task}_weight" in history  # every weighting logs its weights the same way
-    if weighting == "uncertainty":  # the learned log variances moved
-        assert history["instance_sigma2"][-1] != pytest.approx(1.0)
+    if weighting == "uncertainty":
+        # Kendall et al.'s total pulls s = log sigma^2 of a regression task towards log L (d/ds of 0.5 e^-s L + s/2
+        # vanishes at sigma^2 = L) and of a classification task towards log 2L (e^-s L + s/2). Here the instance loss
+        # (4.5 to 6 px) stays far above its sigma^2 (~1), and after the first epoch twice the semantic loss stays
+        # below its sigma^2: every step pushes s one way, so Adam (steps of about its learning rate when the
+        # gradient keeps its sign) moves s by nearly lr per step: up for instance, down for semantic. A sign error
+        # (e^s for e^-s), a missing regulariser or log variances left out of training would each fail here.
+        steps, lr = 8 * 4, 3e-3
+        assert min(history["instance_loss"]) > 2 * max(history["instance_sigma2"])
+        assert 2 * max(history["semantic_loss"][1:]) < min(history["semantic_sigma2"])
+        s = {t: float(keras.ops.convert_to_numpy(layer.log_variances[t])) for t in TASKS}
+        assert 0.7 * steps * lr < s["instance"] <= 1.05 * steps * lr, s
+        assert -1.05 * steps * lr <= s["semantic"] < -0.5 * steps * lr, s
+        assert np.all(np.diff(history["instance_sigma2"]) > 0), history["instance_sigma2"]
+        assert np.all(np.diff(history["semantic_sigma2"][1:]) < 0), history["semantic_sigma2"]
     if weighting == "dwa":  # adapted after two epochs, still summing to the number of tasks
         final = [history[f"{t}_weight"][-1] for t in TASKS]
         assert sum(final) == pytest.approx(3.0, rel=1e-4) and final != pytest.approx([1.0, 1.0, 1.0])
@@ -138,6 +151,21 @@ def test_sgd_excludes_loss_weights_and_batch_norm_from_weight_decay():
     assert float(optimizer.learning_rate) == pytest.approx(2.5e-3)
 
 
+def synthetic_val_batches(data_dir, image_size, batch_size, tasks=TASKS, num_classes=19):
+    """The synthetic val split as run_training's evaluation reads it (in order, no flip), as numpy batches."""
+    if mtl_keras.platform.tensorflow_available():
+        from mtl_keras.data.datasets import load_dataset
+
+        dataset = load_dataset("synthetic", str(data_dir), "val", image_size=image_size, batch_size=batch_size,
+                               num_classes=num_classes, tasks=tasks, seed=0, shuffle=False, flip=False)
+        return [(np.asarray(x), {k: np.asarray(v) for k, v in y.items()}) for x, y in dataset]
+    from mtl_keras.data.numpy_loader import CityscapesPyDataset
+
+    dataset = CityscapesPyDataset(str(data_dir), "val", batch_size=batch_size, image_size=image_size,
+                                  num_classes=num_classes, tasks=tasks, seed=0, shuffle=False, flip=False)
+    return [dataset[i] for i in range(len(dataset))]
+
+
 @pytest.mark.slow  # 45 to 60 s
 @pytest.mark.subprocess
 def test_run_training_writes_every_output_and_the_export_serves_in_a_fresh_process(tmp_path):
@@ -156,7 +184,16 @@ def test_run_training_writes_every_output_and_the_export_serves_in_a_fresh_proce
     assert metrics["steps"] == 3 and set(metrics["final_task_weights"]) >= {"semantic_sigma2", "depth_weight"}
     for key in ("semantic_miou", "instance_mean_error_px", "depth_mean_error_px"):
         assert key in metrics["val"] and key in metrics["val_untrained"]
-    assert results["val"] == metrics["val"]
+    # The validation metrics are the saved model's on the 4 val scenes, as recomputed here with plain numpy.
+    model = keras.saving.load_model(str(out / "model.keras"))
+    pairs = [({k: keras.ops.convert_to_numpy(v) for k, v in model(images, training=False).items()}, targets)
+             for images, targets in synthetic_val_batches(tmp_path / "synthetic", (32, 64), batch_size=4)]
+    assert sum(len(targets["semantic"]) for _, targets in pairs) == metrics["val"]["num_images"] == 4
+    expected = reference_dense_metrics(pairs, num_classes=19)
+    assert set(expected) == {"semantic_miou", "instance_mean_error_px", "depth_mean_error_px"}
+    for key, value in expected.items():
+        assert metrics["val"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+        assert results["val"][key] == metrics["val"][key]  # what run_training returns is what it wrote
     if not WRITES_SAVEDMODEL:
         return
 
