@@ -192,8 +192,8 @@ def test_run_training_writes_every_output_and_the_export_serves_in_a_fresh_proce
     expected = reference_dense_metrics(pairs, num_classes=19)
     assert set(expected) == {"semantic_miou", "instance_mean_error_px", "depth_mean_error_px"}
     for key, value in expected.items():
-        assert metrics["val"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
-        assert results["val"][key] == metrics["val"][key]  # what run_training returns is what it wrote
+        assert metrics["val"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key  # written
+        assert results["val"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key  # returned
     if not WRITES_SAVEDMODEL:
         return
 
