@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import re
@@ -14,8 +15,32 @@ from mtl_keras.data.datasets import load_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+# Every weight of tests/scripts/replica_equivalence.py's small model, in its order, counted from its definition: two
+# 3x3 convs without bias, each followed by a batch norm, and a 1x1 head with bias per task (outputs in sorted order).
+SMALL_MODEL_VARIABLES = [
+    "c1_conv/kernel", "c1_bn/gamma", "c1_bn/beta", "c1_bn/moving_mean", "c1_bn/moving_variance",
+    "c2_conv/kernel", "c2_bn/gamma", "c2_bn/beta", "c2_bn/moving_mean", "c2_bn/moving_variance",
+    "depth_head_logits/kernel", "depth_head_logits/bias", "instance_head_logits/kernel", "instance_head_logits/bias",
+    "semantic_head_logits/kernel", "semantic_head_logits/bias"]
+SHARED_TRUNK_VARIABLES = ["c1_conv/kernel", "c2_conv/kernel"]
 
 
+def _assert_a_trained_model_compared_in_full(name, result, moved):
+    """The replica comparison covered every weight of the model, the one-device run moved each of ``moved`` (two
+    runs that both leave a weight where it started agree for no merit), and the two runs differ by less than a
+    millionth of the largest distance training moved a weight (float64: ~1e-12 against ~0.1)."""
+    paths = result["paths"]
+    assert paths[:len(SMALL_MODEL_VARIABLES)] == SMALL_MODEL_VARIABLES, (name, paths)
+    assert all("weighting" in p.split("/")[0] for p in paths[len(SMALL_MODEL_VARIABLES):]), (name, paths)
+    assert result["num_variables"] == len(paths)
+    unmoved = {p: result["updates"][p] for p in moved if not result["updates"][p] > 1e-3}
+    assert not unmoved, (name, unmoved)
+    largest_update = max(result["updates"][p] for p in SMALL_MODEL_VARIABLES)
+    assert result["max_abs_difference"] <= 1e-6 * largest_update, (name, result["max_abs_difference"], largest_update)
+
+
+@pytest.mark.slow  # 45 to 70 s
+@pytest.mark.subprocess
 def test_mirrored_over_two_replicas_gives_the_one_device_weights_for_every_weighting():
     """Same seed, data and steps: same weights (log variances included) under 2 replicas as on one device."""
     weightings = ["uncertainty", "equal", "fixed", "dwa", "mtunet"]
@@ -27,7 +52,14 @@ def test_mirrored_over_two_replicas_gives_the_one_device_weights_for_every_weigh
         # float64 run: reduction-order noise is ~1e-12; a loss scaled by the wrong replica factor, per-replica
         # masked means or unsynchronised adaptive state differ by orders of magnitude more.
         assert results[name]["mismatched"] == [], (name, results[name])
-        assert results[name]["num_variables"] >= 16
+        _assert_a_trained_model_compared_in_full(name, results[name], SMALL_MODEL_VARIABLES)
+        weighting_paths = results[name]["paths"][len(SMALL_MODEL_VARIABLES):]
+        if name == "uncertainty":  # the paper's three learned log variances, trained and compared too
+            assert [p.split("/")[1] for p in weighting_paths] == [f"{t}_log_variance" for t in
+                                                                  ("semantic", "instance", "depth")]
+            assert all(results[name]["updates"][p] > 1e-3 for p in weighting_paths), results[name]["updates"]
+        if name in ("equal", "fixed"):  # constant weights: nothing to learn or keep
+            assert weighting_paths == []
         for path, (one_device, mirrored) in results[name]["loss_weight_state"].items():
             # MT-UNet's alpha is a ratio of variances (E[x^2] - E[x]^2): cancellation leaves ~1e-8 relative noise.
             np.testing.assert_allclose(mirrored, one_device, rtol=1e-6, atol=1e-12, err_msg=path)
@@ -74,41 +106,58 @@ def test_input_pipelines_are_sharded_without_overlap(tmp_path):
     assert len(first) == len(second) == 3 and not first & second
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+@contextlib.contextmanager
+def _reserved_ports(n):
+    """``n`` ports kept reserved while the workers use them, with no window in which another process can take one.
+
+    Picking a free port and closing it before the workers bind it races with every other process that asks the
+    kernel for a free port in between. Here each port stays held by a socket bound with SO_REUSEADDR that never
+    listens, until the workers have finished: the kernel hands no held port to another bind(port 0) (it picks ports
+    in no use at all), while the workers' gRPC servers, which bind with SO_REUSEADDR too and listen, can still bind it
+    (a bound, non-listening SO_REUSEADDR socket does not conflict with them; checked with tf.distribute.Server).
+    """
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("", 0))
+            sockets.append(s)
+        yield [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 # pcgrad: per-task gradients all-reduced across the workers, then a random projection order that must be the same
 # on both: a divergence would show as different digests.
+@pytest.mark.slow  # 1.5 to 2.5 min each
+@pytest.mark.subprocess
 @pytest.mark.parametrize("weighting", ["uncertainty", "pcgrad"])
 def test_two_worker_processes_train_in_lockstep_and_only_the_chief_writes(tmp_path, weighting):
     from mtl_keras.data import generate_synthetic_cityscapes
 
     data = str(generate_synthetic_cityscapes(str(tmp_path / "d"), num_train=8, num_val=2, height=32, width=64))
     out = tmp_path / "run"
-    cluster = {"worker": [f"localhost:{p}" for p in _free_ports(2)]}
     command = [sys.executable, os.path.join(ROOT, "experiments", "train.py"), "--strategy=multi_worker",
                f"--output_dir={out}", f"--data_dir={data}", "--image_size=32,64", "--batch_size=4", "--steps=4",
                "--tasks=semantic,depth", "--export=false", "--val_batches=1", f"--weighting={weighting}"]
     # Logs go to files: a full pipe would block one worker while the other waits for it in a collective.
     log_files = [open(tmp_path / f"worker{i}.log", "w") for i in range(2)]
-    procs = [subprocess.Popen(command, cwd=str(tmp_path), stdout=log_files[i], stderr=subprocess.STDOUT,
-                              env={**ENV, "TF_CONFIG": json.dumps({"cluster": cluster,
-                                                                   "task": {"type": "worker", "index": i}})})
-             for i in range(2)]
-    try:
-        for p in procs:
-            p.wait(timeout=900)
-    finally:
-        for p, f in zip(procs, log_files):
-            p.kill()
-            f.close()
+    with _reserved_ports(2) as ports:
+        cluster = {"worker": [f"localhost:{p}" for p in ports]}
+        procs = [subprocess.Popen(command, cwd=str(tmp_path), stdout=log_files[i], stderr=subprocess.STDOUT,
+                                  env={**ENV, "TF_CONFIG": json.dumps({"cluster": cluster,
+                                                                       "task": {"type": "worker", "index": i}})})
+                 for i in range(2)]
+        try:
+            for p in procs:
+                p.wait(timeout=900)
+        finally:
+            for p, f in zip(procs, log_files):
+                p.kill()
+                p.wait()
+                f.close()
     logs = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
     assert [p.returncode for p in procs] == [0, 0], "\n\n".join(log[-3000:] for log in logs)
     digests = [re.findall(r"weights digest ([0-9a-f]{64})", log)[-1] for log in logs]
@@ -155,6 +204,8 @@ def test_every_gradient_method_takes_the_one_device_step_on_two_replicas_and_low
     results = json.loads(out.stdout.split("RESULT ", 1)[1])
     for name in names:
         assert results[name]["mismatched"] == [], (name, results[name]["mismatched"])
+        # The shared trunk (the weights the method combines the task gradients for) moved on every method.
+        _assert_a_trained_model_compared_in_full(name, results[name], SHARED_TRUNK_VARIABLES)
         for path, (one_device, mirrored) in results[name]["loss_weight_state"].items():
             np.testing.assert_allclose(mirrored, one_device, rtol=1e-6, atol=1e-12, err_msg=f"{name} {path}")
         for task, losses in results[name]["history"].items():

@@ -1,12 +1,15 @@
 """Trains the same tiny model on the same data on one device and under MirroredStrategy over 2 logical CPUs, for
-each weighting (gradient methods included, ``NAME:rep`` with representation gradients), and prints the largest weight differences (run by tests/test_distribution.py in its own process,
-since logical devices must be configured before TensorFlow starts).
+each weighting (gradient methods included, ``NAME:rep`` with representation gradients), and prints, per weighting,
+the variables compared, those that differ, the largest difference between the two runs and how far training moved
+each variable (run by tests/test_distribution.py in its own process, since logical devices must be configured before
+TensorFlow starts). The variables of the two runs must pair up by path, or the script fails.
 
 It runs in float64: in float32 the two runs differ by reduction-order noise that the tiny model's batch norm over
 1x1 maps amplifies, which would hide a real scaling bug; in float64 a correct implementation agrees to ~1e-12.
 """
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -56,6 +59,12 @@ def small_model():
     return keras.Model(image, outputs)
 
 
+def layer_path(path):
+    """``path`` without the ``_1`` Keras appends to an auto-named layer built a second time in the process."""
+    head, _, rest = path.partition("/")
+    return re.sub(r"_\d+$", "", head) + "/" + rest
+
+
 def train(strategy, weighting_name):
     """``weighting_name``: a weighting, or ``METHOD:rep`` for a gradient method on representation gradients."""
     weighting_name, _, mode = weighting_name.partition(":")
@@ -71,12 +80,16 @@ def train(strategy, weighting_name):
         weighting = build_weighting(weighting_name, TASKS, **kwargs)
         trainer = MultiTaskTrainer(model, weighting)
         trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+    initial = {v.path: keras.ops.convert_to_numpy(v).copy() for v in trainer.variables}
     # Methods that cut the batch into S gradient samples are replica-exact when each replica's batch divides by S.
     samples = getattr(getattr(weighting, "method", None), "gradient_samples", 1)
     dataset = data(n=12, batch=6) if samples == 3 else data()
     history = trainer.fit(dataset, epochs=3, steps_per_epoch=2, verbose=0,
                           callbacks=[WeightingEpochCallback(weighting)])
     train.history = {f"{t}_loss": [float(v) for v in history.history[f"{t}_loss"]] for t in TASKS}
+    # How far training moved each variable: two runs that both left the weights where they started would "agree".
+    train.updates = {v.path: float(np.max(np.abs(np.asarray(v) - initial[v.path]), initial=0.0))
+                     for v in trainer.variables}
     return [(v.path, np.asarray(v)) for v in trainer.variables]
 
 
@@ -86,15 +99,16 @@ MIRRORED = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 results = {}
 for name in sys.argv[1:]:
     one = train(ONE_DEVICE, name)
-    one_device_history = train.history
+    one_device_history, one_device_updates = train.history, train.updates
     two = train(MIRRORED, name)
-    assert len(one) == len(two)
+    paths = [path for path, _ in one]
+    assert [layer_path(p) for p in paths] == [layer_path(p) for p, _ in two], (name, paths, [p for p, _ in two])
     # Biases of convs followed by batch norm have a zero true gradient and move by float noise only: absolute
     # tolerance for those, relative for the rest.
     mismatched = [path for (path, a), (_, b) in zip(one, two) if not np.allclose(a, b, rtol=1e-7, atol=1e-9)]
     worst = max(float(np.max(np.abs(a - b))) for (_, a), (_, b) in zip(one, two))
     results[name] = {"mismatched": mismatched, "max_abs_difference": worst, "num_variables": len(one),
-                     "history": one_device_history,
+                     "paths": paths, "updates": one_device_updates, "history": one_device_history,
                      "loss_weight_state": {path: [np.asarray(a).ravel().tolist(), np.asarray(b).ravel().tolist()]
                                            for (path, a), (_, b) in zip(one, two)
                                            if "weighting" in path.split("/")[0]
