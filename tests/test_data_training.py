@@ -12,6 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+from tests.helpers import reference_dense_metrics  # noqa: E402
 from tests.test_data_miniatures import (  # noqa: E402
     write_cityscapes_miniature,
     write_cityscapes_npy_miniature,
@@ -75,30 +76,49 @@ def test_cityscapes_npy_trains(tmp_path):
     _run(tmp_path, "cityscapes_npy", tmp_path / "npy", ("semantic", "depth"), 7)
 
 
+@pytest.mark.slow  # 25 to 30 s
 def test_nyuv2_npy_trains_with_normals(tmp_path):
-    """The fourth task end to end: data -> model head (3 channels) -> cosine loss -> fit (-> metrics)."""
-    from mtl_keras import evaluation
-
-    write_nyuv2_npy_miniature(tmp_path / "npy")
-    tasks = ("semantic", "depth", "normals")
-    if "normals" in evaluation.TASKS:  # the runner evaluates every task it trains
-        results = _run(tmp_path, "nyuv2_npy", tmp_path / "npy", tasks, 13)
-        assert 0.0 <= results["train_history"]["normals_loss"][-1] <= 2.0
-        assert any(k.startswith("normals_") for k in results["val"])
-        return
+    """The fourth task end to end: data -> model head (3 channels) -> cosine loss -> fit -> metrics. The loss and
+    the metric of the trained model on the val batch are recomputed here with plain numpy."""
     import keras
 
     from mtl_keras.data.datasets import load_dataset
-    from mtl_keras.registry import build_model
     from mtl_keras.training import MultiTaskTrainer
     from mtl_keras.weighting import build_weighting
 
-    ds = load_dataset("nyuv2_npy", tmp_path / "npy", "train", image_size=(16, 24), batch_size=2, num_classes=13,
-                      tasks=tasks, seed=0, flip=True, repeat=True)
-    model = build_model("kendall_deeplabv3_resnet26_slim", tasks=tasks, num_classes=13, input_shape=(16, 24, 3),
-                        **TINY)
+    write_nyuv2_npy_miniature(tmp_path / "npy")
+    tasks = ("semantic", "depth", "normals")
+    results = _run(tmp_path, "nyuv2_npy", tmp_path / "npy", tasks, 13)
+    model = keras.saving.load_model(str(tmp_path / "run" / "model.keras"))
     assert model.output["normals"].shape[-1] == 3
-    trainer = MultiTaskTrainer(model, build_weighting("uncertainty", tasks))
-    trainer.compile(optimizer=keras.optimizers.Adam(1e-3))
-    history = trainer.fit(ds, steps_per_epoch=2, epochs=1, verbose=0).history
-    assert 0.0 <= history["normals_loss"][-1] <= 2.0 and np.isfinite(history["loss"][-1])
+    # The val batch the run evaluated (val_batches=1 of batch 2: both val images), as run_training reads it.
+    val = load_dataset("nyuv2_npy", str(tmp_path / "npy"), "val", image_size=(32, 64), batch_size=2, num_classes=13,
+                       tasks=tasks, seed=0, shuffle=False, flip=False)
+    images, targets = next(iter(val))
+    images, targets = np.asarray(images), {k: np.asarray(v) for k, v in targets.items()}
+    predictions = {k: keras.ops.convert_to_numpy(v) for k, v in model(images, training=False).items()}
+    assert results["val"]["num_images"] == len(images) == 2
+
+    # The metric: the mean angle between the predicted and true normals over the valid pixels.
+    expected = reference_dense_metrics([(predictions, targets)], num_classes=13)
+    assert results["val"]["normals_mean_angle_deg"] == pytest.approx(expected["normals_mean_angle_deg"], rel=1e-5)
+
+    # The training loss, as the trainer reports it: the mean over valid pixels of 1 - cos(prediction, target). On
+    # targets made from the model's own outputs: aligned (loss 0) on half of the valid pixels, opposite (2) on a
+    # quarter, orthogonal (1) on the rest, and opposite on the pixels masked out: (2 * 16 + 1 * 8) / 56 by hand. The
+    # loss normalises the prediction by sqrt(|p|^2 + 1e-6) (finite at a zero prediction), which for this untrained
+    # head's small outputs (|p| ~ 0.02) moves the aligned and opposite pixels' terms by ~1e-3: hence abs=5e-3.
+    unit = predictions["normals"].astype(np.float64)
+    unit /= np.linalg.norm(unit, axis=-1, keepdims=True)
+    axis = np.eye(3)[np.abs(unit).argmin(-1)]  # the axis least parallel to each prediction
+    orthogonal = np.cross(unit, axis)
+    orthogonal /= np.linalg.norm(orthogonal, axis=-1, keepdims=True)
+    normals = np.concatenate([unit[:, :, :32], -unit[:, :, 32:48], orthogonal[:, :, 48:56],
+                              -5.0 * unit[:, :, 56:]], axis=2).astype(np.float32)  # counted, these would add 2s
+    normals_mask = np.ones(normals.shape[:3] + (1,), np.float32)
+    normals_mask[:, :, 56:] = 0.0
+    trainer = MultiTaskTrainer(model, build_weighting("equal", tasks))
+    trainer.compile(optimizer=keras.optimizers.SGD(0.0))
+    logs = trainer.evaluate(images, dict(targets, normals=normals, normals_mask=normals_mask), batch_size=2,
+                            verbose=0, return_dict=True)
+    assert logs["normals_loss"] == pytest.approx((2 * 16 + 1 * 8) / 56, abs=5e-3)
