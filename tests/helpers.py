@@ -72,9 +72,16 @@ def load_script(relative, name):
     folder = os.path.dirname(os.path.join(root, relative))
     if folder not in sys.path:
         sys.path.insert(0, folder)
+    if name in sys.modules:  # loaded once per process: a script's absl flags cannot be defined twice
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, os.path.join(root, relative))
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
     return module
 
 

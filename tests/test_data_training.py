@@ -41,6 +41,8 @@ def _run(tmp_path, dataset, data_dir, tasks, num_classes):
     return results
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_train_py_on_a_cityscapes_miniature(tmp_path):
     write_cityscapes_miniature(tmp_path / "cs")
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "train.py"), "--dataset", "cityscapes", "--data_dir",
@@ -65,12 +67,14 @@ def test_a_bad_depth_target_is_refused_before_anything_runs(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_nyuv2_mat_trains(tmp_path):
     write_nyuv2_miniature(tmp_path / "nyu", n=8, h=24, w=32, train=(0, 2, 3, 6), test=(1, 4, 5, 7))
     results = _run(tmp_path, "nyuv2", tmp_path / "nyu", ("semantic", "instance", "depth"), 13)
     assert results["val"]["num_images"] == 2  # val_batches=1 of batch 2
 
 
+@pytest.mark.slow
 def test_cityscapes_npy_trains(tmp_path):
     write_cityscapes_npy_miniature(tmp_path / "npy", h=16, w=32)
     _run(tmp_path, "cityscapes_npy", tmp_path / "npy", ("semantic", "depth"), 7)

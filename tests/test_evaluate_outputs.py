@@ -6,7 +6,7 @@ import pytest
 
 from tests.helpers import load_script
 
-evaluate = load_script("experiments/evaluate.py", "evaluate_outputs_script")
+evaluate = load_script("experiments/evaluate.py", "evaluate_script")
 
 
 @pytest.mark.parametrize("kind, model_path, split, expected", [

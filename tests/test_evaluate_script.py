@@ -1,6 +1,5 @@
 """experiments/evaluate.py end to end on a tiny model and a tiny synthetic split, and the new pictures."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.helpers import reference_dense_metrics, tiny_kendall_kwargs
+from tests.helpers import load_script, reference_dense_metrics, tiny_kendall_kwargs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "evaluate.py")
@@ -22,10 +21,7 @@ CITYSCAPES_EVAL_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 2
 
 
 def _import_script():
-    spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("experiments/evaluate.py", "evaluate_script")  # one module per process (its absl flags)
 
 
 @pytest.fixture(scope="module")

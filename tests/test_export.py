@@ -133,6 +133,7 @@ def test_export_cli_serves_without_mtl_keras_saved_model_cli_and_onnx(tmp_path):
 
 
 @pytest.mark.parametrize("name", mtl_keras.list_models())
+@pytest.mark.slow
 def test_every_registered_model_exports_and_serves_its_outputs(name, tmp_path):
     model = zoo.build_from_preset(name, tiny=True)
     info = export.export_saved_model(model, str(tmp_path / "served"))

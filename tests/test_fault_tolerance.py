@@ -60,6 +60,7 @@ def test_no_backup_means_a_fresh_start(tmp_path):
     assert checkpointing.restore(tiny_trainer(), str(tmp_path / "none")) == 0
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_backup(tmp_path):
     backup = str(tmp_path / "backup")
     trainer = tiny_trainer()
@@ -92,6 +93,8 @@ def _generate(data):
 
 # gradvac: a gradient method with state (its cosine targets) and a random task order per step: both must resume.
 @pytest.mark.parametrize("weighting", ["uncertainty", "gradvac"])
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sigkill_mid_training_resumes_from_the_last_completed_epoch_and_ends_as_an_uninterrupted_run(tmp_path,
                                                                                                      weighting):
     data = tmp_path / "synthetic"

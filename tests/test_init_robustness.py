@@ -8,12 +8,15 @@ steps and end with somewhat different losses. The full run (docs/results/init_ro
 criterion, all within 0.1.
 """
 
+import pytest
+
 from tests.helpers import run_quick_experiment
 
 TASKS = ("semantic", "instance", "depth")
 INITS = ("-2.0", "-1.0", "0.0", "1.0", "2.0", "3.0", "4.0", "5.0")
 
 
+@pytest.mark.slow
 def test_quick_run_converges_from_every_initialisation(tmp_path):
     summary, results_md = run_quick_experiment("init_robustness.py", tmp_path, "log_variances.json", timeout=600)
     assert set(summary["final"]) == set(INITS)

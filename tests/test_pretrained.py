@@ -29,6 +29,7 @@ def encoder(depth, output_stride, normalize=False, name_prefix=""):
     return keras.Model(images, dilated_resnet(x, depth=depth, output_stride=output_stride, name_prefix=name_prefix))
 
 
+@pytest.mark.slow
 def test_resnet101_weights_give_the_same_features_at_stride_32_and_load_at_stride_8(tmp_path):
     path = str(tmp_path / "resnet101.weights.h5")
     app = application_weights_file(101, path)

@@ -65,6 +65,7 @@ def _check_common(text, results, names, steps=2):
         assert set(record["final_task_weights"]) >= {f"{t}_weight" for t in record["tasks"]}
 
 
+@pytest.mark.slow
 def test_reproduce_kendall_ci(tmp_path):
     text, results = _run_script("reproduce_kendall", tmp_path, "single_depth,uncertainty_semantic_depth")
     _check_common(text, results, ["single_depth", "uncertainty_semantic_depth"])
@@ -89,6 +90,7 @@ def test_reproduce_kendall_ci(tmp_path):
     assert results["variants"][0]["weighting"] == "equal"
 
 
+@pytest.mark.slow
 def test_reproduce_mtunet_ci(tmp_path):
     text, results = _run_script("reproduce_mtunet", tmp_path, "no_cross_talk,fixed_d03_s07")
     _check_common(text, results, ["no_cross_talk", "fixed_d03_s07"])

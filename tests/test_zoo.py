@@ -106,6 +106,7 @@ def test_preset_arguments_rebuild_the_architecture():
 
 
 # -------------------------------------------------------------------------------------------------- round trip
+@pytest.mark.subprocess
 def test_every_registered_model_round_trips_through_a_keras_file_in_a_new_process(tmp_path):
     names = mtl_keras.list_models()
     expected = {}
