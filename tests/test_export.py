@@ -206,6 +206,7 @@ def test_tf_instance_clustering_gives_the_numpy_histogram_clustering():
     assert empty.shape == (1, 16, 24) and not empty.any()
 
 
+@pytest.mark.slow
 def test_a_model_of_any_size_exports_with_plain_keras_export(tmp_path):
     # ResizeLike reads its target size at run time; under model.export (tf.function without autograph) that size
     # is symbolic, which keras.ops.image.resize refused. No patching: the layer itself handles it.

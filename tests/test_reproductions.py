@@ -121,6 +121,7 @@ def _plan(name, *flags):
     return {p["name"]: p["config"] for p in plans}
 
 
+@pytest.mark.slow
 def test_full_mode_plans_use_the_papers_schedules(tmp_path):
     """Without --quick: the presets' schedules (no training here, --dry_run)."""
     plans = _plan("reproduce_kendall", "--dataset=cityscapes", f"--data_dir={tmp_path}")

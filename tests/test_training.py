@@ -245,6 +245,7 @@ def test_mixed_precision_keeps_loss_weights_and_outputs_float32(tmp_path):
     assert keras.backend.standardize_dtype(model(np.zeros((1, 32, 64, 3), "float32"))["depth"].dtype) == "float32"
 
 
+@pytest.mark.slow
 def test_training_crops_larger_than_the_images_as_in_the_tiny_cityscapes_preset(tmp_path):
     config = TrainConfig(
         data_dir=str(tmp_path / "synthetic"), synthetic_num_train=4, synthetic_num_val=2, image_size=(32, 64),
