@@ -20,7 +20,7 @@ from mtl_keras import checkpointing, distribution, platform
 from mtl_keras.config import TrainConfig
 from mtl_keras.registry import build_model
 from mtl_keras.tasks import validate_tasks
-from mtl_keras.training import MultiTaskTrainer, WeightingHistory, kendall_sgd
+from mtl_keras.training import MultiTaskTrainer, ResumableTensorBoard, WeightingHistory, kendall_sgd
 from mtl_keras.weighting import WeightingEpochCallback, build_weighting
 
 log = logging.getLogger("mtl_keras")
@@ -347,8 +347,9 @@ def _run_training(config, verbose):
                                             save_weights_only=True),
         ]
         if use_tf_data:  # Keras' TensorBoard callback writes with tf.summary
-            callbacks.append(keras.callbacks.TensorBoard(os.path.join(out, "logs"),
-                                                         update_freq=max(steps_per_epoch // 4, 1)))
+            callbacks.append(ResumableTensorBoard(os.path.join(out, "logs"),
+                                                  initial_step=initial_epoch * steps_per_epoch,
+                                                  update_freq=max(steps_per_epoch // 4, 1)))
     fit_start = time.time()
     with distribution.fit_scope(strategy):
         # shuffle=False: the datasets shuffle themselves, by (seed, epoch); Keras would reorder a PyDataset's batches.

@@ -170,6 +170,23 @@ def kendall_sgd(learning_rate=2.5e-3, total_steps=50_000, power=0.9, momentum=0.
     return optimizer
 
 
+class ResumableTensorBoard(keras.callbacks.TensorBoard):
+    """Keras' TensorBoard callback, whose per-batch summaries continue at ``initial_step`` + 1 in a resumed run.
+
+    Keras counts the batch steps from 0 in every ``fit`` call (``_global_train_batch``, reset in
+    ``on_train_begin``): a resumed run would write its steps over the interrupted run's. Epoch summaries already
+    follow ``initial_epoch``.
+    """
+
+    def __init__(self, log_dir, initial_step=0, **kwargs):
+        super().__init__(log_dir, **kwargs)
+        self.initial_step = int(initial_step)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._global_train_batch = self.initial_step
+
+
 class WeightingHistory(keras.callbacks.Callback):
     """Records the weighting's ``log_values()`` (sigma^2 and effective weights) every ``every`` training steps.
 

@@ -85,6 +85,15 @@ def _train_command(out, data, weighting="uncertainty"):
             f"--weighting={weighting}"]
 
 
+def _tensorboard_steps(folder, tag):
+    """The steps of every ``tag`` scalar in the TensorBoard event files of ``folder`` (read with tf.compat.v1)."""
+    steps = []
+    for name in sorted(os.listdir(folder)):
+        for event in tf.compat.v1.train.summary_iterator(str(folder / name)):
+            steps += [event.step for value in event.summary.value if value.tag == tag]
+    return steps
+
+
 def _generate(data):
     from mtl_keras.data import generate_synthetic_cityscapes
 
@@ -131,6 +140,12 @@ def test_sigkill_mid_training_resumes_from_the_last_completed_epoch_and_ends_as_
     assert metrics["train_history"] == reference_metrics["train_history"]
     assert metrics["weighting_history"]["step"] == list(range(1, 19))
     assert metrics["weighting_history"] == reference_metrics["weighting_history"]
+    # TensorBoard: the resumed run writes steps 10 to 18, after the interrupted run's (Keras alone restarts its
+    # batch count at each fit: the resumed run would write steps 1 to 9 again). The killed process may lose its last
+    # unflushed events, as under a real SIGKILL, so its steps are some of 1 to 9, none twice.
+    steps = sorted(_tensorboard_steps(out / "logs" / "train", "batch_loss"))
+    assert len(steps) == len(set(steps)) and set(steps) <= set(range(1, 19))
+    assert [s for s in steps if s > 9] == list(range(10, 19)) and len(steps) >= 12
 
 
 def test_resuming_with_other_training_settings_is_refused_with_the_differences(tmp_path):
