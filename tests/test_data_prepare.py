@@ -101,6 +101,12 @@ def test_prepared_set_mismatches_and_damage(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _check(root, capsys, *flags):
+    """(exit status, printed report) of ``prepare_data.py --dataset cityscapes --data_dir ROOT --check FLAGS``."""
+    status = prepare_data.main(["--dataset", "cityscapes", "--data_dir", str(root), "--check", *flags])
+    return status, capsys.readouterr().out
+
+
 def test_check_lists_every_broken_file_and_fails(tmp_path, capsys):
     root = tmp_path / "cs"
     write_cityscapes_miniature(root)
@@ -124,8 +130,7 @@ def test_check_lists_every_broken_file_and_fails(tmp_path, capsys):
     inst4 = inst.copy()
     inst4[0, :3] = 24000
     bad4 = write_cityscapes_sample(root, "val", "badcity", 4, image, lab, inst4, disp, CAMERA)
-    status = prepare_data.main(["--dataset", "cityscapes", "--data_dir", str(root), "--check"])
-    out = capsys.readouterr().out
+    status, out = _check(root, capsys)
     assert status == 1
     assert f"{bad['image']}: cannot decode the PNG" in out
     assert f"{bad2['disparity']}: expected a 16-bit disparity PNG, got a 8-bit" in out
@@ -141,8 +146,7 @@ def test_check_lists_every_broken_file_and_fails(tmp_path, capsys):
     os.remove(bad3["label_ids"])
     os.remove(bad2["disparity"])
     os.remove(bad["image"])
-    status = prepare_data.main(["--dataset", "cityscapes", "--data_dir", str(root), "--check"])
-    out = capsys.readouterr().out
+    status, out = _check(root, capsys)
     assert status == 1
     assert f"{bad3['label_ids']}: missing label_ids file" in out
     assert f"{bad2['disparity']}: missing disparity file" in out

@@ -37,7 +37,7 @@ def test_banners_are_dropped_and_other_lines_kept(tmp_path):
     assert result.stderr == "a real problem while loading\n"
 
 
-def test_tf_cpp_min_log_level_0_shows_everything(tmp_path):
+def test_tf_cpp_min_log_level_0_leaves_the_import_to_tensorflow(tmp_path):
     result = _import_mtl_keras_platform(tmp_path, FAKE, {"TF_CPP_MIN_LOG_LEVEL": "0"})
     assert "imported False" in result.stdout
     assert result.stderr == ""  # nothing imported TensorFlow: the function left it alone

@@ -88,8 +88,8 @@ def test_config_refuses_bad_settings_naming_the_flag(overrides, flag):
 
 
 def _train_cli(tmp_path, *args, env=None):
-    full_env = dict(os.environ, **(env or {}))
-    full_env.pop("MTL_KERAS_DEBUG", None) if not env or "MTL_KERAS_DEBUG" not in env else None
+    full_env = {k: v for k, v in os.environ.items() if k != "MTL_KERAS_DEBUG"}  # the caller's, not the shell's
+    full_env.update(env or {})
     return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=300,
                           cwd=str(tmp_path), env=full_env)
 
