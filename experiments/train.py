@@ -53,6 +53,9 @@ _D = TrainConfig()
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", None, PRESETS, "A paper's configuration from experiments/presets/.")
 flags.DEFINE_string("model", _D.model, "Registered model name (mtl_keras.list_models()).")
+flags.DEFINE_string("backbone_weights", _D.backbone_weights, "The encoder's starting weights: 'imagenet' "
+                    "(keras.applications' download) or a local keras.applications ResNet50/101 .h5 file; empty: "
+                    "random (dilated ResNet-50/101 models).")
 flags.DEFINE_string("dataset", _D.dataset, "Dataset name (mtl_keras.data.datasets.DATASETS): synthetic, cityscapes, "
                     "cityscapes_npy, nyuv2, nyuv2_npy.")
 flags.DEFINE_string("data_dir", _D.data_dir, "Dataset root (default for synthetic: data/synthetic).")

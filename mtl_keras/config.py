@@ -41,6 +41,9 @@ class TrainConfig:
     # What to train
     model: str = "kendall_deeplabv3_resnet26_cpu"
     model_overrides: dict = dataclasses.field(default_factory=dict)
+    # The encoder's starting weights: "" (random), "imagenet" (keras.applications' download) or a local .h5 file of
+    # keras.applications.ResNet50/101 (the dilated ResNet-50/101 models; read once, when a run starts).
+    backbone_weights: str = ""
     tasks: tuple = ("semantic", "instance", "depth")
     num_classes: int = 19
     # Data
@@ -121,6 +124,9 @@ class TrainConfig:
         for flag, choices in CHOICES.items():
             check(getattr(self, flag) in choices, flag, "one of " + ", ".join(repr(c) for c in choices))
         check(isinstance(self.output_dir, str) and self.output_dir.strip(), "output_dir", "a folder name")
+        # Only the type here: a saved run's config stays readable after its weights file moved; run_training
+        # checks the file when a run starts.
+        check(isinstance(self.backbone_weights, str), "backbone_weights", "'imagenet', a file name or empty")
         if problems:
             raise ValueError("; ".join(problems) + ".")
 

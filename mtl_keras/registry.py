@@ -37,13 +37,33 @@ def model_entry_point(name):
     return _MODEL_ENTRY_POINTS[name]
 
 
-def build_model(name, tasks=("semantic", "instance", "depth"), num_classes=19, input_shape=(128, 256, 3),
-                **overrides):
+def build_model(name, **arguments):
     """Builds the inference model registered as ``name``: images (float32 RGB, 0..255) -> {task: output}.
 
-    ``overrides`` are passed to the architecture (e.g. ``output_stride=16``, ``decoder_kernel_size=3``).
+    Defaults come from one place, the architecture's preset ``models/NAME.json`` (``arguments``: tasks,
+    num_classes, input_shape and the architecture's own), so ``build_model(NAME)`` and ``load_model(NAME)`` build
+    the same model; ``arguments`` replace any of them (e.g. ``tasks=("semantic", "depth")``, ``output_stride=16``,
+    ``backbone=DilatedResNetBackbone(...)``, ``backbone_weights="imagenet"``).
     """
     from mtl_keras.tasks import validate_tasks
 
     fn = model_entry_point(name)
-    return fn(tasks=validate_tasks(tasks), num_classes=num_classes, input_shape=tuple(input_shape), **overrides)
+    kwargs = dict(architecture_defaults(name))
+    kwargs.update(arguments)
+    if "tasks" in kwargs:
+        kwargs["tasks"] = validate_tasks(kwargs["tasks"])
+    for key in ("input_shape", "aspp_rates", "decoder_filters"):
+        if isinstance(kwargs.get(key), list):
+            kwargs[key] = tuple(kwargs[key])
+    return fn(**kwargs)
+
+
+def architecture_defaults(name):
+    """The ``arguments`` of the architecture's own preset (``{}`` if it has none: the entry point's defaults)."""
+    from mtl_keras import zoo
+
+    try:
+        preset = zoo.get_preset(name)
+    except ValueError:
+        return {}
+    return dict(preset["arguments"]) if preset.get("architecture") == name else {}

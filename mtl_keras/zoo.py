@@ -111,12 +111,70 @@ def _preset_files():
     return files
 
 
-def list_presets(pattern="*", architecture=None):
+def preset_names(pattern="*", architecture=None):
     """Sorted preset names matching the fnmatch ``pattern`` (and, if given, built on ``architecture``)."""
     names = sorted(n for n in _preset_files() if fnmatch.fnmatchcase(n, pattern))
     if architecture is not None:
         names = [n for n in names if get_preset(n)["architecture"] == architecture]
     return names
+
+
+class PresetTable(dict):
+    """``{name: summary}`` of presets; iterating gives the names, ``print`` gives a table."""
+
+    COLUMNS = ("architecture", "parameters", "tasks", "dataset", "metrics", "weights")
+
+    def __str__(self):
+        rows = [("name",) + self.COLUMNS]
+        for name, summary in self.items():
+            rows.append((name,) + tuple(_cell(summary[c]) for c in self.COLUMNS))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _cell(value):
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items()) or "-"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return "-" if value is None else str(value)
+
+
+_HEADLINE_METRICS = ("semantic_miou", "official_instance_ap50", "depth_mean_error_px", "normals_mean_angle_deg")
+
+
+def preset_summary(name):
+    """What a user needs to choose a preset: architecture, parameters, tasks, dataset, headline metrics, and whether
+    its trained weights are here (their path) or where to put them."""
+    preset = get_preset(name)
+    training = preset.get("training") or {}
+    metrics = preset.get("metrics") or {}
+    weights = preset.get("weights")
+    if not weights:
+        where = "none (architecture only" + (", ImageNet encoder: backbone_weights='imagenet')"
+                                            if preset.get("backbone") else ")")
+    else:
+        try:
+            where = f"present: {resolve_weights_file(preset)}"
+        except FileNotFoundError:
+            where = f"missing: put {weights['file']} in {default_weights_dir()} (or ${WEIGHTS_ENV})"
+    return {
+        "architecture": preset["architecture"],
+        "parameters": preset.get("parameters"),
+        "tasks": list(preset["arguments"].get("tasks", [])),
+        "dataset": training.get("dataset"),
+        "metrics": {k: metrics[k] for k in _HEADLINE_METRICS if isinstance(metrics.get(k), (int, float))},
+        "weights": where,
+        "description": preset.get("description"),
+    }
+
+
+def list_presets(pattern="*", architecture=None):
+    """``{name: summary}`` (a :class:`PresetTable`: ``print(list_presets())`` shows a table) of the presets matching
+    the fnmatch ``pattern`` (and, if given, built on ``architecture``); see :func:`preset_summary`."""
+    return PresetTable((n, preset_summary(n)) for n in preset_names(pattern, architecture))
 
 
 def validate_preset(preset, path="<preset>"):
@@ -340,7 +398,7 @@ def load_model(name_or_path, weights=None, *, sha256=None, backbone_weights=None
             preset = {"name": name_or_path, "architecture": name_or_path, "arguments": {}, "weights": None}
         else:
             raise ValueError(f"{name_or_path!r} is neither a file nor a model preset. Presets: "
-                             f"{', '.join(list_presets())}.")
+                             f"{', '.join(preset_names())}.")
         if use_preset_weights and preset.get("weights"):
             weights = resolve_weights_file(preset)
             _check_weights_format(weights)
@@ -361,6 +419,10 @@ def load_model(name_or_path, weights=None, *, sha256=None, backbone_weights=None
 
 
 def _load_path(path):
+    from mtl_keras.presets import is_preset_dir, load_preset_dir
+
+    if is_preset_dir(path):
+        return load_preset_dir(path)
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "saved_model.pb")):
             raise ValueError(f"{path} is a TensorFlow SavedModel (an export), not a Keras model: load it with "
@@ -453,6 +515,7 @@ def publish_run(run_dir, name, weights_dir=None, presets_dir=None, description=N
                                       f"{os.path.basename(os.path.abspath(run_dir))}.",
         "paper": base.get("paper"),
         "arguments": arguments,
+        "parameters": int(model.count_params()),
         "input": base.get("input"),
         "classes": _classes_for(base.get("classes"), arguments.get("num_classes")),
         "training": config,

@@ -14,9 +14,11 @@ Decoder per task: conv to 256 + BN + ReLU, 1x1 conv to the task's channels, bili
 
 import keras
 
-from mtl_keras.layers import GlobalAveragePooling2D, ResizeLike, conv_bn_relu, image_normalization
-from mtl_keras.models.heads import task_output
-from mtl_keras.models.resnet import dilated_resnet
+from mtl_keras.layers import GlobalAveragePooling2D, ResizeLike, conv_bn_relu
+from mtl_keras.models.backbones import (Backbone, DilatedResNetBackbone, build_backbone, load_backbone_weights,
+                                        serialize_backbone)
+from mtl_keras.models.heads import deepest_level, task_output
+from mtl_keras.presets import PresetMixin
 from mtl_keras.registry import register_model
 from mtl_keras.tasks import validate_tasks
 
@@ -41,53 +43,71 @@ def task_decoder(x, task, num_classes, image, channels=256, kernel_size=1):
 
 # ---------------------------------------------------------------------------------------------------------- model
 @keras.saving.register_keras_serializable(package="mtl_keras")
-class KendallMultiTaskModel(keras.Model):
-    """Shared dilated-ResNet + ASPP encoder, one light decoder per task; images (0..255 RGB) -> {task: output}.
+class KendallMultiTaskModel(PresetMixin, keras.Model):
+    """Shared encoder + ASPP, one light decoder per task; images (0..255 RGB) -> {task: output}.
 
     Outputs: ``semantic`` logits (C channels), ``instance`` (dy, dx) vectors from each pixel to its instance's
-    centroid in pixels, ``depth`` inverse depth (disparity in pixels), all at the input resolution.
+    centroid in pixels, ``depth`` inverse depth (disparity in pixels), ``normals``, all at the input resolution.
+
+    The encoder is a :class:`~mtl_keras.models.backbones.Backbone`: by default the paper's dilated ResNet built from
+    ``backbone_depth``, ``backbone_width`` and ``output_stride`` (with ``backbone_weights``: ``"imagenet"`` or a
+    local ``keras.applications`` file), or any ``backbone`` given (an instance or its config); the head reads its
+    deepest pyramid level. ``model.backbone`` is that encoder (a view sharing the layers).
     """
 
     def __init__(self, tasks=("semantic", "instance", "depth"), num_classes=19, input_shape=(128, 256, 3),
                  backbone_depth=101, backbone_width=64, output_stride=8, aspp_channels=256,
-                 aspp_rates=(12, 24, 36), decoder_channels=256, decoder_kernel_size=1, **kwargs):
+                 aspp_rates=(12, 24, 36), decoder_channels=256, decoder_kernel_size=1, backbone=None,
+                 backbone_weights=None, **kwargs):
         tasks = validate_tasks(tasks)
-        input_shape = tuple(input_shape)
+        custom_backbone = backbone is not None
+        # === Layers: the encoder ===
+        if custom_backbone:
+            backbone = build_backbone(backbone, None if isinstance(backbone, Backbone) else input_shape)
+            if backbone_weights is not None:
+                load_backbone_weights(backbone, backbone_weights)
+        else:
+            backbone = DilatedResNetBackbone(depth=backbone_depth, output_stride=output_stride,
+                                             width=backbone_width, input_shape=tuple(input_shape),
+                                             backbone_weights=backbone_weights)
         # === Functional graph ===
-        image = keras.Input(shape=input_shape, name="image")
-        x = image_normalization()(image)
-        features = dilated_resnet(x, depth=backbone_depth, output_stride=output_stride, width=backbone_width)
+        image = backbone.input
+        features = backbone.pyramid_outputs[deepest_level(backbone)]
         shared = aspp(features, channels=aspp_channels, rates=tuple(aspp_rates))
         outputs = {task: task_decoder(shared, task, num_classes, image, channels=decoder_channels,
                                       kernel_size=decoder_kernel_size) for task in tasks}
         super().__init__(inputs=image, outputs=outputs, **kwargs)
         # === Config ===
+        self.backbone = backbone
+        self.custom_backbone = custom_backbone
         self.tasks = tasks
         self.num_classes = num_classes
-        self.image_shape = input_shape
-        self.backbone_depth = backbone_depth
-        self.backbone_width = backbone_width
-        self.output_stride = output_stride
+        self.image_shape = backbone.image_shape
+        self.backbone_depth = getattr(backbone, "depth", None) if custom_backbone else backbone_depth
+        self.backbone_width = getattr(backbone, "width", None) if custom_backbone else backbone_width
+        self.output_stride = getattr(backbone, "output_stride", None) if custom_backbone else output_stride
         self.aspp_channels = aspp_channels
         self.aspp_rates = tuple(aspp_rates)
         self.decoder_channels = decoder_channels
         self.decoder_kernel_size = decoder_kernel_size
+        self.size_multiple = 1  # the decoders upsample to the input size, whatever it is
 
     def get_config(self):
-        return {
+        config = {
             "name": self.name,
             "trainable": self.trainable,
             "tasks": list(self.tasks),
             "num_classes": self.num_classes,
             "input_shape": list(self.image_shape),
-            "backbone_depth": self.backbone_depth,
-            "backbone_width": self.backbone_width,
-            "output_stride": self.output_stride,
-            "aspp_channels": self.aspp_channels,
-            "aspp_rates": list(self.aspp_rates),
-            "decoder_channels": self.decoder_channels,
-            "decoder_kernel_size": self.decoder_kernel_size,
         }
+        if self.custom_backbone:
+            config["backbone"] = serialize_backbone(self.backbone)
+        else:
+            config.update(backbone_depth=self.backbone_depth, backbone_width=self.backbone_width,
+                          output_stride=self.output_stride)
+        config.update(aspp_channels=self.aspp_channels, aspp_rates=list(self.aspp_rates),
+                      decoder_channels=self.decoder_channels, decoder_kernel_size=self.decoder_kernel_size)
+        return config
 
     @classmethod
     def from_config(cls, config):

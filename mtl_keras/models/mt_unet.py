@@ -35,27 +35,27 @@ Where the paper is vague, this implementation chooses (the switches of Table 3 a
 
 import keras
 
-from mtl_keras.layers import BatchNormalization, conv_bn_relu, image_normalization
-from mtl_keras.models.heads import task_output
+from mtl_keras.layers import BatchNormalization, conv_bn_relu
+from mtl_keras.models.backbones import (Backbone, DenseUNetEncoder, DilatedResNetBackbone, build_backbone,
+                                        load_backbone_weights, serialize_backbone)
+from mtl_keras.models.backbones import dense_block  # noqa: F401  (its home before the backbones module)
+from mtl_keras.models.heads import deepest_level, skip_levels, task_output
+from mtl_keras.presets import PresetMixin
 from mtl_keras.registry import register_model
 from mtl_keras.tasks import validate_tasks
 
-NUM_POOLS = 4  # encoder blocks, each followed by a 2x2 max-pool: H and W must be divisible by 2**4
+NUM_POOLS = DenseUNetEncoder.NUM_BLOCKS  # 2x2 max-pools of the paper's encoder: H and W divisible by 2**4
 
 
 # --------------------------------------------------------------------------------------------------------- blocks
-def dense_block(x, filters, name):
-    """Two 3x3 conv-BN-ReLU units; the second sees the concatenation of the block input and the first's output."""
-    first = conv_bn_relu(x, filters, 3, name=f"{name}_conv1")
-    dense = keras.layers.Concatenate(name=f"{name}_dense_concat")([x, first])
-    return conv_bn_relu(dense, filters, 3, name=f"{name}_conv2")
-
-
-def bottleneck(x, filters, name="bottleneck"):
-    """Two 3x3 conv-BN-ReLU units, then a 2x2 stride-2 transposed conv (the upsampling to the deepest skip)."""
+def bottleneck(x, filters, name="bottleneck", upsample=2):
+    """Two 3x3 conv-BN-ReLU units, then a transposed conv (kernel = stride = ``upsample``, the upsampling to the
+    deepest skip; none when the skip has the same stride, as on a dilated ResNet)."""
     x = conv_bn_relu(x, filters, 3, name=f"{name}_conv1")
     x = conv_bn_relu(x, filters, 3, name=f"{name}_conv2")
-    return keras.layers.Conv2DTranspose(filters, 2, strides=2, name=f"{name}_up")(x)
+    if upsample > 1:
+        x = keras.layers.Conv2DTranspose(filters, upsample, strides=upsample, name=f"{name}_up")(x)
+    return x
 
 
 def attention_mask(x, filters, name):
@@ -66,15 +66,16 @@ def attention_mask(x, filters, name):
     return keras.layers.Activation("sigmoid", name=f"{name}2_sigmoid")(x)
 
 
-def decoder_block(x, skip, filters, name, upsample=True, attention=True, cross=()):
-    """[Concat ``cross``], [2x2 stride-2 transposed conv], concat with ``skip``, two 3x3 conv-BN-ReLU, [attention].
+def decoder_block(x, skip, filters, name, upsample=2, attention=True, cross=()):
+    """[Concat ``cross``], [transposed conv, kernel = stride = ``upsample`` if > 1], concat with ``skip``, two 3x3
+    conv-BN-ReLU, [attention].
 
     ``cross`` are other tasks' decoder outputs at ``x``'s resolution (cross-decoder skips).
     """
     if cross:
         x = keras.layers.Concatenate(name=f"{name}_cross_concat")([x, *cross])
-    if upsample:
-        x = keras.layers.Conv2DTranspose(filters, 2, strides=2, name=f"{name}_up")(x)
+    if upsample > 1:
+        x = keras.layers.Conv2DTranspose(filters, upsample, strides=upsample, name=f"{name}_up")(x)
     x = keras.layers.Concatenate(name=f"{name}_concat")([skip, x])
     first = conv_bn_relu(x, filters, 3, name=f"{name}_conv1")
     out = conv_bn_relu(first, filters, 3, name=f"{name}_conv2")
@@ -86,78 +87,141 @@ def decoder_block(x, skip, filters, name, upsample=True, attention=True, cross=(
 
 # ---------------------------------------------------------------------------------------------------------- model
 @keras.saving.register_keras_serializable(package="mtl_keras")
-class MTUNet(keras.Model):
-    """Dense U-Net encoder, one attention U-Net decoder per task; images (0..255 RGB) -> {task: output}.
+class MTUNet(PresetMixin, keras.Model):
+    """Encoder, bottleneck, one attention U-Net decoder per task; images (0..255 RGB) -> {task: output}.
 
-    Outputs: ``semantic`` logits (C channels), ``instance`` (dy, dx) vectors, ``depth`` inverse depth, all at the
-    input resolution. ``attention`` and ``cross_talk`` switch the paper's two decoder extensions (Table 3).
-    Input height and width must be divisible by 16 (four 2x2 poolings).
+    Outputs: ``semantic`` logits (C channels), ``instance`` (dy, dx) vectors, ``depth`` inverse depth, ``normals``,
+    all at the input resolution. ``attention`` and ``cross_talk`` switch the paper's two decoder extensions
+    (Table 3).
+
+    The encoder is a :class:`~mtl_keras.models.backbones.Backbone`: the paper's dense encoder by default
+    (``base_filters``, ``dropout``), or any ``backbone`` whose strides are powers of two (e.g. the dilated ResNet:
+    ``mt_unet_dilated_resnet50``). The bottleneck reads the deepest level; decoder block ``i`` reads the skip of the
+    ``i``-th finer stride (``heads.skip_levels``), with ``decoder_filters`` channels (default: the skip's) and
+    ``bottleneck_filters`` (default: twice the first decoder block's). Cross talk enters decoder block 3 (the last
+    one if there are fewer). Input height and width must be multiples of ``size_multiple`` (the deepest stride; 16
+    for the paper's encoder).
     """
 
     def __init__(self, tasks=("semantic", "instance", "depth"), num_classes=19, input_shape=(128, 256, 3),
-                 base_filters=64, dropout=0.1, attention=True, cross_talk=True, **kwargs):
+                 base_filters=64, dropout=0.1, attention=True, cross_talk=True, decoder_filters=None,
+                 bottleneck_filters=None, encoder="dense_unet", backbone_depth=50, backbone_width=64, output_stride=8,
+                 backbone=None, backbone_weights=None, **kwargs):
         tasks = validate_tasks(tasks)
-        input_shape = tuple(input_shape)
-        factor = 2 ** NUM_POOLS
-        if any(s is not None and s % factor for s in input_shape[:2]):
-            raise ValueError(f"MT-UNet needs input height and width divisible by {factor}; got "
-                             f"input_shape={input_shape}.")
-        widths = [base_filters * 2 ** i for i in range(NUM_POOLS)]  # 64, 128, 256, 512
+        custom_backbone = backbone is not None
+        # === Layers: the encoder ===
+        if custom_backbone:
+            backbone = build_backbone(backbone, None if isinstance(backbone, Backbone) else input_shape)
+        elif encoder == "dense_unet":
+            _check_size_multiple(input_shape, 2 ** NUM_POOLS)
+            backbone = DenseUNetEncoder(base_filters=base_filters, dropout=dropout, input_shape=tuple(input_shape))
+        elif encoder == "dilated_resnet":
+            backbone = DilatedResNetBackbone(depth=backbone_depth, output_stride=output_stride, width=backbone_width,
+                                             input_shape=tuple(input_shape))
+        else:
+            raise ValueError(f"encoder must be 'dense_unet' or 'dilated_resnet' (or pass backbone=...), got "
+                             f"{encoder!r}.")
+        if backbone_weights is not None:
+            load_backbone_weights(backbone, backbone_weights)
+        strides, channels = backbone.pyramid_strides, backbone.pyramid_channels
+        deepest, skips = deepest_level(backbone), skip_levels(backbone)
+        _check_size_multiple(backbone.image_shape, strides[deepest])
+        widths = tuple(int(w) for w in decoder_filters) if decoder_filters else tuple(channels[lv] for lv in skips)
+        if len(widths) != len(skips):
+            raise ValueError(f"decoder_filters has {len(widths)} entries; the backbone {backbone.name} gives "
+                             f"{len(skips)} skips ({', '.join(skips)}).")
+        bottleneck_width = int(bottleneck_filters or 2 * widths[0])
+        cross_block = min(3, len(skips))
         # === Functional graph ===
-        image = keras.Input(shape=input_shape, name="image")
-        x = image_normalization()(image)
-        skips = []
-        for i, width in enumerate(widths, start=1):
-            x = dense_block(x, width, name=f"encoder_block{i}")
-            skips.append(x)
-            x = keras.layers.Dropout(dropout, name=f"encoder_block{i}_dropout")(x)
-            x = keras.layers.MaxPooling2D(2, name=f"encoder_block{i}_pool")(x)
-        shared = bottleneck(x, base_filters * 2 ** NUM_POOLS)
-
+        pyramid = backbone.pyramid_outputs
+        shared = bottleneck(pyramid[deepest], bottleneck_width, upsample=strides[deepest] // strides[skips[0]])
         features = {task: shared for task in tasks}
-        for i, (width, skip) in enumerate(zip(widths[::-1], skips[::-1]), start=1):
+        previous_stride = strides[skips[0]]
+        for i, (width, level) in enumerate(zip(widths, skips), start=1):
+            upsample, previous_stride = previous_stride // strides[level], strides[level]
             block_inputs = dict(features)
             for task in tasks:
-                cross = [block_inputs[t] for t in tasks if t != task] if cross_talk and i == 3 else []
-                features[task] = decoder_block(block_inputs[task], skip, width, name=f"{task}_decoder_block{i}",
-                                               upsample=i > 1, attention=attention, cross=cross)
-        outputs = {task: task_output(features[task], task, num_classes, image, name=f"{task}_decoder")
+                cross = [block_inputs[t] for t in tasks if t != task] if cross_talk and i == cross_block else []
+                features[task] = decoder_block(block_inputs[task], pyramid[level], width,
+                                               name=f"{task}_decoder_block{i}", upsample=upsample,
+                                               attention=attention, cross=cross)
+        outputs = {task: task_output(features[task], task, num_classes, backbone.input, name=f"{task}_decoder")
                    for task in tasks}
-        super().__init__(inputs=image, outputs=outputs, **kwargs)
+        super().__init__(inputs=backbone.input, outputs=outputs, **kwargs)
         # === Config ===
+        self.backbone = backbone
+        self.custom_backbone = custom_backbone
         self.tasks = tasks
         self.num_classes = num_classes
-        self.image_shape = input_shape
+        self.image_shape = backbone.image_shape
         self.base_filters = base_filters
         self.dropout = dropout
         self.attention = attention
         self.cross_talk = cross_talk
+        self.decoder_filters = None if decoder_filters is None else widths
+        self.bottleneck_filters = bottleneck_filters
+        self.encoder = encoder
+        self.backbone_depth = getattr(backbone, "depth", None)
+        self.backbone_width = getattr(backbone, "width", None)
+        self.output_stride = getattr(backbone, "output_stride", None)
+        self.size_multiple = strides[deepest]
 
     def get_config(self):
-        return {
+        config = {
             "name": self.name,
             "trainable": self.trainable,
             "tasks": list(self.tasks),
             "num_classes": self.num_classes,
             "input_shape": list(self.image_shape),
-            "base_filters": self.base_filters,
-            "dropout": self.dropout,
-            "attention": self.attention,
-            "cross_talk": self.cross_talk,
         }
+        if self.custom_backbone:
+            config["backbone"] = serialize_backbone(self.backbone)
+        elif self.encoder == "dense_unet":
+            config.update(base_filters=self.base_filters, dropout=self.dropout)
+        else:
+            config.update(encoder=self.encoder, backbone_depth=self.backbone_depth, backbone_width=self.backbone_width,
+                          output_stride=self.output_stride)
+        config.update(attention=self.attention, cross_talk=self.cross_talk)
+        if self.decoder_filters is not None:
+            config["decoder_filters"] = list(self.decoder_filters)
+        if self.bottleneck_filters is not None:
+            config["bottleneck_filters"] = self.bottleneck_filters
+        return config
 
     @classmethod
     def from_config(cls, config):
         return cls(**config)
 
 
+def _check_size_multiple(input_shape, factor):
+    if any(s is not None and s % factor for s in tuple(input_shape)[:2]):
+        raise ValueError(f"MT-UNet needs input height and width divisible by {factor}; got "
+                         f"input_shape={tuple(input_shape)}.")
+
+
 # ------------------------------------------------------------------------------------------- registered entry points
 @register_model
-def mt_unet(tasks=("semantic", "instance", "depth"), num_classes=19, input_shape=(128, 256, 3), **overrides):
+def mt_unet(tasks=("semantic", "depth"), num_classes=19, input_shape=(128, 256, 3), **overrides):
     """The paper's model: dense U-Net encoder (64..512), 1024-channel bottleneck, attention decoders, cross talk.
 
     ``overrides``: ``base_filters``, ``dropout``, ``attention``, ``cross_talk`` (Table 3: ``cross_talk=False``).
     """
     kwargs = dict(overrides)
     kwargs.setdefault("name", "mt_unet")
+    return MTUNet(tasks=tasks, num_classes=num_classes, input_shape=input_shape, **kwargs)
+
+
+@register_model
+def mt_unet_dilated_resnet50(tasks=("semantic", "instance", "depth"), num_classes=19, input_shape=(128, 256, 3),
+                             **overrides):
+    """MT-UNet's attention decoders (cross talk) on the dilated ResNet-50 (output stride 8) that Kendall et al.'s
+    models use: skips at strides 8 (conv4), 4 (conv2) and 2 (stem), decoders of 256/128/64 channels and a
+    512-channel bottleneck. ``backbone_weights="imagenet"`` (or a local file) starts the encoder from ImageNet.
+
+    ``overrides``: ``output_stride``, ``backbone_width``, ``decoder_filters``, ``bottleneck_filters``,
+    ``attention``, ``cross_talk``, ``backbone_weights``, or ``backbone`` (another encoder).
+    """
+    kwargs = dict(encoder="dilated_resnet", backbone_depth=50, output_stride=8, backbone_width=64,
+                  decoder_filters=(256, 128, 64), bottleneck_filters=512, name="mt_unet_dilated_resnet50")
+    kwargs.update(overrides)
     return MTUNet(tasks=tasks, num_classes=num_classes, input_shape=input_shape, **kwargs)

@@ -53,8 +53,9 @@ def stage_strides_and_dilations(output_stride):
     return plan
 
 
-def dilated_resnet(inputs, depth=101, output_stride=8, width=64, name_prefix=""):
-    """Builds the encoder graph on ``inputs`` (normalised NHWC images) and returns the last stage's features.
+def dilated_resnet_pyramid(inputs, depth=101, output_stride=8, width=64, name_prefix=""):
+    """Builds the encoder graph on ``inputs`` (normalised NHWC images); returns its pyramid ``{"P1": stem (stride
+    2), "P2".."P5": the last block of conv2..conv5}``. With dilation, P3..P5 keep stride ``output_stride``.
 
     ``width`` is the first stage's bottleneck width (64 in the papers); smaller values make test models.
     """
@@ -65,6 +66,7 @@ def dilated_resnet(inputs, depth=101, output_stride=8, width=64, name_prefix="")
     x = keras.layers.Conv2D(width, 7, strides=2, name=f"{p}conv1_conv")(x)
     x = BatchNormalization(epsilon=_BN_EPS, name=f"{p}conv1_bn")(x)
     x = keras.layers.Activation("relu", name=f"{p}conv1_relu")(x)
+    pyramid = {"P1": x}
     x = keras.layers.ZeroPadding2D(padding=((1, 1), (1, 1)), name=f"{p}pool1_pad")(x)
     x = keras.layers.MaxPooling2D(3, strides=2, name=f"{p}pool1_pool")(x)
     plan = stage_strides_and_dilations(output_stride)
@@ -74,4 +76,17 @@ def dilated_resnet(inputs, depth=101, output_stride=8, width=64, name_prefix="")
             x = bottleneck_block(
                 x, filters, stride=stride if b == 0 else 1, dilation=first_dilation if b == 0 else dilation,
                 conv_shortcut=b == 0, name=f"{p}conv{stage + 2}_block{b + 1}")
-    return x
+        pyramid[f"P{stage + 2}"] = x
+    return pyramid
+
+
+def pyramid_strides(output_stride):
+    """{level: stride} of :func:`dilated_resnet_pyramid`'s outputs."""
+    stage_strides_and_dilations(output_stride)  # validates
+    return {"P1": 2, "P2": 4, "P3": min(8, output_stride), "P4": min(16, output_stride),
+            "P5": min(32, output_stride)}
+
+
+def dilated_resnet(inputs, depth=101, output_stride=8, width=64, name_prefix=""):
+    """The last stage's features of :func:`dilated_resnet_pyramid` (the DeepLab encoder output)."""
+    return dilated_resnet_pyramid(inputs, depth, output_stride, width, name_prefix)["P5"]
