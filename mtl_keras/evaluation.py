@@ -28,9 +28,10 @@ import math
 
 import numpy as np
 
-TASKS = ("semantic", "instance", "depth", "normals")  # every task the evaluator knows, in canonical order
-DEFAULT_TASKS = ("semantic", "instance", "depth")  # what MultiTaskEvaluator evaluates when not told
-IGNORE_LABEL = 255
+from mtl_keras import tasks as task_table
+from mtl_keras.tasks import DEFAULT_TASKS, IGNORE_LABEL, TASK_NAMES  # noqa: F401  (DEFAULT_TASKS re-exported)
+
+TASKS = TASK_NAMES  # every task of the table, in canonical order (each has an _update_<task> / _result_<task>)
 NORMALS_BIN_DEG = 0.01  # width of the angle histogram bins behind the exact streaming median
 NORMALS_THRESHOLDS_DEG = (11.25, 22.5, 30.0)
 _NORMALS_BINS = int(round(180.0 / NORMALS_BIN_DEG))
@@ -171,12 +172,15 @@ class MultiTaskEvaluator:
     def __init__(self, num_classes, tasks=DEFAULT_TASKS, ignore_label=IGNORE_LABEL):
         if isinstance(tasks, str):
             tasks = [t.strip() for t in tasks.split(",") if t.strip()]
-        unknown = [t for t in tasks if t not in TASKS]
+        unknown = [t for t in tasks if t not in task_table.TASKS]
         if unknown:
-            raise ValueError(f"Unknown task(s) {unknown}. Valid tasks: {', '.join(TASKS)}.")
-        self.tasks = tuple(t for t in TASKS if t in tasks)
+            raise ValueError(f"Unknown task(s) {unknown}. Valid tasks: {', '.join(task_table.TASKS)}.")
+        self.tasks = tuple(t for t in task_table.TASKS if t in tasks)
         if not self.tasks:
             raise ValueError("At least one task is needed.")
+        no_metrics = [t for t in self.tasks if not hasattr(self, f"_result_{t}")]
+        if no_metrics:
+            raise ValueError(f"MultiTaskEvaluator has no metrics for the task(s) {no_metrics} yet.")
         self.num_classes = int(num_classes)
         self.ignore_label = ignore_label
         self.reset()
@@ -241,7 +245,7 @@ class MultiTaskEvaluator:
         if true.ndim != 4 or true.shape[-1] != 2:
             raise ValueError(f"instance target must be (B,H,W,2), got {true.shape}.")
         _check_same_shape("instance", true, pred)
-        mask = _mask(targets, "instance_mask", true.shape[:3]) & np.isfinite(true).all(axis=-1)
+        mask = _mask(targets, task_table.TASKS["instance"].mask, true.shape[:3]) & np.isfinite(true).all(axis=-1)
         err = pred[mask] - true[mask]  # (N, 2)
         self._instance_l2_sum += float(np.sqrt((err ** 2).sum(axis=-1)).sum())
         self._instance_l1_sum += float(np.abs(err).sum())
@@ -254,7 +258,7 @@ class MultiTaskEvaluator:
         if true.ndim != 3:
             raise ValueError(f"depth target must be (B,H,W) or (B,H,W,1), got {np.shape(targets['depth'])}.")
         _check_same_shape("depth", true, pred)
-        mask = _mask(targets, "depth_mask", true.shape) & np.isfinite(true)
+        mask = _mask(targets, task_table.TASKS["depth"].mask, true.shape) & np.isfinite(true)
         t = true[mask]
         abs_err = np.abs(pred[mask] - t)
         self._depth_abs_sum += float(abs_err.sum())
@@ -271,7 +275,8 @@ class MultiTaskEvaluator:
             raise ValueError(f"normals target must be (B,H,W,3), got {true.shape}.")
         _check_same_shape("normals", true, pred)
         true_norm = np.sqrt((true ** 2).sum(axis=-1))
-        mask = _mask(targets, "normals_mask", true.shape[:3]) & np.isfinite(true_norm) & (true_norm > 1e-6)
+        mask = _mask(targets, task_table.TASKS["normals"].mask, true.shape[:3])
+        mask &= np.isfinite(true_norm) & (true_norm > 1e-6)
         t = true[mask] / true_norm[mask][:, None]
         p = pred[mask]
         p_norm = np.sqrt((p ** 2).sum(axis=-1))
@@ -298,30 +303,41 @@ class MultiTaskEvaluator:
     # -- result --------------------------------------------------------------------------------------------------
 
     def result(self):
-        """Flat dict of python floats (lists for per-class values); NaN where a metric had no pixel."""
+        """Flat dict of python floats (lists for per-class values); NaN where a metric had no pixel.
+
+        The keys of each task are its ``metrics`` in the task table (``mtl_keras.tasks``), in that order."""
         out = {}
-        if "semantic" in self.tasks:
-            scores = segmentation_scores(self.confusion)
-            out["semantic_miou"] = scores["mean_iou"]
-            out["semantic_pixel_accuracy"] = scores["pixel_accuracy"]
-            out["semantic_mean_class_accuracy"] = scores["mean_class_accuracy"]
-            out["semantic_per_class_iou"] = scores["per_class_iou"]
-        if "instance" in self.tasks:
-            n = self._instance_count
-            out["instance_mean_error_px"] = self._instance_l2_sum / n if n else math.nan
-            out["instance_mean_l1_px"] = self._instance_l1_sum / n if n else math.nan
-        if "depth" in self.tasks:
-            n = self._depth_count
-            out["depth_mean_error_px"] = self._depth_abs_sum / n if n else math.nan
-            n = self._depth_rel_count
-            out["depth_rel_error"] = self._depth_rel_sum / n if n else math.nan
-        if "normals" in self.tasks:
-            n = self._normals_count
-            out["normals_mean_angle_deg"] = self._normals_angle_sum / n if n else math.nan
-            out["normals_median_angle_deg"] = self._normals_median()
-            for threshold, count in zip(NORMALS_THRESHOLDS_DEG, self._normals_within):
-                out[_threshold_key(threshold)] = float(count) / n if n else math.nan
+        for task in self.tasks:
+            values, metrics = getattr(self, f"_result_{task}")(), task_table.TASKS[task].metrics
+            if set(values) != set(metrics):
+                raise RuntimeError(f"MultiTaskEvaluator computes {sorted(values)} for {task!r}, the task table lists "
+                                   f"{sorted(metrics)}")
+            out.update((key, values[key]) for key in metrics)
         out["num_images"] = float(self.num_images)
+        return out
+
+    def _result_semantic(self):
+        scores = segmentation_scores(self.confusion)
+        return {"semantic_miou": scores["mean_iou"], "semantic_pixel_accuracy": scores["pixel_accuracy"],
+                "semantic_mean_class_accuracy": scores["mean_class_accuracy"],
+                "semantic_per_class_iou": scores["per_class_iou"]}
+
+    def _result_instance(self):
+        n = self._instance_count
+        return {"instance_mean_error_px": self._instance_l2_sum / n if n else math.nan,
+                "instance_mean_l1_px": self._instance_l1_sum / n if n else math.nan}
+
+    def _result_depth(self):
+        n, n_rel = self._depth_count, self._depth_rel_count
+        return {"depth_mean_error_px": self._depth_abs_sum / n if n else math.nan,
+                "depth_rel_error": self._depth_rel_sum / n_rel if n_rel else math.nan}
+
+    def _result_normals(self):
+        n = self._normals_count
+        out = {"normals_mean_angle_deg": self._normals_angle_sum / n if n else math.nan,
+               "normals_median_angle_deg": self._normals_median()}
+        for threshold, count in zip(NORMALS_THRESHOLDS_DEG, self._normals_within):
+            out[_threshold_key(threshold)] = float(count) / n if n else math.nan
         return out
 
 
@@ -367,7 +383,8 @@ def evaluate_model(model, dataset, num_classes, tasks=None, max_batches=None, ig
                                  "model return a dict {task: output}.")
             predictions = {names[0]: predictions}
         if evaluator is None:
-            evaluator = MultiTaskEvaluator(num_classes, [t for t in TASKS if t in predictions], ignore_label)
+            evaluator = MultiTaskEvaluator(num_classes, [t for t in task_table.TASKS if t in predictions],
+                                           ignore_label)
         evaluator.update(_to_numpy_dict(targets), _to_numpy_dict(predictions))
     if evaluator is None:
         raise ValueError("Cannot infer the tasks from an empty dataset; pass `tasks`.")

@@ -13,7 +13,7 @@ import keras
 from keras import ops
 
 from mtl_keras import distribution
-from mtl_keras.tasks import IGNORE_LABEL
+from mtl_keras.tasks import IGNORE_LABEL, TASKS
 
 
 def masked_mean(values, mask):
@@ -92,16 +92,24 @@ def normals_cosine(targets, predictions, mask, eps=1e-6):
     return masked_mean(1.0 - cosine, mask)
 
 
+# The loss functions the task table (mtl_keras.tasks.TASKS, field ``loss``) names. A task whose ``mask`` is None
+# (class ids) is called as ``fn(labels, logits, ignore_label)``, any other as ``fn(targets, predictions, mask)``.
+LOSSES = {"cross_entropy": semantic_cross_entropy, "l1": masked_l1, "cosine": normals_cosine}
+_unknown = {t.name: t.loss for t in TASKS.values() if t.loss not in LOSSES}
+if _unknown:
+    raise ImportError(f"mtl_keras.tasks names losses that mtl_keras.losses.LOSSES lacks: {_unknown}")
+
+
 def task_loss(task, targets, predictions, ignore_label=IGNORE_LABEL):
     """The loss of ``task`` from the target dict of the data pipeline and the model's output dict.
 
     Masks default to every pixel valid when the pipeline gives none.
     """
-    if task == "semantic":
-        return semantic_cross_entropy(targets["semantic"], predictions["semantic"], ignore_label)
-    mask = targets.get(f"{task}_mask")
+    spec = TASKS[task]
+    loss = LOSSES[spec.loss]
+    if spec.mask is None:
+        return loss(targets[task], predictions[task], ignore_label)
+    mask = targets.get(spec.mask)
     if mask is None:
         mask = ops.ones_like(ops.cast(targets[task][..., :1], keras.config.floatx()))
-    if task == "normals":
-        return normals_cosine(targets["normals"], predictions["normals"], mask)
-    return masked_l1(targets[task], predictions[task], mask)
+    return loss(targets[task], predictions[task], mask)

@@ -1,17 +1,133 @@
-"""The tasks the zoo predicts, their output channels and their loss family.
+"""The tasks the zoo predicts: one table, :data:`TASKS`, with everything the rest of the package needs to know of one.
 
-The loss family decides the form of the uncertainty weighting (seed 002): classification tasks are weighted by
-``exp(-s)``, regression tasks by ``0.5 * exp(-s)``, with ``s = log sigma^2``.
+Each :class:`Task` says how many channels its head outputs, which loss trains it, how the data pipeline makes its
+target and pixel mask from a prepared example (and how a prepared cache stores that example's field), which metrics
+the evaluator reports for it, its serving output name and its title in pictures. The modules that treat tasks
+(``losses``, ``evaluation``, ``visualize``, ``data.pipeline``, ``data.prepared``) read this table instead of keeping
+their own per-task dicts, so a new task is a new row here plus its data reader (and, where it needs a new kind of
+loss, target or metric, that one function).
+
+The loss family (``type``) decides the form of the uncertainty weighting (seed 002): classification tasks are
+weighted by ``exp(-s)``, regression tasks by ``0.5 * exp(-s)``, with ``s = log sigma^2``.
 """
 
-TASK_TYPES = {
-    "semantic": "classification",
-    "instance": "regression",
-    "depth": "regression",
-    "normals": "regression",  # optional fourth task where the data has surface normals (NYUv2 .npy release)
-}
-TASK_NAMES = tuple(TASK_TYPES)
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
 IGNORE_LABEL = 255
+
+TASK_KINDS = ("classification", "regression")
+# How the data pipeline (mtl_keras.data.pipeline) turns a prepared example's field into the target (and its mask):
+TARGET_RULES = (
+    "labels",  # integer class ids -> int32 (H, W); no mask key: pixels labelled IGNORE_LABEL are left out
+    "centroid_vectors",  # instance ids (0 = none) -> (dy, dx) to the instance centroid + mask of instance pixels
+    "finite",  # float (H, W, K), NaN = invalid -> 0 where invalid + mask of the pixels finite in every channel
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One task of the zoo (a row of :data:`TASKS`)."""
+
+    name: str  # key of the task everywhere: model outputs, targets, losses, metric prefixes, --tasks
+    type: str  # "classification" or "regression": the form of the uncertainty weighting
+    channels: int | None  # output channels of the head; None = one per class (num_classes)
+    loss: str  # key of mtl_keras.losses.LOSSES
+    mask: str | None  # target key of the pixel mask; None = the pixels whose label is not IGNORE_LABEL
+    target_rule: str  # one of TARGET_RULES
+    example_key: str  # the field of a prepared example (mtl_keras.data.pipeline) the target is made from
+    example_dtype: str  # its dtype in a prepared example
+    example_channels: int | None  # its channel axis (None: an (H, W) map)
+    cache_dtype: str  # its dtype in a prepared cache file (mtl_keras.data.prepared)
+    output_name: str  # the serving output name (mtl_keras.export)
+    metrics: tuple  # the keys MultiTaskEvaluator.result() reports for the task
+    display_name: str  # the title of its tiles in prediction panels
+    default: bool  # among the tasks used when none are named (DEFAULT_TASKS)
+
+    def output_channels(self, num_classes):
+        """Channels of the task's head for ``num_classes`` semantic classes."""
+        return int(num_classes) if self.channels is None else self.channels
+
+
+TASKS = {task.name: task for task in (
+    Task("semantic", "classification", channels=None, loss="cross_entropy", mask=None, target_rule="labels",
+         example_key="semantic", example_dtype="uint8", example_channels=None, cache_dtype="uint8",
+         output_name="semantic_logits",
+         metrics=("semantic_miou", "semantic_pixel_accuracy", "semantic_mean_class_accuracy",
+                  "semantic_per_class_iou"),
+         display_name="semantic", default=True),
+    Task("instance", "regression", channels=2, loss="l1", mask="instance_mask", target_rule="centroid_vectors",
+         example_key="instance_ids", example_dtype="int32", example_channels=None, cache_dtype="uint16",
+         output_name="instance_vectors", metrics=("instance_mean_error_px", "instance_mean_l1_px"),
+         display_name="instance vectors", default=True),
+    Task("depth", "regression", channels=1, loss="l1", mask="depth_mask", target_rule="finite",
+         example_key="depth", example_dtype="float32", example_channels=1, cache_dtype="float32",
+         output_name="depth", metrics=("depth_mean_error_px", "depth_rel_error"),
+         display_name="inverse depth", default=True),
+    # optional fourth task where the data has surface normals (NYUv2 .npy release)
+    Task("normals", "regression", channels=3, loss="cosine", mask="normals_mask", target_rule="finite",
+         example_key="normals", example_dtype="float32", example_channels=3, cache_dtype="float32",
+         output_name="normals",
+         metrics=("normals_mean_angle_deg", "normals_median_angle_deg", "normals_within_11_25",
+                  "normals_within_22_5", "normals_within_30"),
+         display_name="surface normals", default=False),
+)}
+
+
+
+class _FieldView(Mapping):
+    """``{task name: one field of its row}``, read from :data:`TASKS` at each access (a task added later shows)."""
+
+    def __init__(self, field):
+        self._field = field
+
+    def __getitem__(self, name):
+        return getattr(TASKS[name], self._field)
+
+    def __iter__(self):
+        return iter(TASKS)
+
+    def __len__(self):
+        return len(TASKS)
+
+    def __repr__(self):
+        return repr(dict(self))
+
+
+# Views of the table, kept for the code that imports them. TASK_TYPES follows TASKS; the tuples are fixed at import.
+TASK_TYPES = _FieldView("type")  # {"semantic": "classification", "instance": "regression", ...}
+TASK_NAMES = tuple(TASKS)
+DEFAULT_TASKS = tuple(name for name, task in TASKS.items() if task.default)
+
+
+def check_table(tasks=None):
+    """Raises ValueError when a row of the table (default :data:`TASKS`) is inconsistent."""
+    tasks = TASKS if tasks is None else tasks
+    for name, task in tasks.items():
+        problems = []
+        if task.name != name:
+            problems.append(f"name {task.name!r} under key {name!r}")
+        if task.type not in TASK_KINDS:
+            problems.append(f"type {task.type!r} not in {TASK_KINDS}")
+        if task.target_rule not in TARGET_RULES:
+            problems.append(f"target_rule {task.target_rule!r} not in {TARGET_RULES}")
+        if (task.mask is None) != (task.target_rule == "labels"):
+            problems.append("only a 'labels' target has no mask key (its mask is the ignore label)")
+        if task.channels is not None and task.channels < 1:
+            problems.append(f"channels {task.channels!r}")
+        if not task.metrics or any(not m.startswith(f"{name}_") for m in task.metrics):
+            problems.append(f"metrics {task.metrics!r} must be named {name}_...")
+        if problems:
+            raise ValueError(f"task {name!r}: " + "; ".join(problems))
+    for field in ("output_name", "example_key"):
+        values = [getattr(task, field) for task in tasks.values()]
+        if len(set(values)) != len(values):
+            raise ValueError(f"two tasks share a {field}: {values}")
+
+
+check_table()
 
 
 def validate_tasks(tasks):
@@ -19,16 +135,16 @@ def validate_tasks(tasks):
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     tasks = list(tasks)
-    unknown = [t for t in tasks if t not in TASK_TYPES]
+    unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        raise ValueError(f"Unknown task(s) {unknown}. Valid tasks: {', '.join(TASK_NAMES)}.")
+        raise ValueError(f"Unknown task(s) {unknown}. Valid tasks: {', '.join(TASKS)}.")
     if not tasks:
-        raise ValueError(f"At least one task is needed. Valid tasks: {', '.join(TASK_NAMES)}.")
+        raise ValueError(f"At least one task is needed. Valid tasks: {', '.join(TASKS)}.")
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"Duplicate task in {tasks}.")
-    return tuple(t for t in TASK_NAMES if t in tasks)
+    return tuple(t for t in TASKS if t in tasks)
 
 
 def task_channels(task, num_classes):
     """Output channels of a task head: C logits, a 2-vector (dy, dx), 1 inverse-depth value or a 3-vector normal."""
-    return {"semantic": num_classes, "instance": 2, "depth": 1, "normals": 3}[task]
+    return TASKS[task].output_channels(num_classes)

@@ -10,6 +10,8 @@ import os
 import cv2
 import numpy as np
 
+from mtl_keras.tasks import TASKS
+
 # CityScapes colours of the 19 training ids (cityscapesscripts.helpers.labels, trainId 0..18).
 CITYSCAPES_PALETTE = np.array([
     (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
@@ -228,6 +230,11 @@ COLORBAR_BAR = 12  # width of the bar itself, px
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _FONT_SCALE = 0.45
 _SWATCH_FRAME = (160, 160, 160)
+# The tasks that prediction panels draw (render_prediction_panel has a tile renderer for each; normals have none
+# yet); their columns come in the task table's order, under its display names.
+_PANEL_TASKS = ("semantic", "instance", "depth")
+if not set(_PANEL_TASKS) <= set(TASKS):
+    raise ImportError(f"mtl_keras.visualize draws the tasks {_PANEL_TASKS}, not all in the task table {tuple(TASKS)}")
 
 
 def _unbatch(x):
@@ -390,8 +397,7 @@ def render_prediction_panel(image, prediction, target=None, palette=None, class_
     height, width = img.shape[:2]
     prediction = {k: v for k, v in (prediction or {}).items() if v is not None}
     target = {k: v for k, v in (target or {}).items() if v is not None} if target is not None else None
-    tasks = [t for t in ("semantic", "instance", "depth")
-             if t in prediction or (target is not None and t in target)]
+    tasks = [t for t in TASKS if t in _PANEL_TASKS and (t in prediction or (target is not None and t in target))]
 
     pred_sem = _semantic_labels(prediction["semantic"]) if "semantic" in prediction else None
     true_sem = (_squeeze_channel(_unbatch(target["semantic"])) if target is not None and "semantic" in target
@@ -416,8 +422,9 @@ def render_prediction_panel(image, prediction, target=None, palette=None, class_
         except ValueError:  # no default instance classes for this many classes: a placeholder tile
             pred_ids = None
     true_ids = None
-    if show_instances and target is not None and "instance" in target and "instance_mask" in target:
-        true_ids = inst.instance_ids_from_vectors(_unbatch(target["instance"]), _unbatch(target["instance_mask"]))
+    instance_mask, depth_mask = TASKS["instance"].mask, TASKS["depth"].mask
+    if show_instances and target is not None and "instance" in target and instance_mask in target:
+        true_ids = inst.instance_ids_from_vectors(_unbatch(target["instance"]), _unbatch(target[instance_mask]))
     if pred_ids is not None:
         pred_ids = _match_instance_ids(pred_ids, true_ids)
 
@@ -425,7 +432,7 @@ def render_prediction_panel(image, prediction, target=None, palette=None, class_
     depth_vmax = vector_vmax = None
     if target is not None and "depth" in target:
         d = _squeeze_channel(_unbatch(target["depth"])).astype(np.float64)
-        m = target.get("depth_mask")
+        m = target.get(depth_mask)
         valid = _valid_mask(d, None if m is None else _unbatch(m))
         depth_vmax = _robust_max(d[valid])
     elif "depth" in prediction:
@@ -433,9 +440,13 @@ def render_prediction_panel(image, prediction, target=None, palette=None, class_
         depth_vmax = _robust_max(d[_valid_mask(d, None)])
     if target is not None and "instance" in target:
         v = _unbatch(target["instance"]).astype(np.float64)
-        m = target.get("instance_mask")
+        m = target.get(instance_mask)
         valid = _valid_mask(v, None if m is None else _unbatch(m)).all(axis=-1)
         vector_vmax = _robust_max(np.hypot(v[..., 0], v[..., 1])[valid])
+
+    def mask_of(task, source):
+        key = TASKS[task].mask
+        return _unbatch(source[key]) if key in source else None
 
     def render(task, source, is_target):
         if task not in source:
@@ -444,12 +455,10 @@ def render_prediction_panel(image, prediction, target=None, palette=None, class_
         if task == "semantic":
             return semantic_to_color(_semantic_labels(x) if not is_target else _squeeze_channel(x), palette)
         if task == "depth":
-            mask = _unbatch(source["depth_mask"]) if is_target and "depth_mask" in source else None
-            return depth_to_color(x, mask=mask, vmax=depth_vmax)
+            return depth_to_color(x, mask=mask_of(task, source) if is_target else None, vmax=depth_vmax)
         # Predicted vectors are shown on the ground-truth instance pixels when those are known.
-        mask_source = source if is_target else (target or {})
-        mask = _unbatch(mask_source["instance_mask"]) if "instance_mask" in mask_source else None
-        return instance_vectors_to_color(x, mask=mask, max_magnitude=vector_vmax)
+        return instance_vectors_to_color(x, mask=mask_of(task, source if is_target else (target or {})),
+                                         max_magnitude=vector_vmax)
 
     def instances_tile(ids, side):
         if ids is None:
@@ -457,12 +466,10 @@ def render_prediction_panel(image, prediction, target=None, palette=None, class_
         count = len(np.unique(ids[ids > 0]))
         return _tile(instances_to_color(ids, img), f"{side} instances ({count})", height, width)
 
-    names = {"semantic": "semantic", "instance": "instance vectors", "depth": "inverse depth"}
-
     def row(first, source, side, is_target):
         tiles = [first]
         for t in tasks:
-            tiles.append(_tile(render(t, source, is_target), f"{side} {names[t]}", height, width))
+            tiles.append(_tile(render(t, source, is_target), f"{side} {TASKS[t].display_name}", height, width))
             if t == "instance" and show_instances:
                 tiles.append(instances_tile(true_ids if is_target else pred_ids, side))
         if show_instances and "instance" not in tasks:  # precomputed ids without vectors

@@ -49,11 +49,14 @@ from mtl_keras.data.pipeline import (  # noqa: E402
     load_source,
     resize_image,
 )
+from mtl_keras.tasks import IGNORE_LABEL  # noqa: E402
 
 __all__ = ["list_cityscapes_files", "load_cityscapes", "cityscapes_source", "check_cityscapes_files",
            "instance_centroid_vectors", "TASKS", "FILE_TYPES"]
 
 log = logging.getLogger("mtl_keras")
+# The files each task of this reader needs (its targets come from them); metric depth needs "camera" as well.
+_TASK_FILES = {"semantic": ("label_ids",), "instance": ("instance_ids",), "depth": ("disparity",)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -114,7 +117,7 @@ def _decode_stage(tasks, image_size, num_classes, depth_target, present):
                     ids = tf.identity(ids)
                 sem = tf.gather(lut, tf.cast(resize_nearest(ids)[..., 0], tf.int32))
             else:  # withheld test labels: ignore everywhere
-                sem = tf.fill((h, w), tf.constant(255, tf.uint8))
+                sem = tf.fill((h, w), tf.constant(IGNORE_LABEL, tf.uint8))
             out["semantic"] = tf.ensure_shape(sem, (h, w))
         if "instance" in tasks:
             if "instance_ids" in present:
@@ -170,15 +173,9 @@ def cityscapes_source(data_dir, split="train", image_size=(128, 256), num_classe
     label_lookup_table(num_classes)  # validates num_classes
     h, w = check_image_size(image_size)
 
-    require = ["image"]
-    if "semantic" in tasks:
-        require.append("label_ids")
-    if "instance" in tasks:
-        require.append("instance_ids")
-    if "depth" in tasks:
-        require.append("disparity")
-        if depth_target == "metric":
-            require.append("camera")
+    require = ["image"] + [key for task in TASKS if task in tasks for key in _TASK_FILES[task]]
+    if depth_target == "metric" and "depth" in tasks:
+        require.append("camera")
     optional = _WITHHELD_ON_TEST if split == "test" else ()
     files = list_cityscapes_files(data_dir, split, require=require, check=check_files, optional=optional)
     present = set(files[0])

@@ -32,6 +32,7 @@ import tensorflow as tf  # noqa: E402
 
 from mtl_keras.data.augment import AugmentConfig, augment_example  # noqa: E402
 from mtl_keras.data.checks import ALL_TASKS, check_image_size, check_tasks  # noqa: E402,F401  (re-exported)
+from mtl_keras.tasks import TARGET_RULES, TASKS  # noqa: E402
 
 __all__ = ["ALL_TASKS", "Source", "build_dataset", "load_source", "centroid_vectors", "prepared_to_targets",
            "check_tasks", "check_image_size", "resize_image", "shuffled_epochs"]
@@ -79,27 +80,37 @@ def centroid_vectors(segment_ids):
     return vec, tf.reshape(tf.cast(mask, tf.float32), tf.stack([h, w, 1]))
 
 
+def _label_target(value, task, h, w):
+    return {task.name: tf.ensure_shape(tf.cast(value, tf.int32), (h, w))}
+
+
+def _centroid_vector_target(value, task, h, w):
+    vec, mask = centroid_vectors(value)
+    return {task.name: tf.ensure_shape(vec, (h, w, task.channels)), task.mask: tf.ensure_shape(mask, (h, w, 1))}
+
+
+def _finite_target(value, task, h, w):
+    value = tf.cast(value, tf.float32)
+    valid = tf.reduce_all(tf.math.is_finite(value), axis=-1, keepdims=True)
+    return {task.name: tf.ensure_shape(tf.where(valid, value, 0.0), (h, w, task.channels)),
+            task.mask: tf.ensure_shape(tf.cast(valid, tf.float32), (h, w, 1))}
+
+
+# mtl_keras.tasks.TARGET_RULES -> fn(prepared field, task, h, w) -> {target key: tensor}
+TARGET_BUILDERS = {"labels": _label_target, "centroid_vectors": _centroid_vector_target, "finite": _finite_target}
+if set(TARGET_BUILDERS) != set(TARGET_RULES):
+    raise ImportError(f"mtl_keras.data.pipeline builds the targets {sorted(TARGET_BUILDERS)}, the task table names "
+                      f"{sorted(TARGET_RULES)}")
+
+
 def prepared_to_targets(example, tasks):
     """A prepared example -> ``(image float32 HxWx3, targets)`` of the loader contract (before augmentation)."""
     image = tf.cast(example["image"], tf.float32)
     h, w = (int(v) for v in image.shape[:2])
     targets = {}
-    if "semantic" in tasks:
-        targets["semantic"] = tf.ensure_shape(tf.cast(example["semantic"], tf.int32), (h, w))
-    if "instance" in tasks:
-        vec, mask = centroid_vectors(example["instance_ids"])
-        targets["instance"] = tf.ensure_shape(vec, (h, w, 2))
-        targets["instance_mask"] = tf.ensure_shape(mask, (h, w, 1))
-    if "depth" in tasks:
-        d = tf.cast(example["depth"], tf.float32)
-        valid = tf.math.is_finite(d)
-        targets["depth"] = tf.ensure_shape(tf.where(valid, d, 0.0), (h, w, 1))
-        targets["depth_mask"] = tf.ensure_shape(tf.cast(valid, tf.float32), (h, w, 1))
-    if "normals" in tasks:
-        n = tf.cast(example["normals"], tf.float32)
-        valid = tf.reduce_all(tf.math.is_finite(n), axis=-1, keepdims=True)
-        targets["normals"] = tf.ensure_shape(tf.where(valid, n, 0.0), (h, w, 3))
-        targets["normals_mask"] = tf.ensure_shape(tf.cast(valid, tf.float32), (h, w, 1))
+    for task in TASKS.values():
+        if task.name in tasks:
+            targets.update(TARGET_BUILDERS[task.target_rule](example[task.example_key], task, h, w))
     return tf.ensure_shape(image, (h, w, 3)), targets
 
 

@@ -25,20 +25,23 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from mtl_keras.data.pipeline import ALL_TASKS, Source, check_image_size, load_source  # noqa: E402
+from mtl_keras.data.pipeline import Source, check_image_size, load_source  # noqa: E402
+from mtl_keras.tasks import TASKS  # noqa: E402
 
 __all__ = ["MANIFEST", "write_prepared", "read_manifest", "load_prepared", "count_prepared", "source_for"]
 
 MANIFEST = "prepared_manifest.json"
 _VERSION = 1
-# key -> (dtype, channels or None)
-_FIELDS = {"image": ("uint8", 3), "semantic": ("uint8", None), "instance_ids": ("uint16", None),
-           "depth": ("float32", 1), "normals": ("float32", 3)}
-_TASK_FIELD = {"semantic": "semantic", "instance": "instance_ids", "depth": "depth", "normals": "normals"}
+# key -> (dtype in the cache, channels or None), from the task table
+_FIELDS = {"image": ("uint8", 3), **{t.example_key: (t.cache_dtype, t.example_channels) for t in TASKS.values()}}
+# fields whose example dtype differs from the cache's (instance ids: int32 in the example, uint16 in the cache)
+_EXAMPLE_DTYPES = {t.example_key: t.example_dtype for t in TASKS.values() if t.example_dtype != t.cache_dtype}
+# instance id fields: renumbered 1..K per image so that they fit the cache's dtype
+_ID_FIELDS = tuple(t.example_key for t in TASKS.values() if t.target_rule == "centroid_vectors")
 
 
 def _fields(tasks):
-    return ["image"] + [_TASK_FIELD[t] for t in ALL_TASKS if t in tasks]
+    return ["image"] + [t.example_key for t in TASKS.values() if t.name in tasks]
 
 
 def _field_shape(key, image_size):
@@ -102,11 +105,12 @@ def write_prepared(dataset, data_dir, out_dir, splits=("train", "val"), image_si
             parts = []
             for key in keys:
                 value = example[key]
-                if key == "instance_ids":
+                if key in _ID_FIELDS:
                     # renumber 1..K (0 = no instance stays 0: it is the smallest id when present)
                     uniq, inverse = np.unique(value, return_inverse=True)
-                    if len(uniq) > 65535:
-                        raise ValueError(f"{dataset} {split} example {i}: {len(uniq)} instances do not fit uint16")
+                    if len(uniq) > np.iinfo(_FIELDS[key][0]).max:
+                        raise ValueError(f"{dataset} {split} example {i}: {len(uniq)} instances do not fit "
+                                         f"{_FIELDS[key][0]}")
                     value = inverse.reshape(value.shape) + (0 if uniq[0] == 0 else 1)
                 parts.append(np.ascontiguousarray(value, dtype=_FIELDS[key][0]).tobytes())
             blob = zlib.compress(b"".join(parts), level)
@@ -178,7 +182,7 @@ def _decoder(keys, image_size):
         for key, size, shape in zip(keys, sizes, shapes):
             x = tf.io.decode_raw(tf.strings.substr(raw, offset, size), getattr(tf, _FIELDS[key][0]))
             x = tf.reshape(x, shape)
-            out[key] = tf.cast(x, tf.int32) if key == "instance_ids" else x
+            out[key] = tf.cast(x, _EXAMPLE_DTYPES[key]) if key in _EXAMPLE_DTYPES else x
             offset += size
         return out
 
@@ -215,7 +219,7 @@ def load_prepared(data_dir, split="train", image_size=None, batch_size=8, num_cl
                          f" (prepare it again with --tasks {','.join(dict.fromkeys(have + tuple(missing)))})")
     files = _split_files(data_dir, manifest, split)
     source = Source(columns={"path": files}, decode=_decoder(_fields(have), size), num_examples=len(files),
-                    tasks=tuple(t for t in ALL_TASKS if t in tasks), image_size=size,
+                    tasks=tuple(t for t in TASKS if t in tasks), image_size=size,
                     depth_scales_with_zoom=bool(manifest["depth_scales_with_zoom"]))
     return load_source(source, split, batch_size=batch_size, shuffle=shuffle, seed=seed, flip=flip, repeat=repeat,
                        drop_remainder=drop_remainder, cache=cache, num_parallel_calls=num_parallel_calls,
