@@ -113,10 +113,9 @@ def remarks(config, records):
         out.append("Errors in px are measured at the evaluated resolution; disparity and instance offsets scale with "
                    "the image width, so at 64x128 the same relative quality gives about half the px error of 128x256.")
     else:
-        out.append("Full mode trains the encoder from scratch: TrainConfig has no option to start the ResNet-101 "
-                   "from ImageNet weights (mtl_keras.pretrained can load them, run_training does not). The seeds do "
-                   "not say how the paper initialised its encoder; DeepLabV3 encoders usually start from ImageNet, "
-                   "and a from-scratch one is likely to score lower at the same schedule.")
+        out.append("Full mode starts the ResNet-101 from ImageNet weights, as the preset says (backbone_weights "
+                   "'imagenet': keras.applications' file, or a local copy with --backbone_weights). The seeds do not "
+                   "say how the paper initialised its encoder; DeepLabV3 encoders usually start from ImageNet.")
     out.append("The unweighted sum uses weight 1 per task (`equal`); the paper's table prints 0.333 each, which under "
                "SGD acts much like a 3x smaller learning rate. The 0.89/0.01/0.1 weights are the paper's CityScapes "
                "grid-search optimum, not re-tuned here. Single-task rows are the same architecture with one decoder "

@@ -451,6 +451,8 @@ def define_flags(name, variant_names, quick_help, datasets, dataset_help):
                         "data/synthetic otherwise; required for the real datasets.")
     flags.DEFINE_list("variants", [], "Variants to run (default all): " + ", ".join(variant_names) + ".")
     flags.DEFINE_integer("steps", 0, "Override the training steps of every variant (0: the mode's).")
+    flags.DEFINE_string("backbone_weights", None, "Override the encoder's starting weights of the mode: 'imagenet', "
+                        "a local keras.applications ResNet .h5 file, or '' for random.")
     flags.DEFINE_integer("synthetic_num_train", 0,
                          "Synthetic training images when the set is generated (0: the mode's).")
     flags.DEFINE_integer("synthetic_num_val", 0, "Synthetic validation images when the set is generated (0: the mode's).")
@@ -477,6 +479,8 @@ def base_config(flag_values, quick, preset_path):
     overrides = dict(dataset=flag_values.dataset, data_dir=data_dir, export=False, num_sample_images=0)
     if flag_values.steps:
         overrides.update(steps=flag_values.steps, epochs=0)
+    if flag_values.backbone_weights is not None:
+        overrides["backbone_weights"] = flag_values.backbone_weights
     if flag_values.synthetic_num_train:
         overrides["synthetic_num_train"] = flag_values.synthetic_num_train
     if flag_values.synthetic_num_val:

@@ -146,3 +146,17 @@ def reference_dense_metrics(pairs, num_classes, ignore_label=255):
         if sums[task][1]:
             out[key] = float(sums[task][0] / sums[task][1])
     return out
+
+
+def run_backbone_test(backbone, images, expected_shapes, folder=None):
+    """keras-hub's ``run_vision_backbone_test``: the pyramid's levels and shapes are ``expected_shapes`` ({level:
+    (H, W, C)}), ``pyramid_strides`` agree with the shapes, the config round-trips (same outputs), and with
+    ``folder`` the backbone saves and loads as a .keras file."""
+    outputs = backbone(images, training=False)
+    assert {k: tuple(v.shape[1:]) for k, v in outputs.items()} == expected_shapes
+    height = images.shape[1]
+    assert {k: height // v for k, v in backbone.pyramid_strides.items()} == {k: s[0] for k, s in
+                                                                             expected_shapes.items()}
+    assert_model_config_round_trip(backbone, images)
+    if folder is not None:
+        assert_keras_save_load(backbone, images, folder)

@@ -1,0 +1,120 @@
+"""Backbones (named feature pyramids) and heads on any backbone that fits them."""
+
+import os
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+import mtl_keras
+from mtl_keras.models import DenseUNetEncoder, DilatedResNetBackbone, KendallMultiTaskModel, MTUNet
+from tests.helpers import assert_keras_save_load, assert_model_config_round_trip, random_images, run_backbone_test
+
+
+@pytest.mark.parametrize("output_stride,deep", [(8, 8), (16, 4), (32, 2)])
+def test_dilated_resnet_pyramid(output_stride, deep, tmp_path):
+    # 64x64 input: stem 7x7/2 -> 32, max-pool -> 16 (P2), conv3 -> 8; then stride 2 per stage until output_stride.
+    backbone = DilatedResNetBackbone(depth=26, width=4, output_stride=output_stride)
+    expected = {"P1": (32, 32, 4), "P2": (16, 16, 16), "P3": (8, 8, 32), "P4": (max(deep, 4), max(deep, 4), 64),
+                "P5": (deep, deep, 128)}
+    run_backbone_test(backbone, random_images(1, 64, 64), expected,
+                      folder=str(tmp_path) if output_stride == 8 else None)
+
+
+def test_dense_unet_encoder_pyramid(tmp_path):
+    backbone = DenseUNetEncoder(base_filters=4)
+    expected = {"P1": (32, 64, 4), "P2": (16, 32, 8), "P3": (8, 16, 16), "P4": (4, 8, 32), "P5": (2, 4, 32)}
+    run_backbone_test(backbone, random_images(1, 32, 64), expected, folder=str(tmp_path))
+
+
+def test_backbone_layers_keep_keras_applications_names():
+    names = {layer.name for layer in DilatedResNetBackbone(depth=50, width=4).layers}
+    assert {"conv1_conv", "conv2_block3_out", "conv4_block6_3_bn", "conv5_block3_out"} <= names
+    assert "conv4_block7_out" not in names  # ResNet-50 has 6 conv4 blocks
+
+
+def test_kendall_head_on_the_dense_encoder(tmp_path):
+    backbone = DenseUNetEncoder(base_filters=4, input_shape=(32, 64, 3))
+    model = KendallMultiTaskModel(backbone=backbone, num_classes=5, aspp_channels=8, decoder_channels=8)
+    images = random_images(2, 32, 64)
+    out = model(images, training=False)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"semantic": (2, 32, 64, 5), "instance": (2, 32, 64, 2),
+                                                           "depth": (2, 32, 64, 1)}
+    assert model.get_config()["backbone"]["class_name"] == "DenseUNetEncoder"
+    assert_model_config_round_trip(model, images)
+    assert_keras_save_load(model, images, str(tmp_path))
+
+
+@pytest.mark.parametrize("output_stride,num_blocks", [(8, 3), (32, 4)])
+def test_mt_unet_decoders_on_a_dilated_resnet(output_stride, num_blocks, tmp_path):
+    backbone = DilatedResNetBackbone(depth=26, width=4, output_stride=output_stride, input_shape=(64, 64, 3))
+    model = MTUNet(backbone=backbone, tasks=("semantic", "depth"), num_classes=3, decoder_filters=[8] * num_blocks,
+                   bottleneck_filters=8)
+    names = {layer.name for layer in model.layers}
+    # The decoder blocks follow the backbone's strides: one block per finer stride, cross talk into block 3.
+    assert f"depth_decoder_block{num_blocks}_conv2_conv" in names and \
+        f"depth_decoder_block{num_blocks + 1}_conv1_conv" not in names
+    assert "semantic_decoder_block3_cross_concat" in names
+    assert ("bottleneck_up" in names) == (output_stride == 32)  # OS 8: the deepest skip has the bottleneck's stride
+    assert model.size_multiple == output_stride
+    out = model(random_images(1, 64, 64), training=False)
+    assert tuple(out["semantic"].shape) == (1, 64, 64, 3) and tuple(out["depth"].shape) == (1, 64, 64, 1)
+    if output_stride == 8:
+        assert_keras_save_load(model, random_images(1, 64, 64), str(tmp_path))
+
+
+def test_mt_unet_refuses_sizes_its_backbone_cannot_take():
+    with pytest.raises(ValueError, match="divisible by 8"):
+        mtl_keras.build_model("mt_unet_dilated_resnet50", input_shape=(36, 64, 3), backbone_width=4,
+                              decoder_filters=(8, 8, 8), bottleneck_filters=8)
+
+
+def test_freezing_the_backbone_leaves_only_the_heads_trainable():
+    model = mtl_keras.build_model("kendall_deeplabv3_resnet26_cpu", input_shape=(32, 64, 3), backbone_width=4,
+                                  aspp_channels=8, decoder_channels=8)
+    head_layers = [layer for layer in model.layers if layer.name.startswith(("aspp", "semantic", "instance", "depth"))]
+    head_trainable = sum(int(np.prod(w.shape)) for layer in head_layers for w in layer.trainable_weights)
+    model.backbone.trainable = False
+    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == head_trainable
+    assert all(not layer.trainable for layer in model.layers if layer.name.startswith("conv"))
+
+
+def test_weights_file_layout_is_flat(tmp_path):
+    """A task model's weights file lists every layer under layers/ as before backbones existed (files written by
+    earlier versions keep loading): no nested backbone group holds weights."""
+    model = mtl_keras.build_model("mt_unet", input_shape=(32, 32, 3), base_filters=4)
+    path = str(tmp_path / "m.weights.h5")
+    model.save_weights(path)
+    arrays = []
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: arrays.append(name) if isinstance(obj, h5py.Dataset) else None)
+    assert arrays and all(name.startswith("layers/") and name.count("/") == 3 for name in arrays), arrays[:5]
+    assert len(arrays) == len(model.weights)
+
+
+def test_backbone_weights_of_the_wrong_kind_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.h5"):
+        DilatedResNetBackbone(depth=50, backbone_weights=str(tmp_path / "missing.h5"))
+    (tmp_path / "w.h5").write_bytes(b"")
+    with pytest.raises(ValueError, match="ResNet-50 and ResNet-101 only"):
+        DilatedResNetBackbone(depth=26, width=4, backbone_weights=str(tmp_path / "w.h5"))
+
+
+@pytest.mark.slow
+def test_backbone_starts_from_a_keras_applications_file(tmp_path):
+    """ImageNet-format weights (here a random keras.applications.ResNet50 file) load layer by layer into the
+    dilated backbone and into a task model built on it."""
+    app = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(None, None, 3))
+    path = str(tmp_path / "resnet50.weights.h5")
+    app.save_weights(path)
+    model = mtl_keras.build_model("mt_unet_dilated_resnet50", input_shape=(32, 64, 3), decoder_filters=(8, 8, 8),
+                                  bottleneck_filters=8, backbone_weights=path)
+    for name in ("conv2_block1_2_conv", "conv4_block6_3_conv", "conv5_block3_3_bn"):
+        for ours, theirs in zip(model.get_layer(name).get_weights(), app.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(ours, theirs, err_msg=name)
+    fresh = mtl_keras.build_model("mt_unet_dilated_resnet50", input_shape=(32, 64, 3), decoder_filters=(8, 8, 8),
+                                  bottleneck_filters=8)
+    assert not np.array_equal(fresh.get_layer("conv4_block6_3_conv").get_weights()[0],
+                              app.get_layer("conv4_block6_3_conv").get_weights()[0])
+    assert os.path.isfile(path)
