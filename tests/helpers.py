@@ -7,8 +7,13 @@ import numpy as np
 
 
 def tiny_kendall_kwargs():
-    """A structurally complete Kendall model small enough for unit tests."""
-    return dict(backbone_depth=26, backbone_width=8, aspp_channels=16, decoder_channels=16)
+    """A structurally complete Kendall model small enough for unit tests: the tiny arguments of the default model's
+    preset (models/kendall_deeplabv3_resnet26_cpu.json, one place for them), input size left to the test."""
+    from mtl_keras import zoo
+
+    tiny = dict(zoo.get_preset("kendall_deeplabv3_resnet26_cpu")["tiny_arguments"])
+    tiny.pop("input_shape")
+    return dict(backbone_depth=26, **tiny)
 
 
 def random_images(batch=2, height=64, width=64, seed=0):

@@ -1,5 +1,6 @@
 """Backbones (named feature pyramids) and heads on any backbone that fits them."""
 
+import json
 import os
 
 import h5py
@@ -118,3 +119,37 @@ def test_backbone_starts_from_a_keras_applications_file(tmp_path):
     assert not np.array_equal(fresh.get_layer("conv4_block6_3_conv").get_weights()[0],
                               app.get_layer("conv4_block6_3_conv").get_weights()[0])
     assert os.path.isfile(path)
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_a_run_started_with_backbone_weights_begins_from_them(tmp_path):
+    """train.py --backbone_weights FILE: the encoder's convolutions start as the file's (a random-weight
+    keras.applications.ResNet50 written here, in the format of the ImageNet release); a learning rate of 1e-9 keeps
+    them there for the one step, so the trained model still holds them."""
+    import subprocess
+    import sys
+
+    from tests.test_data_miniatures import write_cityscapes_miniature
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    app = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(None, None, 3))
+    # The legacy HDF5 layout of the release file resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5.
+    from keras.src.legacy.saving import legacy_h5_format
+
+    path = str(tmp_path / "resnet50_notop.h5")
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, app)
+    write_cityscapes_miniature(tmp_path / "cs")
+    run = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(root, "experiments", "train.py"), "--model", "kendall_deeplabv3_resnet50",
+           "--backbone_weights", path, "--dataset", "cityscapes", "--data_dir", str(tmp_path / "cs"),
+           "--image_size", "32,64", "--batch_size", "2", "--steps", "1", "--learning_rate", "1e-9", "--noexport",
+           "--val_batches", "1", "--output_dir", str(run)]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = mtl_keras.load_model(str(run))
+    for name in ("conv2_block1_2_conv", "conv3_block4_3_conv", "conv5_block3_1_conv"):
+        for ours, theirs in zip(trained.get_layer(name).get_weights(), app.get_layer(name).get_weights()):
+            np.testing.assert_allclose(ours, theirs, atol=1e-6, err_msg=name)
+    assert json.loads((run / "config.json").read_text())["backbone_weights"] == path
