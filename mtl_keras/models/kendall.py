@@ -15,10 +15,9 @@ Decoder per task: conv to 256 + BN + ReLU, 1x1 conv to the task's channels, bili
 import keras
 
 from mtl_keras.layers import GlobalAveragePooling2D, ResizeLike, conv_bn_relu
-from mtl_keras.models.backbones import (Backbone, DilatedResNetBackbone, build_backbone, load_backbone_weights,
-                                        serialize_backbone)
+from mtl_keras.models.backbones import DilatedResNetBackbone, load_backbone_weights
 from mtl_keras.models.heads import deepest_level, task_output
-from mtl_keras.presets import PresetMixin
+from mtl_keras.models.task_model import MultiTaskModel
 from mtl_keras.registry import register_model
 from mtl_keras.tasks import validate_tasks
 
@@ -43,7 +42,7 @@ def task_decoder(x, task, num_classes, image, channels=256, kernel_size=1):
 
 # ---------------------------------------------------------------------------------------------------------- model
 @keras.saving.register_keras_serializable(package="mtl_keras")
-class KendallMultiTaskModel(PresetMixin, keras.Model):
+class KendallMultiTaskModel(MultiTaskModel):
     """Shared encoder + ASPP, one light decoder per task; images (0..255 RGB) -> {task: output}.
 
     Outputs: ``semantic`` logits (C channels), ``instance`` (dy, dx) vectors from each pixel to its instance's
@@ -60,16 +59,11 @@ class KendallMultiTaskModel(PresetMixin, keras.Model):
                  aspp_rates=(12, 24, 36), decoder_channels=256, decoder_kernel_size=1, backbone=None,
                  backbone_weights=None, **kwargs):
         tasks = validate_tasks(tasks)
-        custom_backbone = backbone is not None
         # === Layers: the encoder ===
-        if custom_backbone:
-            backbone = build_backbone(backbone, None if isinstance(backbone, Backbone) else input_shape)
-            if backbone_weights is not None:
-                load_backbone_weights(backbone, backbone_weights)
-        else:
-            backbone = DilatedResNetBackbone(depth=backbone_depth, output_stride=output_stride,
-                                             width=backbone_width, input_shape=tuple(input_shape),
-                                             backbone_weights=backbone_weights)
+        backbone, custom_backbone = self._resolve_encoder(backbone, input_shape, lambda: DilatedResNetBackbone(
+            depth=backbone_depth, output_stride=output_stride, width=backbone_width, input_shape=tuple(input_shape)))
+        if backbone_weights is not None:
+            load_backbone_weights(backbone, backbone_weights)
         # === Functional graph ===
         image = backbone.input
         features = backbone.pyramid_outputs[deepest_level(backbone)]
@@ -78,40 +72,21 @@ class KendallMultiTaskModel(PresetMixin, keras.Model):
                                       kernel_size=decoder_kernel_size) for task in tasks}
         super().__init__(inputs=image, outputs=outputs, **kwargs)
         # === Config ===
-        self.backbone = backbone
-        self.custom_backbone = custom_backbone
-        self.tasks = tasks
-        self.num_classes = num_classes
-        self.image_shape = backbone.image_shape
-        self.backbone_depth = getattr(backbone, "depth", None) if custom_backbone else backbone_depth
-        self.backbone_width = getattr(backbone, "width", None) if custom_backbone else backbone_width
-        self.output_stride = getattr(backbone, "output_stride", None) if custom_backbone else output_stride
+        self._set_common(backbone, custom_backbone, tasks, num_classes, size_multiple=1)  # outputs resized to input
+        self.backbone_depth = getattr(backbone, "depth", None)
+        self.backbone_width = getattr(backbone, "width", None)
+        self.output_stride = getattr(backbone, "output_stride", None)
         self.aspp_channels = aspp_channels
         self.aspp_rates = tuple(aspp_rates)
         self.decoder_channels = decoder_channels
         self.decoder_kernel_size = decoder_kernel_size
-        self.size_multiple = 1  # the decoders upsample to the input size, whatever it is
 
     def get_config(self):
-        config = {
-            "name": self.name,
-            "trainable": self.trainable,
-            "tasks": list(self.tasks),
-            "num_classes": self.num_classes,
-            "input_shape": list(self.image_shape),
-        }
-        if self.custom_backbone:
-            config["backbone"] = serialize_backbone(self.backbone)
-        else:
-            config.update(backbone_depth=self.backbone_depth, backbone_width=self.backbone_width,
-                          output_stride=self.output_stride)
-        config.update(aspp_channels=self.aspp_channels, aspp_rates=list(self.aspp_rates),
-                      decoder_channels=self.decoder_channels, decoder_kernel_size=self.decoder_kernel_size)
-        return config
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
+        return self._config(
+            dict(backbone_depth=self.backbone_depth, backbone_width=self.backbone_width,
+                 output_stride=self.output_stride),
+            dict(aspp_channels=self.aspp_channels, aspp_rates=list(self.aspp_rates),
+                 decoder_channels=self.decoder_channels, decoder_kernel_size=self.decoder_kernel_size))
 
 
 # -------------------------------------------------------------------------------------------------------- builder

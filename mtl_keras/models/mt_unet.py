@@ -36,11 +36,10 @@ Where the paper is vague, this implementation chooses (the switches of Table 3 a
 import keras
 
 from mtl_keras.layers import BatchNormalization, conv_bn_relu
-from mtl_keras.models.backbones import (Backbone, DenseUNetEncoder, DilatedResNetBackbone, build_backbone,
-                                        load_backbone_weights, serialize_backbone)
+from mtl_keras.models.backbones import DenseUNetEncoder, DilatedResNetBackbone, load_backbone_weights
 from mtl_keras.models.backbones import dense_block  # noqa: F401  (its home before the backbones module)
 from mtl_keras.models.heads import deepest_level, skip_levels, task_output
-from mtl_keras.presets import PresetMixin
+from mtl_keras.models.task_model import MultiTaskModel
 from mtl_keras.registry import register_model
 from mtl_keras.tasks import validate_tasks
 
@@ -87,7 +86,7 @@ def decoder_block(x, skip, filters, name, upsample=2, attention=True, cross=()):
 
 # ---------------------------------------------------------------------------------------------------------- model
 @keras.saving.register_keras_serializable(package="mtl_keras")
-class MTUNet(PresetMixin, keras.Model):
+class MTUNet(MultiTaskModel):
     """Encoder, bottleneck, one attention U-Net decoder per task; images (0..255 RGB) -> {task: output}.
 
     Outputs: ``semantic`` logits (C channels), ``instance`` (dy, dx) vectors, ``depth`` inverse depth, ``normals``,
@@ -108,19 +107,19 @@ class MTUNet(PresetMixin, keras.Model):
                  bottleneck_filters=None, encoder="dense_unet", backbone_depth=50, backbone_width=64, output_stride=8,
                  backbone=None, backbone_weights=None, **kwargs):
         tasks = validate_tasks(tasks)
-        custom_backbone = backbone is not None
-        # === Layers: the encoder ===
-        if custom_backbone:
-            backbone = build_backbone(backbone, None if isinstance(backbone, Backbone) else input_shape)
-        elif encoder == "dense_unet":
-            _check_size_multiple(input_shape, 2 ** NUM_POOLS)
-            backbone = DenseUNetEncoder(base_filters=base_filters, dropout=dropout, input_shape=tuple(input_shape))
-        elif encoder == "dilated_resnet":
-            backbone = DilatedResNetBackbone(depth=backbone_depth, output_stride=output_stride, width=backbone_width,
+
+        def default_encoder():
+            if encoder == "dense_unet":
+                _check_size_multiple(input_shape, 2 ** NUM_POOLS)
+                return DenseUNetEncoder(base_filters=base_filters, dropout=dropout, input_shape=tuple(input_shape))
+            if encoder == "dilated_resnet":
+                return DilatedResNetBackbone(depth=backbone_depth, output_stride=output_stride, width=backbone_width,
                                              input_shape=tuple(input_shape))
-        else:
             raise ValueError(f"encoder must be 'dense_unet' or 'dilated_resnet' (or pass backbone=...), got "
                              f"{encoder!r}.")
+
+        # === Layers: the encoder ===
+        backbone, custom_backbone = self._resolve_encoder(backbone, input_shape, default_encoder)
         if backbone_weights is not None:
             load_backbone_weights(backbone, backbone_weights)
         strides, channels = backbone.pyramid_strides, backbone.pyramid_channels
@@ -149,49 +148,30 @@ class MTUNet(PresetMixin, keras.Model):
                    for task in tasks}
         super().__init__(inputs=backbone.input, outputs=outputs, **kwargs)
         # === Config ===
-        self.backbone = backbone
-        self.custom_backbone = custom_backbone
-        self.tasks = tasks
-        self.num_classes = num_classes
-        self.image_shape = backbone.image_shape
+        self._set_common(backbone, custom_backbone, tasks, num_classes, size_multiple=strides[deepest])
         self.base_filters = base_filters
         self.dropout = dropout
         self.attention = attention
         self.cross_talk = cross_talk
         self.decoder_filters = None if decoder_filters is None else widths
         self.bottleneck_filters = bottleneck_filters
-        self.encoder = encoder
+        self.encoder_kind = encoder
         self.backbone_depth = getattr(backbone, "depth", None)
         self.backbone_width = getattr(backbone, "width", None)
         self.output_stride = getattr(backbone, "output_stride", None)
-        self.size_multiple = strides[deepest]
 
     def get_config(self):
-        config = {
-            "name": self.name,
-            "trainable": self.trainable,
-            "tasks": list(self.tasks),
-            "num_classes": self.num_classes,
-            "input_shape": list(self.image_shape),
-        }
-        if self.custom_backbone:
-            config["backbone"] = serialize_backbone(self.backbone)
-        elif self.encoder == "dense_unet":
-            config.update(base_filters=self.base_filters, dropout=self.dropout)
+        if self.encoder_kind == "dense_unet":
+            encoder = dict(base_filters=self.base_filters, dropout=self.dropout)
         else:
-            config.update(encoder=self.encoder, backbone_depth=self.backbone_depth, backbone_width=self.backbone_width,
-                          output_stride=self.output_stride)
-        config.update(attention=self.attention, cross_talk=self.cross_talk)
+            encoder = dict(encoder=self.encoder_kind, backbone_depth=self.backbone_depth,
+                           backbone_width=self.backbone_width, output_stride=self.output_stride)
+        head = dict(attention=self.attention, cross_talk=self.cross_talk)
         if self.decoder_filters is not None:
-            config["decoder_filters"] = list(self.decoder_filters)
+            head["decoder_filters"] = list(self.decoder_filters)
         if self.bottleneck_filters is not None:
-            config["bottleneck_filters"] = self.bottleneck_filters
-        return config
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
+            head["bottleneck_filters"] = self.bottleneck_filters
+        return self._config(encoder, head)
 
 def _check_size_multiple(input_shape, factor):
     if any(s is not None and s % factor for s in tuple(input_shape)[:2]):

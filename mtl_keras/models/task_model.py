@@ -1,0 +1,46 @@
+"""The base of the zoo's task models: a functional graph from a backbone's input to ``{task: output}``."""
+
+import keras
+
+from mtl_keras.models.backbones import Backbone, build_backbone, serialize_backbone
+from mtl_keras.presets import PresetMixin
+
+
+class MultiTaskModel(PresetMixin, keras.Model):
+    """A head (per-task decoders) on a :class:`~mtl_keras.models.backbones.Backbone`, as one flat functional graph.
+
+    Subclasses build in three parts (keras-hub's constructor): the encoder (:meth:`_resolve_encoder`), the functional graph
+    on ``backbone.pyramid_outputs``, then ``super().__init__(inputs=backbone.input, outputs=...)``,
+    :meth:`_set_common` and their own config. ``model.backbone`` is the encoder, a view sharing the layers
+    (``model.backbone.trainable = False`` freezes it); the weights file lists the layers flat, as before backbones
+    existed, so files of earlier versions load.
+    """
+
+    @staticmethod
+    def _resolve_encoder(backbone, input_shape, build_default):
+        """``(backbone, custom)``: the given backbone (an instance, or a config that ``input_shape`` resizes), else
+        ``build_default()``."""
+        if backbone is None:
+            return build_default(), False
+        return build_backbone(backbone, None if isinstance(backbone, Backbone) else input_shape), True
+
+    def _set_common(self, backbone, custom_backbone, tasks, num_classes, size_multiple):
+        self.backbone = backbone
+        self.custom_backbone = custom_backbone
+        self.tasks = tasks
+        self.num_classes = num_classes
+        self.image_shape = backbone.image_shape
+        self.size_multiple = size_multiple  # input height and width must be multiples of it
+
+    def _config(self, encoder_config, head_config):
+        """The full config: common entries, the encoder's (``encoder_config``, or the serialized custom backbone),
+        then the head's."""
+        config = {"name": self.name, "trainable": self.trainable, "tasks": list(self.tasks),
+                  "num_classes": self.num_classes, "input_shape": list(self.image_shape)}
+        config.update({"backbone": serialize_backbone(self.backbone)} if self.custom_backbone else encoder_config)
+        config.update(head_config)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
