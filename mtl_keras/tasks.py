@@ -1,10 +1,11 @@
 """The tasks the zoo predicts: one table, :data:`TASKS`, with everything the rest of the package needs to know of one.
 
 Each :class:`Task` says how many channels its head outputs, which loss trains it, how the data pipeline makes its
-target and pixel mask from a prepared example (and how a prepared cache stores that example's field), which metrics
-the evaluator reports for it, its serving output name and its title in pictures. The modules that treat tasks
-(``losses``, ``evaluation``, ``visualize``, ``data.pipeline``, ``data.prepared``) read this table instead of keeping
-their own per-task dicts, so a new task is a new row here plus its data reader (and, where it needs a new kind of
+target and pixel mask from a prepared example (and how a prepared cache stores that example's field), how
+augmentation pads, zooms and flips the target, which metrics the evaluator reports for it, its serving output name
+and its title in pictures. The modules that treat tasks (``losses``, ``evaluation``, ``visualize``,
+``data.pipeline``, ``data.prepared``, ``data.augment``, ``data.checks``) read this table instead of keeping their
+own per-task dicts, so a new task is a new row here plus its data reader (and, where it needs a new kind of
 loss, target or metric, that one function).
 
 The loss family (``type``) decides the form of the uncertainty weighting (seed 002): classification tasks are
@@ -24,6 +25,13 @@ TARGET_RULES = (
     "labels",  # integer class ids -> int32 (H, W); no mask key: pixels labelled IGNORE_LABEL are left out
     "centroid_vectors",  # instance ids (0 = none) -> (dy, dx) to the instance centroid + mask of instance pixels
     "finite",  # float (H, W, K), NaN = invalid -> 0 where invalid + mask of the pixels finite in every channel
+)
+# How a target's values change when mtl_keras.data.augment zooms the image by (sy, sx) (random scale):
+ZOOM_RULES = (
+    "unchanged",  # class ids, unit normals, ...: only resampled
+    "offsets",  # (dy, dx) pixel offsets -> (sy dy, sx dx)
+    "depth",  # -> sx * value when the data's depth scales with a zoom (AugmentConfig.depth_scales_with_zoom:
+    #          disparity, inverse depth in px), else unchanged (metric depth)
 )
 
 
@@ -45,6 +53,10 @@ class Task:
     metrics: tuple  # the keys MultiTaskEvaluator.result() reports for the task
     display_name: str  # the title of its tiles in prediction panels
     default: bool  # among the tasks used when none are named (DEFAULT_TASKS)
+    # Augmentation (mtl_keras.data.augment) of the target:
+    pad_value: float = 0.0  # where a crop is padded (a 'labels' target: IGNORE_LABEL; its mask key pads with 0)
+    zoom: str = "unchanged"  # one of ZOOM_RULES
+    flip_signs: tuple | None = None  # per-channel factors under a horizontal flip (None: values unchanged)
 
     def output_channels(self, num_classes):
         """Channels of the task's head for ``num_classes`` semantic classes."""
@@ -57,22 +69,23 @@ TASKS = {task.name: task for task in (
          output_name="semantic_logits",
          metrics=("semantic_miou", "semantic_pixel_accuracy", "semantic_mean_class_accuracy",
                   "semantic_per_class_iou"),
-         display_name="semantic", default=True),
+         display_name="semantic", default=True, pad_value=IGNORE_LABEL, zoom="unchanged", flip_signs=None),
     Task("instance", "regression", channels=2, loss="l1", mask="instance_mask", target_rule="centroid_vectors",
          example_key="instance_ids", example_dtype="int32", example_channels=None, cache_dtype="uint16",
          output_name="instance_vectors", metrics=("instance_mean_error_px", "instance_mean_l1_px"),
-         display_name="instance vectors", default=True),
+         display_name="instance vectors", default=True, pad_value=0.0, zoom="offsets", flip_signs=(1.0, -1.0)),
     Task("depth", "regression", channels=1, loss="l1", mask="depth_mask", target_rule="finite",
          example_key="depth", example_dtype="float32", example_channels=1, cache_dtype="float32",
          output_name="depth", metrics=("depth_mean_error_px", "depth_rel_error"),
-         display_name="inverse depth", default=True),
+         display_name="inverse depth", default=True, pad_value=0.0, zoom="depth", flip_signs=None),
     # optional fourth task where the data has surface normals (NYUv2 .npy release)
     Task("normals", "regression", channels=3, loss="cosine", mask="normals_mask", target_rule="finite",
          example_key="normals", example_dtype="float32", example_channels=3, cache_dtype="float32",
          output_name="normals",
          metrics=("normals_mean_angle_deg", "normals_median_angle_deg", "normals_within_11_25",
                   "normals_within_22_5", "normals_within_30"),
-         display_name="surface normals", default=False),
+         display_name="surface normals", default=False, pad_value=0.0, zoom="unchanged",
+         flip_signs=(-1.0, 1.0, 1.0)),
 )}
 
 
@@ -117,6 +130,14 @@ def check_table(tasks=None):
             problems.append("only a 'labels' target has no mask key (its mask is the ignore label)")
         if task.channels is not None and task.channels < 1:
             problems.append(f"channels {task.channels!r}")
+        if task.zoom not in ZOOM_RULES:
+            problems.append(f"zoom {task.zoom!r} not in {ZOOM_RULES}")
+        if task.target_rule == "labels" and task.pad_value != IGNORE_LABEL:
+            problems.append(f"a 'labels' target pads with IGNORE_LABEL ({IGNORE_LABEL}), not {task.pad_value!r}")
+        if task.zoom == "offsets" and task.channels != 2:
+            problems.append("'offsets' under zoom are 2 channels (dy, dx)")
+        if task.flip_signs is not None and (task.channels is None or len(task.flip_signs) != task.channels):
+            problems.append(f"flip_signs {task.flip_signs!r}: one per channel of a fixed-channel task")
         if not task.metrics or any(not m.startswith(f"{name}_") for m in task.metrics):
             problems.append(f"metrics {task.metrics!r} must be named {name}_...")
         if problems:

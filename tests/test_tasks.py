@@ -11,13 +11,14 @@ from mtl_keras.tasks import TASKS, Task
 
 def test_every_task_has_every_field_and_the_table_is_consistent():
     assert tuple(TASKS) == ("semantic", "instance", "depth", "normals")
-    optional = {"channels", "mask", "example_channels"}  # None has a meaning there (see Task)
+    optional = {"channels", "mask", "example_channels", "flip_signs"}  # None has a meaning there (see Task)
     for name, task in TASKS.items():
         assert isinstance(task, Task) and task.name == name
         for field in dataclasses.fields(Task):
             value = getattr(task, field.name)
             assert field.name in optional or value not in (None, "", ()), (name, field.name)
         assert task.type in tasks.TASK_KINDS and task.target_rule in tasks.TARGET_RULES
+        assert task.zoom in tasks.ZOOM_RULES
     tasks.check_table()
     with pytest.raises(dataclasses.FrozenInstanceError):
         TASKS["depth"].channels = 2
@@ -38,6 +39,40 @@ def test_the_table_against_literal_expectations():
     assert tasks.validate_tasks("depth, semantic") == ("semantic", "depth")
     with pytest.raises(ValueError, match="Unknown task"):
         tasks.validate_tasks(["edges"])
+    assert {t: TASKS[t].pad_value for t in TASKS} == {"semantic": 255, "instance": 0.0, "depth": 0.0, "normals": 0.0}
+    assert {t: TASKS[t].zoom for t in TASKS} == {"semantic": "unchanged", "instance": "offsets", "depth": "depth",
+                                                 "normals": "unchanged"}
+    assert {t: TASKS[t].flip_signs for t in TASKS} == {"semantic": None, "instance": (1.0, -1.0), "depth": None,
+                                                       "normals": (-1.0, 1.0, 1.0)}
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("semantic", dict(pad_value=0), "pads with IGNORE_LABEL"),
+    ("semantic", dict(zoom="stretch"), "zoom 'stretch' not in"),
+    ("semantic", dict(flip_signs=(-1.0,)), "one per channel"),
+    ("normals", dict(flip_signs=(-1.0, 1.0)), "one per channel"),
+    ("depth", dict(zoom="offsets"), "'offsets' under zoom are 2 channels"),
+])
+def test_check_table_refuses_inconsistent_augmentation_fields(name, change, message):
+    with pytest.raises(ValueError, match=message):
+        tasks.check_table({name: dataclasses.replace(TASKS[name], **change)})
+
+
+def test_the_data_modules_read_the_table():
+    from mtl_keras.data import augment, checks
+
+    assert checks.ALL_TASKS == tasks.TASK_NAMES
+    assert dict(augment.PAD_VALUES) == {"image": 0.0, "semantic": 255, "instance": 0.0, "depth": 0.0,
+                                        "normals": 0.0}
+    assert augment.PAD_VALUES.get("depth_mask", 0) == 0
+
+
+def test_the_config_default_tasks_are_the_table_defaults():
+    """config.py keeps a literal copy: it is loaded on its own by ``train.py --help``, and ``import mtl_keras.tasks``
+    would run the package's __init__ (TensorFlow)."""
+    from mtl_keras.config import TrainConfig
+
+    assert TrainConfig().tasks == tasks.DEFAULT_TASKS
 
 
 def test_the_export_names_its_outputs_as_the_table_does():
@@ -151,10 +186,12 @@ def edges(monkeypatch):
     return task
 
 
-def test_a_task_added_to_the_table_reaches_the_code_that_reads_it(edges):
+def test_a_task_added_to_the_table_reaches_the_code_that_reads_it(edges, monkeypatch):
     import keras
     import tensorflow as tf
 
+    from mtl_keras.data.augment import PAD_VALUES, AugmentConfig, augment_example
+    from mtl_keras.data.checks import check_tasks
     from mtl_keras.data.pipeline import prepared_to_targets
     from mtl_keras.evaluation import MultiTaskEvaluator
     from mtl_keras.losses import task_loss
@@ -176,3 +213,19 @@ def test_a_task_added_to_the_table_reaches_the_code_that_reads_it(edges):
     assert float(keras.ops.convert_to_numpy(loss)) == pytest.approx(2.0)  # |3 - 1| over the one valid pixel
     with pytest.raises(ValueError, match="no metrics for the task"):
         MultiTaskEvaluator(19, ["edges"])
+
+    assert check_tasks("edges,semantic", ("semantic", "edges"), "a data set") == ("edges", "semantic")
+    assert PAD_VALUES["edges"] == 0.0 and "edges" in PAD_VALUES
+    # scaled x2 (values unchanged: zoom "unchanged"), a centred 2x8 crop of the 2x6 scaled map (padded with the
+    # task's pad_value, 0, and a 0 mask), then flipped (seed 0 draws a flip for key 0)
+    image = tf.zeros((1, 3, 3), tf.float32)
+    edge_targets = {"edges": tf.constant([[[1.0], [2.0], [3.0]]]), "edges_mask": tf.ones((1, 3, 1))}
+    config = AugmentConfig(flip=True, scale_range=(2.0, 2.0), crop_size=(2, 8), random_crop=False)
+    _, out = augment_example(image, edge_targets, 0, tf.constant(0, tf.int64), config)
+    assert out["edges"].shape == (2, 8, 1)
+    assert out["edges"].numpy()[0, :, 0].tolist() == [0.0, 3.0, 3.0, 2.0, 2.0, 1.0, 1.0, 0.0]
+    assert out["edges_mask"].numpy()[0, :, 0].tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    # a signed channel under flips (as instance dx and normals x), and values that scale with a zoom (as disparity)
+    monkeypatch.setitem(TASKS, "edges", dataclasses.replace(edges, flip_signs=(-1.0,), zoom="depth"))
+    _, out = augment_example(image, edge_targets, 0, tf.constant(0, tf.int64), config)
+    assert out["edges"].numpy()[0, :, 0].tolist() == [0.0, -6.0, -6.0, -4.0, -4.0, -2.0, -2.0, 0.0]

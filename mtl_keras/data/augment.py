@@ -13,6 +13,11 @@ normals        HxWx3 (x,y,z)  nearest         unchanged               mirrored, 
 ``*_mask``     HxWx1          nearest         resized                 mirrored            0 (invalid)
 ============== ============== =============== ======================= =================== =============
 
+A task's row of ``mtl_keras.tasks.TASKS`` says how its target is treated: ``pad_value``, ``zoom`` (values under
+random scale: ``"unchanged"``, ``"offsets"`` = (dy, dx) times (sy, sx), ``"depth"`` = see below), ``flip_signs``
+(per-channel factors under a flip) and, for a ``"labels"`` target, an HxW map without a channel axis. A key that
+is neither the image nor a task (the masks) pads with 0 and is only resampled and mirrored.
+
 The steps, all optional: **random scale** (one factor ``s`` drawn uniformly in ``scale_range``; the image becomes
 ``round(H s) x round(W s)``, so the exact factors are ``sy = round(H s) / H`` and ``sx = round(W s) / W``), then a
 **crop** of ``crop_size`` (default: the input size) at a random position (``random_crop``) or in the centre, where
@@ -38,14 +43,36 @@ the augmented stream is the same on every run with the same seed, whatever the p
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import tensorflow as tf
 
 from mtl_keras.data.checks import check_image_size
+from mtl_keras.tasks import TASKS
 
 __all__ = ["AugmentConfig", "augment_example", "PAD_VALUES"]
 
-# Padding value of each key (masks are 0: padded pixels are invalid everywhere).
-PAD_VALUES = {"image": 0.0, "semantic": 255, "instance": 0.0, "depth": 0.0, "normals": 0.0}
+
+class _PadValues(Mapping):
+    """``{key: padding value}``: the image's 0 and each task's ``pad_value`` in ``mtl_keras.tasks.TASKS`` (read at
+    each access, so a task added to the table shows). Other keys (the masks) pad with 0: padded pixels are invalid
+    everywhere."""
+
+    def __getitem__(self, key):
+        return 0.0 if key == "image" else TASKS[key].pad_value
+
+    def __iter__(self):
+        yield "image"
+        yield from TASKS
+
+    def __len__(self):
+        return 1 + len(TASKS)
+
+    def __repr__(self):
+        return repr(dict(self))
+
+
+PAD_VALUES = _PadValues()
 
 
 class AugmentConfig:
@@ -104,8 +131,13 @@ def _window(size, out, u):
     return start, before, after
 
 
+def _is_label_map(key):
+    """A ``"labels"`` target: an HxW map, given a channel axis while it is augmented."""
+    return key in TASKS and TASKS[key].target_rule == "labels"
+
+
 def _channels_last(key, x):
-    return x[..., None] if key == "semantic" else x
+    return x[..., None] if _is_label_map(key) else x
 
 
 def augment_example(image, targets, seed, key, config: AugmentConfig):
@@ -136,9 +168,10 @@ def augment_example(image, targets, seed, key, config: AugmentConfig):
                     v = tf.image.resize(v, tf.stack([sh, sw]), method="bilinear", antialias=True)
                 else:
                     v = tf.image.resize(v, tf.stack([sh, sw]), method="nearest")
-                if k == "instance":
+                zoom = TASKS[k].zoom if k in TASKS else "unchanged"
+                if zoom == "offsets":
                     v = v * tf.stack([sy, sx])
-                elif k == "depth" and config.depth_scales_with_zoom:
+                elif zoom == "depth" and config.depth_scales_with_zoom:
                     v = v * sx
                 scaled[k] = v
             fields = scaled
@@ -159,14 +192,13 @@ def augment_example(image, targets, seed, key, config: AugmentConfig):
 
         def flipped(k, v):
             v = tf.reverse(v, [1])
-            if k == "instance":
-                v = v * tf.constant([1.0, -1.0], v.dtype)
-            elif k == "normals":
-                v = v * tf.constant([-1.0, 1.0, 1.0], v.dtype)
+            signs = TASKS[k].flip_signs if k in TASKS else None
+            if signs is not None:
+                v = v * tf.constant(signs, v.dtype)
             return v
 
         fields = {k: tf.cond(do_flip, lambda k=k, v=v: flipped(k, v), lambda v=v: v) for k, v in fields.items()}
 
     image = fields.pop("image")
-    out = {k: (v[..., 0] if k == "semantic" else v) for k, v in fields.items()}
+    out = {k: (v[..., 0] if _is_label_map(k) else v) for k, v in fields.items()}
     return image, out

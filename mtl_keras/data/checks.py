@@ -12,6 +12,8 @@ import struct
 
 import numpy as np
 
+from mtl_keras.tasks import TASK_NAMES, TASKS
+
 __all__ = ["PngInfo", "png_info", "check_png", "NpyInfo", "npy_info", "DataError", "decode_png_file"]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -139,7 +141,7 @@ def npy_info(path) -> NpyInfo:
 
 
 # Validation of loader arguments (TensorFlow-free: shared by the tf.data and the numpy loaders).
-ALL_TASKS = ("semantic", "instance", "depth", "normals")
+ALL_TASKS = TASK_NAMES  # every task of mtl_keras.tasks.TASKS (check_tasks reads the table itself)
 
 
 def check_image_size(image_size, name="image_size"):
@@ -158,7 +160,7 @@ def check_tasks(tasks, available, dataset):
     if isinstance(tasks, str):
         tasks = tuple(t.strip() for t in tasks.split(",") if t.strip())
     tasks = tuple(tasks)
-    unknown = [t for t in tasks if t not in ALL_TASKS]
+    unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         raise ValueError(f"tasks must be a non-empty subset of {available} for {dataset}, got {tasks!r}")
     missing = [t for t in tasks if t not in available]

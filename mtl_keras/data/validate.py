@@ -136,16 +136,20 @@ def _check_cityscapes_entry(entry, num_classes):
 
 
 def _validate_cityscapes(data_dir, split, num_classes, tasks, workers, max_errors, cameras_needed=True):
-    from mtl_keras.data.cityscapes import FILE_TYPES, list_cityscapes_files
+    from mtl_keras.data.cityscapes import _TASK_FILES, FILE_TYPES, list_cityscapes_files
+    from mtl_keras.tasks import TASKS
 
     report = SplitReport(split)
     if not os.path.isdir(os.path.join(data_dir, FILE_TYPES["image"][0], split)):
         report.missing = True
         return report
-    require = ["image"]
-    require += ["label_ids"] if "semantic" in tasks or "instance" in tasks else []
-    require += ["instance_ids"] if "instance" in tasks else []
-    require += ["disparity", "camera"] if "depth" in tasks else []
+    # the reader's files of each task (cityscapes._TASK_FILES), plus the labelIds that instanceIds are checked
+    # against and the camera files of the disparity (read for --depth_target metric)
+    require = ["image"] + [k for t in TASKS if t in tasks for k in _TASK_FILES.get(t, ())]
+    if "instance_ids" in require and "label_ids" not in require:
+        require.insert(require.index("instance_ids"), "label_ids")
+    if "disparity" in require:
+        require.insert(require.index("disparity") + 1, "camera")
     optional = ("label_ids", "instance_ids", "disparity", "camera") if split == "test" else ("camera",)
     problems = []  # every missing or orphan file of the split, not only the first
     try:
@@ -246,7 +250,7 @@ def _check_npy_example(paths, num_classes):
 
 
 def _validate_npy(name, data_dir, split, num_classes, tasks, workers, max_errors):
-    from mtl_keras.data.npy_release import NPY_RELEASES, list_npy_release
+    from mtl_keras.data.npy_release import _FIELD_OF_TASK, NPY_RELEASES, list_npy_release
 
     report = SplitReport(split)
     release = NPY_RELEASES[name]
@@ -254,7 +258,7 @@ def _validate_npy(name, data_dir, split, num_classes, tasks, workers, max_errors
     if not os.path.isdir(folder):
         report.missing = True
         return report
-    fields = ["image"] + [{"semantic": "label", "depth": "depth", "normals": "normal"}[t] for t in tasks]
+    fields = ["image"] + [_FIELD_OF_TASK[t] for t in tasks]
     try:
         listing = list_npy_release(name, data_dir, split, fields, num_classes)
     except (OSError, ValueError) as e:
@@ -285,7 +289,7 @@ def _validate_npy(name, data_dir, split, num_classes, tasks, workers, max_errors
 def _validate_nyuv2(data_dir, split, num_classes, tasks, max_errors):
     import h5py
 
-    from mtl_keras.data.nyuv2 import _path, check_nyuv2_mat, nyuv2_label_table, read_nyuv2_splits
+    from mtl_keras.data.nyuv2 import _NEEDS, _path, check_nyuv2_mat, nyuv2_label_table, read_nyuv2_splits
 
     report = SplitReport(split)
     mat = _path(data_dir, "mat")
@@ -297,11 +301,12 @@ def _validate_nyuv2(data_dir, split, num_classes, tasks, max_errors):
         report.errors.append((mat, _error_message(e)))
         return report
     report.examples = int(indices.size)
+    needed = {d for t in tasks for d in _NEEDS.get(t, ())}  # the .mat datasets the reader reads for the tasks
     stats = _Stats()
     with h5py.File(mat, "r") as f:
         for i in indices:
             report.add_size(w, h)
-            if "labels" in f and ("semantic" in tasks or "instance" in tasks):
+            if "labels" in f and "labels" in needed:
                 lab = f["labels"][i]
                 if lab.max() >= len(table):
                     report.errors.append((mat, f"{mat}: labels of image {i + 1} (1-based) hold id {int(lab.max())} "
@@ -309,7 +314,7 @@ def _validate_nyuv2(data_dir, split, num_classes, tasks, max_errors):
                 else:
                     stats.pixels += lab.size
                     stats.labelled += int((table[lab] != 255).sum())
-            if "depths" in f and "depth" in tasks:
+            if "depths" in f and "depths" in needed:
                 d = f["depths"][i]
                 stats.depth_pixels += d.size
                 stats.depth_valid += int((np.isfinite(d) & (d > 0)).sum())
