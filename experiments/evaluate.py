@@ -4,11 +4,18 @@
     python experiments/evaluate.py --model_path runs/default --official            # + the cityscapesscripts scores
     python experiments/evaluate.py --model_path runs/default/model.keras --dataset cityscapes --data_dir /data/cs
     python experiments/evaluate.py --model_path runs/default/export --clustering optics   # a SavedModel
+    python experiments/evaluate.py --model_path kendall_deeplabv3_resnet26_slim_synthetic   # a preset
 
 ``--model_path``: a training output folder (its ``model.keras``; data settings from its ``config.json``), a
-``.keras`` file (``keras.saving.load_model``, safe mode on) or an exported SavedModel folder
-(``tf.saved_model.load(path).serve(images)``). For a file or a SavedModel, the ``config.json`` of the folder around
-it (e.g. ``runs/x`` for ``runs/x/export``), when there is one, supplies the data settings; flags override them.
+``.keras`` file (``keras.saving.load_model``, safe mode on), an exported SavedModel folder (the serving export of
+``experiments/export.py`` and of a run's ``export/``, outputs ``semantic_logits``, ``instance_vectors``, ``depth``,
+``normals``; also an older ``model.export`` with outputs named ``semantic``, ``instance``, ``depth``), or a preset
+name or preset folder (``mtl_keras.zoo.load_model``). For a file or a SavedModel, the ``config.json`` of the folder
+around it (e.g. ``runs/x`` for ``runs/x/export``), when there is one, supplies the data settings; flags override them.
+
+Tasks evaluated: ``--tasks``, else the run's (its ``config.json``), else those the dataset supplies. A task the model
+has no output for is an error (one line naming the model path and the missing output, exit status 2, nothing
+written): an evaluation never covers fewer tasks than asked.
 
 Writes to ``--output_dir``, default: one folder per evaluated model and split (``eval/`` in a run folder for its model
 on ``val``, ``eval_export/``, ``eval_model/`` for its SavedModel or ``.keras`` file, ``eval_test/`` for ``--split
@@ -53,13 +60,14 @@ from mtl_keras import cli  # noqa: E402
 log = logging.getLogger("mtl_keras.evaluate")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model_path", None, "Run folder, .keras file or SavedModel folder.")
+flags.DEFINE_string("model_path", None, "Run folder, .keras file, SavedModel folder, or preset name or folder.")
 flags.DEFINE_string("dataset", None, "Dataset name (default: the run's, else synthetic).")
 flags.DEFINE_string("data_dir", None, "Dataset root (default: the run's, else data/synthetic for synthetic).")
 flags.DEFINE_string("split", "val", "Split to evaluate.")
 flags.DEFINE_list("image_size", None, "height,width fed to the model (default: the run's, else the model's input).")
 flags.DEFINE_integer("num_classes", None, "Semantic classes (default: the run's, else the model's output).")
-flags.DEFINE_list("tasks", None, "Tasks to evaluate (default: the model's outputs).")
+flags.DEFINE_list("tasks", None, "Tasks to evaluate (default: the run's, else the dataset's); each needs a model "
+                  "output.")
 flags.DEFINE_integer("batch_size", 8, "Batch size.")
 flags.DEFINE_integer("max_batches", 0, "Evaluate only this many batches (0: the whole split).")
 flags.DEFINE_enum("clustering", "histogram", ["histogram", "optics", "none"], "Instance clustering method.")
@@ -67,7 +75,8 @@ flags.DEFINE_boolean("official", False, "Also run the official CityScapes evalua
 flags.DEFINE_list("baseline_metrics", [], "metrics.json files of single-task runs, for Delta_m.")
 flags.DEFINE_integer("num_images", 4, "Images to draw.")
 flags.DEFINE_string("output_dir", None, "Output folder (default: eval/ in a run folder, eval_MODEL[_SPLIT]/ for "
-                    "another model file or split); an earlier evaluation there is replaced.")
+                    "another model file or split, beside it, or in the working folder for a preset name); an earlier "
+                    "evaluation there is replaced.")
 
 # Delta_m over these metrics, where both the model and the baselines have them: {metric: higher is better}.
 DELTA_M_METRICS = {"semantic_miou": True, "instance_mean_error_px": False, "depth_mean_error_px": False,
@@ -84,65 +93,183 @@ def _read_json(path):
     return read_json(path)
 
 
-def load_predictor(model_path):
-    """``(predict, info)``: ``predict(images float32 (B,H,W,3)) -> {task: numpy array}`` and ``info`` with
-    ``kind`` (run / keras / saved_model), ``run_dir`` (the folder holding ``config.json``, or None), ``config``
-    (its dict or None), ``input_size`` ((H, W) or None), ``num_classes`` (or None)."""
+# Outputs of a SavedModel and the task each holds: the serving export's names (mtl_keras.export.OUTPUT_NAMES), and the
+# task names themselves, as Keras' model.export(format="tf_saved_model") wrote them (run exports before the serving
+# export). Outputs that are no task's: the export's argmax labels and instance ids (evaluate.py clusters itself).
+SAVED_MODEL_OUTPUTS = {"semantic_logits": "semantic", "instance_vectors": "instance", "depth": "depth",
+                       "normals": "normals", "semantic": "semantic", "instance": "instance"}
+DERIVED_OUTPUTS = ("semantic_labels", "instance_ids")
+
+
+def _looks_like_a_path(model_path):
+    return (os.sep in model_path or (os.altsep or os.sep) in model_path or model_path.startswith(".")
+            or model_path.endswith((".keras", ".h5")))
+
+
+def _keras_predictor(model, info):
+    """Fills ``info`` from a Keras model (input size, classes, tasks, outputs) and returns its ``predict``."""
     import numpy as np
 
-    model_path = os.path.abspath(os.fspath(model_path))
-    if os.path.isdir(model_path) and os.path.isfile(os.path.join(model_path, "model.keras")):
-        kind, run_dir, keras_file = "run", model_path, os.path.join(model_path, "model.keras")
-    elif model_path.endswith(".keras") and os.path.isfile(model_path):
-        kind, run_dir, keras_file = "keras", os.path.dirname(model_path), model_path
-    elif os.path.isdir(model_path) and os.path.isfile(os.path.join(model_path, "saved_model.pb")):
-        kind, run_dir, keras_file = "saved_model", os.path.dirname(model_path), None
+    from mtl_keras.evaluation import TASKS
+
+    shape = model.input_shape
+    if isinstance(shape, (list, tuple)) and len(shape) == 4 and shape[1] and shape[2]:
+        info["input_size"] = (int(shape[1]), int(shape[2]))
+    outputs = model.output if isinstance(model.output, dict) else {}
+    if "semantic" in outputs:
+        info["num_classes"] = int(outputs["semantic"].shape[-1])
+    info["outputs"] = {t: t for t in outputs}
+    info["model_tasks"] = [t for t in TASKS if t in outputs]
+
+    def predict(images):
+        out = model.predict_on_batch(np.asarray(images, np.float32))
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    return predict
+
+
+def _saved_model_predictor(model_path, info):
+    """Fills ``info`` from a SavedModel (the serving export of mtl_keras.export, or an older ``model.export``) and
+    returns its ``predict``, whose outputs are renamed to their tasks."""
+    import numpy as np
+    import tensorflow as tf
+
+    from mtl_keras.evaluation import TASKS
+
+    export_info = None
+    info_file = os.path.join(model_path, "assets.extra", "export_info.json")
+    if os.path.isfile(info_file):
+        export_info = _read_json(info_file)
+    loaded = tf.saved_model.load(model_path)
+    serve = getattr(loaded, "serve", None)  # the float32 function (both kinds of export); positional images
+    signature = loaded.signatures.get("serving_default") or loaded.signatures.get("serve")
+    if signature is None and serve is None:
+        raise ValueError(f"SavedModel {model_path} has neither a serve function nor a serving_default signature.")
+    names = []
+    if signature is not None:
+        spec = list(signature.structured_input_signature[1].values())[0]
+        if spec.shape.rank == 4 and spec.shape[1] and spec.shape[2]:
+            info["input_size"] = (int(spec.shape[1]), int(spec.shape[2]))
+        names = sorted(signature.structured_outputs)
+        for name in ("semantic_logits", "semantic"):
+            sem = signature.structured_outputs.get(name)
+            if sem is not None and sem.shape[-1]:
+                info["num_classes"] = int(sem.shape[-1])
+                break
+    if export_info:
+        config = export_info.get("config") or {}
+        shape = config.get("input_shape")
+        if info["input_size"] is None and shape and len(shape) == 3 and shape[0] and shape[1]:
+            info["input_size"] = (int(shape[0]), int(shape[1]))
+        if info["num_classes"] is None and config.get("num_classes"):
+            info["num_classes"] = int(config["num_classes"])
+        names = names or list(export_info.get("outputs", []))
+    unknown = [n for n in names if n not in SAVED_MODEL_OUTPUTS and n not in DERIVED_OUTPUTS]
+    if unknown:
+        log.warning("SavedModel %s: outputs %s are no task's; evaluate.py leaves them out.", model_path, unknown)
+    renames = {n: SAVED_MODEL_OUTPUTS[n] for n in names if n in SAVED_MODEL_OUTPUTS}
+    info["outputs"] = {task: name for name, task in renames.items()}
+    info["model_tasks"] = [t for t in TASKS if t in info["outputs"]]
+    declared = [t for t in (export_info or {}).get("tasks", []) if t not in info["outputs"]]
+    if declared:
+        raise ValueError(f"SavedModel {model_path}: its export_info.json lists task(s) {', '.join(declared)} but it "
+                         f"has no output for them (outputs: {', '.join(names)}).")
+
+    def predict(images, _keep_alive=loaded):  # the functions need the loaded object (its variables) alive
+        images = tf.constant(np.asarray(images, np.float32))
+        out = serve(images) if serve is not None else signature(**{list(
+            signature.structured_input_signature[1])[0]: images})
+        if not isinstance(out, dict):
+            raise ValueError(f"SavedModel {model_path} returns {type(out).__name__}, not a dict of named outputs.")
+        return {renames[k]: np.asarray(v) for k, v in out.items() if k in renames}
+
+    return predict
+
+
+def load_predictor(model_path):
+    """``(predict, info)``: ``predict(images float32 (B,H,W,3)) -> {task: numpy array}`` and ``info`` with
+    ``kind`` (run / keras / saved_model / preset), ``run_dir`` (the folder holding ``config.json``, or None),
+    ``config`` (its dict or None), ``input_size`` ((H, W) or None), ``num_classes`` (or None), ``model_tasks`` (the
+    tasks the model has an output for) and ``outputs`` ({task: the model's output name}).
+
+    ``model_path``: a run folder (its ``model.keras``), a ``.keras`` file, a SavedModel folder (the serving export
+    of ``mtl_keras.export``, or an older ``model.export`` with outputs named by task), or a preset name or preset
+    folder (``mtl_keras.zoo.load_model``)."""
+    model_path = os.fspath(model_path)
+    as_path = os.path.abspath(model_path)
+    if os.path.isdir(as_path) and os.path.isfile(os.path.join(as_path, "saved_model.pb")):
+        kind, run_dir, keras_file = "saved_model", os.path.dirname(as_path), None
+    elif os.path.isdir(as_path) and os.path.isfile(os.path.join(as_path, "model.keras")):
+        kind, run_dir, keras_file = "run", as_path, os.path.join(as_path, "model.keras")
+    elif as_path.endswith(".keras") and os.path.isfile(as_path):
+        kind, run_dir, keras_file = "keras", os.path.dirname(as_path), as_path
+    elif os.path.isdir(as_path) and os.path.isfile(os.path.join(as_path, "config.json")) and os.path.isdir(
+            os.path.join(as_path, "checkpoints")):  # a run folder without model.keras: its last checkpoint
+        kind, run_dir, keras_file = "run", as_path, None
+    elif os.path.isdir(as_path) or (not os.path.exists(as_path) and not _looks_like_a_path(model_path)):
+        kind, run_dir, keras_file = "preset", None, None
     else:
         raise FileNotFoundError(f"--model_path {model_path} is neither a run folder (with model.keras), a .keras "
-                                f"file nor a SavedModel folder (with saved_model.pb).")
-    config_path = os.path.join(run_dir, "config.json")
-    config = _read_json(config_path) if os.path.isfile(config_path) else None
-    if config is None:
-        run_dir = None if kind != "run" else run_dir
+                                f"file, a SavedModel folder (with saved_model.pb) nor a preset name or folder.")
+    if kind != "preset":
+        model_path = as_path
+    config = None
+    if run_dir is not None:
+        config_path = os.path.join(run_dir, "config.json")
+        config = _read_json(config_path) if os.path.isfile(config_path) else None
+        if config is None and kind != "run":
+            run_dir = None
     info = {"kind": kind, "model_path": model_path, "run_dir": run_dir, "config": config, "input_size": None,
             "num_classes": None}
 
-    if keras_file is not None:
+    if kind == "saved_model":
+        return _saved_model_predictor(model_path, info), info
+    import mtl_keras  # noqa: F401  (registers the custom layers before deserialising)
+
+    if keras_file is None:
+        from mtl_keras.zoo import load_model
+
+        try:
+            model = load_model(model_path)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"--model_path {model_path} is neither a run folder, a .keras file nor a SavedModel "
+                             f"folder, and as a preset: {e}") from e
+    else:
         import keras
 
-        import mtl_keras  # noqa: F401  (registers the custom layers before deserialising)
-
         model = keras.saving.load_model(keras_file)  # safe_mode stays on
-        shape = model.input_shape
-        if isinstance(shape, (list, tuple)) and len(shape) == 4 and shape[1] and shape[2]:
-            info["input_size"] = (int(shape[1]), int(shape[2]))
-        outputs = model.output if isinstance(model.output, dict) else {}
-        if "semantic" in outputs:
-            info["num_classes"] = int(outputs["semantic"].shape[-1])
+    return _keras_predictor(model, info), info
 
-        def predict(images):
-            out = model.predict_on_batch(np.asarray(images, np.float32))
-            return {k: np.asarray(v) for k, v in out.items()}
+
+def tasks_to_evaluate(info, dataset, tasks=None):
+    """The tasks to evaluate: ``tasks`` (--tasks), else the run's config.json tasks, else those ``dataset`` supplies
+    (those of the model's tasks it supplies when the model has more). Raises ValueError, one line naming the model
+    path and the missing output, when the model has no output for one of them: evaluating fewer tasks than asked is
+    never silent."""
+    from mtl_keras.data.datasets import dataset_entry
+    from mtl_keras.evaluation import TASKS
+
+    unknown = [t for t in (tasks or ()) if t not in TASKS]
+    if unknown:
+        raise ValueError(f"--tasks {','.join(unknown)}: unknown task(s); valid: {', '.join(TASKS)}.")
+    if tasks:
+        wanted, source = list(tasks), "--tasks"
+    elif info["config"] and info["config"].get("tasks"):
+        wanted, source = list(info["config"]["tasks"]), f"the tasks of {os.path.join(info['run_dir'], 'config.json')}"
     else:
-        import tensorflow as tf
+        wanted, source = list(dataset_entry(dataset).tasks), f"the tasks of dataset {dataset}"
+    wanted = [t for t in TASKS if t in wanted]
+    missing = [t for t in wanted if t not in info["model_tasks"]]
+    if missing:
+        from mtl_keras.export import OUTPUT_NAMES
 
-        loaded = tf.saved_model.load(model_path)
-        serve = getattr(loaded, "serve", None)
-        signature = loaded.signatures.get("serve") or loaded.signatures.get("serving_default")
-        if signature is not None:
-            spec = list(signature.structured_input_signature[1].values())[0]
-            if spec.shape.rank == 4 and spec.shape[1] and spec.shape[2]:
-                info["input_size"] = (int(spec.shape[1]), int(spec.shape[2]))
-            sem = signature.structured_outputs.get("semantic")
-            if sem is not None:
-                info["num_classes"] = int(sem.shape[-1])
-
-        def predict(images, _keep_alive=loaded):  # the functions need the loaded object (its variables) alive
-            images = tf.constant(np.asarray(images, np.float32))
-            out = serve(images) if serve is not None else signature(images)
-            return {k: np.asarray(v) for k, v in out.items()}
-
-    return predict, info
+        expected = ", ".join(f"{t} ({OUTPUT_NAMES.get(t, t)})" for t in missing)
+        has = ", ".join(info["outputs"].values()) or "none"
+        present = [t for t in wanted if t not in missing]
+        hint = f"; pass --tasks={','.join(present)} to evaluate only those" if present else ""
+        raise ValueError(f"{info['model_path']} has no output for task(s) {expected}, which {source} ask(s) to "
+                         f"evaluate (its outputs: {has}){hint}. Nothing was written.")
+    return wanted
 
 
 def _train_config(config_dict):
@@ -232,6 +359,19 @@ def default_output_dir(info, split):
     return os.path.join(base, name)
 
 
+def check_not_the_runs_eval(info, output_dir):
+    """Refuses to write the evaluation of anything but a run folder's own model into that run's ``eval/`` (an
+    export or a ``.keras`` file of the run gets ``eval_export/``, ``eval_model/``): the run's evaluation stays."""
+    if info["kind"] == "run":
+        return
+    target = os.path.realpath(os.path.abspath(output_dir))
+    for folder in {info["run_dir"], os.path.dirname(os.path.abspath(info["model_path"]))} - {None}:
+        run_eval = os.path.realpath(os.path.join(folder, "eval"))
+        if target == run_eval and os.path.isfile(os.path.join(folder, "model.keras")):
+            raise ValueError(f"--output_dir {output_dir} is the run's own evaluation folder; the {info['kind']} "
+                             f"{info['model_path']} is evaluated into {default_output_dir(info, 'val')} by default.")
+
+
 def prepare_output_dir(output_dir):
     """An empty folder for this evaluation: an earlier evaluation there (its ``metrics.json``) is replaced whole, so
     no stale picture or result file stays beside the new ones; a folder holding anything else is refused."""
@@ -261,21 +401,22 @@ def run_evaluation(model_path, dataset=None, data_dir=None, split="val", image_s
 
     start = time.time()
     predict, info = load_predictor(model_path)
-    settings = resolve_settings(info, dataset, data_dir, image_size, num_classes, tasks)
+    # Tasks: --tasks, else the run's, else the dataset's; every one needs a model output (checked before anything
+    # is written or generated).
+    eval_tasks = tasks_to_evaluate(info, dataset or (info["config"] or {}).get("dataset") or "synthetic", tasks)
+    settings = resolve_settings(info, dataset, data_dir, image_size, num_classes, eval_tasks)
     height, width = settings["image_size"]
     num_classes = settings["num_classes"]
     if output_dir is None:
         output_dir = default_output_dir(info, split)
+    check_not_the_runs_eval(info, output_dir)
+    probe = predict(np.zeros((1, height, width, 3), np.float32))
+    missing = [t for t in eval_tasks if t not in probe]
+    if missing:  # the model declared an output its predictions lack
+        raise ValueError(f"{info['model_path']} returned no output for task(s) {', '.join(missing)} (it returned "
+                         f"{', '.join(sorted(probe))}). Nothing was written.")
     prepare_output_dir(output_dir)
     image_dir = os.path.join(output_dir, "images")
-
-    # Tasks: the model's outputs (or --tasks), those the loader can supply.
-    probe = predict(np.zeros((1, height, width, 3), np.float32))
-    model_tasks = [t for t in TASKS if t in probe]
-    eval_tasks = [t for t in (settings["tasks"] or model_tasks) if t in TASKS]
-    missing = [t for t in eval_tasks if t not in probe]
-    if missing:
-        raise ValueError(f"The model has no output for task(s) {missing}; it predicts {sorted(probe)}.")
     ds = load_dataset(settings["dataset"], settings["data_dir"], split, image_size=(height, width),
                       batch_size=batch_size, num_classes=num_classes, tasks=tuple(eval_tasks), shuffle=False,
                       flip=False)
@@ -479,7 +620,7 @@ def markdown_table(metrics):
 def main(argv):
     del argv
     if not FLAGS.model_path:
-        raise ValueError("--model_path is required (a run folder, a .keras file or a SavedModel folder).")
+        raise ValueError("--model_path is required (a run folder, a .keras file, a SavedModel folder or a preset).")
     metrics = run_evaluation(
         FLAGS.model_path, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=FLAGS.split,
         image_size=FLAGS.image_size, num_classes=FLAGS.num_classes, tasks=FLAGS.tasks, batch_size=FLAGS.batch_size,

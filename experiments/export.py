@@ -12,6 +12,9 @@ The SavedModel's signatures (serving_default / serve: float32 images; serve_uint
 and width) return semantic_logits, semantic_labels, instance_vectors, depth (those of the model's tasks) and, with
 --instances, instance_ids. Inspect it with `saved_model_cli show --dir OUTPUT --all`; it needs neither Keras nor
 mtl_keras to run. See mtl_keras/export.py for the details (padding, instance clustering inside the graph).
+
+A training run writes this same SavedModel to RUN/export (with --instances when its model has the semantic and
+instance tasks and CityScapes classes); `python experiments/evaluate.py --model_path OUTPUT` evaluates it.
 """
 
 import os

@@ -373,15 +373,27 @@ def _run_training(config, verbose):
     _save_samples(model, val_ds, os.path.join(out, "samples"), config, save_prediction_panel)
 
     model.save(os.path.join(out, "model.keras"))
-    if config.export and use_tf_data and keras.config.backend() != "torch":
-        with platform.quiet_tensorflow_logs():
-            model.export(os.path.join(out, "export"), format="tf_saved_model", verbose=False)  # jax2tf on JAX
-    elif config.export:
-        # Keras' torch -> SavedModel path (torch.export) fails on these models' dict outputs; the .keras file loads
-        # on any backend, so the export is one command away.
-        why = "TensorFlow is not installed" if not use_tf_data else "the PyTorch backend cannot write one"
-        log.warning("No SavedModel export: %s. model.keras is written; export it with KERAS_BACKEND=tensorflow "
-                    "python experiments/export.py %s", why, out)
+    if config.export:
+        # The serving export of experiments/export.py (any size, uint8 / float32, named outputs, instance ids when
+        # the model has semantic + instance). JAX and PyTorch cannot run TensorFlow ops on the model: it is written
+        # from model.keras in a child process with KERAS_BACKEND=tensorflow.
+        from mtl_keras import export as serving_export
+
+        export_dir = os.path.join(out, "export")
+        command = serving_export.export_command(out, export_dir, serving_export.default_instances(model))
+        if not use_tf_data:
+            log.warning("No SavedModel export: TensorFlow is not installed. model.keras is written; export it with "
+                        "%s", command)
+        else:
+            try:
+                export_start = time.time()
+                with platform.quiet_tensorflow_logs():
+                    info = serving_export.write_run_export(model, export_dir,
+                                                           keras_file=os.path.join(out, "model.keras"))
+                log.info("serving export %s (%s) in %.1f s", export_dir, ", ".join(info["outputs"]),
+                         time.time() - export_start)
+            except serving_export.ExportSubprocessError as e:
+                log.warning("No SavedModel export: %s. model.keras is written; export it with %s", e, command)
 
     results = {
         "chief": True,

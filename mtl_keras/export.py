@@ -29,11 +29,19 @@ in float32. On the same inputs both give the same partition (tests/test_export.p
 
 ``export_info.json`` in ``assets.extra/`` records the signatures, outputs, tasks, class names and clustering
 parameters. :func:`export_onnx` converts the float32 function with tf2onnx (dense outputs only).
+
+The one serving export: ``experiments/export.py`` and a training run's ``export/`` folder (``mtl_keras.experiment``
+through :func:`write_run_export`) both write it with :func:`export_saved_model`. A run on the TensorFlow backend
+writes it in its own process; JAX and PyTorch cannot run TensorFlow ops on the Keras model, so the run writes it
+from its ``model.keras`` in a child process with ``KERAS_BACKEND=tensorflow`` (:func:`export_in_subprocess`, which
+runs ``python -m mtl_keras.export MODEL.keras OUTPUT [--instances]``, :func:`main`).
 """
 
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -402,6 +410,93 @@ def export_saved_model(model, path, instances=False, instance_classes=None, inst
     return info
 
 
+# ------------------------------------------------------------------------------------------------- a run's export
+def default_instances(model):
+    """Whether a run's export gets ``instance_ids``: the model has the semantic and instance tasks and its number of
+    classes has known instance classes (CityScapes' 7 or 19)."""
+    if not {"semantic", "instance"} <= set(model_tasks(model)):
+        return False
+    try:
+        _instance_classes(model, None)
+    except (ValueError, TypeError, ImportError):
+        return False
+    return True
+
+
+def export_command(run_dir, output, instances=False):
+    """The shell command that writes the run's serving export later (what :func:`write_run_export` does)."""
+    return (f"KERAS_BACKEND=tensorflow python experiments/export.py {run_dir} --output {output}"
+            + (" --instances" if instances else "") + " --overwrite")
+
+
+class ExportSubprocessError(RuntimeError):
+    """The child process of :func:`export_in_subprocess` failed (its message ends with the child's last lines)."""
+
+
+def export_in_subprocess(keras_file, path, instances=False, timeout=1800):
+    """Writes :func:`export_saved_model` of the ``.keras`` file ``keras_file`` to ``path`` from a child process with
+    ``KERAS_BACKEND=tensorflow`` (for runs on JAX or PyTorch); returns the export's info dict.
+
+    The child sees no GPU (``CUDA_VISIBLE_DEVICES=-1``): the parent's framework may hold its memory, and a CPU-built
+    SavedModel runs on any device. Raises :class:`ExportSubprocessError` when the child fails.
+    """
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", CUDA_VISIBLE_DEVICES="-1",
+               TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+    env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                                           if p])
+    command = [sys.executable, "-m", "mtl_keras.export", os.fspath(keras_file), os.fspath(path)]
+    if instances:
+        command.append("--instances")
+    try:
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise ExportSubprocessError(f"the export process did not finish in {timeout} s") from e
+    if proc.returncode != 0:
+        tail = " | ".join(line for line in (proc.stderr or proc.stdout).strip().splitlines()[-3:])
+        raise ExportSubprocessError(f"the export process (KERAS_BACKEND=tensorflow) exited with {proc.returncode}: "
+                                    f"{tail}")
+    with open(os.path.join(path, "assets.extra", "export_info.json")) as f:
+        return json.load(f)
+
+
+def write_run_export(model, path, keras_file=None, backend=None):
+    """A training run's serving export of ``model`` at ``path`` (``RUN/export``): :func:`export_saved_model` with
+    ``instances`` as :func:`default_instances` says. On the TensorFlow backend in this process; on another
+    (``backend``, default Keras' own) from ``keras_file`` (the run's ``model.keras``, already written) in a child
+    process (:func:`export_in_subprocess`). Returns the export's info dict."""
+    import keras
+
+    backend = backend or keras.config.backend()
+    instances = default_instances(model)
+    if backend == "tensorflow":
+        return export_saved_model(model, path, instances=instances)
+    if keras_file is None:
+        raise ValueError(f"The {backend} backend writes the export from a .keras file: pass keras_file.")
+    return export_in_subprocess(keras_file, path, instances=instances)
+
+
+def main(argv=None):
+    """``python -m mtl_keras.export MODEL.keras OUTPUT [--instances]``: :func:`export_saved_model` of a ``.keras``
+    file (the child process of :func:`export_in_subprocess`; ``experiments/export.py`` is the full command)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m mtl_keras.export", description=main.__doc__)
+    parser.add_argument("keras_file")
+    parser.add_argument("output")
+    parser.add_argument("--instances", action="store_true")
+    args = parser.parse_args(argv)
+    import keras
+
+    if keras.config.backend() != "tensorflow":
+        parser.error(f"the SavedModel export needs KERAS_BACKEND=tensorflow (Keras runs {keras.config.backend()}).")
+    from mtl_keras.zoo import load_model
+
+    info = export_saved_model(load_model(args.keras_file), args.output, instances=args.instances)
+    print(f"SavedModel: {args.output} (outputs: {', '.join(info['outputs'])})")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------- ONNX
 def export_onnx(model, path, opset=17):
     """Writes ``path`` (.onnx): the float32 serving function (dense outputs, no instance ids) through tf2onnx.
@@ -485,3 +580,7 @@ def _explicit_same_padding(model_proto):
         pads = begin + [t - b for t, b in zip(total, begin)]
         node.attribute.remove(auto_pad)
         node.attribute.append(onnx.helper.make_attribute("pads", pads))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

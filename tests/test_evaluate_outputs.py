@@ -46,3 +46,57 @@ def test_a_folder_with_other_files_is_refused_untouched(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         evaluate.prepare_output_dir(str(tmp_path / "file"))
+
+
+def test_a_preset_is_evaluated_into_eval_name_in_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    info = {"kind": "preset", "model_path": "kendall_deeplabv3_resnet26_slim_synthetic", "run_dir": None}
+    assert evaluate.default_output_dir(info, "val") == str(tmp_path / "eval_kendall_deeplabv3_resnet26_slim_synthetic")
+
+
+@pytest.mark.parametrize("kind, model_path", [("keras", "runs/a/model.keras"), ("saved_model", "runs/a/export")])
+def test_an_export_or_model_file_never_writes_into_the_runs_own_eval(tmp_path, kind, model_path):
+    run = tmp_path / "runs" / "a"
+    (run / "eval").mkdir(parents=True)
+    (run / "model.keras").write_text("a run's model")
+    info = {"kind": kind, "model_path": str(tmp_path / model_path), "run_dir": str(run)}
+    with pytest.raises(ValueError, match="the run's own evaluation folder"):
+        evaluate.check_not_the_runs_eval(info, str(run / "eval"))
+    with pytest.raises(ValueError, match="the run's own evaluation folder"):
+        evaluate.check_not_the_runs_eval(dict(info, run_dir=None), str(run / "eval") + "/")  # no config.json
+    evaluate.check_not_the_runs_eval(info, evaluate.default_output_dir(info, "val"))  # its own folder is fine
+    evaluate.check_not_the_runs_eval(dict(info, kind="run", model_path=str(run)), str(run / "eval"))
+
+
+def _info(model_tasks, config_tasks=None, outputs=None):
+    from mtl_keras.export import OUTPUT_NAMES
+
+    outputs = outputs or {t: OUTPUT_NAMES[t] for t in model_tasks}
+    config = {"tasks": list(config_tasks)} if config_tasks else None
+    return {"kind": "saved_model", "model_path": "/runs/a/export", "run_dir": "/runs/a" if config else None,
+            "config": config, "model_tasks": list(model_tasks), "outputs": outputs}
+
+
+def test_the_tasks_evaluated_are_the_flag_s_else_the_run_s_else_the_dataset_s():
+    full = _info(("semantic", "instance", "depth", "normals"), config_tasks=("depth", "semantic"))
+    assert evaluate.tasks_to_evaluate(full, "synthetic", ["depth"]) == ["depth"]
+    assert evaluate.tasks_to_evaluate(full, "synthetic") == ["semantic", "depth"]  # the run's, in task order
+    no_config = _info(("semantic", "instance", "depth", "normals"))
+    assert evaluate.tasks_to_evaluate(no_config, "synthetic") == ["semantic", "instance", "depth"]
+    assert evaluate.tasks_to_evaluate(no_config, "nyuv2_npy") == ["semantic", "depth", "normals"]
+    with pytest.raises(ValueError, match="unknown task"):
+        evaluate.tasks_to_evaluate(no_config, "synthetic", ["semantics"])
+
+
+@pytest.mark.parametrize("config_tasks, source", [(("semantic", "instance", "depth"), "/runs/a/config.json"),
+                                                  (None, "dataset synthetic")])
+def test_a_task_without_an_output_is_one_line_naming_the_path_and_the_output(config_tasks, source):
+    info = _info(("semantic", "depth"), config_tasks=config_tasks)
+    with pytest.raises(ValueError) as error:
+        evaluate.tasks_to_evaluate(info, "synthetic")
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("/runs/a/export has no output for task(s) instance (instance_vectors)")
+    assert source in message and "--tasks=semantic,depth" in message
+    with pytest.raises(ValueError, match=r"no output for task\(s\) normals \(normals\)"):
+        evaluate.tasks_to_evaluate(info, "synthetic", ["semantic", "normals"])
