@@ -214,7 +214,16 @@ def load_predictor(model_path):
     if kind != "preset":
         model_path = as_path
     config = None
-    if run_dir is not None:
+    from mtl_keras.presets import is_preset_dir, read_preset_metadata
+
+    if kind == "preset" and is_preset_dir(as_path):
+        # A preset folder carries its training config (dataset, data folder, image size, tasks); inside a run folder
+        # (RUN/preset) its evaluation goes beside the run's own, as eval_preset/.
+        model_path = as_path
+        config = read_preset_metadata(as_path).get("training")
+        parent = os.path.dirname(as_path)
+        run_dir = parent if os.path.isfile(os.path.join(parent, "config.json")) else None
+    elif run_dir is not None:
         config_path = os.path.join(run_dir, "config.json")
         config = _read_json(config_path) if os.path.isfile(config_path) else None
         if config is None and kind != "run":

@@ -3,7 +3,8 @@
 ``experiments/train.py`` is the command-line face of ``run_training``. The output folder holds:
 ``config.json``, ``checkpoints/last.weights.h5`` (trainer weights, each epoch), ``backup/`` (resume state while a
 run is unfinished: see mtl_keras/checkpointing.py), ``logs/`` (TensorBoard: per-task losses, each sigma^2 and effective weight), ``metrics.json``,
-``task_weights.png``, ``samples/*.png``, ``model.keras`` (the inference model) and ``export/`` (SavedModel).
+``task_weights.png``, ``samples/*.png``, ``model.keras`` (the inference model), ``preset/`` (the same model as a preset
+folder with its training config and metrics: ``mtl_keras.from_preset``) and ``export/`` (the serving SavedModel).
 """
 
 import hashlib
@@ -18,6 +19,7 @@ import numpy as np
 
 from mtl_keras import checkpointing, distribution, platform
 from mtl_keras.config import TrainConfig
+from mtl_keras.presets import save_to_preset
 from mtl_keras.registry import build_model
 from mtl_keras.tasks import validate_tasks
 from mtl_keras.training import MultiTaskTrainer, ResumableTensorBoard, WeightingHistory, kendall_sgd
@@ -119,12 +121,12 @@ def _to_jsonable(value):
 
 # Settings that may change when an interrupted run is started again: where things are written or read, how much is
 # evaluated, and how the same computation is placed (another machine may resume with another strategy).
-RESUME_MAY_CHANGE = ("output_dir", "data_dir", "val_batches", "num_sample_images", "export", "strategy",
-                     "cpu_replicas", "jit_compile", "deterministic", "overwrite")
+RESUME_MAY_CHANGE = ("output_dir", "data_dir", "backbone_weights", "val_batches", "num_sample_images", "export",
+                     "strategy", "cpu_replicas", "jit_compile", "deterministic", "overwrite")
 
 # What a finished run leaves in its folder: removed when --overwrite replaces it, as its training starts.
-RUN_OUTPUTS = ("metrics.json", "metrics_untrained.json", "task_weights.png", "model.keras", "samples", "eval", "export",
-               "logs", "checkpoints")
+RUN_OUTPUTS = ("metrics.json", "metrics_untrained.json", "task_weights.png", "model.keras", "preset", "samples", "eval",
+               "export", "logs", "checkpoints")
 
 
 def check_output_dir(config, out):
@@ -153,6 +155,18 @@ def clear_finished_run(out):
             shutil.rmtree(path)
         elif os.path.exists(path):
             os.remove(path)
+
+
+def _backbone_weights_argument(config, backup_dir):
+    """``{"backbone_weights": ...}`` for a run that starts from ImageNet weights; ``{}`` otherwise, and when the run
+    resumes (its backups hold the weights; the file may have moved since)."""
+    weights = config.backbone_weights
+    if not weights or checkpointing.read_state(backup_dir).get("backups"):
+        return {}
+    if weights != "imagenet" and not os.path.isfile(os.path.expanduser(weights)):
+        raise ValueError(f"--backbone_weights {weights}: no such file (expected 'imagenet' or a keras.applications "
+                         f"ResNet50/101 .h5 file).")
+    return {"backbone_weights": weights if weights == "imagenet" else os.path.expanduser(weights)}
 
 
 def check_resumable(config, out, backup_dir):
@@ -242,6 +256,7 @@ def _run_training(config, verbose):
     replaces_finished_run = check_output_dir(config, out) if chief else False
     if chief:
         check_resumable(config, out, backup_dir)
+    backbone_weights = _backbone_weights_argument(config, backup_dir)  # a missing file fails before any work
     keras.utils.set_random_seed(config.seed)
 
     data_dir = resolve_data_dir(config)
@@ -275,7 +290,7 @@ def _run_training(config, verbose):
         crop = tuple(config.crop_size)
         input_shape = (height, width, 3) if not crop or crop == (height, width) else (None, None, 3)
         model = build_model(config.model, tasks=tasks, num_classes=config.num_classes, input_shape=input_shape,
-                            **dict(config.model_overrides))
+                            **dict(config.model_overrides), **backbone_weights)
         if config.sync_batchnorm and replicas > 1:
             # Without it each replica keeps its own moving statistics: workers would end with different weights.
             distribution.set_synchronized_batchnorm(model)
@@ -373,6 +388,11 @@ def _run_training(config, verbose):
     _save_samples(model, val_ds, os.path.join(out, "samples"), config, save_prediction_panel)
 
     model.save(os.path.join(out, "model.keras"))
+    # The run as a preset folder (mtl_keras.from_preset(RUN/preset)): config, weights with sha256, the training
+    # config and the validation metrics, to share or publish.
+    save_to_preset(model, os.path.join(out, "preset"), training_config=config, metrics=_to_jsonable(trained),
+                   description=f"{config.model} trained by mtl_keras.experiment ({config.dataset}, "
+                               f"{total_steps} steps, {config.weighting} weighting)", overwrite=True)
     if config.export:
         # The serving export of experiments/export.py (any size, uint8 / float32, named outputs, instance ids when
         # the model has semantic + instance). JAX and PyTorch cannot run TensorFlow ops on the model: it is written

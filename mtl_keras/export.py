@@ -60,12 +60,8 @@ def model_tasks(model):
 
 
 def size_multiple(model):
-    """Height and width the architecture needs to divide them (1: any size)."""
-    from mtl_keras.models.mt_unet import NUM_POOLS, MTUNet
-
-    if isinstance(model, MTUNet):
-        return 2 ** NUM_POOLS
-    return 1
+    """Height and width the architecture needs to divide them (1: any size): the zoo models' ``size_multiple``."""
+    return int(getattr(model, "size_multiple", 1) or 1)
 
 
 def serving_model(model):

@@ -26,14 +26,10 @@ _ANY_SIZE_COPIES = weakref.WeakKeyDictionary()
 
 # ------------------------------------------------------------------------------------------------ the model part
 def size_multiple(model):
-    """Height and width the architecture needs to divide them (1: any size): the model's ``size_multiple``
-    attribute where it has one, else 2 ** 4 for MT-UNet (four 2x2 poolings) and 1 for the others."""
-    value = getattr(model, "size_multiple", None)
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1:
-        return int(value)
-    from mtl_keras.models.mt_unet import NUM_POOLS, MTUNet
+    """Height and width the architecture needs to divide them (1: any size): the zoo models' ``size_multiple``."""
+    from mtl_keras.export import size_multiple as model_size_multiple  # one rule for the export and predict
 
-    return 2 ** NUM_POOLS if isinstance(model, MTUNet) else 1
+    return model_size_multiple(model)
 
 
 def _fixed_size(model):

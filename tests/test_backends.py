@@ -120,9 +120,11 @@ def test_train_py_runs_to_the_end_on_jax_and_torch(tmp_path, tiny_synthetic, bac
     assert metrics["jit_compile"] == (backend == "jax")  # XLA by default on JAX only
     for name in ("model.keras", "task_weights.png", "samples/val_00.png"):
         assert (out / name).exists(), name
-    # The SavedModel: through jax2tf on JAX; on PyTorch, Keras' export path fails, so none is written (a warning
-    # names the export command).
-    assert (out / "export" / "saved_model.pb").exists() == (backend == "jax")
+    # The serving SavedModel, written from model.keras in a TensorFlow child process (TF cannot run the JAX or
+    # PyTorch model's ops): the same signatures as on TensorFlow.
+    assert (out / "export" / "saved_model.pb").exists()
+    info = json.loads((out / "export" / "assets.extra" / "export_info.json").read_text())
+    assert info["outputs"] == ["semantic_logits", "semantic_labels", "instance_vectors", "depth", "instance_ids"]
     for key in ("semantic_miou", "instance_mean_error_px", "depth_mean_error_px"):
         assert np.isfinite(metrics["val"][key]), key
 

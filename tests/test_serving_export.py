@@ -151,14 +151,15 @@ def test_a_runs_export_gets_instance_ids_only_where_it_can():
 
 # ------------------------------------------------------------------------------- evaluate.py on each form (b, d)
 @pytest.mark.slow  # 20 to 30 s, and the tiny run
-def test_evaluate_gives_the_same_metrics_on_the_run_its_model_keras_and_its_export(trained_run):
-    paths = [trained_run / "model.keras", trained_run / "export"]
+def test_evaluate_gives_the_same_metrics_on_the_run_its_model_keras_its_preset_and_its_export(trained_run):
+    paths = [trained_run / "model.keras", trained_run / "preset", trained_run / "export"]
     results = evaluate_and_compare(paths, trained_run)
     reference = results[str(trained_run)]
     assert reference["tasks"] == list(TASKS) and "instance_mean_error_px" in reference
-    assert [results[str(p)]["model_kind"] for p in paths] == ["keras", "saved_model"]
+    assert [results[str(p)]["model_kind"] for p in paths] == ["keras", "preset", "saved_model"]
     # Each in its own folder: the run's eval/ stays the run's own evaluation.
-    for folder, kind in (("eval", "run"), ("eval_model", "keras"), ("eval_export", "saved_model")):
+    for folder, kind in (("eval", "run"), ("eval_model", "keras"), ("eval_preset", "preset"),
+                         ("eval_export", "saved_model")):
         assert json.loads((trained_run / folder / "metrics.json").read_text())["model_kind"] == kind, folder
 
 

@@ -16,8 +16,9 @@ from mtl_keras.weighting import FixedWeighting, UncertaintyWeightingLayer, Weigh
 from tests.helpers import assert_outputs_close, reference_dense_metrics, tiny_kendall_kwargs
 
 TASKS = ("semantic", "instance", "depth")
-# run_training writes a SavedModel on TensorFlow and (jax2tf) JAX; on PyTorch Keras' export fails, so it writes none.
-WRITES_SAVEDMODEL = keras.config.backend() != "torch"
+# run_training writes the serving SavedModel (mtl_keras.export) on every backend: in-process on TensorFlow, from
+# model.keras in a TensorFlow child process on JAX and PyTorch.
+WRITES_SAVEDMODEL = True
 
 
 def learnable_batch(n=8, h=32, w=32, seed=0):
@@ -218,7 +219,12 @@ def test_run_training_writes_every_output_and_the_export_serves_in_a_fresh_proce
     subprocess.run([sys.executable, "-c", script], check=True, cwd=str(tmp_path), env=env, timeout=300)
     served = dict(np.load(tmp_path / "served.npz"))
     model = keras.saving.load_model(str(out / "model.keras"))
-    assert_outputs_close(model(images, training=False), served, atol=1e-4)
+    # The serving names (mtl_keras.tasks: semantic_logits, instance_vectors, depth) plus labels and instance ids.
+    assert set(served) == {"semantic_logits", "semantic_labels", "instance_vectors", "depth", "instance_ids"}
+    expected = model(images, training=False)
+    assert_outputs_close(expected, {"semantic": served["semantic_logits"], "instance": served["instance_vectors"],
+                                    "depth": served["depth"]}, atol=1e-4)
+    np.testing.assert_array_equal(served["semantic_labels"], np.argmax(served["semantic_logits"], axis=-1))
 
 
 @pytest.mark.slow  # 30 to 50 s
@@ -238,7 +244,8 @@ def test_mixed_precision_keeps_loss_weights_and_outputs_float32(tmp_path):
 
         served = tf.saved_model.load(str(tmp_path / "run" / "export"))
         out = served.serve(tf.zeros((1, 32, 64, 3), tf.float32))
-        assert {k: v.dtype for k, v in out.items()} == {"semantic": tf.float32, "depth": tf.float32}
+        assert {k: v.dtype for k, v in out.items()} == {"semantic_logits": tf.float32, "semantic_labels": tf.int32,
+                                                        "depth": tf.float32}
     # The .keras file holds the architecture's arguments, not the training precision: it loads under the policy
     # in force (float32 here), which is what inference wants.
     model = keras.saving.load_model(str(tmp_path / "run" / "model.keras"))
