@@ -165,3 +165,8 @@ def run_backbone_test(backbone, images, expected_shapes, folder=None):
     assert_model_config_round_trip(backbone, images)
     if folder is not None:
         assert_keras_save_load(backbone, images, folder)
+
+
+def evaluate_script():
+    """``experiments/evaluate.py`` as a module (one per process: its absl flags are defined once)."""
+    return load_script("experiments/evaluate.py", "evaluate_script")

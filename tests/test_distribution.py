@@ -167,7 +167,7 @@ def test_two_worker_processes_train_in_lockstep_and_only_the_chief_writes(tmp_pa
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["weights_digest"] == digests[0] and metrics["replicas"] == 2
     assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "logs", "metrics.json", "metrics_untrained.json",
-                                       "model.keras", "samples", "task_weights.png"]
+                                       "model.keras", "preset", "samples", "task_weights.png"]
 
 
 def test_chief_detection_from_tf_config(monkeypatch):

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.helpers import load_script, reference_dense_metrics, tiny_kendall_kwargs
+from tests.helpers import evaluate_script, reference_dense_metrics, tiny_kendall_kwargs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "evaluate.py")
@@ -18,10 +18,6 @@ TASKS = ("semantic", "instance", "depth")
 # sidewalk 8, building 11, wall 12, fence 13, pole 17, traffic light 19, traffic sign 20, vegetation 21, terrain 22,
 # sky 23, person 24, rider 25, car 26, truck 27, bus 28, train 31, motorcycle 32, bicycle 33).
 CITYSCAPES_EVAL_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
-
-
-def _import_script():
-    return load_script("experiments/evaluate.py", "evaluate_script")  # one module per process (its absl flags)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +151,7 @@ def test_evaluate_run_folder_with_official_scores(run_folder, val_predictions, r
 @pytest.mark.slow  # 20 to 25 s
 def test_keras_file_and_saved_model_give_the_same_metrics(run_folder, reference, tmp_path):
     run, model = run_folder
-    script = _import_script()
+    script = evaluate_script()
     common = dict(batch_size=2, num_images=0, clustering="histogram")
     # Delta_m against "single-task" baselines (a metrics.json of a run: its "val" dict)
     baseline = tmp_path / "single.json"

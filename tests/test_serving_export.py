@@ -16,7 +16,7 @@ import mtl_keras
 from mtl_keras import export
 from mtl_keras.config import TrainConfig
 from mtl_keras.experiment import run_training
-from tests.helpers import load_script, random_images
+from tests.helpers import evaluate_script, random_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVALUATE = os.path.join(ROOT, "experiments", "evaluate.py")
@@ -29,10 +29,6 @@ QUALITY_METRICS = ("semantic_miou", "semantic_pixel_accuracy", "semantic_per_cla
 TINY = dict(synthetic_num_train=2, synthetic_num_val=2, image_size=(32, 64), batch_size=2, steps=1,
             model="kendall_deeplabv3_resnet26_slim", num_sample_images=0,
             model_overrides=dict(backbone_width=8, aspp_channels=16, decoder_channels=16))
-
-
-def _evaluate_script():
-    return load_script("experiments/evaluate.py", "evaluate_script")  # one module per process (its absl flags)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +60,7 @@ def evaluate_and_compare(model_paths, reference_path, **flags):
     default ``clustering="none"``: mtl_keras.instances' NumPy clustering of an untrained model's noisy votes takes
     8 to 13 s per image here, and it is the same code on the same predictions for every form). Returns
     ``{path: metrics}``."""
-    script = _evaluate_script()
+    script = evaluate_script()
     flags = dict(dict(batch_size=2, num_images=0, clustering="none"), **flags)
     reference = script.run_evaluation(str(reference_path), **flags)
     results = {str(reference_path): reference}
@@ -208,7 +204,7 @@ def test_an_export_missing_a_task_output_is_an_error_and_writes_nothing(export_w
     run = export_without_instances
     before = _contents(run.parent)
     with pytest.raises(ValueError) as error:
-        _evaluate_script().run_evaluation(str(run / "export"), batch_size=2, num_images=0)
+        evaluate_script().run_evaluation(str(run / "export"), batch_size=2, num_images=0)
     message = str(error.value)
     assert f"{run / 'export'} has no output for task(s) instance (instance_vectors)" in message
     assert "config.json" in message and "--tasks=semantic,depth" in message
