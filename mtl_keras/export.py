@@ -45,7 +45,9 @@ import sys
 
 import numpy as np
 
-OUTPUT_NAMES = {"semantic": "semantic_logits", "instance": "instance_vectors", "depth": "depth", "normals": "normals"}
+from mtl_keras.tasks import TASKS
+
+OUTPUT_NAMES = {name: task.output_name for name, task in TASKS.items()}  # the task table's serving names
 INPUT_NAME = "images"
 # mtl_keras.instances' histogram defaults at 128x256 (lengths in px); used if that module is absent.
 _HISTOGRAM_DEFAULTS = dict(sigma=1.5, peak_radius=3.0, assign_radius=10.0, refine_iterations=2)
@@ -317,10 +319,17 @@ def serving_function(model, instances=False, clustering=None):
     return serve
 
 
-def _instance_classes(model, instance_classes):
+def instance_classes_for(model, instance_classes=None):
+    """``instance_classes`` as ints, else the training ids with instances for the model's ``num_classes``."""
     if instance_classes is not None:
         return [int(c) for c in instance_classes]
-    num_classes = int(model.get_config().get("num_classes", 0))
+    try:
+        num_classes = model.get_config().get("num_classes")
+    except (NotImplementedError, AttributeError, TypeError):  # a plain functional model
+        num_classes = None
+    if num_classes is None:
+        num_classes = model.output["semantic"].shape[-1]  # the semantic logits' channels
+    num_classes = int(num_classes)
     from mtl_keras.data.labels import instance_train_ids
 
     try:
@@ -347,7 +356,7 @@ def export_saved_model(model, path, instances=False, instance_classes=None, inst
         size = instance_image_size or tuple(config.get("input_shape", (None, None))[:2])
         if not size or None in size:
             size = (128, 256)
-        clustering = clustering_parameters(size, _instance_classes(model, instance_classes), max_instances,
+        clustering = clustering_parameters(size, instance_classes_for(model, instance_classes), max_instances,
                                            **clustering_overrides)
     serve = serving_function(serving, instances=instances, clustering=clustering)
 
@@ -413,7 +422,7 @@ def default_instances(model):
     if not {"semantic", "instance"} <= set(model_tasks(model)):
         return False
     try:
-        _instance_classes(model, None)
+        instance_classes_for(model, None)
     except (ValueError, TypeError, ImportError):
         return False
     return True

@@ -18,7 +18,7 @@ import weakref
 
 import numpy as np
 
-TASKS = ("semantic", "instance", "depth", "normals")
+from mtl_keras.tasks import TASK_NAMES as TASKS
 
 # model -> its copy for images of any size (same architecture with input_shape (None, None, 3)).
 _ANY_SIZE_COPIES = weakref.WeakKeyDictionary()
@@ -53,9 +53,9 @@ def any_size_model(model):
     except TypeError:  # not weak-referenceable
         copy = None
     if copy is None:
-        config = model.get_config()
-        config = dict(config, input_shape=[None, None, config["input_shape"][-1]])
-        copy = type(model).from_config(config)
+        from mtl_keras.export import serving_model  # the export's rebuild for (None, None, C)
+
+        copy = serving_model(model)
         try:
             _ANY_SIZE_COPIES[model] = copy
         except TypeError:
@@ -65,18 +65,9 @@ def any_size_model(model):
 
 
 def _model_tasks(model):
-    outputs = model.output if isinstance(model.output, dict) else {}
-    return tuple(t for t in TASKS if t in outputs)
+    from mtl_keras.export import model_tasks
 
-
-def _num_classes(model):
-    try:
-        num_classes = model.get_config().get("num_classes")
-    except (NotImplementedError, AttributeError, TypeError):
-        num_classes = None
-    if num_classes is None:
-        num_classes = model.output["semantic"].shape[-1]
-    return int(num_classes)
+    return model_tasks(model)
 
 
 # ------------------------------------------------------------------------------------------------------ the input
@@ -154,17 +145,10 @@ def predict(model, images, batch_size=8, instances=True, instance_classes=None, 
         raise ValueError(f"predict needs a model whose output is a dict with some of {TASKS}; "
                          f"{getattr(model, 'name', model)!r} outputs {getattr(model, 'output', None)!r}.")
     cluster = bool(instances) and {"semantic", "instance"} <= set(tasks)
-    if cluster and instance_classes is None:
-        from mtl_keras.data.labels import instance_train_ids
-
-        num_classes = _num_classes(model)
-        try:
-            instance_classes = instance_train_ids(num_classes)
-        except ValueError as e:
-            raise ValueError(f"No default instance classes for num_classes={num_classes}: pass "
-                             f"instance_classes (the training ids that have instances).") from e
     if cluster:
-        instance_classes = [int(c) for c in instance_classes]
+        from mtl_keras.export import instance_classes_for
+
+        instance_classes = instance_classes_for(model, instance_classes)
 
     multiple = size_multiple(model)
     fixed = _fixed_size(model)

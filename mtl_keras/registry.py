@@ -47,23 +47,16 @@ def build_model(name, **arguments):
     """
     from mtl_keras.tasks import validate_tasks
 
-    fn = model_entry_point(name)
-    kwargs = dict(architecture_defaults(name))
-    kwargs.update(arguments)
-    if "tasks" in kwargs:
-        kwargs["tasks"] = validate_tasks(kwargs["tasks"])
-    for key in ("input_shape", "aspp_rates", "decoder_filters"):
-        if isinstance(kwargs.get(key), list):
-            kwargs[key] = tuple(kwargs[key])
-    return fn(**kwargs)
-
-
-def architecture_defaults(name):
-    """The ``arguments`` of the architecture's own preset (``{}`` if it has none: the entry point's defaults)."""
     from mtl_keras import zoo
 
+    fn = model_entry_point(name)
     try:
         preset = zoo.get_preset(name)
-    except ValueError:
-        return {}
-    return dict(preset["arguments"]) if preset.get("architecture") == name else {}
+    except ValueError:  # a registered architecture without a preset: its entry point's defaults
+        preset = None
+    if preset is None or preset.get("architecture") != name:
+        preset = {"arguments": {}}
+    kwargs = zoo.preset_build_kwargs(preset, **arguments)
+    if "tasks" in kwargs:
+        kwargs["tasks"] = validate_tasks(kwargs["tasks"])
+    return fn(**kwargs)

@@ -211,7 +211,7 @@ def preset_build_kwargs(preset, tiny=False, **overrides):
     if tiny:
         kwargs.update(preset.get("tiny_arguments") or {})
     kwargs.update(overrides)
-    for key in ("tasks", "input_shape", "aspp_rates"):
+    for key in ("tasks", "input_shape", "aspp_rates", "decoder_filters"):
         if isinstance(kwargs.get(key), list):
             kwargs[key] = tuple(kwargs[key])
     return kwargs

@@ -91,12 +91,17 @@ def test_a_preset_whose_config_runs_code_is_refused(tmp_path):
     """safe_mode: a Lambda layer in config.json is not deserialised, so its code never runs."""
     marker = tmp_path / "ran"
     inputs = keras.Input((4,))
-    outputs = keras.layers.Lambda(lambda x: x * 2)(inputs)
+    # The Lambda writes `marker` whenever it runs (rebuilding the graph runs it once).
+    outputs = keras.layers.Lambda(lambda x, path: (open(path, "w").close(), x * 2)[1],
+                                  arguments={"path": str(marker)})(inputs)
     model = keras.Model(inputs, outputs)
     folder = mtl_keras.save_to_preset(model, str(tmp_path / "evil"))
+    os.remove(marker)  # written when the model above was built
     with pytest.raises(ValueError, match="config.json"):
         mtl_keras.from_preset(folder)
     assert not marker.exists()
+    mtl_keras.from_preset(folder, safe_mode=False)  # the control: without safe_mode the code runs
+    assert marker.exists()
 
 
 def test_list_presets_summarises_each_preset():
