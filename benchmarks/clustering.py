@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mtl_keras.data.labels import label_lookup_table  # noqa: E402
+from mtl_keras.labels import label_lookup_table  # noqa: E402
 from mtl_keras.instances import (METHODS, InstanceQuality, adjusted_rand_index, cluster_instances,  # noqa: E402
                                  instance_vectors)
 
@@ -77,7 +77,7 @@ def load_ground_truth(label_file, size, num_classes=19):
 
 def true_instance_ids(inst, semantic, num_classes=19):
     """Ground-truth instance map: CityScapes instances (id >= 1000) of evaluated instance classes, else 0."""
-    from mtl_keras.data.labels import instance_train_ids
+    from mtl_keras.labels import instance_train_ids
 
     keep = (inst >= 1000) & np.isin(semantic, instance_train_ids(num_classes))
     return np.where(keep, inst, 0)

@@ -404,7 +404,7 @@ def run_evaluation(model_path, dataset=None, data_dir=None, split="val", image_s
 
     from mtl_keras import visualize as viz
     from mtl_keras.data.datasets import load_dataset
-    from mtl_keras.data.labels import class_colors, class_names, label_lookup_table
+    from mtl_keras.labels import class_colors, class_names, label_lookup_table
     from mtl_keras.evaluation import TASKS, MultiTaskEvaluator, delta_m
     from mtl_keras.instances import InstanceQuality, cluster_instances, instance_ids_from_vectors
 

@@ -24,7 +24,7 @@ into Python numbers), runs the evaluator and writes its result as JSON. The rest
 numpy it has; nothing is pinned.
 
 Our own numbers on the same files: :func:`our_semantic_scores` reads the same prediction and ground-truth PNGs,
-maps both through ``mtl_keras.data.labels.label_lookup_table`` and scores one confusion matrix with
+maps both through ``mtl_keras.labels.label_lookup_table`` and scores one confusion matrix with
 ``mtl_keras.evaluation.segmentation_scores``. That is apples to apples with the official ``averageScoreClasses``
 (19 classes) / ``averageScoreCategories`` (7 categories) because both
 
@@ -101,7 +101,7 @@ def write_semantic_prediction(results_dir, stem, train_ids, num_classes=19, size
     ``size``: (H, W) of the ground truth; the map is resized with nearest neighbour when it differs. Returns the
     path.
     """
-    from mtl_keras.data.labels import train_id_to_label_id
+    from mtl_keras.labels import train_id_to_label_id
 
     train_ids = np.asarray(train_ids)
     if train_ids.ndim == 3 and train_ids.shape[-1] == 1:
@@ -123,7 +123,7 @@ def write_instance_prediction(results_dir, stem, instance_ids, classes, scores, 
     to ``size`` when given) and one line per non-empty mask to ``{results_dir}/{stem}_pred.txt``. An image without
     instances gets an empty txt (the script needs one per ground-truth image).
     """
-    from mtl_keras.data.labels import train_id_to_label_id
+    from mtl_keras.labels import train_id_to_label_id
 
     results_dir = os.fspath(results_dir)
     instance_ids = _resize_nearest(np.asarray(instance_ids).astype(np.int32), size)
@@ -164,7 +164,7 @@ def our_semantic_scores(gt_label_files, prediction_files, num_classes=19):
     over the C classes) and ``"confusion"`` ((C+1, C+1), list of lists). ``num_classes`` 19 compares with the
     official ``averageScoreClasses``, 7 with ``averageScoreCategories`` (see the module docstring).
     """
-    from mtl_keras.data.labels import label_lookup_table
+    from mtl_keras.labels import label_lookup_table
     from mtl_keras.evaluation import IGNORE_LABEL, confusion_matrix, segmentation_scores
 
     if len(gt_label_files) != len(prediction_files):

@@ -330,7 +330,7 @@ def instance_classes_for(model, instance_classes=None):
     if num_classes is None:
         num_classes = model.output["semantic"].shape[-1]  # the semantic logits' channels
     num_classes = int(num_classes)
-    from mtl_keras.data.labels import instance_train_ids
+    from mtl_keras.labels import instance_train_ids
 
     try:
         return instance_train_ids(num_classes)
@@ -403,7 +403,7 @@ def export_saved_model(model, path, instances=False, instance_classes=None, inst
         "instance_clustering": clustering,
     }
     try:
-        from mtl_keras.data.labels import class_names
+        from mtl_keras.labels import class_names
 
         info["class_names"] = class_names(int(config.get("num_classes")))
     except (ValueError, TypeError, ImportError):

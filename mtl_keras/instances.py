@@ -292,7 +292,7 @@ def cluster_votes(votes, shape, method="histogram", min_size=None, scale=None, *
 # ----------------------------------------------------------------------------------------------------------------
 
 def _default_instance_classes(num_classes):
-    from mtl_keras.data.labels import instance_train_ids
+    from mtl_keras.labels import instance_train_ids
 
     if num_classes not in (7, 19):
         raise ValueError(f"Pass instance_classes for num_classes={num_classes} (defaults exist for 7 and 19).")
@@ -306,7 +306,7 @@ def cluster_instances(semantic, vectors, method="histogram", instance_classes=No
     ``semantic``: (H, W, C) logits (argmax = class, softmax = the confidence behind the scores) or an (H, W)
     integer label map (scores then use confidence 1). ``vectors``: (H, W, 2) (dy, dx) from each pixel to its
     instance centroid, px. ``instance_classes``: the training ids that have instances; default
-    ``mtl_keras.data.labels.instance_train_ids(num_classes)`` with ``num_classes`` = C for logits, else 19.
+    ``mtl_keras.labels.instance_train_ids(num_classes)`` with ``num_classes`` = C for logits, else 19.
     ``method``, ``min_size``, ``scale``, ``params``: see :func:`cluster_votes` / the module docstring.
 
     Returns :class:`Instances`, ordered by class then cluster; pixels of classes without instances, unassigned

@@ -122,7 +122,7 @@ def predict(model, images, batch_size=8, instances=True, instance_classes=None, 
     ``instances``: cluster the instance vectors into ids (needs the ``semantic`` and ``instance`` tasks) with
     :func:`mtl_keras.instances.cluster_instances` (``method``, and its defaults for the image's size; ``clustering``
     keyword arguments, e.g. ``min_size`` or ``sigma``, are passed to it). ``instance_classes``: the training ids
-    whose pixels are clustered; default ``mtl_keras.data.labels.instance_train_ids(num_classes)`` (CityScapes' 19
+    whose pixels are clustered; default ``mtl_keras.labels.instance_train_ids(num_classes)`` (CityScapes' 19
     classes or 7 categories; other label sets must pass it).
 
     Returns, for a single ``(H, W, 3)`` image, a dict; otherwise a list of dicts in the order of ``images``. Each

@@ -310,11 +310,11 @@ def _match_instance_ids(pred_ids, true_ids):
 
 def default_class_names(num_classes):
     """Names of classes ``0..num_classes-1`` for the legend: the CityScapes training-id names (road ... bicycle,
-    ``mtl_keras.data.labels.class_names(19)``) for up to 19 classes, ``"class N"`` otherwise."""
+    ``mtl_keras.labels.class_names(19)``) for up to 19 classes, ``"class N"`` otherwise."""
     num_classes = int(num_classes)
     if num_classes <= 19:
         try:
-            from mtl_keras.data.labels import class_names
+            from mtl_keras.labels import class_names
 
             return list(class_names(19))[:num_classes]
         except ImportError:  # cityscapesscripts missing: numbered names

@@ -539,7 +539,7 @@ def _classes_for(base_classes, num_classes):
     if base_classes and len(base_classes.get("names", [])) == num_classes:
         return base_classes
     try:
-        from mtl_keras.data.labels import class_names, instance_train_ids
+        from mtl_keras.labels import class_names, instance_train_ids
 
         return {"dataset": "cityscapes", "label_set": "train_ids", "names": class_names(num_classes),
                 "instance_classes": instance_train_ids(num_classes), "ignore_label": 255}

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mtl_keras import cityscapes_eval as ce
-from mtl_keras.data.labels import label_lookup_table
+from mtl_keras.labels import label_lookup_table
 from mtl_keras.evaluation import confusion_matrix, segmentation_scores
 from mtl_keras.instances import Instances
 

@@ -106,7 +106,7 @@ def test_instance_ids_are_those_of_cluster_instances(zoo_model):
                                  **FAST_CLUSTERING).ids
     assert len(np.unique(expected)) > 2  # a real partition, not all background
     np.testing.assert_array_equal(result["instance_ids"], expected)
-    # Default classes: mtl_keras.data.labels.instance_train_ids(19).
+    # Default classes: mtl_keras.labels.instance_train_ids(19).
     default = mtl_keras.predict(model, image, **FAST_CLUSTERING)
     np.testing.assert_array_equal(default["instance_ids"],
                                   cluster_instances(outputs["semantic"], outputs["instance"], **FAST_CLUSTERING).ids)

@@ -9,7 +9,7 @@ and NYUv2 (``load_cityscapes_npy``, ``load_nyuv2_npy``) and a prepared cache of 
 is imported lazily, on first use.
 """
 
-from mtl_keras.data.labels import (  # noqa: F401
+from mtl_keras.labels import (  # noqa: F401
     IGNORE_INDEX,
     class_colors,
     class_names,

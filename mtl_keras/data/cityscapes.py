@@ -40,7 +40,7 @@ from mtl_keras.data.cityscapes_files import (  # noqa: E402,F401  (the layout, r
     check_cityscapes_files,
     list_cityscapes_files,
 )
-from mtl_keras.data.labels import known_label_mask, label_lookup_table  # noqa: E402
+from mtl_keras.labels import known_label_mask, label_lookup_table  # noqa: E402
 from mtl_keras.data.pipeline import (  # noqa: E402
     Source,
     centroid_vectors,

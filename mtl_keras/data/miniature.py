@@ -18,7 +18,7 @@ import time
 import cv2
 import numpy as np
 
-from mtl_keras.data.labels import NYUV2_40_TO_13
+from mtl_keras.labels import NYUV2_40_TO_13
 
 __all__ = ["write_cityscapes_sample", "write_npy_release", "write_nyuv2", "write_mat_v73", "matlab_v73_header"]
 

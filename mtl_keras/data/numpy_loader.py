@@ -74,7 +74,7 @@ from mtl_keras.data.cityscapes_files import (
     check_cityscapes_files,
     list_cityscapes_files,
 )
-from mtl_keras.data.labels import IGNORE_INDEX, known_label_mask, label_lookup_table
+from mtl_keras.labels import IGNORE_INDEX, known_label_mask, label_lookup_table
 
 __all__ = ["CityscapesPyDataset", "load_cityscapes_numpy", "resize_image_numpy",
            "nearest_indices", "resize_nearest_numpy", "centroid_vectors_numpy", "TASKS"]

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from mtl_keras.data.checks import DataError  # noqa: E402
-from mtl_keras.data.labels import IGNORE_INDEX, NYUV2_NUM_CLASSES  # noqa: E402
+from mtl_keras.labels import IGNORE_INDEX, NYUV2_NUM_CLASSES  # noqa: E402
 from mtl_keras.data.pipeline import Source, check_image_size, check_tasks, load_source, resize_image  # noqa: E402
 
 __all__ = ["NYUV2_FILES", "TASKS", "nyuv2_label_table", "read_nyuv2_splits", "check_nyuv2_mat", "nyuv2_source",

@@ -74,7 +74,7 @@ def _error_message(e):
 def _check_cityscapes_entry(entry, num_classes):
     """Decodes every file of one sample; returns (stats dict, [(path, message)])."""
     from mtl_keras.data.checks import check_png, decode_png_file
-    from mtl_keras.data.labels import known_label_mask, label_lookup_table
+    from mtl_keras.labels import known_label_mask, label_lookup_table
 
     errors, out = [], {"pixels": 0, "labelled": 0, "depth_pixels": 0, "depth_valid": 0, "instances": 0,
                        "void": None, "size": None}
