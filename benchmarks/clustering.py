@@ -37,10 +37,14 @@ import tempfile
 import time
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "experiments"))  # experiments/cityscapes_eval.py and evaluate.py
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+
+import cityscapes_eval as ce  # noqa: E402
 
 from mtl_keras.labels import label_lookup_table  # noqa: E402
 from mtl_keras.instances import (METHODS, InstanceQuality, adjusted_rand_index, cluster_instances,  # noqa: E402
@@ -84,7 +88,6 @@ def true_instance_ids(inst, semantic, num_classes=19):
 
 
 def _load_model_predictor(path):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
     from evaluate import load_predictor  # experiments/evaluate.py
 
     predict, info = load_predictor(path)
@@ -92,15 +95,13 @@ def _load_model_predictor(path):
 
 
 def run(args):
-    from mtl_keras import cityscapes_eval as ce
-    from mtl_keras.cityscapes_eval import ground_truth_files
     from mtl_keras.config import TrainConfig
     from mtl_keras.experiment import resolve_data_dir
 
     data_dir = args.data_dir
     if not data_dir:
         data_dir = resolve_data_dir(TrainConfig(dataset="synthetic"))
-    gt_files = ground_truth_files(data_dir, args.split)[: args.num_images or None]
+    gt_files = ce.ground_truth_files(data_dir, args.split)[: args.num_images or None]
     size = tuple(int(v) for v in args.size.split("x"))
     predict = None
     if args.model:

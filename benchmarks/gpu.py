@@ -15,8 +15,8 @@ Columns:
 - **peak memory**: ``device.memory_stats()["peak_bytes_in_use"]`` of JAX's allocator where the device reports it
   (GPUs, TPUs); elsewhere (JAX's CPU device reports nothing) the child process's maximum resident set size
   (``resource.getrusage``), which also counts Python, the libraries and the compiler. The column says which.
-- **train GFLOP/img**: 3x the forward matmul FLOPs per image (``mtl_keras.flops.count_flops``: convolutions and
-  dense layers from the Keras layers' output shapes, a multiply-add = 2 FLOPs; no TensorFlow needed).
+- **train GFLOP/img**: 3x the forward matmul FLOPs per image (``count_flops`` of ``benchmarks/flops.py``:
+  convolutions and dense layers from the Keras layers' output shapes, a multiply-add = 2 FLOPs; no TensorFlow needed).
 - **MFU** (model FLOPs utilisation) = train FLOPs per image x images/s / the device's peak. The peak: dense
   (non-sparse) tensor-core figures of the data sheet for known GPUs (``PEAK_TFLOPS``, chosen by
   ``jax.devices()[0].device_kind``): bf16 for ``mixed_bfloat16``; for ``float32``, TF32 when JAX's default matmul
@@ -89,8 +89,8 @@ def use_jax_backend():
 
 # ----------------------------------------------------------------------------------------------------------- FLOPs
 def training_flops_per_image(model):
-    """Training (forward + backward) FLOPs per image: 3x the forward matmul FLOPs of ``mtl_keras.flops``."""
-    from mtl_keras.flops import count_flops
+    """Training (forward + backward) FLOPs per image: 3x the forward matmul FLOPs of ``benchmarks/flops.py``."""
+    from flops import count_flops
 
     return count_flops(model)["train_matmul"]
 

@@ -9,10 +9,10 @@ What one run measures (each row is printed as soon as it is measured):
 1. **Matmul rate**: ``tf.linalg.matmul`` of float32 ``N x N`` matrices (``--matmul_sizes``), best of
    ``--matmul_repeats`` after a warm-up, at the start and at the end of the run; the best is the machine's
    reference float32 rate ("peak" below).
-2. **FLOPs per image** of each model (``mtl_keras.flops.count_flops``): forward, multiply-add = 2 FLOPs, convs and
-   dense layers only (``nominal``: ``2*kh*kw*cin*cout*Hout*Wout`` as everyone counts; ``effective``: without the
-   kernel taps that fall on "same" padding, which oneDNN skips - much lower for the ASPP's dilation rates 12/24/36 on
-   a 16x32 feature map). Training = 3x forward. One model is cross-checked against TensorFlow's graph profiler.
+2. **FLOPs per image** of each model (``count_flops`` of ``benchmarks/flops.py``): forward, multiply-add = 2
+   FLOPs, convs and dense layers only (``nominal``: ``2*kh*kw*cin*cout*Hout*Wout`` as everyone counts;
+   ``effective``: without the kernel taps that fall on "same" padding, which oneDNN skips - much lower for the
+   ASPP's dilation rates 12/24/36 on a 16x32 feature map). Training = 3x forward. One model is cross-checked against TensorFlow's graph profiler.
 3. **Training** (``MultiTaskTrainer`` + uncertainty weighting + ``kendall_sgd``, random data, one batch reused):
    ``train_on_batch`` steps with and without XLA (``jit_compile``); seconds per step best (median) of ``--steps``
    timed steps after ``--warmup`` steps; images/s from the best step.
@@ -197,7 +197,7 @@ def measure_savedmodel(model, x, steps, warmup):
 
 def flop_crosscheck(name, height, width, overrides):
     import mtl_keras
-    from mtl_keras.flops import count_flops, profiler_flops
+    from flops import count_flops, profiler_flops
 
     model = mtl_keras.build_model(name, input_shape=(height, width, 3), **overrides)
     ours = count_flops(model)
@@ -408,7 +408,8 @@ def render(report):
     lines += ["", f"Peak used below: **{peak:.1f} GFLOP/s** (best of the run), "
               f"{report['peak_gflops_per_cpu_s']:.1f} GFLOP per CPU-second.", "",
               "## FLOP convention", "",
-              "Forward FLOPs per image from the Keras layers (`mtl_keras.flops.count_flops`): a multiply-add is 2 "
+              "Forward FLOPs per image from the Keras layers (`count_flops` of `benchmarks/flops.py`): a multiply-add "
+              "is 2 "
               "FLOPs; convolutions (dilated ones included) and dense layers count `2*kh*kw*cin*cout*Hout*Wout` "
               "(*nominal*); *effective* leaves out the kernel taps that fall on \"same\" padding (oneDNN skips "
               "them; the ASPP's rates 12/24/36 on a 16x32 map make most taps padding). Batch norm, activations, "
@@ -552,7 +553,7 @@ def main(argv=None):
     import tensorflow as tf
 
     import mtl_keras
-    from mtl_keras.flops import count_flops
+    from flops import count_flops
 
     started = time.time()
     if args.threads:

@@ -138,8 +138,8 @@ class AtrousConv2D(keras.layers.Conv2D):
 
         return bool(tf.config.list_logical_devices("GPU")) or platform.native_dilated_conv_gradients()
 
-    # Class-wide switch for measurements: False runs the full kernels (``mtl_keras.flops.profiler_flops`` counts
-    # nominal FLOPs that way).
+    # Class-wide switch for measurements: False runs the full kernels (benchmarks/flops.py's ``profiler_flops``
+    # counts nominal FLOPs that way).
     trim_padding_taps = True
 
     def convolution_op(self, inputs, kernel):

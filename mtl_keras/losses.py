@@ -1,12 +1,11 @@
 """Per-task losses as masked means, in ``keras.ops`` only.
 
-Each loss is a sum over the pixels that carry a label divided by their number, so an image with many labelled
-pixels counts for more than one with few, as in the paper ("averaged over the pixels with labels in each
-mini-batch"). A batch with no labelled pixel gives exactly 0 (never NaN): the count is clipped to at least 1.
+Each loss sums over the labelled pixels and divides by their number, "averaged over the pixels with labels in each
+mini-batch" (Kendall, Gal & Cipolla, CVPR 2018); a batch with no labelled pixel gives exactly 0, never NaN.
 
-These are plain functions, not ``keras.losses.Loss`` objects: a ``Loss`` with the default reduction divides by the
-number of replicas under ``tf.distribute``, and the trainer divides ``add_loss`` terms once more (see
-``shared/reference/keras3-notes.md``); the weighting layer adds the weighted total once, with ``add_loss``.
+Plain functions, not ``keras.losses.Loss`` objects: under ``tf.distribute`` a ``Loss`` with the default reduction
+divides by the number of replicas and the trainer divides ``add_loss`` terms once more, so the weighting layer adds
+the weighted total once, with ``add_loss``.
 """
 
 import keras
@@ -67,16 +66,6 @@ def masked_l1(targets, predictions, mask):
     """
     targets, predictions, mask = _masked_dense_inputs(targets, predictions, mask)
     return masked_mean(ops.sum(ops.abs(targets - predictions), axis=-1), mask)
-
-
-def instance_l1(targets, predictions, mask):
-    """L1 between predicted and true centroid vectors, averaged over instance pixels only."""
-    return masked_l1(targets, predictions, mask)
-
-
-def depth_l1(targets, predictions, mask):
-    """L1 between predicted and true inverse depth, averaged over valid pixels only."""
-    return masked_l1(targets, predictions, mask)
 
 
 def normals_cosine(targets, predictions, mask, eps=1e-6):

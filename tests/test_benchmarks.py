@@ -8,9 +8,11 @@ import re
 import keras
 import pytest
 
-from mtl_keras.flops import count_flops, layer_flops, profiler_flops
 from mtl_keras.layers import AtrousConv2D
 from tests.helpers import load_script
+
+flops = load_script("benchmarks/flops.py", "flops")
+count_flops, layer_flops, profiler_flops = flops.count_flops, flops.layer_flops, flops.profiler_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "benchmark_test_tiny_net"

@@ -166,7 +166,7 @@ def _environment_without_backend():
 @pytest.mark.subprocess
 def test_gpu_row_on_cpu(tmp_path):
     """One tiny row through gpu.py's child process on the CPU: JAX chosen without being asked, TensorFlow never
-    imported, positive images/s, the FLOPs of mtl_keras.flops, an MFU against the measured matmul rate."""
+    imported, positive images/s, the FLOPs of benchmarks/flops.py, an MFU against the measured matmul rate."""
     output = tmp_path / "gpu.json"
     overrides = json.dumps({TINY_MODEL: TINY})
     done = subprocess.run(
@@ -182,8 +182,7 @@ def test_gpu_row_on_cpu(tmp_path):
     assert row["images_per_s"] > 0 and row["step_ms"] > 0 and row["peak_memory_bytes"] > 0
     assert row["peak_memory_source"] == "process max RSS"  # JAX's CPU device reports no memory statistics
     assert not row["tensorflow_imported"]
-    from mtl_keras.flops import count_flops
-
+    count_flops = load_script("benchmarks/flops.py", "flops").count_flops
     assert row["train_flops_per_image"] == 3 * count_flops(_keras_tiny((32, 64, 3)))["matmul"] > 0
     assert row["peak_label"] == "measured matmul" and row["mfu"] > 0
     assert f"| {TINY_MODEL} | 32x64 | 2 | float32 |" in done.stdout

@@ -3,7 +3,7 @@
 Apples to apples: the official ``averageScoreClasses`` is the mean IoU over the 19 evaluated classes (labelIds with
 ``ignoreInEval=False``) that have ``TP + FP + FN > 0``, at the ground truth's resolution, with pixels of ignored
 ground-truth labels skipped. Ours (``our_semantic_scores``) maps the same labelIds PNGs to trainIds (ignored ->
-255) and scores one confusion matrix the same way; see mtl_keras/cityscapes_eval.py.
+255) and scores one confusion matrix the same way; see experiments/cityscapes_eval.py.
 """
 
 import json
@@ -13,10 +13,12 @@ import cv2
 import numpy as np
 import pytest
 
-from mtl_keras import cityscapes_eval as ce
 from mtl_keras.labels import label_lookup_table
 from mtl_keras.evaluation import confusion_matrix, segmentation_scores
 from mtl_keras.instances import Instances
+from tests.helpers import load_script
+
+ce = load_script("experiments/cityscapes_eval.py", "cityscapes_eval")
 
 H, W = 32, 64
 # labelIds on the ground truth: void (0, 1, 4), ignored-in-eval (9 parking, 29 caravan), 17 classes

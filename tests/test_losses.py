@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from mtl_keras.losses import depth_l1, instance_l1, masked_l1, semantic_cross_entropy, task_loss
+from mtl_keras.losses import masked_l1, semantic_cross_entropy, task_loss
 
 
 class LossProbe(keras.Model):
@@ -57,19 +57,19 @@ def test_instance_l1_is_the_l1_norm_averaged_over_instance_pixels():
     target = np.zeros((1, 1, 3, 2), "float32")
     pred = np.array([[[[1.0, -2.0], [0.5, 0.5], [50.0, 50.0]]]], "float32")
     mask = np.array([[[[1.0], [1.0], [0.0]]]], "float32")
-    assert float(instance_l1(target, pred, mask)) == pytest.approx((3.0 + 1.0) / 2)
+    assert float(masked_l1(target, pred, mask)) == pytest.approx((3.0 + 1.0) / 2)
 
 
 def test_empty_mask_gives_zero_not_nan():
     target = np.ones((1, 2, 2, 1), "float32")
-    assert float(depth_l1(target, target * 3, np.zeros((1, 2, 2, 1), "float32"))) == 0.0
+    assert float(masked_l1(target, target * 3, np.zeros((1, 2, 2, 1), "float32"))) == 0.0
 
 
 def test_invalid_depth_targets_never_reach_loss_or_gradient():
     target = np.array([[[[2.0], [np.nan]], [[np.inf], [1.0]]]], "float32")
     mask = np.array([[[[1.0], [0.0]], [[0.0], [1.0]]]], "float32")
     pred = keras.Variable(np.full((1, 2, 2, 1), 1.5, "float32"))
-    loss, grad = loss_and_gradient(lambda: depth_l1(target, keras.ops.convert_to_tensor(pred), mask), pred)
+    loss, grad = loss_and_gradient(lambda: masked_l1(target, keras.ops.convert_to_tensor(pred), mask), pred)
     assert float(loss) == pytest.approx(0.5)
     assert np.all(np.isfinite(grad))
     np.testing.assert_allclose(grad[..., 0], [[[-0.5, 0.0], [0.0, 0.5]]])

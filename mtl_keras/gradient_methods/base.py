@@ -150,12 +150,6 @@ def min_norm_weights(gram_matrix, iterations=250, tolerance=1e-6):
     return ops.fori_loop(0, int(iterations), body, w0)
 
 
-def unit_rows(gradients, epsilon=1e-12):
-    """Each row divided by its norm (zero rows stay zero)."""
-    norms = ops.sqrt(ops.sum(gradients * gradients, axis=-1, keepdims=True))
-    return gradients / ops.maximum(norms, epsilon)
-
-
 # -------------------------------------------------------------------------------------------- stateless random
 def _seed_pair(seed, step, stream):
     return int(seed) * 1_000_003 + int(stream) * 7919, step

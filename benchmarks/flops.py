@@ -21,10 +21,11 @@ model was built for, so the model must have a fixed input height and width. ``pr
 graph profiler instead (``tf.compat.v1.profiler``, ``float_ops``) for a cross-check.
 """
 
-import math
 from collections import OrderedDict
 
 import keras
+
+from mtl_keras.layers import AtrousConv2D
 
 CONV_CLASSES = ("Conv1D", "Conv2D", "Conv3D", "AtrousConv2D", "Conv2DTranspose", "Conv1DTranspose",
                 "Conv3DTranspose", "DepthwiseConv2D", "DepthwiseConv1D", "SeparableConv2D", "SeparableConv1D",
@@ -205,8 +206,6 @@ def profiler_flops(model, batch_size=1, full_kernels=True):
     from tensorflow.python.framework import ops as tf_ops
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    from mtl_keras.layers import AtrousConv2D
-
     shape = (batch_size,) + tuple(model.inputs[0].shape[1:])
     fn = tf.function(lambda x: model(x, training=False))
     trim = AtrousConv2D.trim_padding_taps
@@ -229,11 +228,3 @@ def profiler_flops(model, batch_size=1, full_kernels=True):
             by_op[op.type] = by_op.get(op.type, 0) + int(value) / batch_size
     return {"total": info.total_float_ops / batch_size, "by_op": by_op}
 
-
-def format_flops(value):
-    """``value`` FLOPs as a short string (G or T)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if value >= 1e12:
-        return f"{value / 1e12:.2f} T"
-    return f"{value / 1e9:.2f} G"

@@ -14,14 +14,12 @@ Semantic and instance predictions need separate result folders: the pixel-level 
 Running them: :func:`run_official_semantic` and :func:`run_official_instance` return the official result dicts.
 
 Isolation. ``cityscapesscripts`` 2.3.0 breaks with numpy >= 2.4 (``np.in1d`` was removed) and, with numpy 2.3, in
-the instance evaluator's JSON writing (numpy scalars that ``json`` cannot serialise); it also configures itself
-from environment variables read at import time (module-level ``args``), writes ``matches.json`` into the current
-folder and calls ``sys.exit`` on any error. So the scripts never run in this process: each call starts a fresh
-``python`` subprocess (cwd = a temporary folder, ``CITYSCAPES_DATASET`` / ``CITYSCAPES_RESULTS`` set before the
-import) that loads this file *without* the ``mtl_keras`` package (no TensorFlow), installs two shims scoped to
-that subprocess only (``np.in1d`` as ``np.isin(...).ravel()``, and a ``writeDict2JSON`` that turns numpy scalars
-into Python numbers), runs the evaluator and writes its result as JSON. The rest of the project uses whatever
-numpy it has; nothing is pinned.
+the instance evaluator's JSON writing (numpy scalars); it also configures itself from environment variables read at
+import time, writes ``matches.json`` into the current folder and calls ``sys.exit`` on any error. So the scripts
+never run in this process: each call starts a fresh ``python`` subprocess (cwd = a temporary folder,
+``CITYSCAPES_DATASET`` / ``CITYSCAPES_RESULTS`` set before the import) that loads this file without importing
+``mtl_keras`` (hence its imports inside the functions that need it), installs two numpy shims scoped to that
+subprocess, runs the evaluator and writes its result as JSON. Nothing is pinned.
 
 Our own numbers on the same files: :func:`our_semantic_scores` reads the same prediction and ground-truth PNGs,
 maps both through ``mtl_keras.labels.label_lookup_table`` and scores one confusion matrix with
@@ -34,8 +32,6 @@ maps both through ``mtl_keras.labels.label_lookup_table`` and scores one confusi
 * treat a predicted labelId outside the evaluated set as a miss (a false negative of the true class, no false
   positive): our matrix gets one extra "void" prediction column for them;
 * average the per-class IoU over classes whose ``TP + FP + FN > 0`` (NaN otherwise).
-
-This module imports only the standard library and numpy at the top; everything else is imported where used.
 """
 
 import json
