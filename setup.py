@@ -17,7 +17,7 @@ TENSORFLOW = os.environ.get("MTL_KERAS_TENSORFLOW", "tensorflow-cpu>=2.16,<2.22"
 class build_py_with_presets(build_py):
     """Installs the model presets, kept at the top of the repository in models/*.json, as mtl_keras/presets/.
 
-    An editable install (or a checkout on sys.path) reads models/ directly (mtl_keras.zoo.builtin_presets_dir).
+    An editable install (or a checkout on sys.path) reads models/ directly (mtl_keras.presets.builtin_presets_dir).
     """
 
     def run(self):

@@ -16,11 +16,10 @@ from mtl_keras import models  # noqa: E402,F401  (registers the architectures)
 from mtl_keras.models import (Backbone, DenseUNetEncoder, DilatedResNetBackbone,  # noqa: E402
                               KendallMultiTaskModel, MTUNet)
 from mtl_keras.predict import predict  # noqa: E402
-from mtl_keras.presets import from_preset, save_to_preset  # noqa: E402
-from mtl_keras.registry import build_model, list_models, register_model  # noqa: E402
-from mtl_keras.zoo import list_presets, load_model  # noqa: E402
+from mtl_keras.presets import VERSION as __version__  # noqa: E402
+from mtl_keras.presets import build_model, from_preset, list_presets, load_model, save_to_preset  # noqa: E402
+from mtl_keras.registry import list_models, register_model  # noqa: E402
 
-__version__ = "0.1.0"
 __all__ = ["Backbone", "DenseUNetEncoder", "DilatedResNetBackbone", "KendallMultiTaskModel", "MTUNet", "build_model",
            "from_preset", "list_models", "list_presets", "load_model", "predict", "register_model", "save_to_preset",
            "__version__"]

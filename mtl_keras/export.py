@@ -37,22 +37,25 @@ from its ``model.keras`` in a child process with ``KERAS_BACKEND=tensorflow`` (:
 runs ``python -m mtl_keras.export MODEL.keras OUTPUT [--instances]``, :func:`main`).
 """
 
+import argparse
 import json
 import math
 import os
 import subprocess
 import sys
 
+import cv2
+import keras
 import numpy as np
 
+from mtl_keras.instances import DEFAULT_MIN_SIZE, HISTOGRAM_DEFAULTS, REFERENCE_AREA
+from mtl_keras.labels import class_names, instance_train_ids
+from mtl_keras.platform import quiet_tensorflow_logs
+from mtl_keras.presets import load_model
 from mtl_keras.tasks import TASKS
 
 OUTPUT_NAMES = {name: task.output_name for name, task in TASKS.items()}  # the task table's serving names
 INPUT_NAME = "images"
-# mtl_keras.instances' histogram defaults at 128x256 (lengths in px); used if that module is absent.
-_HISTOGRAM_DEFAULTS = dict(sigma=1.5, peak_radius=3.0, assign_radius=10.0, refine_iterations=2)
-_DEFAULT_MIN_SIZE = 8
-_REFERENCE_AREA = 128 * 256
 
 
 # ------------------------------------------------------------------------------------------------- the model part
@@ -83,12 +86,8 @@ def serving_model(model):
 # ------------------------------------------------------------------------------------- instance ids in TF ops
 def clustering_parameters(image_size=(128, 256), instance_classes=(), max_instances=32, **overrides):
     """The static parameters of :func:`cluster_instance_ids` for images of ``image_size`` (the NumPy defaults of
-    ``mtl_keras.instances`` at that size; ``overrides`` replace any of them)."""
-    try:
-        from mtl_keras.instances import DEFAULT_MIN_SIZE, HISTOGRAM_DEFAULTS
-    except ImportError:  # pragma: no cover - the NumPy module ships with mtl_keras
-        HISTOGRAM_DEFAULTS, DEFAULT_MIN_SIZE = _HISTOGRAM_DEFAULTS, _DEFAULT_MIN_SIZE
-    scale = math.sqrt(float(image_size[0]) * float(image_size[1]) / _REFERENCE_AREA)
+    ``mtl_keras.instances`` at that size, its one source; ``overrides`` replace any of them)."""
+    scale = math.sqrt(float(image_size[0]) * float(image_size[1]) / REFERENCE_AREA)
     params = dict(
         sigma=HISTOGRAM_DEFAULTS["sigma"] * scale,
         peak_radius=HISTOGRAM_DEFAULTS["peak_radius"] * scale,
@@ -116,8 +115,6 @@ def _gaussian_kernel(sigma):
 
 def _ellipse_offsets(r):
     """Offsets (dy, dx) of ``cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2r+1, 2r+1))``."""
-    import cv2
-
     element = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
     return [(int(dy) - r, int(dx) - r) for dy, dx in zip(*np.nonzero(element))]
 
@@ -330,8 +327,6 @@ def instance_classes_for(model, instance_classes=None):
     if num_classes is None:
         num_classes = model.output["semantic"].shape[-1]  # the semantic logits' channels
     num_classes = int(num_classes)
-    from mtl_keras.labels import instance_train_ids
-
     try:
         return instance_train_ids(num_classes)
     except ValueError as e:
@@ -371,8 +366,6 @@ def export_saved_model(model, path, instances=False, instance_classes=None, inst
                                                                     name=INPUT_NAME)], autograph=False)
     serve_float = module.serve.get_concrete_function()
     serve_uint8 = module.serve_uint8.get_concrete_function()
-    from mtl_keras.platform import quiet_tensorflow_logs
-
     with quiet_tensorflow_logs():
         tf.saved_model.save(module, path, signatures={"serving_default": serve_float, "serve": serve_float,
                                                       "serve_uint8": serve_uint8})
@@ -403,8 +396,6 @@ def export_saved_model(model, path, instances=False, instance_classes=None, inst
         "instance_clustering": clustering,
     }
     try:
-        from mtl_keras.labels import class_names
-
         info["class_names"] = class_names(int(config.get("num_classes")))
     except (ValueError, TypeError, ImportError):
         info["class_names"] = None
@@ -470,8 +461,6 @@ def write_run_export(model, path, keras_file=None, backend=None):
     ``instances`` as :func:`default_instances` says. On the TensorFlow backend in this process; on another
     (``backend``, default Keras' own) from ``keras_file`` (the run's ``model.keras``, already written) in a child
     process (:func:`export_in_subprocess`). Returns the export's info dict."""
-    import keras
-
     backend = backend or keras.config.backend()
     instances = default_instances(model)
     if backend == "tensorflow":
@@ -484,18 +473,13 @@ def write_run_export(model, path, keras_file=None, backend=None):
 def main(argv=None):
     """``python -m mtl_keras.export MODEL.keras OUTPUT [--instances]``: :func:`export_saved_model` of a ``.keras``
     file (the child process of :func:`export_in_subprocess`; ``experiments/export.py`` is the full command)."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m mtl_keras.export", description=main.__doc__)
     parser.add_argument("keras_file")
     parser.add_argument("output")
     parser.add_argument("--instances", action="store_true")
     args = parser.parse_args(argv)
-    import keras
-
     if keras.config.backend() != "tensorflow":
         parser.error(f"the SavedModel export needs KERAS_BACKEND=tensorflow (Keras runs {keras.config.backend()}).")
-    from mtl_keras.zoo import load_model
 
     info = export_saved_model(load_model(args.keras_file), args.output, instances=args.instances)
     print(f"SavedModel: {args.output} (outputs: {', '.join(info['outputs'])})")

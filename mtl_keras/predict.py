@@ -18,7 +18,10 @@ import weakref
 
 import numpy as np
 
-from mtl_keras.tasks import TASK_NAMES as TASKS
+from mtl_keras.export import instance_classes_for, model_tasks, serving_model
+from mtl_keras.export import size_multiple as model_size_multiple
+from mtl_keras.instances import cluster_instances
+from mtl_keras.tasks import TASKS
 
 # model -> its copy for images of any size (same architecture with input_shape (None, None, 3)).
 _ANY_SIZE_COPIES = weakref.WeakKeyDictionary()
@@ -26,9 +29,7 @@ _ANY_SIZE_COPIES = weakref.WeakKeyDictionary()
 
 # ------------------------------------------------------------------------------------------------ the model part
 def size_multiple(model):
-    """Height and width the architecture needs to divide them (1: any size): the zoo models' ``size_multiple``."""
-    from mtl_keras.export import size_multiple as model_size_multiple  # one rule for the export and predict
-
+    """Height and width the architecture needs to divide them (1: any size): the export's rule."""
     return model_size_multiple(model)
 
 
@@ -53,8 +54,6 @@ def any_size_model(model):
     except TypeError:  # not weak-referenceable
         copy = None
     if copy is None:
-        from mtl_keras.export import serving_model  # the export's rebuild for (None, None, C)
-
         copy = serving_model(model)
         try:
             _ANY_SIZE_COPIES[model] = copy
@@ -65,8 +64,6 @@ def any_size_model(model):
 
 
 def _model_tasks(model):
-    from mtl_keras.export import model_tasks
-
     return model_tasks(model)
 
 
@@ -134,20 +131,16 @@ def predict(model, images, batch_size=8, instances=True, instance_classes=None, 
     - ``"depth"``: ``(H, W)`` float32 inverse depth (disparity, px);
     - ``"normals"``: ``(H, W, 3)`` float32 surface normals.
     """
-    from mtl_keras.instances import cluster_instances
-
     model = getattr(model, "inference_model", model)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     arrays, single = _as_image_list(images)
     tasks = _model_tasks(model)
     if not tasks:
-        raise ValueError(f"predict needs a model whose output is a dict with some of {TASKS}; "
+        raise ValueError(f"predict needs a model whose output is a dict with some of {tuple(TASKS)}; "
                          f"{getattr(model, 'name', model)!r} outputs {getattr(model, 'output', None)!r}.")
     cluster = bool(instances) and {"semantic", "instance"} <= set(tasks)
     if cluster:
-        from mtl_keras.export import instance_classes_for
-
         instance_classes = instance_classes_for(model, instance_classes)
 
     multiple = size_multiple(model)
@@ -169,24 +162,24 @@ def predict(model, images, batch_size=8, instances=True, instance_classes=None, 
             outputs = {t: np.asarray(outputs[t], dtype=np.float32)[:, :height, :width] for t in tasks}
             for k, i in enumerate(chunk):
                 results[i] = _postprocess({t: v[k] for t, v in outputs.items()}, cluster, instance_classes,
-                                          method, clustering, cluster_instances)
+                                          method, clustering)
     return results[0] if single else results
 
 
-def _postprocess(outputs, cluster, instance_classes, method, clustering, cluster_instances):
+def _postprocess(outputs, cluster, instance_classes, method, clustering):
+    """Per task, by its row of the task table: a classification gives its labels (argmax), a one-channel regression
+    its (H, W) map, any other regression its (H, W, C) values; plus the clustered instance ids."""
     result = {}
-    if "semantic" in outputs:
-        result["semantic"] = np.argmax(outputs["semantic"], axis=-1).astype(np.int32)
+    for name, output in outputs.items():
+        task = TASKS[name]
+        if task.type == "classification":
+            result[name] = np.argmax(output, axis=-1).astype(np.int32)
+        else:
+            result[name] = output[..., 0] if task.channels == 1 else output
     if cluster:
         found = cluster_instances(outputs["semantic"], outputs["instance"], method=method,
                                   instance_classes=instance_classes, **clustering)
         result["instance_ids"] = found.ids.astype(np.int32)
-    if "instance" in outputs:
-        result["instance"] = outputs["instance"]
-    if "depth" in outputs:
-        result["depth"] = outputs["depth"][..., 0]
-    if "normals" in outputs:
-        result["normals"] = outputs["normals"]
     return result
 
 

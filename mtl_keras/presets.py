@@ -1,35 +1,301 @@
-"""Preset folders, the keras-hub way: ``model.save_to_preset(DIR)`` and ``mtl_keras.from_preset(NAME_or_DIR)``.
+"""Models by name and preset folders: the one module for names, presets, weights files and their sha256.
 
-A preset folder holds everything needed to rebuild a model in another process, on any backend:
+Two forms of preset, one loader (:func:`from_preset`):
 
-=====================  ============================================================================================
-``config.json``        ``keras.saving.serialize_keras_object(model)``: class, registered name and full config
-``model.weights.h5``   the weights (``model.save_weights``)
-``metadata.json``      format version; mtl_keras / Keras versions and backend that wrote it; class, architecture,
-                       parameter count, tasks, classes, input size and ``size_multiple``; the weights file's name,
-                       sha256 and size; and, when given, the training config, metrics and a description
-=====================  ============================================================================================
+- a **preset folder** (keras-hub's layout), written by ``model.save_to_preset(DIR)`` and by every run
+  (``RUN/preset``): ``config.json`` (``keras.saving.serialize_keras_object``), ``model.weights.h5`` and
+  ``metadata.json`` (versions, backend, class, architecture, parameters, tasks, classes, input size,
+  ``size_multiple``, the weights' sha256 and size; optionally the training config, metrics and a description);
+- a **named preset**, a registered dict ``models/NAME.json`` (installed as ``mtl_keras/presets/``): ``name``,
+  ``architecture`` (a registered entry point), ``arguments`` (``build_model(architecture, **arguments)``),
+  ``tiny_arguments`` (a very small model for tests), ``input``, ``classes``, ``training``, ``backbone``, ``parameters``,
+  and for a published model ``weights`` (``{"file", "sha256", "bytes"}``, a reference to the file), ``metrics`` and
+  ``source``. Every registered architecture has one under its own name: its defaults.
 
-:func:`from_preset` reads such a folder (checking the sha256 before loading anything; ``safe_mode`` on, so a config
-that would run arbitrary code is refused) or, given a name, the zoo's named presets (``models/NAME.json``, see
-``mtl_keras.zoo``: every registered architecture and every published model). ``save_to_preset`` refuses to write into
-a folder that holds something (``overwrite=True`` replaces it, atomically: a failure leaves the old preset).
+Which call to use: ``build_model(NAME)`` builds an architecture with fresh weights; ``from_preset(NAME_or_DIR)`` loads a
+model with its weights; ``load_model(PATH)`` reads saved files (``.keras``, a run folder) or a name with
+``weights=FILE``.
+
+Named presets are looked up in ``$MTL_KERAS_PRESETS`` (``os.pathsep``-separated), ``$KERAS_HOME/mtl_keras/presets``,
+then the built-in folder; the weights files they name in ``$MTL_KERAS_WEIGHTS``, ``$KERAS_HOME/mtl_keras/weights``,
+then the preset's own folder. Nothing is downloaded. Every sha256 is checked before a file is read, and models load
+with ``safe_mode=True`` (a config that would run code is refused).
+
+The model classes register themselves when ``mtl_keras`` is imported (its ``__init__`` imports ``mtl_keras.models``),
+which is always before this module runs: this module imports no model code, so models can import it.
 """
 
 import datetime
+import fnmatch
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
+import zipfile
+
+import keras
 
 from mtl_keras.config import read_json
+from mtl_keras.labels import class_names, instance_train_ids
+from mtl_keras.registry import is_model, model_entry_point
+from mtl_keras.tasks import validate_tasks
 
+log = logging.getLogger("mtl_keras")
+
+VERSION = "0.1.0"
+PRESET_FORMAT_VERSION = 1
 PRESET_FOLDER_FORMAT = 1
+PRESETS_ENV = "MTL_KERAS_PRESETS"
+WEIGHTS_ENV = "MTL_KERAS_WEIGHTS"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.weights.h5"
 METADATA_FILE = "metadata.json"
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+REQUIRED_FIELDS = ("name", "architecture", "arguments")
 
 
+# ------------------------------------------------------------------------------------------------------- locations
+def builtin_presets_dir():
+    """The presets shipped with mtl_keras: ``models/`` of a source checkout (editable install or the repository
+    itself), else ``mtl_keras/presets/`` of an installed package."""
+    root = os.path.dirname(_PACKAGE_DIR)
+    checkout = os.path.join(root, "models")
+    if os.path.isdir(checkout) and os.path.isfile(os.path.join(root, "setup.py")):
+        return checkout
+    return os.path.join(_PACKAGE_DIR, "presets")
+
+
+def _is_checkout(presets_dir):
+    return os.path.basename(presets_dir) == "models"
+
+
+def _keras_home():
+    return os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+
+
+def user_presets_dir():
+    """Presets published on this machine outside a checkout: ``$KERAS_HOME/mtl_keras/presets``."""
+    return os.path.join(_keras_home(), "mtl_keras", "presets")
+
+
+def presets_dirs():
+    """Folders searched for presets, first match wins: ``$MTL_KERAS_PRESETS``, :func:`user_presets_dir`, then the
+    built-in folder."""
+    extra = [d for d in os.environ.get(PRESETS_ENV, "").split(os.pathsep) if d]
+    return extra + [user_presets_dir(), builtin_presets_dir()]
+
+
+def default_weights_dir():
+    """Where published weights go by default: ``$KERAS_HOME/mtl_keras/weights`` (``~/.keras/mtl_keras/weights``)."""
+    return os.path.join(_keras_home(), "mtl_keras", "weights")
+
+
+def weights_dirs(preset=None):
+    extra = [d for d in os.environ.get(WEIGHTS_ENV, "").split(os.pathsep) if d]
+    dirs = extra + [default_weights_dir()]
+    if preset is not None and preset.get("_path"):
+        dirs.append(os.path.dirname(preset["_path"]))
+    return dirs
+
+
+# --------------------------------------------------------------------------------------------------------- presets
+def _preset_files():
+    """{name: path} over the preset folders, earlier folders first."""
+    files = {}
+    for folder in presets_dirs():
+        if not os.path.isdir(folder):
+            continue
+        for entry in sorted(os.listdir(folder)):
+            if entry.endswith(".json"):
+                files.setdefault(entry[:-len(".json")], os.path.join(folder, entry))
+    return files
+
+
+def preset_names(pattern="*", architecture=None):
+    """Sorted preset names matching the fnmatch ``pattern`` (and, if given, built on ``architecture``)."""
+    names = sorted(n for n in _preset_files() if fnmatch.fnmatchcase(n, pattern))
+    if architecture is not None:
+        names = [n for n in names if get_preset(n)["architecture"] == architecture]
+    return names
+
+
+class PresetTable(dict):
+    """``{name: summary}`` of presets; iterating gives the names, ``print`` gives a table."""
+
+    COLUMNS = ("architecture", "parameters", "tasks", "dataset", "metrics", "weights")
+
+    def __str__(self):
+        rows = [("name",) + self.COLUMNS]
+        for name, summary in self.items():
+            rows.append((name,) + tuple(_cell(summary[c]) for c in self.COLUMNS))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _cell(value):
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items()) or "-"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return "-" if value is None else str(value)
+
+
+_HEADLINE_METRICS = ("semantic_miou", "official_instance_ap50", "depth_mean_error_px", "normals_mean_angle_deg")
+
+
+def preset_summary(name):
+    """What a user needs to choose a preset: architecture, parameters, tasks, dataset, headline metrics, and whether
+    its trained weights are here (their path) or where to put them."""
+    preset = get_preset(name)
+    training = preset.get("training") or {}
+    metrics = preset.get("metrics") or {}
+    weights = preset.get("weights")
+    if not weights:
+        where = "none (architecture only" + (", ImageNet encoder: backbone_weights='imagenet')"
+                                            if preset.get("backbone") else ")")
+    else:
+        try:
+            where = f"present: {resolve_weights_file(preset)}"
+        except FileNotFoundError:
+            where = f"missing: put {weights['file']} in {default_weights_dir()} (or ${WEIGHTS_ENV})"
+    return {
+        "architecture": preset["architecture"],
+        "parameters": preset.get("parameters"),
+        "tasks": list(preset["arguments"].get("tasks", [])),
+        "dataset": training.get("dataset"),
+        "metrics": {k: metrics[k] for k in _HEADLINE_METRICS if isinstance(metrics.get(k), (int, float))},
+        "weights": where,
+        "description": preset.get("description"),
+    }
+
+
+def list_presets(pattern="*", architecture=None):
+    """``{name: summary}`` (a :class:`PresetTable`: ``print(list_presets())`` shows a table) of the presets matching
+    the fnmatch ``pattern`` (and, if given, built on ``architecture``); see :func:`preset_summary`."""
+    return PresetTable((n, preset_summary(n)) for n in preset_names(pattern, architecture))
+
+
+def validate_preset(preset, path="<preset>"):
+    missing = [k for k in REQUIRED_FIELDS if k not in preset]
+    if missing:
+        raise ValueError(f"Preset {path} lacks field(s) {missing}.")
+    if preset.get("format_version", PRESET_FORMAT_VERSION) > PRESET_FORMAT_VERSION:
+        raise ValueError(f"Preset {path} has format_version {preset['format_version']}; this mtl_keras reads "
+                         f"<= {PRESET_FORMAT_VERSION}. Upgrade mtl_keras.")
+    weights = preset.get("weights")
+    if weights is not None and not (isinstance(weights, dict) and weights.get("file")):
+        raise ValueError(f"Preset {path}: 'weights' must be null or an object with a 'file' (and 'sha256').")
+    return preset
+
+
+def get_preset(name):
+    """The preset ``name`` as a dict (with ``_path``, the file it came from)."""
+    files = _preset_files()
+    if name not in files:
+        raise ValueError(f"Unknown model preset {name!r}. Presets: {', '.join(sorted(files))} (folders: "
+                         f"{', '.join(presets_dirs())}).")
+    preset = read_json(files[name])
+    validate_preset(preset, files[name])
+    if preset["name"] != name:
+        raise ValueError(f"Preset file {files[name]} is named {preset['name']!r} inside; expected {name!r}.")
+    preset["_path"] = files[name]
+    return preset
+
+
+def preset_build_kwargs(preset, tiny=False, **overrides):
+    """Keyword arguments of ``build_model(preset['architecture'], ...)``: the preset's arguments (and
+    ``tiny_arguments`` when ``tiny``), then ``overrides``."""
+    kwargs = dict(preset["arguments"])
+    if tiny:
+        kwargs.update(preset.get("tiny_arguments") or {})
+    kwargs.update(overrides)
+    for key in ("tasks", "input_shape", "aspp_rates", "decoder_filters"):
+        if isinstance(kwargs.get(key), list):
+            kwargs[key] = tuple(kwargs[key])
+    return kwargs
+
+
+def build_from_preset(name, tiny=False, **overrides):
+    """The architecture of preset ``name`` (a name or a preset dict) with freshly initialised weights."""
+    preset = name if isinstance(name, dict) else get_preset(name)
+    return build_model(preset["architecture"], **preset_build_kwargs(preset, tiny=tiny, **overrides))
+
+
+def dumps_preset(preset):
+    """JSON text of a preset: 2-space indents, lists of numbers or strings on one line."""
+    def fmt(value, indent):
+        pad = " " * indent
+        if isinstance(value, dict):
+            if not value:
+                return "{}"
+            items = [f'{pad}  {json.dumps(k)}: {fmt(v, indent + 2)}' for k, v in value.items()]
+            return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+        if isinstance(value, (list, tuple)):
+            if all(not isinstance(v, (dict, list, tuple)) for v in value):
+                return json.dumps(list(value))
+            items = [f"{pad}  {fmt(v, indent + 2)}" for v in value]
+            return "[\n" + ",\n".join(items) + f"\n{pad}]"
+        return json.dumps(value)
+
+    clean = {k: v for k, v in preset.items() if not k.startswith("_")}
+    return fmt(clean, 0) + "\n"
+
+
+def write_preset(preset, folder):
+    """Writes ``folder/NAME.json`` (atomically) and returns its path."""
+    validate_preset(preset)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{preset['name']}.json")
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".json.tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(dumps_preset(preset))
+    _readable(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _readable(path):
+    """mkstemp files are 0600: give them the usual mode (0666 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+# --------------------------------------------------------------------------------------------------------- weights
+def resolve_weights_file(preset):
+    """Absolute path of the weights file a preset names; FileNotFoundError (saying where it looked) if absent."""
+    spec = preset["weights"]
+    file_name = os.path.expanduser(spec["file"])
+    if os.path.isabs(file_name):
+        candidates = [file_name]
+    else:
+        candidates = [os.path.join(d, file_name) for d in weights_dirs(preset)]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f"Weights of model {preset['name']!r} not found: {spec['file']} (sha256 {spec.get('sha256')}). Looked in: "
+        f"{', '.join(candidates)}. mtl_keras downloads nothing: copy the published file into one of these folders "
+        f"(or ${WEIGHTS_ENV}), or pass weights=PATH.")
+
+
+def check_sha256(path, expected):
+    """Raises ValueError if ``path``'s sha256 is not ``expected`` (None: no check)."""
+    if expected is None:
+        return
+    actual = file_sha256(path)
+    if actual.lower() != str(expected).lower():
+        raise ValueError(f"sha256 mismatch for {path}: expected {expected}, got {actual}. The file is not the "
+                         f"published one (corrupt, truncated or replaced); nothing was loaded.")
+
+
+
+# ---------------------------------------------------------------------------------------------------------- folders
 def is_preset_dir(path):
     path = os.fspath(path)
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isfile(
@@ -41,11 +307,6 @@ def save_to_preset(model, preset_dir, training_config=None, metrics=None, descri
 
     ``training_config``: a ``TrainConfig`` or dict; ``metrics``: a dict (e.g. a run's validation metrics).
     """
-    import keras
-
-    from mtl_keras import __version__
-    from mtl_keras.pretrained import file_sha256
-
     preset_dir = os.path.abspath(os.fspath(preset_dir))
     if os.path.exists(preset_dir) and (not os.path.isdir(preset_dir) or os.listdir(preset_dir)) and not overwrite:
         raise FileExistsError(f"{preset_dir} exists and is not empty; pass overwrite=True to replace it.")
@@ -62,7 +323,7 @@ def save_to_preset(model, preset_dir, training_config=None, metrics=None, descri
         config = model.get_config()
         metadata = {
             "format_version": PRESET_FOLDER_FORMAT,
-            "mtl_keras_version": __version__,
+            "mtl_keras_version": VERSION,
             "keras_version": keras.__version__,
             "backend": keras.config.backend(),
             "class_name": type(model).__name__,
@@ -108,11 +369,6 @@ def read_preset_metadata(preset_dir):
 
 def load_preset_dir(preset_dir, load_weights=True, safe_mode=True, **overrides):
     """The model of a preset folder; ``overrides`` replace config entries (e.g. ``input_shape=(None, None, 3)``)."""
-    import keras
-
-    import mtl_keras.models  # noqa: F401  (registers the serializable classes)
-    from mtl_keras.zoo import check_sha256, load_weights_file
-
     preset_dir = os.fspath(preset_dir)
     metadata = read_preset_metadata(preset_dir)
     config_path = os.path.join(preset_dir, CONFIG_FILE)
@@ -138,12 +394,139 @@ def load_preset_dir(preset_dir, load_weights=True, safe_mode=True, **overrides):
     return model
 
 
+
+# ------------------------------------------------------------------------------------------------------- building and loading
+def file_sha256(path, chunk_size=1 << 20):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_model(name, **arguments):
+    """The architecture registered as ``name``, freshly initialised: images (float32 RGB, 0..255) -> {task: output}.
+
+    Its defaults are its named preset's ``arguments`` (so ``build_model(NAME)`` and ``from_preset(NAME,
+    load_weights=False)`` are the same model); ``arguments`` replace any of them (``tasks=("semantic", "depth")``,
+    ``output_stride=16``, ``backbone=DilatedResNetBackbone(...)``, ``backbone_weights="imagenet"`` ...).
+    """
+    entry_point = model_entry_point(name)
+    preset = get_preset(name) if name in _preset_files() else None
+    if preset is None or preset.get("architecture") != name:
+        preset = {"arguments": {}}  # a registered architecture without a preset: its entry point's defaults
+    kwargs = preset_build_kwargs(preset, **arguments)
+    if "tasks" in kwargs:
+        kwargs["tasks"] = validate_tasks(kwargs["tasks"])
+    return entry_point(**kwargs)
+
+
+def load_keras_file(path):
+    """``keras.saving.load_model`` with ``safe_mode=True``; a file that is not a ``.keras`` archive (truncated,
+    corrupt) is a ValueError naming it (Keras says "File not found")."""
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a .keras file (a zip archive): truncated or corrupt? "
+                         f"({os.path.getsize(path)} bytes)")
+    return keras.saving.load_model(path, safe_mode=True)
+
+
+def load_weights_file(model, path):
+    """``model.load_weights(path)`` whose errors name the file and the likely cause (h5py's own do not)."""
+    try:
+        model.load_weights(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"Cannot load the weights {path} into {model.name}: {' '.join(str(e).split())[:300]} "
+                         f"(a truncated or corrupt file, or weights of another architecture or size?)") from e
+
+
+def _named_preset(name):
+    if name in _preset_files():
+        return get_preset(name)
+    if is_model(name):  # a registered architecture without a preset (yet): its defaults
+        return {"name": name, "architecture": name, "arguments": {}, "weights": None}
+    raise ValueError(f"{name!r} is neither a file nor a model preset. Presets: {', '.join(preset_names())}.")
+
+
+def _load_named(name, weights=None, sha256=None, load_weights=True, **overrides):
+    """The one path for a model by name: its preset's architecture and arguments (changed by ``overrides``), then
+    ``weights`` if given, else (``load_weights``) the file the preset names. Every sha256 is checked before the
+    model is built: a mismatch loads nothing."""
+    preset = _named_preset(name)
+    if weights is None and load_weights and preset.get("weights") and "backbone_weights" not in overrides:
+        weights, sha256 = resolve_weights_file(preset), preset["weights"].get("sha256")
+    if weights is not None:
+        weights = os.fspath(weights)
+        if not (weights.endswith(".weights.h5") or weights.endswith(".keras")):
+            raise ValueError(f"Model weights must be a .weights.h5 or .keras file, got {weights!r}.")
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"Weights file {weights!r} does not exist.")
+        check_sha256(weights, sha256)
+    model = build_model(preset["architecture"], **preset_build_kwargs(preset, **overrides))
+    if weights is not None:
+        load_weights_file(model, weights)
+        log.info("Loaded weights %s into %s.", weights, model.name)
+    return model
+
+
+def _load_path(path):
+    """A saved model: a preset folder, a run folder (its ``preset/``, else its ``model.keras``) or a ``.keras``
+    file."""
+    if is_preset_dir(path):
+        return load_preset_dir(path)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "saved_model.pb")):
+            raise ValueError(f"{path} is a TensorFlow SavedModel (an export), not a Keras model: load it with "
+                             f"tf.saved_model.load or keras.layers.TFSMLayer.")
+        if is_preset_dir(os.path.join(path, "preset")):
+            return load_preset_dir(os.path.join(path, "preset"))
+        if os.path.isfile(os.path.join(path, "model.keras")):
+            return load_keras_file(os.path.join(path, "model.keras"))
+        if os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"{path} is an unfinished run folder (no preset/ nor model.keras): "
+                             f"mtl_keras.experiment.load_run reads its last checkpoint.")
+        raise ValueError(f"{path} is a folder but neither a preset, a run folder nor a SavedModel.")
+    if path.endswith(".keras"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Model file {path!r} does not exist.")
+        return load_keras_file(path)
+    if path.endswith(".weights.h5"):
+        raise ValueError(f"{path} holds weights only: pass the architecture too, load_model(NAME, weights=PATH).")
+    raise ValueError(f"Cannot load {path!r}: expected a .keras file, a run or preset folder or a preset name.")
+
+
+def _is_name(text):
+    return os.sep not in text and "." not in text and (text in _preset_files() or not os.path.exists(text))
+
+
+def load_model(name_or_path, weights=None, *, sha256=None, backbone_weights=None, **overrides):
+    """A saved model by path (a ``.keras`` file, a run or preset folder), or a model by name (as
+    :func:`from_preset`) whose weights can be replaced: ``weights`` (a ``.weights.h5`` or ``.keras`` file, checked
+    against ``sha256`` when given), or ``backbone_weights`` (``weights="imagenet"``): ImageNet weights for a
+    dilated-ResNet encoder (``"imagenet"``: ``keras.applications``' cached download, or a local file of it).
+    ``overrides`` change a named model's architecture arguments (e.g. ``input_shape=(None, None, 3)``)."""
+    name_or_path = os.fspath(name_or_path)
+    if isinstance(weights, str) and weights == "imagenet":
+        weights, backbone_weights = None, backbone_weights or "imagenet"
+    if _is_name(name_or_path) and not name_or_path.endswith(".keras"):
+        if backbone_weights is not None:
+            overrides["backbone_weights"] = backbone_weights
+        return _load_named(name_or_path, weights=weights, sha256=sha256, **overrides)
+    if overrides or backbone_weights is not None:
+        raise ValueError(f"Architecture arguments {sorted(overrides) + (['backbone_weights'] if backbone_weights else [])}"
+                         f" apply to preset names, not to saved models ({name_or_path}).")
+    model = _load_path(name_or_path)
+    if weights is not None:
+        weights = os.fspath(weights)
+        check_sha256(weights, sha256)
+        load_weights_file(model, weights)
+    return model
+
+
 def from_preset(preset, load_weights=True, safe_mode=True, **overrides):
-    """A model from a preset folder (written by ``save_to_preset``) or a named preset (``mtl_keras.list_presets()``).
+    """A model from a preset folder (``save_to_preset``, a run's ``preset/``) or a named preset (``list_presets()``).
 
     ``load_weights=False`` gives the architecture with fresh weights. ``overrides`` change the architecture's
-    arguments (``input_shape=(None, None, 3)``, ``tasks=...`` with ``load_weights=False``, ...). The weights'
-    sha256 is checked before anything is read; ``safe_mode`` refuses configs that would run code (Lambda layers).
+    arguments (``input_shape=(None, None, 3)``, ``tasks=...`` with ``load_weights=False``, ...).
     """
     preset = os.fspath(preset)
     if is_preset_dir(preset):
@@ -151,11 +534,7 @@ def from_preset(preset, load_weights=True, safe_mode=True, **overrides):
     if os.path.isdir(preset):
         raise ValueError(f"{preset} is a folder without {CONFIG_FILE} and {METADATA_FILE}: not a preset folder "
                          f"(write one with model.save_to_preset).")
-    from mtl_keras import zoo
-
-    if load_weights:
-        return zoo.load_model(preset, **overrides)
-    return zoo.build_from_preset(preset, **overrides)
+    return _load_named(preset, load_weights=load_weights, **overrides)
 
 
 class PresetMixin:
@@ -174,3 +553,112 @@ class PresetMixin:
             raise ValueError(f"Preset {preset} holds a {type(model).__name__}, not a {cls.__name__}; use "
                              f"mtl_keras.from_preset.")
         return model
+
+
+# ----------------------------------------------------------------------------------------------------- publishing
+def publish_targets(name, weights_dir=None, presets_dir=None, overwrite=False):
+    """``(preset_path, weights_path)`` that :func:`publish_run` would write for ``name``; checks the name and that
+    nothing would be replaced (unless ``overwrite``). ``experiments/train.py --publish`` calls it before training, so
+    a bad name fails in seconds, not after the run."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name or ""):
+        raise ValueError(f"Model name {name!r}: use letters, digits and underscores.")
+    if is_model(name):
+        raise ValueError(f"{name!r} is a registered architecture; its preset describes the architecture. Publish "
+                         f"trained weights under another name, e.g. {name}_<dataset>.")
+    weights_dir = os.fspath(weights_dir) if weights_dir is not None else default_weights_dir()
+    if presets_dir is None:
+        builtin = builtin_presets_dir()
+        presets_dir = builtin if _is_checkout(builtin) else user_presets_dir()
+    preset_path = os.path.join(os.fspath(presets_dir), f"{name}.json")
+    weights_path = os.path.join(weights_dir, f"{name}.weights.h5")
+    for path in (preset_path, weights_path):
+        if os.path.exists(path) and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True (train.py: --publish_overwrite) to replace it.")
+    return preset_path, weights_path
+
+
+def publish_run(run_dir, name, weights_dir=None, presets_dir=None, description=None, overwrite=False):
+    """Turns a training output folder into a named model: a weights file and a preset that names it.
+
+    Writes ``weights_dir/NAME.weights.h5`` (the inference model's weights; default folder
+    :func:`default_weights_dir`) and ``presets_dir/NAME.json`` (default: ``models/`` of a source checkout, to be
+    committed; with an installed package, :func:`user_presets_dir`) with the architecture and its full arguments, the weights file's name, sha256 and size, the
+    run's validation metrics (``metrics.json``), its training config and the input/class conventions of the
+    architecture's preset. Afterwards ``load_model(NAME)`` rebuilds the trained model (put the weights file in a
+    weights folder on other machines). Refuses to replace an existing preset or weights file unless ``overwrite``.
+    Returns the preset's path.
+    """
+    run_dir = os.fspath(run_dir)
+    preset_path, weights_path = publish_targets(name, weights_dir, presets_dir, overwrite)
+    weights_dir, presets_dir = os.path.dirname(weights_path), os.path.dirname(preset_path)
+    model = load_model(run_dir)
+    config = _read_json(os.path.join(run_dir, "config.json"))
+    metrics = _read_json(os.path.join(run_dir, "metrics.json"))
+    architecture = (config or {}).get("model") or (metrics or {}).get("model")
+    if not architecture or not is_model(architecture):
+        raise ValueError(f"{run_dir}: cannot tell the registered architecture (config.json 'model' is "
+                         f"{architecture!r}).")
+    arguments = {k: v for k, v in model.get_config().items() if k not in ("name", "trainable", "dtype")}
+
+    os.makedirs(weights_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=weights_dir, suffix=".weights.h5")
+    os.close(fd)
+    try:
+        model.save_weights(tmp)
+        digest = file_sha256(tmp)
+        size = os.path.getsize(tmp)
+        _readable(tmp)
+        os.replace(tmp, weights_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+    base = {}
+    try:
+        base = get_preset(architecture)
+    except ValueError:
+        pass
+    preset = {
+        "format_version": PRESET_FORMAT_VERSION,
+        "name": name,
+        "architecture": architecture,
+        "description": description or f"{architecture} trained by experiments/train.py "
+                                      f"({(config or {}).get('dataset', 'unknown dataset')}), published from "
+                                      f"{os.path.basename(os.path.abspath(run_dir))}.",
+        "paper": base.get("paper"),
+        "arguments": arguments,
+        "parameters": int(model.count_params()),
+        "input": base.get("input"),
+        "classes": _classes_for(base.get("classes"), arguments.get("num_classes")),
+        "training": config,
+        "backbone": base.get("backbone"),
+        "weights": {"file": os.path.basename(weights_path), "sha256": digest, "bytes": size,
+                    "format": "keras .weights.h5 of the inference model"},
+        "metrics": (metrics or {}).get("val"),
+        "source": {"run_dir": os.path.basename(os.path.abspath(run_dir)),
+                   "published": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                   "untrained_metrics": (metrics or {}).get("val_untrained"),
+                   "steps": (metrics or {}).get("steps"),
+                   "weighting": (metrics or {}).get("weighting"),
+                   "final_task_weights": (metrics or {}).get("final_task_weights")},
+    }
+    path = write_preset(preset, presets_dir)
+    log.info("Published %s: %s (sha256 %s) and %s.", name, weights_path, digest, path)
+    return path
+
+
+def _classes_for(base_classes, num_classes):
+    if base_classes and len(base_classes.get("names", [])) == num_classes:
+        return base_classes
+    try:
+        return {"dataset": "cityscapes", "label_set": "train_ids", "names": class_names(num_classes),
+                "instance_classes": instance_train_ids(num_classes), "ignore_label": 255}
+    except ValueError:
+        return {"names": None, "num_classes": num_classes}
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        return None
+    return read_json(path)
+

@@ -1,7 +1,9 @@
 """One registry for every architecture of the zoo (timm style).
 
 An entry point is a function ``fn(tasks, num_classes, input_shape, **overrides)`` that returns the inference model
-(images -> dict of task outputs). ``register_model`` adds it under its function name.
+(images -> dict of task outputs). ``register_model`` adds it under its function name. This module imports nothing:
+the architectures register themselves when ``mtl_keras.models`` is imported, and ``mtl_keras.presets.build_model``
+builds them with their preset's defaults.
 """
 
 import fnmatch
@@ -35,28 +37,3 @@ def model_entry_point(name):
     if name not in _MODEL_ENTRY_POINTS:
         raise ValueError(f"Unknown model {name!r}. Registered models: {', '.join(list_models())}.")
     return _MODEL_ENTRY_POINTS[name]
-
-
-def build_model(name, **arguments):
-    """Builds the inference model registered as ``name``: images (float32 RGB, 0..255) -> {task: output}.
-
-    Defaults come from one place, the architecture's preset ``models/NAME.json`` (``arguments``: tasks,
-    num_classes, input_shape and the architecture's own), so ``build_model(NAME)`` and ``load_model(NAME)`` build
-    the same model; ``arguments`` replace any of them (e.g. ``tasks=("semantic", "depth")``, ``output_stride=16``,
-    ``backbone=DilatedResNetBackbone(...)``, ``backbone_weights="imagenet"``).
-    """
-    from mtl_keras.tasks import validate_tasks
-
-    from mtl_keras import zoo
-
-    fn = model_entry_point(name)
-    try:
-        preset = zoo.get_preset(name)
-    except ValueError:  # a registered architecture without a preset: its entry point's defaults
-        preset = None
-    if preset is None or preset.get("architecture") != name:
-        preset = {"arguments": {}}
-    kwargs = zoo.preset_build_kwargs(preset, **arguments)
-    if "tasks" in kwargs:
-        kwargs["tasks"] = validate_tasks(kwargs["tasks"])
-    return fn(**kwargs)

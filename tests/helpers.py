@@ -9,9 +9,9 @@ import numpy as np
 def tiny_kendall_kwargs():
     """A structurally complete Kendall model small enough for unit tests: the tiny arguments of the default model's
     preset (models/kendall_deeplabv3_resnet26_cpu.json, one place for them), input size left to the test."""
-    from mtl_keras import zoo
+    from mtl_keras import presets
 
-    tiny = dict(zoo.get_preset("kendall_deeplabv3_resnet26_cpu")["tiny_arguments"])
+    tiny = dict(presets.get_preset("kendall_deeplabv3_resnet26_cpu")["tiny_arguments"])
     tiny.pop("input_shape")
     return dict(backbone_depth=26, **tiny)
 

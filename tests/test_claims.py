@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import mtl_keras  # noqa: E402
-from mtl_keras import checkpointing, distribution, zoo  # noqa: E402
+from mtl_keras import checkpointing, distribution, presets  # noqa: E402
 from mtl_keras.tasks import TASK_NAMES  # noqa: E402
 from tests.helpers import load_script, tiny_kendall_kwargs  # noqa: E402
 
@@ -281,13 +281,13 @@ def _backup_state(tmp_path, monkeypatch):
 
 
 def _preset(tmp_path, monkeypatch):
-    presets = tmp_path / "presets"
-    presets.mkdir()
-    monkeypatch.setenv(zoo.PRESETS_ENV, str(presets))
-    (presets / "broken_preset.json").write_text('{"name": "broken_preset", "architecture": "mt_unet",')
+    preset_dir = tmp_path / "presets"
+    preset_dir.mkdir()
+    monkeypatch.setenv(presets.PRESETS_ENV, str(preset_dir))
+    (preset_dir / "broken_preset.json").write_text('{"name": "broken_preset", "architecture": "mt_unet",')
     with pytest.raises(ValueError) as error:
         mtl_keras.load_model("broken_preset")
-    return str(presets / "broken_preset.json"), str(error.value)
+    return str(preset_dir / "broken_preset.json"), str(error.value)
 
 
 def _tf_config(tmp_path, monkeypatch):
@@ -324,10 +324,10 @@ def test_claim6_malformed_json_is_a_clear_error_naming_the_file(tmp_path, monkey
 
 @pytest.mark.parametrize("source", ["mt_unet", "narrower_slim"])
 def test_claim7_weights_of_another_architecture_or_width_are_a_clear_error(tmp_path, source):
-    tiny_slim = zoo.get_preset("kendall_deeplabv3_resnet26_slim")["tiny_arguments"]
+    tiny_slim = presets.get_preset("kendall_deeplabv3_resnet26_slim")["tiny_arguments"]
     path = str(tmp_path / f"{source}.weights.h5")
     if source == "mt_unet":
-        other = mtl_keras.load_model("mt_unet", **zoo.get_preset("mt_unet")["tiny_arguments"])
+        other = mtl_keras.load_model("mt_unet", **presets.get_preset("mt_unet")["tiny_arguments"])
     else:  # the same architecture at half the backbone width
         other = mtl_keras.load_model("kendall_deeplabv3_resnet26_slim", **dict(tiny_slim, backbone_width=8))
     other.save_weights(path)

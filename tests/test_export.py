@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 import mtl_keras
-from mtl_keras import export, zoo
+from mtl_keras import export, presets
 from tests.helpers import random_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +61,7 @@ def at_size(model, preset, images):
     """Outputs of preset ``preset``'s architecture built by the zoo directly at the size of ``images`` (no padding),
     with ``model``'s weights: what the export's any-size serving must give (export.serving_model, the code under
     test, is not used to make the expectation)."""
-    same = zoo.build_from_preset(preset, tiny=True, input_shape=(*images.shape[1:3], 3))
+    same = presets.build_from_preset(preset, tiny=True, input_shape=(*images.shape[1:3], 3))
     same.set_weights(model.get_weights())
     assert same.input.shape[1:3] == images.shape[1:3]
     return keras_outputs(same, images)
@@ -79,7 +79,7 @@ def assert_same(expected, got, prefix="", atol=1e-4):
 @pytest.mark.slow  # about 80 s
 @pytest.mark.subprocess
 def test_export_cli_serves_without_mtl_keras_saved_model_cli_and_onnx(tmp_path):
-    model = zoo.build_from_preset(KENDALL, tiny=True)  # 32 x 64 inputs
+    model = presets.build_from_preset(KENDALL, tiny=True)  # 32 x 64 inputs
     run = tmp_path / "run"
     run.mkdir()
     model.save(run / "model.keras")  # a training output folder, as experiments/train.py leaves it
@@ -135,7 +135,7 @@ def test_export_cli_serves_without_mtl_keras_saved_model_cli_and_onnx(tmp_path):
 @pytest.mark.parametrize("name", mtl_keras.list_models())
 @pytest.mark.slow
 def test_every_registered_model_exports_and_serves_its_outputs(name, tmp_path):
-    model = zoo.build_from_preset(name, tiny=True)
+    model = presets.build_from_preset(name, tiny=True)
     info = export.export_saved_model(model, str(tmp_path / "served"))
     loaded = tf.saved_model.load(str(tmp_path / "served"))
     height, width = model.input.shape[1:3]
@@ -149,7 +149,7 @@ def test_every_registered_model_exports_and_serves_its_outputs(name, tmp_path):
 
 
 def test_mt_unet_export_pads_by_repeating_the_border_and_crops_back():
-    model = zoo.build_from_preset("mt_unet", tiny=True)
+    model = presets.build_from_preset("mt_unet", tiny=True)
     serve = tf.function(export.serving_function(export.serving_model(model)))
     images = random_images(1, 37, 51)
     got = {k: v.numpy() for k, v in serve(tf.constant(images)).items()}
@@ -159,7 +159,7 @@ def test_mt_unet_export_pads_by_repeating_the_border_and_crops_back():
 
 
 def test_instance_ids_need_the_semantic_and_instance_tasks(tmp_path):
-    model = zoo.build_from_preset("mt_unet", tiny=True)  # semantic + depth
+    model = presets.build_from_preset("mt_unet", tiny=True)  # semantic + depth
     with pytest.raises(ValueError, match="semantic and instance"):
         export.export_saved_model(model, str(tmp_path / "served"), instances=True)
 
@@ -167,7 +167,7 @@ def test_instance_ids_need_the_semantic_and_instance_tasks(tmp_path):
 def test_onnx_export_without_tf2onnx_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tf2onnx", None)
     with pytest.raises(RuntimeError, match="pip install tf2onnx"):
-        export.export_onnx(zoo.build_from_preset("mt_unet", tiny=True), str(tmp_path / "m.onnx"))
+        export.export_onnx(presets.build_from_preset("mt_unet", tiny=True), str(tmp_path / "m.onnx"))
 
 
 # ------------------------------------------------------------------------------------------ instance clustering

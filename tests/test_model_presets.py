@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import mtl_keras
-from mtl_keras import zoo
+from mtl_keras import presets
 from mtl_keras.models import KendallMultiTaskModel, MTUNet
 from tests.helpers import random_images
 
@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tiny(name):
-    return zoo.build_from_preset(name, tiny=True)
+    return presets.build_from_preset(name, tiny=True)
 
 
 @pytest.mark.slow
@@ -105,24 +105,24 @@ def test_a_preset_whose_config_runs_code_is_refused(tmp_path):
 
 
 def test_list_presets_summarises_each_preset():
-    presets = mtl_keras.list_presets()
-    assert set(presets) >= set(mtl_keras.list_models())
-    paper = presets["kendall_deeplabv3_resnet101"]
+    summaries = mtl_keras.list_presets()
+    assert set(summaries) >= set(mtl_keras.list_models())
+    paper = summaries["kendall_deeplabv3_resnet101"]
     assert paper["parameters"] == 58_859_414 and paper["tasks"] == ["semantic", "instance", "depth"]
     assert "backbone_weights='imagenet'" in paper["weights"]
-    trained = presets["kendall_deeplabv3_resnet26_slim_synthetic"]
+    trained = summaries["kendall_deeplabv3_resnet26_slim_synthetic"]
     assert trained["weights"].startswith("present: ") and trained["dataset"] == "synthetic"
     assert 0.5 < trained["metrics"]["semantic_miou"] <= 1
-    table = str(presets)
+    table = str(summaries)
     assert table.splitlines()[0].split()[:3] == ["name", "architecture", "parameters"]
     assert "58,859,414" in table
 
 
 def test_a_missing_weights_file_says_where_to_put_it(tmp_path, monkeypatch):
-    preset = zoo.get_preset("kendall_deeplabv3_resnet26_slim_synthetic")
+    preset = presets.get_preset("kendall_deeplabv3_resnet26_slim_synthetic")
     preset = {k: v for k, v in preset.items() if not k.startswith("_")}
     preset["name"] = "elsewhere"
-    zoo.write_preset(preset, str(tmp_path))  # the weights file is not next to it
+    presets.write_preset(preset, str(tmp_path))  # the weights file is not next to it
     monkeypatch.setenv("MTL_KERAS_PRESETS", str(tmp_path))
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "home"))
     summary = mtl_keras.list_presets("elsewhere")["elsewhere"]
@@ -132,9 +132,9 @@ def test_a_missing_weights_file_says_where_to_put_it(tmp_path, monkeypatch):
 
 def test_preset_parameter_counts_match_the_models():
     for name in ("kendall_deeplabv3_resnet26_cpu", "kendall_deeplabv3_resnet26_slim"):
-        assert zoo.build_from_preset(name).count_params() == zoo.get_preset(name)["parameters"], name
+        assert presets.build_from_preset(name).count_params() == presets.get_preset(name)["parameters"], name
     # The papers' models (built full size in test_kendall_model.py / test_mt_unet.py).
-    assert zoo.get_preset("kendall_deeplabv3_resnet101")["parameters"] == 58_859_414
+    assert presets.get_preset("kendall_deeplabv3_resnet101")["parameters"] == 58_859_414
 
 
 def test_build_model_and_load_model_agree_on_the_defaults():

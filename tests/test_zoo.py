@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import mtl_keras
-from mtl_keras import zoo
+from mtl_keras import presets
 from mtl_keras.config import TrainConfig
 from mtl_keras.layers import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from tests.helpers import assert_outputs_close, random_images
@@ -27,44 +27,44 @@ def sha256_of(path):
 
 
 def builtin_presets():
-    folder = zoo.builtin_presets_dir()
-    presets = {}
+    folder = presets.builtin_presets_dir()
+    found = {}
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         with open(path) as f:
-            presets[os.path.splitext(os.path.basename(path))[0]] = json.load(f)
-    return presets
+            found[os.path.splitext(os.path.basename(path))[0]] = json.load(f)
+    return found
 
 
 def tiny_model(name):
     """The registered model ``name``, loaded by name, at the small size of its preset's tiny_arguments."""
-    return mtl_keras.load_model(name, **zoo.get_preset(name)["tiny_arguments"])
+    return mtl_keras.load_model(name, **presets.get_preset(name)["tiny_arguments"])
 
 
 def tiny_images(name, batch=2, seed=0):
-    height, width = zoo.preset_build_kwargs(zoo.get_preset(name), tiny=True)["input_shape"][:2]
+    height, width = presets.preset_build_kwargs(presets.get_preset(name), tiny=True)["input_shape"][:2]
     return random_images(batch, height, width, seed=seed)
 
 
 @pytest.fixture
 def preset_dirs(tmp_path, monkeypatch):
     """Empty preset and weights folders searched before the built-in ones."""
-    presets, weights = tmp_path / "presets", tmp_path / "weights"
-    presets.mkdir()
+    preset_dir, weights = tmp_path / "presets", tmp_path / "weights"
+    preset_dir.mkdir()
     weights.mkdir()
-    monkeypatch.setenv(zoo.PRESETS_ENV, str(presets))
-    monkeypatch.setenv(zoo.WEIGHTS_ENV, str(weights))
-    return presets, weights
+    monkeypatch.setenv(presets.PRESETS_ENV, str(preset_dir))
+    monkeypatch.setenv(presets.WEIGHTS_ENV, str(weights))
+    return preset_dir, weights
 
 
 # ----------------------------------------------------------------------------------------------------- presets
 def test_presets_and_registry_match_both_ways():
-    presets = builtin_presets()
-    assert presets, f"no presets in {zoo.builtin_presets_dir()}"
+    found = builtin_presets()
+    assert found, f"no presets in {presets.builtin_presets_dir()}"
     registered = set(mtl_keras.list_models())
-    architecture_presets = {name for name, p in presets.items() if p["architecture"] == name}
+    architecture_presets = {name for name, p in found.items() if p["architecture"] == name}
     assert registered - architecture_presets == set(), "registered models without a preset in models/"
     assert architecture_presets - registered == set(), "presets of architectures that are not registered"
-    for name, preset in presets.items():
+    for name, preset in found.items():
         assert preset["name"] == name
         assert preset["architecture"] in registered, name
     assert set(mtl_keras.list_presets()) >= registered
@@ -72,7 +72,7 @@ def test_presets_and_registry_match_both_ways():
 
 @pytest.mark.parametrize("name", sorted(builtin_presets()))
 def test_preset_describes_inputs_classes_and_training(name):
-    preset = zoo.get_preset(name)
+    preset = presets.get_preset(name)
     args = preset["arguments"]
     assert {"tasks", "num_classes", "input_shape"} <= set(args)
     assert preset["input"]["mean"] == list(IMAGENET_MEAN_RGB) and preset["input"]["std"] == list(IMAGENET_STD_RGB)
@@ -98,7 +98,7 @@ def test_preset_arguments_rebuild_the_architecture():
     for name, preset in builtin_presets().items():
         if preset["architecture"] != name:
             continue
-        model = zoo.build_from_preset(name, input_shape=(32, 32, 3))  # full width, small input
+        model = presets.build_from_preset(name, input_shape=(32, 32, 3))  # full width, small input
         config = {k: v for k, v in model.get_config().items() if k not in ("name", "trainable")}
         assert config == dict(preset["arguments"], input_shape=[32, 32, 3]), name
         del model
@@ -135,17 +135,17 @@ NAME = "kendall_deeplabv3_resnet26_slim"
 
 
 def write_trained_preset(folder, weights_file, name="tiny_trained", sha256=None):
-    preset = dict(zoo.get_preset(NAME), name=name, arguments=zoo.preset_build_kwargs(zoo.get_preset(NAME), tiny=True),
+    preset = dict(presets.get_preset(NAME), name=name, arguments=presets.preset_build_kwargs(presets.get_preset(NAME), tiny=True),
                   weights={"file": os.path.basename(weights_file), "sha256": sha256 or sha256_of(weights_file)})
     preset["arguments"] = {k: list(v) if isinstance(v, tuple) else v for k, v in preset["arguments"].items()}
-    return zoo.write_preset(preset, str(folder))
+    return presets.write_preset(preset, str(folder))
 
 
 def test_load_model_by_name_loads_the_presets_weights_file(preset_dirs):
-    presets, weights = preset_dirs
+    preset_dir, weights = preset_dirs
     model = tiny_model(NAME)
     model.save_weights(weights / "tiny_trained.weights.h5")
-    write_trained_preset(presets, str(weights / "tiny_trained.weights.h5"))
+    write_trained_preset(preset_dir, str(weights / "tiny_trained.weights.h5"))
     assert "tiny_trained" in mtl_keras.list_presets()
     loaded = mtl_keras.load_model("tiny_trained")
     images = tiny_images(NAME)
@@ -153,9 +153,9 @@ def test_load_model_by_name_loads_the_presets_weights_file(preset_dirs):
 
 
 def test_sha256_mismatch_is_a_clear_error_and_loads_nothing(preset_dirs, monkeypatch):
-    presets, weights = preset_dirs
+    preset_dir, weights = preset_dirs
     tiny_model(NAME).save_weights(weights / "tiny_trained.weights.h5")
-    write_trained_preset(presets, str(weights / "tiny_trained.weights.h5"), sha256="0" * 64)
+    write_trained_preset(preset_dir, str(weights / "tiny_trained.weights.h5"), sha256="0" * 64)
     calls = []
     monkeypatch.setattr(keras.Model, "load_weights", lambda self, *a, **k: calls.append(a))
     monkeypatch.setattr(mtl_keras.registry, "model_entry_point",
@@ -166,9 +166,9 @@ def test_sha256_mismatch_is_a_clear_error_and_loads_nothing(preset_dirs, monkeyp
 
 
 def test_missing_weights_file_says_where_it_looked(preset_dirs):
-    presets, weights = preset_dirs
+    preset_dir, weights = preset_dirs
     tiny_model(NAME).save_weights(weights / "tiny_trained.weights.h5")
-    write_trained_preset(presets, str(weights / "tiny_trained.weights.h5"))
+    write_trained_preset(preset_dir, str(weights / "tiny_trained.weights.h5"))
     os.remove(weights / "tiny_trained.weights.h5")
     with pytest.raises(FileNotFoundError, match="tiny_trained.weights.h5.*Looked in"):
         mtl_keras.load_model("tiny_trained")
@@ -180,7 +180,7 @@ def test_load_model_takes_weights_as_an_argument_weights_h5_or_keras(tmp_path):
     expected = model(images, training=False)
     model.save_weights(tmp_path / "w.weights.h5")
     model.save(tmp_path / "m.keras")
-    tiny = {k: v for k, v in zoo.get_preset(NAME)["tiny_arguments"].items()}
+    tiny = {k: v for k, v in presets.get_preset(NAME)["tiny_arguments"].items()}
     for path in (tmp_path / "w.weights.h5", tmp_path / "m.keras"):
         loaded = mtl_keras.load_model(NAME, weights=path, **tiny)
         assert_outputs_close(expected, loaded(images, training=False))
@@ -213,7 +213,7 @@ def test_load_model_keeps_safe_mode_on(tmp_path):
 # ------------------------------------------------------------------------------------------------- publish_run
 def make_run(folder, with_keras_file=True):
     """A finished training output folder of a tiny model (what experiments/train.py writes, minus the extras)."""
-    tiny = zoo.get_preset(NAME)["tiny_arguments"]
+    tiny = presets.get_preset(NAME)["tiny_arguments"]
     config = TrainConfig(model=NAME, model_overrides={k: v for k, v in tiny.items() if k != "input_shape"},
                          image_size=tuple(tiny["input_shape"][:2]), output_dir=str(folder))
     os.makedirs(folder / "checkpoints")
@@ -232,11 +232,11 @@ def make_run(folder, with_keras_file=True):
 
 
 def test_publish_run_makes_a_named_model_with_weights_sha256_and_metrics(tmp_path, preset_dirs):
-    presets, weights = preset_dirs
+    preset_dir, weights = preset_dirs
     model = make_run(tmp_path / "run")
-    path = zoo.publish_run(tmp_path / "run", "slim_tiny_synthetic", weights_dir=weights, presets_dir=presets)
-    assert path == str(presets / "slim_tiny_synthetic.json")
-    preset = zoo.get_preset("slim_tiny_synthetic")
+    path = presets.publish_run(tmp_path / "run", "slim_tiny_synthetic", weights_dir=weights, presets_dir=preset_dir)
+    assert path == str(preset_dir / "slim_tiny_synthetic.json")
+    preset = presets.get_preset("slim_tiny_synthetic")
     assert preset["architecture"] == NAME
     weights_file = weights / preset["weights"]["file"]
     assert preset["weights"]["sha256"] == sha256_of(weights_file)
@@ -246,9 +246,9 @@ def test_publish_run_makes_a_named_model_with_weights_sha256_and_metrics(tmp_pat
     images = tiny_images(NAME)
     assert_outputs_close(model(images, training=False), loaded(images, training=False))
     with pytest.raises(FileExistsError):
-        zoo.publish_run(tmp_path / "run", "slim_tiny_synthetic", weights_dir=weights, presets_dir=presets)
+        presets.publish_run(tmp_path / "run", "slim_tiny_synthetic", weights_dir=weights, presets_dir=preset_dir)
     with pytest.raises(ValueError, match="registered architecture"):
-        zoo.publish_run(tmp_path / "run", NAME, weights_dir=weights, presets_dir=presets)
+        presets.publish_run(tmp_path / "run", NAME, weights_dir=weights, presets_dir=preset_dir)
 
 
 def test_a_run_without_model_keras_loads_from_its_last_checkpoint(tmp_path):
@@ -280,9 +280,9 @@ def test_train_publish_makes_a_model_loadable_by_name_and_refuses_a_bad_name_bef
     done = _train_and_publish(tmp_path, "slim_published_synthetic", "--publish_description=from the test")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "published as 'slim_published_synthetic'" in done.stdout
-    monkeypatch.setenv(zoo.PRESETS_ENV, str(tmp_path / "presets"))
-    monkeypatch.setenv(zoo.WEIGHTS_ENV, str(tmp_path / "weights"))
-    preset = zoo.get_preset("slim_published_synthetic")
+    monkeypatch.setenv(presets.PRESETS_ENV, str(tmp_path / "presets"))
+    monkeypatch.setenv(presets.WEIGHTS_ENV, str(tmp_path / "weights"))
+    preset = presets.get_preset("slim_published_synthetic")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert preset["description"] == "from the test"
     assert preset["metrics"]["semantic_miou"] == pytest.approx(metrics["val"]["semantic_miou"])
@@ -309,7 +309,7 @@ def test_the_synthetic_default_model_loads_by_name_from_the_checkout_and_segment
     from mtl_keras.data.datasets import load_dataset
     from mtl_keras.evaluation import evaluate_model
 
-    preset = zoo.get_preset("kendall_deeplabv3_resnet26_slim_synthetic")
+    preset = presets.get_preset("kendall_deeplabv3_resnet26_slim_synthetic")
     published, untrained = preset["metrics"], preset["source"]["untrained_metrics"]
     model = mtl_keras.load_model("kendall_deeplabv3_resnet26_slim_synthetic")  # sha256 checked first
     data = generate_synthetic_cityscapes(str(tmp_path / "synthetic"), num_train=1, num_val=50, seed=0)
