@@ -8,8 +8,7 @@
         --output data/cityscapes_128x256 --image_size 128,256 --num_classes 19
     python experiments/train.py --dataset prepared --data_dir data/cityscapes_128x256
 
-Datasets: cityscapes (raw release), synthetic, nyuv2 (labeled .mat + splits + class maps), cityscapes_npy and
-nyuv2_npy (the pre-processed .npy release), prepared (--check only). See datasets/*.md.
+Datasets: the names of mtl_keras.data.datasets.DATASETS (prepared: --check only). See datasets/*.md.
 """
 
 import argparse
@@ -20,14 +19,16 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from data_checks import format_report, validate_dataset  # noqa: E402  (experiments/data_checks.py)
+from mtl_keras.data.checks import DataError  # noqa: E402
+from mtl_keras.data.datasets import DATASETS, dataset_entry, write_prepared  # noqa: E402
+
 
 def _csv(text):
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def parse_args(argv=None):
-    from mtl_keras.data.datasets import DATASETS
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--dataset", required=True, choices=sorted(DATASETS))
@@ -38,7 +39,8 @@ def parse_args(argv=None):
                     help="comma-separated splits (default: all of the format's; prepared: train,val)")
     ap.add_argument("--image_size", type=_csv, default=("128", "256"), help="height,width of the cache")
     ap.add_argument("--num_classes", type=int, default=None,
-                    help="19 / 7 (CityScapes), 13 / 40 (NYUv2); default: the first of the format's")
+                    help="19 / 7 (CityScapes), 13 / 40 (NYUv2); default: the first of the format's (folder: its "
+                         "classes file)")
     ap.add_argument("--tasks", type=_csv, default=None, help="default: every task the format supplies")
     ap.add_argument("--depth_target", choices=("inverse", "metric"), default=None,
                     help="CityScapes: inverse (disparity px, default) or metric (m); NYUv2: metric (default) or "
@@ -49,19 +51,17 @@ def parse_args(argv=None):
     if not args.check and not args.output:
         ap.error("give --check, --output DIR, or both")
     if args.output and args.dataset == "prepared":
-        ap.error("--output needs a raw dataset (cityscapes, synthetic, nyuv2, cityscapes_npy, nyuv2_npy)")
+        ap.error(f"--output needs a raw dataset ({', '.join(n for n in DATASETS if n != 'prepared')})")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    from mtl_keras.data.checks import DataError
-    from mtl_keras.data.datasets import dataset_entry
-    from mtl_keras.data.validate import format_report, validate_dataset
-
     entry = dataset_entry(args.dataset)
-    num_classes = args.num_classes if args.num_classes is not None else entry.num_classes[0]
-    tasks = args.tasks or entry.tasks
+    num_classes = args.num_classes
+    if num_classes is None and entry.num_classes:
+        num_classes = entry.num_classes[0]
+    tasks = args.tasks  # None: every task the dataset supplies
     status = 0
     if args.check:
         t0 = time.perf_counter()
@@ -77,8 +77,6 @@ def main(argv=None):
         if any(r.errors for r in reports):
             status = 1
     if args.output and status == 0:
-        from mtl_keras.data.prepared import write_prepared
-
         splits = args.splits or ("train", "val")
         try:
             manifest = write_prepared(args.dataset, args.data_dir, args.output, splits=splits,

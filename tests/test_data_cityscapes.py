@@ -11,8 +11,8 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from mtl_keras.data import DataError, label_lookup_table, list_cityscapes_files, load_cityscapes  # noqa: E402
-from mtl_keras.data.miniature import write_cityscapes_sample  # noqa: E402
 from tests.test_data_miniatures import (  # noqa: E402
+    write_cityscapes_sample,
     CAMERA,
     cityscapes_arrays,
     collect,

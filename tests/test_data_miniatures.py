@@ -3,6 +3,7 @@ the files they write are what the formats define (read back with independent rea
 
 import json
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -12,7 +13,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import scipy.io  # noqa: E402
 
-from mtl_keras.data.miniature import write_cityscapes_sample, write_npy_release, write_nyuv2  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+from miniature import write_cityscapes_sample, write_mat_v73, write_npy_release, write_nyuv2  # noqa: E402,F401
 
 CAMERA = {"extrinsic": {"baseline": 0.209313, "pitch": 0.0, "roll": 0.0, "yaw": 0.0, "x": 1.7, "y": 0.1, "z": 1.2},
           "intrinsic": {"fx": 2262.52, "fy": 2262.52, "u0": 1024.0, "v0": 512.0}}

@@ -10,8 +10,8 @@ import tensorflow as tf  # noqa: E402
 
 from mtl_keras.data import DataError, load_cityscapes_npy, load_nyuv2_npy  # noqa: E402
 from mtl_keras.data.datasets import count_examples, load_dataset  # noqa: E402
-from mtl_keras.data.miniature import write_npy_release  # noqa: E402
 from tests.test_data_miniatures import (  # noqa: E402
+    write_npy_release,
     collect,
     npy_examples,
     resize_nearest,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mtl_keras.data import DataError, generate_synthetic_cityscapes, label_lookup_table
-from mtl_keras.data.miniature import write_cityscapes_sample
+from tests.test_data_miniatures import write_cityscapes_sample
 from mtl_keras.data.numpy_loader import CityscapesPyDataset, load_cityscapes_numpy, nearest_indices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

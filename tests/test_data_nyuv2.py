@@ -12,8 +12,8 @@ import tensorflow as tf  # noqa: E402
 
 from mtl_keras.data import DataError, load_nyuv2  # noqa: E402
 from mtl_keras.data.datasets import count_examples  # noqa: E402
-from mtl_keras.data.miniature import write_mat_v73, write_nyuv2  # noqa: E402
-from tests.test_data_miniatures import collect, nyuv2_arrays, write_nyuv2_miniature  # noqa: E402
+from tests.test_data_miniatures import (collect, nyuv2_arrays, write_mat_v73, write_nyuv2,  # noqa: E402
+                                         write_nyuv2_miniature)
 
 # From the format reference: 40 -> 13 (1-based)
 MAP13 = [12, 5, 6, 1, 4, 9, 10, 12, 13, 6, 8, 6, 13, 10, 6, 13, 6, 7, 7, 5, 7, 3, 2, 6, 11, 7, 7, 7, 7, 7, 7, 6, 7,

@@ -9,10 +9,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from mtl_keras.data.datasets import count_examples, load_dataset  # noqa: E402
-from mtl_keras.data.miniature import write_cityscapes_sample  # noqa: E402
-from mtl_keras.data.prepared import load_prepared, write_prepared  # noqa: E402
+from mtl_keras.data.datasets import count_examples, load_dataset, load_prepared, write_prepared  # noqa: E402
 from tests.test_data_miniatures import (  # noqa: E402
+    write_cityscapes_sample,
     CAMERA,
     cityscapes_arrays,
     write_cityscapes_miniature,

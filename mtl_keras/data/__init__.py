@@ -1,75 +1,23 @@
-"""Data: label tables, the synthetic CityScapes-layout generator and the tf.data loaders of every format.
+"""Data: one registry of datasets (``datasets.DATASETS``: CityScapes raw layout, the synthetic set, NYUv2's labeled
+``.mat``, the ``.npy`` releases, prepared caches, a user's ``folder``), their readers, one tf.data pipeline
+(``pipeline``) and one joint augmentation (``augment``). TensorFlow is imported where a pipeline is built, so the
+registry and the readers' listing and checks import without it."""
 
-Formats (``mtl_keras.data.datasets.DATASETS`` maps the ``--dataset`` names to them): the CityScapes raw layout
-(``load_cityscapes``), NYUv2's labeled ``.mat`` (``load_nyuv2``), the pre-processed ``.npy`` release of CityScapes
-and NYUv2 (``load_cityscapes_npy``, ``load_nyuv2_npy``) and a prepared cache of any of them (``write_prepared``,
-``load_prepared``). All share one pipeline (``pipeline``) and one joint augmentation (``augment``).
+from mtl_keras.data import augment, checks, cityscapes, folder, npy_release, nyuv2, pipeline, prepared, synthetic
+from mtl_keras.data.augment import AugmentConfig, augment_example
+from mtl_keras.data.checks import DataError
+from mtl_keras.data.cityscapes import instance_centroid_vectors, list_cityscapes_files
+from mtl_keras.data.datasets import (DATASETS, count_examples, dataset_entry, load_cityscapes, load_cityscapes_npy,
+                                     load_dataset, load_folder, load_nyuv2, load_nyuv2_npy, load_prepared,
+                                     write_prepared)
+from mtl_keras.data.pipeline import centroid_vectors
+from mtl_keras.data.synthetic import generate_synthetic_cityscapes
+from mtl_keras.labels import (IGNORE_INDEX, class_colors, class_names, instance_label_ids, instance_train_ids,
+                              label_lookup_table, train_id_to_label_id)
 
-``labels`` and ``synthetic`` need only numpy/cv2; the loaders import TensorFlow. Everything but the label tables
-is imported lazily, on first use.
-"""
-
-from mtl_keras.labels import (  # noqa: F401
-    IGNORE_INDEX,
-    class_colors,
-    class_names,
-    instance_label_ids,
-    instance_train_ids,
-    label_lookup_table,
-    train_id_to_label_id,
-)
-
-_LAZY = {
-    "generate_synthetic_cityscapes": "mtl_keras.data.synthetic",
-    "load_cityscapes": "mtl_keras.data.cityscapes",
-    "list_cityscapes_files": "mtl_keras.data.cityscapes",
-    "instance_centroid_vectors": "mtl_keras.data.cityscapes",
-    "load_nyuv2": "mtl_keras.data.nyuv2",
-    "load_npy_release": "mtl_keras.data.npy_release",
-    "load_cityscapes_npy": "mtl_keras.data.npy_release",
-    "load_nyuv2_npy": "mtl_keras.data.npy_release",
-    "write_prepared": "mtl_keras.data.prepared",
-    "load_prepared": "mtl_keras.data.prepared",
-    "AugmentConfig": "mtl_keras.data.augment",
-    "augment_example": "mtl_keras.data.augment",
-    "centroid_vectors": "mtl_keras.data.pipeline",
-    "load_dataset": "mtl_keras.data.datasets",
-    "DataError": "mtl_keras.data.checks",
-}
-
-__all__ = [
-    "AugmentConfig",
-    "DataError",
-    "IGNORE_INDEX",
-    "augment_example",
-    "centroid_vectors",
-    "load_cityscapes_npy",
-    "load_dataset",
-    "load_npy_release",
-    "load_nyuv2",
-    "load_nyuv2_npy",
-    "load_prepared",
-    "write_prepared",
-    "class_colors",
-    "class_names",
-    "generate_synthetic_cityscapes",
-    "instance_centroid_vectors",
-    "instance_label_ids",
-    "instance_train_ids",
-    "label_lookup_table",
-    "list_cityscapes_files",
-    "load_cityscapes",
-    "train_id_to_label_id",
-]
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["AugmentConfig", "DATASETS", "DataError", "IGNORE_INDEX", "augment", "augment_example", "centroid_vectors",
+           "checks", "cityscapes", "class_colors", "class_names", "count_examples", "dataset_entry", "folder",
+           "generate_synthetic_cityscapes", "instance_centroid_vectors", "instance_label_ids", "instance_train_ids",
+           "label_lookup_table", "list_cityscapes_files", "load_cityscapes", "load_cityscapes_npy", "load_dataset",
+           "load_folder", "load_nyuv2", "load_nyuv2_npy", "load_prepared", "npy_release", "nyuv2", "pipeline",
+           "prepared", "synthetic", "train_id_to_label_id", "write_prepared"]

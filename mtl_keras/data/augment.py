@@ -45,8 +45,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import tensorflow as tf
-
 from mtl_keras.data.checks import check_image_size
 from mtl_keras.tasks import TASKS
 
@@ -116,12 +114,16 @@ class AugmentConfig:
 
 def _random_values(seed, key):
     """Four uniforms in [0, 1): flip, scale, crop y, crop x; a stateless function of (seed, key)."""
+    import tensorflow as tf
+
     rng_seed = tf.stack([tf.cast(seed, tf.int64), tf.cast(key, tf.int64)])
     return tf.random.stateless_uniform([4], seed=rng_seed, dtype=tf.float32)
 
 
 def _window(size, out, u):
     """(crop start, pad before, pad after) along one axis: a window of ``out`` over ``size`` (pad if smaller)."""
+    import tensorflow as tf
+
     diff = size - out
     start = tf.cast(tf.floor(u * tf.cast(tf.maximum(diff, 0) + 1, tf.float32)), tf.int32)
     start = tf.minimum(start, tf.maximum(diff, 0))
@@ -146,6 +148,8 @@ def augment_example(image, targets, seed, key, config: AugmentConfig):
     ``image``: float32 HxWx3 (static H, W); ``targets``: dict with any of the keys of the module docstring.
     ``seed``: int; ``key``: int64 scalar tensor (e.g. the element's position in the stream).
     """
+    import tensorflow as tf
+
     h, w = (int(v) for v in image.shape[:2])
     oh, ow = config.output_size((h, w))
     if config.is_identity((h, w)):

@@ -1,20 +1,20 @@
-"""Cheap up-front checks of input files (PNG and .npy headers) and their in-graph counterparts.
+"""Cheap up-front checks of input files (PNG and .npy headers), the argument checks of every reader, and the
+per-split report of ``experiments/prepare_data.py --check`` that each reader's ``validate_split`` fills.
 
 Every error names the file and says what was expected. The header checks read a few dozen bytes per file (no
-decoding), so a loader can run them on a whole split before training starts; ``experiments/prepare_data.py
---check`` decodes every file as well (see :func:`decode_png_file`).
+decoding), so a loader can run them on a whole split before training starts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from mtl_keras.tasks import TASK_NAMES, TASKS
-
-__all__ = ["PngInfo", "png_info", "check_png", "NpyInfo", "npy_info", "DataError", "decode_png_file"]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
@@ -87,7 +87,7 @@ def check_png(path, what, bit_depth=None, grey=False, size=None) -> PngInfo:
 
 def decode_png_file(path, dtype="uint8"):
     """Fully decodes a PNG with TensorFlow (as the pipeline does); :class:`DataError` naming the file on failure."""
-    import tensorflow as tf
+    import tensorflow as tf  # TensorFlow decodes as the pipeline does
 
     try:
         return tf.io.decode_png(tf.io.read_file(os.fspath(path)), dtype=getattr(tf, dtype)).numpy()
@@ -140,8 +140,7 @@ def npy_info(path) -> NpyInfo:
     return NpyInfo(shape, dtype, fortran, offset)
 
 
-# Validation of loader arguments (TensorFlow-free: shared by the tf.data and the numpy loaders).
-ALL_TASKS = TASK_NAMES  # every task of mtl_keras.tasks.TASKS (check_tasks reads the table itself)
+ALL_TASKS = TASK_NAMES
 
 
 def check_image_size(image_size, name="image_size"):
@@ -168,3 +167,77 @@ def check_tasks(tasks, available, dataset):
         raise ValueError(f"{dataset} has no {', '.join(missing)} targets: its tasks are {', '.join(available)} "
                          f"(got tasks={tasks!r}; e.g. --tasks {','.join(t for t in tasks if t in available) or available[0]})")
     return tasks
+
+
+def check_num_classes(num_classes, valid, dataset):
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or int(num_classes) not in valid:
+        raise ValueError(f"num_classes must be one of {tuple(valid)} for {dataset}, got num_classes={num_classes!r}")
+    return int(num_classes)
+
+
+def check_depth_target(depth_target, valid, dataset):
+    if depth_target not in valid:
+        raise ValueError(f"depth_target must be one of {', '.join(map(repr, valid))} for {dataset}, got "
+                         f"{depth_target!r}")
+    return depth_target
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report of one split (prepare_data.py --check)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SplitReport:
+    split: str
+    examples: int = 0
+    sizes: dict = dataclasses.field(default_factory=dict)  # "WxH" -> count
+    pixels: int = 0
+    labelled_pixels: int = 0  # pixels with a (non-ignored) label
+    depth_pixels: int = 0
+    valid_depth_pixels: int = 0
+    instances: int = 0
+    errors: list = dataclasses.field(default_factory=list)  # (path, message)
+    notes: list = dataclasses.field(default_factory=list)
+    missing: bool = False  # the split does not exist (not an error for optional splits)
+
+    @property
+    def labelled(self):
+        return self.labelled_pixels / self.pixels if self.pixels else float("nan")
+
+    @property
+    def depth_valid(self):
+        return self.valid_depth_pixels / self.depth_pixels if self.depth_pixels else float("nan")
+
+    def add_size(self, width, height):
+        key = f"{width}x{height}"
+        self.sizes[key] = self.sizes.get(key, 0) + 1
+
+    def add(self, counts):
+        """Adds one example's ``counts`` (``size`` (w, h) and any of the pixel / instance counters)."""
+        for key, value in counts.items():
+            if key == "size":
+                if value:
+                    self.add_size(*value)
+            elif hasattr(self, key):
+                setattr(self, key, getattr(self, key) + value)
+
+
+def error_message(e):
+    return str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
+
+
+def check_rows(report, rows, check, workers=4, max_errors=20):
+    """Runs ``check(row) -> (counts, [(path, message)])`` on every row in threads, into ``report``; stops after
+    ``max_errors``. Returns the counts of each row examined."""
+    report.examples = len(rows)
+    seen = []
+    with ThreadPoolExecutor(max(1, int(workers))) as pool:
+        for counts, errors in pool.map(check, rows):
+            report.add(counts)
+            report.errors.extend(errors)
+            seen.append(counts)
+            if len(report.errors) >= max_errors:
+                report.notes.append(f"stopped after {max_errors} errors")
+                break
+    return seen

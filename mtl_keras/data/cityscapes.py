@@ -1,71 +1,168 @@
-"""tf.data loader for the CityScapes raw layout (real CityScapes and the synthetic set).
+"""The CityScapes raw layout (real CityScapes and the synthetic set): listing, header checks, the tf.data decode
+step, and ``--check``.
 
 Layout: ``{root}/{type}/{split}/{city}/{city}_{seq:06d}_{frame:06d}_{suffix}`` with
 
 * ``leftImg8bit/..._leftImg8bit.png``: RGB 8-bit;
 * ``gtFine/..._gtFine_labelIds.png``: 8-bit labelIds;
-* ``gtFine/..._gtFine_instanceIds.png``: 16-bit, ``labelId * 1000 + k`` on instance pixels,
-  plain labelId elsewhere;
-* ``disparity/..._disparity.png``: 16-bit, ``p > 0`` -> ``d = (p - 1) / 256`` px, ``p == 0``
-  invalid;
+* ``gtFine/..._gtFine_instanceIds.png``: 16-bit, ``labelId * 1000 + k`` on instance pixels, plain labelId elsewhere;
+* ``disparity/..._disparity.png``: 16-bit, ``p > 0`` -> ``d = (p - 1) / 256`` px, ``p == 0`` invalid;
 * ``camera/..._camera.json``: baseline and intrinsics.
 
-Pipeline (``mtl_keras.data.pipeline``): file list (headers checked up front) -> (shard) -> shuffle file names ->
-decode + resize + map labels (parallel map) -> (cache) -> (shuffle decoded elements when cached) -> (repeat) ->
-instance centroid vectors + depth targets + augmentation (parallel map) -> batch -> prefetch. Everything runs in
-TF ops (no ``py_function``), so the pipeline is deterministic under ``seed``.
-
-The **test split** of the real release has no public labels: its ``gtFine`` files (when extracted) hold only void
-ids, which load as "ignore everywhere" (semantic 255, no instance pixel), and when ``gtFine/test`` (or
-``disparity/test``) is absent altogether the test split still loads, with every target masked out. Either way the
-test split is for predictions to submit, not for scores.
+Everything runs in TF ops (no ``py_function``), so the pipeline is deterministic under ``seed``. The **test split**
+of the real release has no public labels: its ``gtFine`` files hold only void ids (semantic 255, no instance pixel),
+and when ``gtFine/test`` (or ``disparity/test``) is absent the test split still loads, every target masked out.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import logging
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from mtl_keras.data.checks import PNG_IEND  # noqa: E402
-from mtl_keras.data.cityscapes_files import (  # noqa: E402,F401  (the layout, re-exported)
-    _WITHHELD_ON_TEST,
-    FILE_TYPES,
-    TASKS,
-    _read_baseline_fx,
-    check_cityscapes_files,
-    list_cityscapes_files,
-)
-from mtl_keras.labels import known_label_mask, label_lookup_table  # noqa: E402
-from mtl_keras.data.pipeline import (  # noqa: E402
-    Source,
-    centroid_vectors,
-    check_image_size,
-    check_tasks,
-    load_source,
-    resize_image,
-)
-from mtl_keras.tasks import IGNORE_LABEL  # noqa: E402
-
-__all__ = ["list_cityscapes_files", "load_cityscapes", "cityscapes_source", "check_cityscapes_files",
-           "instance_centroid_vectors", "TASKS", "FILE_TYPES"]
+from mtl_keras.data.checks import (PNG_IEND, DataError, SplitReport, check_png, check_rows, decode_png_file,
+                                   error_message)
+from mtl_keras.data.pipeline import Source, centroid_vectors, check_image_size, check_tasks, resize_image
+from mtl_keras.labels import known_label_mask, label_lookup_table
+from mtl_keras.tasks import IGNORE_LABEL
 
 log = logging.getLogger("mtl_keras")
+
+TASKS = ("semantic", "instance", "depth")
+
+# key -> (type folder, suffix)
+FILE_TYPES = {
+    "image": ("leftImg8bit", "leftImg8bit.png"),
+    "label_ids": ("gtFine", "gtFine_labelIds.png"),
+    "instance_ids": ("gtFine", "gtFine_instanceIds.png"),
+    "disparity": ("disparity", "disparity.png"),
+    "camera": ("camera", "camera.json"),
+}
+_ALL_KEYS = tuple(FILE_TYPES)
+# What each PNG must be: (description, bit depth, single channel)
+_PNG_EXPECT = {
+    "label_ids": ("labelIds", 8, True),
+    "instance_ids": ("instanceIds", 16, True),
+    "disparity": ("disparity", 16, True),
+}
+# Folders that may be absent for the test split, whose labels CityScapes withholds.
+_WITHHELD_ON_TEST = ("label_ids", "instance_ids", "disparity", "camera")
+
+
+def _stem(path: str, suffix: str) -> str:
+    name = os.path.basename(path)
+    return name[: -len(suffix) - 1]  # strip "_" + suffix
+
+
+def _split_dir(data_dir, split, key):
+    return os.path.join(data_dir, FILE_TYPES[key][0], split)
+
+
+def _scan(data_dir: str, split: str, key: str) -> dict:
+    folder, suffix = FILE_TYPES[key]
+    split_dir = _split_dir(data_dir, split, key)
+    if not os.path.isdir(split_dir):
+        raise FileNotFoundError(
+            f"missing folder {split_dir}: expected {folder}/{split}/{{city}}/"
+            f"{{city}}_{{seq}}_{{frame}}_{suffix} files under the CityScapes root {data_dir}")
+    files = glob.glob(os.path.join(glob.escape(split_dir), "*", f"*_{suffix}"))
+    return {(os.path.basename(os.path.dirname(p)), _stem(p, suffix)): p for p in files}
+
+
+def list_cityscapes_files(data_dir, split: str = "train", require=_ALL_KEYS, check: bool = False,
+                          optional=(), problems=None) -> list[dict]:
+    """The samples of a split, sorted by (city, stem): dicts with ``"id"`` (``city_seq_frame``), ``"city"`` and one
+    path per key in ``require`` (keys of ``FILE_TYPES``; ``"image"`` always).
+
+    Errors name the missing folder or file. ``optional``: keys whose whole ``{type}/{split}`` folder may be absent
+    (then left out). ``check``: also read every PNG's header. ``problems``: a list that collects every missing or
+    orphan file as ``(path, message)`` instead of raising at the first (``prepare_data.py --check``).
+    """
+    data_dir = os.fspath(data_dir)
+    require = tuple(dict.fromkeys(("image",) + tuple(require)))
+    unknown = [k for k in require if k not in FILE_TYPES]
+    if unknown:
+        raise ValueError(f"require must be a subset of {_ALL_KEYS}, got unknown {unknown}")
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"CityScapes root folder {data_dir} does not exist")
+    images = _scan(data_dir, split, "image")
+    if not images:
+        folder = os.path.join(data_dir, FILE_TYPES["image"][0], split)
+        raise ValueError(
+            f"empty split {split!r}: no *_{FILE_TYPES['image'][1]} files in the city folders "
+            f"of {folder}")
+    require = tuple(k for k in require
+                    if not (k in optional and not os.path.isdir(_split_dir(data_dir, split, k))))
+    found = {"image": images}
+    found.update({k: _scan(data_dir, split, k) for k in require[1:]})
+    incomplete = set()
+    for key in require[1:]:
+        folder, suffix = FILE_TYPES[key]
+        missing = sorted(set(images) - set(found[key]))
+        for city, stem in missing:
+            expected = os.path.join(data_dir, folder, split, city, f"{stem}_{suffix}")
+            message = (f"image {images[(city, stem)]} has no {key} file: expected {expected} "
+                       f"({len(missing)} image(s) of split {split!r} lack their {suffix})")
+            if problems is None:
+                raise FileNotFoundError(message)
+            problems.append((expected, f"{expected}: missing {key} file (its image: {images[(city, stem)]})"))
+            incomplete.add((city, stem))
+        orphans = sorted(set(found[key]) - set(images))
+        for city, stem in orphans:
+            expected = os.path.join(data_dir, FILE_TYPES["image"][0], split, city,
+                                    f"{stem}_{FILE_TYPES['image'][1]}")
+            message = (f"{key} file {found[key][(city, stem)]} has no image: expected {expected} "
+                       f"({len(orphans)} {suffix} file(s) of split {split!r} without an image)")
+            if problems is None:
+                raise FileNotFoundError(message)
+            problems.append((found[key][(city, stem)],
+                             f"{found[key][(city, stem)]}: {key} file without an image (expected {expected})"))
+    out = []
+    for city_stem in sorted(set(images) - incomplete):
+        entry = {"id": city_stem[1], "city": city_stem[0]}
+        entry.update({k: found[k][city_stem] for k in require})
+        out.append(entry)
+    if check:
+        check_cityscapes_files(out)
+    return out
+
+
+def check_cityscapes_files(files) -> dict:
+    """Reads the header of every PNG of ``files`` (complete PNG, bit depth, grey, the image's size); DataError naming
+    the first bad file. Returns ``{(width, height): count}`` of the images."""
+    sizes = {}
+    for entry in files:
+        info = check_png(entry["image"], "image")
+        size = (info.width, info.height)
+        sizes[size] = sizes.get(size, 0) + 1
+        for key, (what, depth, grey) in _PNG_EXPECT.items():
+            if key in entry:
+                check_png(entry[key], what, bit_depth=depth, grey=grey, size=size)
+    return sizes
+
+
+def _read_baseline_fx(camera_path: str) -> float:
+    try:
+        with open(camera_path) as f:
+            cam = json.load(f)
+        return float(cam["extrinsic"]["baseline"]) * float(cam["intrinsic"]["fx"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"cannot read extrinsic.baseline and intrinsic.fx from {camera_path} (expected the CityScapes "
+            f"camera.json: {{\"extrinsic\": {{\"baseline\", ...}}, \"intrinsic\": {{\"fx\", ...}}}}): {e}") from e
+
+
 # The files each task of this reader needs (its targets come from them); metric depth needs "camera" as well.
 _TASK_FILES = {"semantic": ("label_ids",), "instance": ("instance_ids",), "depth": ("disparity",)}
 
 
-# ----------------------------------------------------------------------------------------
-# TF map functions
-# ----------------------------------------------------------------------------------------
-
-
-def _read_png(path, what, bit_depth=None):
+def read_png(path, what, bit_depth=None):
     """read_file + in-graph checks that name the file: complete PNG (IEND at the end), bit depth."""
+    import tensorflow as tf
+
     contents = tf.io.read_file(path)
     n = tf.strings.length(contents)
     checks = [tf.debugging.Assert(
@@ -83,6 +180,8 @@ def _read_png(path, what, bit_depth=None):
 
 def _decode_stage(tasks, image_size, num_classes, depth_target, present):
     """Decoding + resizing + label mapping -> a prepared example (see ``mtl_keras.data.pipeline``)."""
+    import tensorflow as tf
+
     h, w = image_size
     lut = tf.constant(label_lookup_table(num_classes), dtype=tf.uint8)
     known_np = known_label_mask()
@@ -95,11 +194,11 @@ def _decode_stage(tasks, image_size, num_classes, depth_target, present):
 
     def fn(elem):
         out = {}
-        out["image"] = resize_image(tf.io.decode_png(_read_png(elem["image"], "image"), channels=3), (h, w))
+        out["image"] = resize_image(tf.io.decode_png(read_png(elem["image"], "image"), channels=3), (h, w))
         if "semantic" in tasks:
             if "label_ids" in present:
                 path = elem["label_ids"]
-                ids = tf.io.decode_png(_read_png(path, "labelIds", 8), channels=1, dtype=tf.uint8)
+                ids = tf.io.decode_png(read_png(path, "labelIds", 8), channels=1, dtype=tf.uint8)
                 # known ids are 0..33: one max tells whether the file is clean; the histogram (30 ms on a full-size
                 # map) is only computed to name the unknown ids of a bad file
                 top = tf.cast(tf.reduce_max(ids), tf.int32)
@@ -121,7 +220,7 @@ def _decode_stage(tasks, image_size, num_classes, depth_target, present):
             out["semantic"] = tf.ensure_shape(sem, (h, w))
         if "instance" in tasks:
             if "instance_ids" in present:
-                inst = tf.io.decode_png(_read_png(elem["instance_ids"], "instanceIds", 16), channels=1,
+                inst = tf.io.decode_png(read_png(elem["instance_ids"], "instanceIds", 16), channels=1,
                                         dtype=tf.uint16)
                 inst = tf.cast(resize_nearest(inst)[..., 0], tf.int32)
                 inst = tf.where(inst >= 1000, inst, 0)  # plain labelIds (incl. groups) are no instance
@@ -130,17 +229,8 @@ def _decode_stage(tasks, image_size, num_classes, depth_target, present):
             out["instance_ids"] = tf.ensure_shape(inst, (h, w))
         if "depth" in tasks:
             if "disparity" in present and (depth_target == "inverse" or "baseline_fx" in elem):
-                raw = tf.io.decode_png(_read_png(elem["disparity"], "disparity", 16), channels=1, dtype=tf.uint16)
-                png_width = tf.cast(tf.shape(raw)[1], tf.float32)
-                p = tf.cast(resize_nearest(raw), tf.float32)
-                d = (p - 1.0) / 256.0  # disparity in px at the PNG's (full) resolution
-                if depth_target == "inverse":
-                    valid = p > 0
-                    value = d * (float(w) / png_width)  # px at the training width
-                else:  # metric depth in metres; d == 0 (p == 1) is at infinity -> invalid
-                    valid = p > 1
-                    value = elem["baseline_fx"] / tf.where(valid, d, 1.0)
-                depth = tf.where(valid, value, float("nan"))
+                raw = tf.io.decode_png(read_png(elem["disparity"], "disparity", 16), channels=1, dtype=tf.uint16)
+                depth = disparity_depth(raw, (h, w), elem.get("baseline_fx"))
             else:
                 depth = tf.fill((h, w, 1), float("nan"))
             out["depth"] = tf.ensure_shape(depth, (h, w, 1))
@@ -149,18 +239,30 @@ def _decode_stage(tasks, image_size, num_classes, depth_target, present):
     return fn
 
 
-def instance_centroid_vectors(instance_ids):
-    """(dy, dx) from each pixel to the centroid of its instance, and the instance mask.
+def disparity_depth(raw, image_size, baseline_fx=None):
+    """A decoded 16-bit disparity PNG ``raw`` (``d = (p - 1) / 256`` px, ``p == 0`` invalid) at ``image_size``:
+    float32 HxWx1, NaN where invalid; inverse depth in px at the training width, or metres given ``baseline_fx``."""
+    import tensorflow as tf
 
-    ``instance_ids``: int HxW CityScapes instanceIds (instances are ids >= 1000). Returns
-    (vectors float32 HxWx2, mask float32 HxWx1); vectors are 0 outside instances.
-    """
+    h, w = image_size
+    png_width = tf.cast(tf.shape(raw)[1], tf.float32)
+    p = tf.cast(tf.image.resize(raw, (h, w), method="nearest"), tf.float32)
+    d = (p - 1.0) / 256.0  # disparity in px at the PNG's (full) resolution
+    if baseline_fx is None:
+        valid = p > 0
+        value = d * (float(w) / png_width)  # px at the training width
+    else:  # metric depth in metres; d == 0 (p == 1) is at infinity -> invalid
+        valid = p > 1
+        value = baseline_fx / tf.where(valid, d, 1.0)
+    return tf.where(valid, value, float("nan"))
+
+
+def instance_centroid_vectors(instance_ids):
+    """``pipeline.centroid_vectors`` of CityScapes instanceIds (instances are ids >= 1000)."""
+    import tensorflow as tf
+
     ids = tf.cast(instance_ids, tf.int32)
     return centroid_vectors(tf.where(ids >= 1000, ids, 0))
-
-
-def _check_image_size(image_size):  # kept for callers of the former private helper
-    return check_image_size(image_size)
 
 
 def cityscapes_source(data_dir, split="train", image_size=(128, 256), num_classes=19,
@@ -193,41 +295,114 @@ def cityscapes_source(data_dir, split="train", image_size=(128, 256), num_classe
                   depth_scales_with_zoom=depth_target == "inverse")
 
 
-def load_cityscapes(data_dir, split: str = "train", image_size=(128, 256), batch_size: int = 8,
-                    num_classes: int = 19, tasks=("semantic", "instance", "depth"),
-                    shuffle=None, seed: int = 0, flip=None, repeat: bool = False,
-                    drop_remainder=None, depth_target: str = "inverse", cache=False,
-                    num_parallel_calls=tf.data.AUTOTUNE,
-                    input_context: tf.distribute.InputContext | None = None,
-                    scale_range=(1.0, 1.0), crop_size=None, random_crop=None,
-                    check_files: bool = True) -> tf.data.Dataset:
-    """A ``tf.data.Dataset`` of ``(image, targets)`` batches from a CityScapes-layout folder.
 
-    * ``image``: float32 ``(B, H, W, 3)`` RGB in 0..255 (not normalised).
-    * ``targets`` (only for the requested ``tasks``):
-      ``"semantic"`` int32 ``(B, H, W)`` training ids, 255 = ignore;
-      ``"instance"`` float32 ``(B, H, W, 2)`` (dy, dx) from the pixel to its instance's
-      centroid in pixels at the training resolution, 0 outside instances, and
-      ``"instance_mask"`` float32 ``(B, H, W, 1)``;
-      ``"depth"`` float32 ``(B, H, W, 1)`` inverse depth = disparity in px at the training
-      width (``depth_target="inverse"``) or metres (``"metric"``), 0 where invalid, and
-      ``"depth_mask"`` float32 ``(B, H, W, 1)``.
 
-    ``image_size``: the resolution every file is resized to. Augmentation (``mtl_keras.data.augment``):
-    ``flip`` (default: ``split == "train"``), ``scale_range`` (random scale, default none; inverse depth is
-    multiplied by the scale, metric depth is not), ``crop_size`` (output size, default ``image_size``; padded with
-    the ignore label where the scaled image is smaller), ``random_crop`` (crop position at random; default:
-    ``split == "train"``, else centred).
+def _check_cityscapes_entry(entry, num_classes):
+    """Decodes every file of one sample; returns (counts, [(path, message)])."""
+    errors, out = [], {"pixels": 0, "labelled_pixels": 0, "depth_pixels": 0, "valid_depth_pixels": 0,
+                       "instances": 0, "void": None, "size": None}
+    try:
+        info = check_png(entry["image"], "image")
+        decode_png_file(entry["image"])
+        size = (info.width, info.height)
+        out["size"] = size
+    except (DataError, OSError) as e:
+        return out, [(entry["image"], error_message(e))]
+    known = known_label_mask()
+    lab = None
+    for key, what, depth in (("label_ids", "labelIds", 8), ("instance_ids", "instanceIds", 16),
+                             ("disparity", "disparity", 16)):
+        if key not in entry:
+            continue
+        path = entry[key]
+        try:
+            check_png(path, what, bit_depth=depth, grey=True, size=size)
+            arr = decode_png_file(path, "uint8" if depth == 8 else "uint16")[..., 0].astype(np.int64)
+        except (DataError, OSError) as e:
+            errors.append((path, error_message(e)))
+            continue
+        if key == "label_ids":
+            bad = np.unique(arr[~known[np.minimum(arr, 255)]])
+            if bad.size:
+                errors.append((path, f"{path}: labelId(s) {bad.tolist()} are not in cityscapesscripts' label table "
+                                     f"(expected ids 0..33)"))
+                continue
+            lab = arr
+            train = label_lookup_table(num_classes)[arr]
+            out["pixels"] += arr.size
+            out["labelled_pixels"] += int((train != 255).sum())
+            out["void"] = bool(np.all(train == 255))
+        elif key == "instance_ids":
+            is_inst = arr >= 1000
+            plain = np.where(is_inst, arr // 1000, arr)
+            bad = np.unique(plain[(plain > 255) | ~known[np.minimum(plain, 255)]])
+            if bad.size:
+                errors.append((path, f"{path}: instanceIds hold labelId(s) {bad.tolist()} that are not in the "
+                                     f"table (expected labelId * 1000 + k on instances, labelId elsewhere)"))
+                continue
+            out["instances"] += len(np.unique(arr[is_inst]))
+            if lab is not None and lab.shape == arr.shape and np.any(plain != lab):
+                errors.append((path, f"{path}: instanceIds disagree with {entry['label_ids']} at "
+                                     f"{int((plain != lab).sum())} pixel(s) (expected labelId = instanceId // 1000 "
+                                     f"on instances)"))
+        else:
+            out["depth_pixels"] += arr.size
+            out["valid_depth_pixels"] += int((arr > 0).sum())
+    if "camera" in entry:
+        try:
+            _read_baseline_fx(entry["camera"])
+        except ValueError as e:
+            errors.append((entry["camera"], str(e)))
+    return out, errors
 
-    ``shuffle`` defaults to ``split == "train"``; ``drop_remainder`` defaults to
-    ``split == "train"``. ``cache``: False, True (memory) or a file name prefix. The random
-    order and the augmentation are deterministic under ``seed``. With ``input_context`` the file list is
-    sharded (``num_input_pipelines``, ``input_pipeline_id``) before shuffling and
-    ``batch_size`` is the per-replica batch size. ``check_files``: read every PNG header up front (complete
-    file, bit depth, size), so that a broken file is reported, by name, before training starts.
-    """
-    source = cityscapes_source(data_dir, split, image_size, num_classes, tasks, depth_target, check_files)
-    return load_source(source, split, batch_size=batch_size, shuffle=shuffle, seed=seed, flip=flip, repeat=repeat,
-                       drop_remainder=drop_remainder, cache=cache, num_parallel_calls=num_parallel_calls,
-                       input_context=input_context, scale_range=scale_range, crop_size=crop_size,
-                       random_crop=random_crop)
+
+def validate_split(data_dir, split, num_classes, tasks, workers=4, max_errors=20, depth_target=None):
+    """Every file of a split decoded and checked (``prepare_data.py --check``). Camera files are read by training only
+    for metric depth: otherwise an unreadable one is a note, not an error."""
+    report = SplitReport(split)
+    if not os.path.isdir(_split_dir(data_dir, split, "image")):
+        report.missing = True
+        return report
+    # the reader's files of each task, plus the labelIds that instanceIds are checked against and the disparity's
+    # camera files
+    require = ["image"] + [k for t in TASKS if t in tasks for k in _TASK_FILES.get(t, ())]
+    if "instance_ids" in require and "label_ids" not in require:
+        require.insert(require.index("instance_ids"), "label_ids")
+    if "disparity" in require:
+        require.insert(require.index("disparity") + 1, "camera")
+    optional = _WITHHELD_ON_TEST if split == "test" else ("camera",)
+    problems = []  # every missing or orphan file of the split, not only the first
+    try:
+        files = list_cityscapes_files(data_dir, split, require=require, optional=optional, problems=problems)
+    except (OSError, ValueError) as e:
+        report.errors.append((_split_dir(data_dir, split, "image"), error_message(e)))
+        return report
+    report.errors.extend(problems)
+    if not files:
+        return report
+    absent = [k for k in require if k not in files[0]]
+    if absent:
+        report.notes.append("no " + ", ".join(os.path.join(FILE_TYPES[k][0], split) for k in absent)
+                            + (" (CityScapes withholds test labels)" if split == "test" else ""))
+
+    def check(entry):
+        out, errors = _check_cityscapes_entry(entry, num_classes)
+        if depth_target != "metric":  # unread by training: noted, not an error
+            out["camera_notes"] = [m for p, m in errors if p == entry.get("camera")]
+            errors = [(p, m) for p, m in errors if p != entry.get("camera")]
+        return out, errors
+
+    seen = check_rows(report, files, check, workers, max_errors)
+    camera_notes = [m for out in seen for m in out.get("camera_notes", ())]
+    if camera_notes:
+        report.notes.append(f"{len(camera_notes)} unreadable camera file(s), e.g. {camera_notes[0]}; training reads "
+                            f"them only for --depth_target metric")
+    if "label_ids" in files[0] and seen and all(out["void"] is True for out in seen):
+        report.notes.append("all labels are void (ignored everywhere)" + (
+            ": the official test split withholds its labels" if split == "test" else
+            ": this split cannot train or score semantics"))
+    return report
+
+
+def count(data_dir, split):
+    return len(list_cityscapes_files(data_dir, split))

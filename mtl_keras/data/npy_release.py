@@ -32,16 +32,10 @@ import dataclasses
 import os
 import re
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from mtl_keras.data.checks import DataError, npy_info  # noqa: E402
-from mtl_keras.data.pipeline import Source, check_image_size, check_tasks, load_source, resize_image  # noqa: E402
-
-__all__ = ["NPY_RELEASES", "list_npy_release", "npy_release_source", "load_npy_release", "load_cityscapes_npy",
-           "load_nyuv2_npy", "count_npy_release"]
+from mtl_keras.data.checks import DataError, SplitReport, check_rows, error_message, npy_info
+from mtl_keras.data.pipeline import Source, check_image_size, check_tasks, resize_image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +149,7 @@ def list_npy_release(name, data_dir, split="train", fields=("image",), num_class
     return {field: [found[field][i] for i in order] for field in found}
 
 
-def count_npy_release(name, data_dir, split="train"):
+def count(name, data_dir, split="train"):
     return len(list_npy_release(name, data_dir, split)["image"])
 
 
@@ -182,6 +176,8 @@ def _shape3(path, field, shape):
 
 def _dtype_variant(dtype):
     """(tf decode dtype, little_endian, bitcast-to dtype or None) of a numpy dtype."""
+    import tensorflow as tf
+
     little = dtype.byteorder == "<" or dtype.byteorder == "|" or (dtype.byteorder == "=" and np.little_endian)
     base = dtype.newbyteorder("=")
     mapping = {np.dtype(np.bool_): (tf.bool, None), np.dtype(np.uint8): (tf.uint8, None),
@@ -222,6 +218,8 @@ def _field_columns(field, paths):
 
 def _decode_array(col, variants):
     """One .npy file -> float32 HxWxC (in TF)."""
+    import tensorflow as tf
+
     data = tf.strings.substr(tf.io.read_file(col["path"]), tf.cast(col["offset"], tf.int32),
                              tf.cast(col["nbytes"], tf.int32))
 
@@ -247,6 +245,8 @@ def _decode_array(col, variants):
 
 
 def _decode_stage(variants, tasks, image_size, num_classes, inverse_metric_depth):
+    import tensorflow as tf
+
     h, w = image_size
 
     def nearest(x):
@@ -343,32 +343,68 @@ def npy_release_source(name, data_dir, split="train", image_size=None, num_class
                   depth_scales_with_zoom=(name == "cityscapes_npy"))
 
 
-def load_npy_release(name, data_dir, split="train", image_size=None, batch_size=8, num_classes=None, tasks=None,
-                     shuffle=None, seed=0, flip=None, repeat=False, drop_remainder=None, depth_target=None,
-                     cache=False, num_parallel_calls=tf.data.AUTOTUNE, input_context=None, scale_range=(1.0, 1.0),
-                     crop_size=None, random_crop=None, check_files=True) -> tf.data.Dataset:
-    """``(image, targets)`` batches of a ``.npy`` release split (the contract of ``load_cityscapes``).
+def _check_npy_example(paths, num_classes):
+    errors, out = [], {"size": None}
+    arrays = {}
+    for field, path in paths.items():
+        try:
+            npy_info(path)
+            arrays[field] = np.load(path, allow_pickle=False)
+        except (DataError, OSError, ValueError) as e:
+            errors.append((path, error_message(e)))
+    if "image" in arrays:
+        img = arrays["image"]
+        if img.ndim != 3 or img.shape[2] != 3:
+            errors.append((paths["image"], f"{paths['image']}: expected an image array HxWx3, got {img.shape}"))
+        else:
+            out["size"] = (img.shape[1], img.shape[0])
+            lo, hi = float(np.nanmin(img)), float(np.nanmax(img))
+            ok = (-1e-3 <= lo and hi <= 1 + 1e-3) if img.dtype.kind == "f" else (lo >= 0 and hi <= 255)
+            if img.dtype.kind == "f" and not np.all(np.isfinite(img)):  # the loader refuses these too
+                errors.append((paths["image"], f"{paths['image']}: {int((~np.isfinite(img)).sum())} non-finite "
+                                               f"image value(s) (NaN or inf)"))
+            elif not ok:
+                errors.append((paths["image"], f"{paths['image']}: image values {lo:g}..{hi:g} outside "
+                                               f"{'[0, 1]' if img.dtype.kind == 'f' else '0..255'}"))
+    size = out["size"]
+    for field in ("label", "depth", "normal"):
+        if field not in arrays:
+            continue
+        a, path = arrays[field], paths[field]
+        if size and a.shape[:2] != (size[1], size[0]):
+            errors.append((path, f"{path}: {field} is {a.shape[0]}x{a.shape[1]} but its image is "
+                                 f"{size[1]}x{size[0]}"))
+            continue
+        if field == "label":
+            a = a.astype(np.float64)
+            ignore = (a == -1) | (a == 255)
+            ok = ignore | ((a >= 0) & (a <= num_classes - 1) & (a == np.round(a)))
+            if not ok.all():
+                errors.append((path, f"{path}: label values {np.unique(a[~ok])[:10].tolist()} are not -1 (ignore) or "
+                                     f"whole numbers in 0..{num_classes - 1}"))
+            out.update(pixels=a.size, labelled_pixels=int((~ignore & ok).sum()))
+        elif field == "depth":
+            if np.any(a < 0):
+                errors.append((path, f"{path}: negative depth values (min {float(np.nanmin(a)):g})"))
+            out.update(depth_pixels=a.size, valid_depth_pixels=int((np.isfinite(a) & (a > 0)).sum()))
+        elif np.any(np.abs(np.nan_to_num(a)) > 1 + 1e-3):
+            errors.append((path, f"{path}: normal values outside [-1, 1]"))
+    return out, errors
 
-    ``image_size`` defaults to the release's size (CityScapes 128x256, NYUv2 288x384). Targets:
-    ``"semantic"`` (255 = ignore), ``"depth"`` + ``"depth_mask"``, and for NYUv2 ``"normals"`` + ``"normals_mask"``
-    (unit vectors, x to the right: a flip negates x). The augmentation arguments are those of ``load_cityscapes``.
-    """
-    source = npy_release_source(name, data_dir, split, image_size, num_classes, tasks, depth_target, check_files)
-    return load_source(source, split, batch_size=batch_size, shuffle=shuffle, seed=seed, flip=flip, repeat=repeat,
-                       drop_remainder=drop_remainder, cache=cache, num_parallel_calls=num_parallel_calls,
-                       input_context=input_context, scale_range=scale_range, crop_size=crop_size,
-                       random_crop=random_crop)
 
-
-def load_cityscapes_npy(data_dir, split="train", image_size=(128, 256), num_classes=19,
-                        tasks=("semantic", "depth"), **kwargs):
-    """The CityScapes ``.npy`` release (``label_19`` or ``label_7`` / ``label``); see :func:`load_npy_release`."""
-    return load_npy_release("cityscapes_npy", data_dir, split, image_size=image_size, num_classes=num_classes,
-                            tasks=tasks, **kwargs)
-
-
-def load_nyuv2_npy(data_dir, split="train", image_size=(288, 384), num_classes=13,
-                   tasks=("semantic", "depth", "normals"), **kwargs):
-    """The NYUv2 ``.npy`` release (13 classes, depth in metres, normals); see :func:`load_npy_release`."""
-    return load_npy_release("nyuv2_npy", data_dir, split, image_size=image_size, num_classes=num_classes,
-                            tasks=tasks, **kwargs)
+def validate_split(name, data_dir, split, num_classes, tasks, workers=4, max_errors=20, depth_target=None):
+    """Pairing, headers and the value ranges of every array, as the loader checks them (``--check``)."""
+    report = SplitReport(split)
+    folder = os.path.join(data_dir, _release(name).splits.get(split, split))
+    if not os.path.isdir(folder):
+        report.missing = True
+        return report
+    fields = ["image"] + [_FIELD_OF_TASK[t] for t in tasks]
+    try:
+        listing = list_npy_release(name, data_dir, split, fields, num_classes)
+    except (OSError, ValueError) as e:
+        report.errors.append((folder, error_message(e)))
+        return report
+    rows = [{f: listing[f][i] for f in listing} for i in range(len(listing["image"]))]
+    check_rows(report, rows, lambda r: _check_npy_example(r, num_classes), workers, max_errors)
+    return report

@@ -65,8 +65,9 @@ import cv2
 import keras
 import numpy as np
 
+from mtl_keras.data import folder
 from mtl_keras.data.checks import PNG_IEND, DataError, check_image_size, check_tasks
-from mtl_keras.data.cityscapes_files import (
+from mtl_keras.data.cityscapes import (
     _PNG_EXPECT,
     _WITHHELD_ON_TEST,
     FILE_TYPES,
@@ -75,9 +76,6 @@ from mtl_keras.data.cityscapes_files import (
     list_cityscapes_files,
 )
 from mtl_keras.labels import IGNORE_INDEX, known_label_mask, label_lookup_table
-
-__all__ = ["CityscapesPyDataset", "load_cityscapes_numpy", "resize_image_numpy",
-           "nearest_indices", "resize_nearest_numpy", "centroid_vectors_numpy", "TASKS"]
 
 log = logging.getLogger("mtl_keras")
 
@@ -214,14 +212,23 @@ def _read_png(path, flags):
     return array
 
 
-def _read_label_png(path, key):
-    what, depth, _ = _PNG_EXPECT[key]
+def _read_label_png(path, key, expect=_PNG_EXPECT):
+    what, depth = expect[key][:2]
     dtype = np.uint8 if depth == 8 else np.uint16
     array = _read_png(path, cv2.IMREAD_UNCHANGED)
     if array.dtype != dtype or array.ndim != 2:
         raise DataError(f"{path}: expected a single-channel {depth}-bit {what} PNG, got {array.dtype} with shape "
                         f"{array.shape}")
     return array
+
+
+def _disparity_depth(raw, image_size):
+    """``cityscapes.disparity_depth`` (inverse depth) in numpy."""
+    h, w = image_size
+    p = resize_nearest_numpy(raw, (h, w)).astype(_F32)[..., None]
+    d = (p - _F32(1.0)) / _F32(256.0)  # disparity in px at the PNG's (full) resolution
+    value = d * (_F32(w) / _F32(raw.shape[1]))  # px at the training width
+    return np.where(p > 0, value, _F32(np.nan)).astype(_F32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,9 +270,8 @@ class CityscapesPyDataset(keras.utils.PyDataset):
                                  "mtl_keras.data.load_cityscapes(..., depth_target='metric')")
             raise ValueError(f"depth_target must be 'inverse' (or 'metric' with the tf.data loader), "
                              f"got {depth_target!r}")
-        self.tasks = tuple(dict.fromkeys(check_tasks(tasks, TASKS, "cityscapes")))
-        self.num_classes = num_classes
-        self._lut = label_lookup_table(num_classes)  # validates num_classes
+        self.data_dir = os.fspath(data_dir)
+        self.tasks, self.num_classes = self._check_data(tasks, num_classes)
         self.image_size = check_image_size(image_size)
         self.batch_size = _check_int(batch_size, "batch_size", 1)
         self.seed = _check_int(seed, "seed", 0)
@@ -276,28 +282,35 @@ class CityscapesPyDataset(keras.utils.PyDataset):
         self.shuffle = is_train if shuffle is None else bool(shuffle)
         self.flip = is_train if flip is None else bool(flip)
         self.drop_remainder = is_train if drop_remainder is None else bool(drop_remainder)
-        self.data_dir = os.fspath(data_dir)
+        self.files = self._list_files(split, check_files)
+        self.num_examples = len(self.files)
+        if self.steps_per_epoch is None and self.drop_remainder and self.num_examples < self.batch_size:
+            raise ValueError(f"split {split!r} of {self.data_dir} has {self.num_examples} example(s), fewer than "
+                             f"batch_size={self.batch_size}: with drop_remainder=True there is no batch (pass "
+                             f"drop_remainder=False or a smaller batch_size)")
 
+    def _check_data(self, tasks, num_classes):
+        tasks = tuple(dict.fromkeys(check_tasks(tasks, TASKS, "cityscapes")))
+        self._lut = label_lookup_table(num_classes)  # validates num_classes
+        known = known_label_mask()
+        self._max_known = int(np.nonzero(known)[0].max())
+        assert known[: self._max_known + 1].all(), "the fast label check assumes contiguous known ids"
+        self._known = known
+        return tasks, num_classes
+
+    def _list_files(self, split, check_files):
         require = [_TASK_FILES[t] for t in TASKS if t in self.tasks]
         optional = _WITHHELD_ON_TEST if split == "test" else ()
-        self.files = list_cityscapes_files(self.data_dir, split, require=require, optional=optional)
-        self._present = set(self.files[0])
+        files = list_cityscapes_files(self.data_dir, split, require=require, optional=optional)
+        self._present = set(files[0])
         withheld = [k for k in require if k not in self._present]
         if withheld:
             log.warning("CityScapes %s: no %s folder(s) for the test split (CityScapes withholds test labels): "
                         "those targets are masked out everywhere", self.data_dir,
                         ", ".join(os.path.join(FILE_TYPES[k][0], split) for k in withheld))
         if check_files:
-            check_cityscapes_files(self.files)
-        self.num_examples = len(self.files)
-        if self.steps_per_epoch is None and self.drop_remainder and self.num_examples < self.batch_size:
-            raise ValueError(f"split {split!r} of {self.data_dir} has {self.num_examples} example(s), fewer than "
-                             f"batch_size={self.batch_size}: with drop_remainder=True there is no batch (pass "
-                             f"drop_remainder=False or a smaller batch_size)")
-        known = known_label_mask()
-        self._max_known = int(np.nonzero(known)[0].max())
-        assert known[: self._max_known + 1].all(), "the fast label check assumes contiguous known ids"
-        self._known = known
+            check_cityscapes_files(files)
+        return files
 
     # ---- order and augmentation: pure functions of (seed, epoch, index) ----
 
@@ -383,11 +396,7 @@ class CityscapesPyDataset(keras.utils.PyDataset):
                 out["instance_ids"] = np.zeros((h, w), np.int32)
         if "depth" in self.tasks:
             if "disparity" in self._present:
-                raw = _read_label_png(entry["disparity"], "disparity")
-                p = resize_nearest_numpy(raw, (h, w)).astype(_F32)[..., None]
-                d = (p - _F32(1.0)) / _F32(256.0)  # disparity in px at the PNG's (full) resolution
-                value = d * (_F32(w) / _F32(raw.shape[1]))  # px at the training width
-                out["depth"] = np.where(p > 0, value, _F32(np.nan)).astype(_F32)
+                out["depth"] = _disparity_depth(_read_label_png(entry["disparity"], "disparity"), (h, w))
             else:
                 out["depth"] = np.full((h, w, 1), np.nan, _F32)
         return out
@@ -415,6 +424,50 @@ class CityscapesPyDataset(keras.utils.PyDataset):
 
 
 def load_cityscapes_numpy(data_dir, split="train", **kwargs) -> CityscapesPyDataset:
-    """:class:`CityscapesPyDataset` ``(data_dir, split, **kwargs)``: the TensorFlow-free counterpart of
-    :func:`mtl_keras.data.load_cityscapes` (same batches contract)."""
     return CityscapesPyDataset(data_dir, split, **kwargs)
+
+
+class FolderPyDataset(CityscapesPyDataset):
+    """The TensorFlow-free loader of a folder dataset (``mtl_keras.data.folder``): the batches of
+    ``load_dataset("folder", ...)`` without augmentation, the order, flips and epochs of :class:`CityscapesPyDataset`."""
+
+    _EXPECT = {task: (what, depth) for task, (_, what, depth) in folder.FOLDERS.items()}
+
+    def __init__(self, data_dir, split="train", image_size=(128, 256), batch_size=8, num_classes=None, tasks=None,
+                 **kwargs):
+        super().__init__(data_dir, split, image_size, batch_size, num_classes, tasks, **kwargs)
+
+    def _check_data(self, tasks, num_classes):
+        self.classes = folder.read_classes(self.data_dir)
+        num_classes = folder.checked_num_classes(self.data_dir, self.classes, num_classes)
+        self._lut = folder.label_table(self.classes)[0]
+        present = folder.folder_tasks(self.data_dir)
+        return check_tasks(present if tasks is None else tasks, present, f"the folder dataset {self.data_dir}"), \
+            num_classes
+
+    def _list_files(self, split, check_files):
+        return folder.list_folder_files(self.data_dir, split, self.tasks, check=check_files)
+
+    def prepared(self, example):
+        entry = self.files[example]
+        h, w = self.image_size
+        image = cv2.imread(entry["image"], cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        if image is None:
+            raise DataError(f"{entry['image']}: cannot decode the image (expected an RGB PNG or JPG)")
+        out = {"image": resize_image_numpy(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), (h, w))}
+        maps = {t: _read_label_png(entry[t], t, self._EXPECT) for t in self.tasks}
+        for task, array in maps.items():
+            if array.shape != image.shape[:2]:
+                raise DataError(f"{entry[task]}: {self._EXPECT[task][0]} is {array.shape[1]}x{array.shape[0]} but its "
+                                f"image is {image.shape[1]}x{image.shape[0]}")
+        if "semantic" in maps:
+            bad = np.unique(maps["semantic"][~folder.label_table(self.classes)[1][maps["semantic"]]])
+            if bad.size:
+                raise DataError(f"{entry['semantic']}: label values {bad[:10].tolist()} are neither class ids nor the "
+                                f"ignore label {self.classes.ignore_label}")
+            out["semantic"] = self._lut[resize_nearest_numpy(maps["semantic"], (h, w))]
+        if "instance" in maps:
+            out["instance_ids"] = resize_nearest_numpy(maps["instance"], (h, w)).astype(np.int32)
+        if "depth" in maps:
+            out["depth"] = _disparity_depth(maps["depth"], (h, w))
+        return out

@@ -27,17 +27,11 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from mtl_keras.data.checks import DataError  # noqa: E402
-from mtl_keras.labels import IGNORE_INDEX, NYUV2_NUM_CLASSES  # noqa: E402
-from mtl_keras.data.pipeline import Source, check_image_size, check_tasks, load_source, resize_image  # noqa: E402
-
-__all__ = ["NYUV2_FILES", "TASKS", "nyuv2_label_table", "read_nyuv2_splits", "check_nyuv2_mat", "nyuv2_source",
-           "load_nyuv2", "count_nyuv2"]
+from mtl_keras.data.checks import DataError, SplitReport, error_message
+from mtl_keras.data.pipeline import Source, check_image_size, check_tasks, resize_image
+from mtl_keras.labels import IGNORE_INDEX, NYUV2_NUM_CLASSES
 
 TASKS = ("semantic", "instance", "depth")
 NYUV2_FILES = {"mat": "nyu_depth_v2_labeled.mat", "splits": "splits.mat", "map40": "classMapping40.mat",
@@ -204,7 +198,10 @@ class _MatReader:
 def nyuv2_source(data_dir, split="train", image_size=(288, 384), num_classes=13, tasks=TASKS,
                  depth_target="metric", check_files=True, mat_path=None, splits_path=None, map40_path=None,
                  map13_path=None) -> Source:
-    """The rows and decode function of a NYUv2 split (see ``mtl_keras.data.pipeline.Source``)."""
+    """The rows and decode function of a NYUv2 split (see ``mtl_keras.data.pipeline.Source``). ``*_path``: files
+    that replace the default names in ``data_dir``."""
+    import tensorflow as tf
+
     del check_files  # the .mat's datasets and the mapping files are always checked up front
     tasks = check_tasks(tasks, TASKS, "nyuv2 (the labeled .mat)")
     if depth_target not in ("metric", "inverse"):
@@ -273,24 +270,41 @@ def nyuv2_source(data_dir, split="train", image_size=(288, 384), num_classes=13,
                   tasks=tasks, image_size=(h, w), depth_scales_with_zoom=False)
 
 
-def count_nyuv2(data_dir, split="train"):
+def count(data_dir, split="train"):
     n, _ = check_nyuv2_mat(_path(data_dir, "mat"), ())
     if split not in _SPLIT_KEYS:
         raise ValueError(f"NYUv2 has the splits train, val (= the 654-image test split) and test, got {split!r}")
     return int(read_nyuv2_splits(data_dir, n)["train" if split == "train" else "val"].size)
 
 
-def load_nyuv2(data_dir, split="train", image_size=(288, 384), batch_size=8, num_classes=13, tasks=TASKS,
-               shuffle=None, seed=0, flip=None, repeat=False, drop_remainder=None, depth_target="metric",
-               cache=False, num_parallel_calls=tf.data.AUTOTUNE, input_context=None, scale_range=(1.0, 1.0),
-               crop_size=None, random_crop=None, check_files=True, **paths) -> tf.data.Dataset:
-    """``(image, targets)`` batches of NYUv2's labeled set (the contract of ``load_cityscapes``).
+def validate_split(data_dir, split, num_classes, tasks, workers=4, max_errors=20, depth_target=None):
+    """The ``.mat``, ``splits.mat``, the class maps, and every image's labels (0..894) and depth (``--check``)."""
+    import h5py
 
-    ``paths``: optional ``mat_path``, ``splits_path``, ``map40_path``, ``map13_path`` overriding the file names
-    in ``data_dir``. The augmentation arguments are those of ``load_cityscapes``.
-    """
-    source = nyuv2_source(data_dir, split, image_size, num_classes, tasks, depth_target, check_files, **paths)
-    return load_source(source, split, batch_size=batch_size, shuffle=shuffle, seed=seed, flip=flip, repeat=repeat,
-                       drop_remainder=drop_remainder, cache=cache, num_parallel_calls=num_parallel_calls,
-                       input_context=input_context, scale_range=scale_range, crop_size=crop_size,
-                       random_crop=random_crop)
+    report = SplitReport(split)
+    mat = _path(data_dir, "mat")
+    try:
+        table, _ = nyuv2_label_table(data_dir, num_classes)
+        n, (h, w) = check_nyuv2_mat(mat, tasks)
+        indices = read_nyuv2_splits(data_dir, n)["train" if split == "train" else "val"]
+    except (OSError, ValueError) as e:
+        report.errors.append((mat, error_message(e)))
+        return report
+    report.examples = int(indices.size)
+    needed = {d for t in tasks for d in _NEEDS.get(t, ())}  # the .mat datasets the reader reads for the tasks
+    with h5py.File(mat, "r") as f:
+        for i in indices:
+            report.add_size(w, h)
+            if "labels" in f and "labels" in needed:
+                lab = f["labels"][i]
+                if lab.max() >= len(table):
+                    report.errors.append((mat, f"{mat}: labels of image {i + 1} (1-based) hold id {int(lab.max())} "
+                                               f"outside 0..894"))
+                else:
+                    report.add({"pixels": lab.size, "labelled_pixels": int((table[lab] != 255).sum())})
+            if "depths" in f and "depths" in needed:
+                d = f["depths"][i]
+                report.add({"depth_pixels": d.size, "valid_depth_pixels": int((np.isfinite(d) & (d > 0)).sum())})
+            if len(report.errors) >= max_errors:
+                break
+    return report

@@ -26,17 +26,9 @@ import dataclasses
 import os
 from typing import Callable
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import tensorflow as tf  # noqa: E402
-
-from mtl_keras.data.augment import AugmentConfig, augment_example  # noqa: E402
-from mtl_keras.data.checks import ALL_TASKS, check_image_size, check_tasks  # noqa: E402,F401  (re-exported)
-from mtl_keras.tasks import TARGET_RULES, TASKS  # noqa: E402
-
-__all__ = ["ALL_TASKS", "Source", "build_dataset", "load_source", "centroid_vectors", "prepared_to_targets",
-           "check_tasks", "check_image_size", "resize_image", "shuffled_epochs"]
-
+from mtl_keras.data.augment import AugmentConfig, augment_example
+from mtl_keras.data.checks import check_image_size, check_tasks  # noqa: F401  (the readers' argument checks)
+from mtl_keras.tasks import TARGET_RULES, TASKS
 
 
 @dataclasses.dataclass
@@ -61,6 +53,8 @@ def centroid_vectors(segment_ids):
     ``segment_ids``: int HxW, ``0`` = no instance, any other value = one instance. Returns (vectors float32 HxWx2,
     mask float32 HxWx1); vectors are 0 outside instances. Centroids are means of pixel indices (float64).
     """
+    import tensorflow as tf
+
     ids = tf.cast(segment_ids, tf.int64)
     shape = tf.shape(ids)
     h, w = shape[0], shape[1]
@@ -81,15 +75,21 @@ def centroid_vectors(segment_ids):
 
 
 def _label_target(value, task, h, w):
+    import tensorflow as tf
+
     return {task.name: tf.ensure_shape(tf.cast(value, tf.int32), (h, w))}
 
 
 def _centroid_vector_target(value, task, h, w):
+    import tensorflow as tf
+
     vec, mask = centroid_vectors(value)
     return {task.name: tf.ensure_shape(vec, (h, w, task.channels)), task.mask: tf.ensure_shape(mask, (h, w, 1))}
 
 
 def _finite_target(value, task, h, w):
+    import tensorflow as tf
+
     value = tf.cast(value, tf.float32)
     valid = tf.reduce_all(tf.math.is_finite(value), axis=-1, keepdims=True)
     return {task.name: tf.ensure_shape(tf.where(valid, value, 0.0), (h, w, task.channels)),
@@ -105,6 +105,8 @@ if set(TARGET_BUILDERS) != set(TARGET_RULES):
 
 def prepared_to_targets(example, tasks):
     """A prepared example -> ``(image float32 HxWx3, targets)`` of the loader contract (before augmentation)."""
+    import tensorflow as tf
+
     image = tf.cast(example["image"], tf.float32)
     h, w = (int(v) for v in image.shape[:2])
     targets = {}
@@ -131,6 +133,8 @@ def shuffled_epochs(ds, num_elements, seed, repeat):
     which ``skip`` fast-forwards exactly. Each epoch is gathered whole (what a full shuffle buffer holds anyway) and
     permuted, so the elements need one shape (rows of file names, or prepared examples at the training size).
     """
+    import tensorflow as tf
+
     whole = ds.batch(int(num_elements))
     seed = tf.constant(int(seed), tf.int64)
 
@@ -147,15 +151,18 @@ def shuffled_epochs(ds, num_elements, seed, repeat):
 
 
 def build_dataset(source: Source, *, batch_size=8, shuffle=False, seed=0, repeat=False, drop_remainder=False,
-                  cache=False, num_parallel_calls=tf.data.AUTOTUNE, input_context=None,
-                  augment: AugmentConfig | None = None, prepared_dataset: tf.data.Dataset | None = None):
+                  cache=False, num_parallel_calls=None, input_context=None, augment: AugmentConfig | None = None,
+                  prepared_dataset=None):
     """The ``(image, targets)`` batches of ``source`` (see the module docstring).
 
     ``prepared_dataset``: a dataset of prepared examples that replaces the rows + decode steps (a prepared cache);
     it is sharded the same way. ``cache``: False, True (memory) or a file name prefix (``tf.data`` cache files).
     With ``input_context`` the rows are sharded (``num_input_pipelines``, ``input_pipeline_id``) before anything
-    else and ``batch_size`` is the per-replica batch size.
+    else and ``batch_size`` is the per-replica batch size. ``num_parallel_calls``: None = ``tf.data.AUTOTUNE``.
     """
+    import tensorflow as tf
+
+    num_parallel_calls = tf.data.AUTOTUNE if num_parallel_calls is None else num_parallel_calls
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     tasks = source.tasks
@@ -205,7 +212,7 @@ def make_augment(split, flip, scale_range, crop_size, random_crop, depth_scales_
 
 
 def load_source(source: Source, split, batch_size=8, shuffle=None, seed=0, flip=None, repeat=False,
-                drop_remainder=None, cache=False, num_parallel_calls=tf.data.AUTOTUNE, input_context=None,
+                drop_remainder=None, cache=False, num_parallel_calls=None, input_context=None,
                 scale_range=(1.0, 1.0), crop_size=None, random_crop=None):
     """:func:`build_dataset` with the loaders' defaults: shuffling, flips, random crop positions and dropping the
     last partial batch are on for the ``train`` split only."""
@@ -219,6 +226,8 @@ def load_source(source: Source, split, batch_size=8, shuffle=None, seed=0, flip=
 
 def resize_image(image, image_size):
     """Any HxWx3 image (0..255) -> uint8 ``image_size`` x 3: antialiased bilinear, rounded."""
+    import tensorflow as tf
+
     h, w = image_size
     image = tf.image.resize(image, (h, w), method="bilinear", antialias=True)
     return tf.ensure_shape(tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8), (h, w, 3))

@@ -20,15 +20,11 @@ import os
 import time
 import zlib
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from mtl_keras.data.pipeline import Source, check_image_size, load_source  # noqa: E402
-from mtl_keras.tasks import TASKS  # noqa: E402
-
-__all__ = ["MANIFEST", "write_prepared", "read_manifest", "load_prepared", "count_prepared", "source_for"]
+from mtl_keras.data.checks import SplitReport, error_message
+from mtl_keras.data.pipeline import Source, check_image_size
+from mtl_keras.tasks import TASKS
 
 MANIFEST = "prepared_manifest.json"
 _VERSION = 1
@@ -49,41 +45,17 @@ def _field_shape(key, image_size):
     return tuple(image_size) + ((c,) if c else ())
 
 
-def source_for(dataset, data_dir, split, image_size, num_classes, tasks, depth_target=None, check_files=True):
-    """The :class:`~mtl_keras.data.pipeline.Source` of a dataset name (raw formats only)."""
-    kwargs = {} if depth_target is None else {"depth_target": depth_target}
-    if dataset in ("cityscapes", "synthetic"):
-        from mtl_keras.data.cityscapes import cityscapes_source
-
-        return cityscapes_source(data_dir, split, image_size, num_classes, tasks, check_files=check_files,
-                                 dataset_name=dataset, **kwargs)
-    if dataset == "nyuv2":
-        from mtl_keras.data.nyuv2 import nyuv2_source
-
-        return nyuv2_source(data_dir, split, image_size, num_classes, tasks, check_files=check_files, **kwargs)
-    if dataset in ("cityscapes_npy", "nyuv2_npy"):
-        from mtl_keras.data.npy_release import npy_release_source
-
-        return npy_release_source(dataset, data_dir, split, image_size, num_classes, tasks,
-                                  check_files=check_files, **kwargs)
-    raise ValueError(f"cannot prepare dataset {dataset!r}: expected cityscapes, synthetic, nyuv2, cityscapes_npy "
-                     f"or nyuv2_npy")
-
-
-def _default_depth_target(dataset):
-    return {"nyuv2": "metric", "nyuv2_npy": "metric"}.get(dataset, "inverse")
-
-
-def write_prepared(dataset, data_dir, out_dir, splits=("train", "val"), image_size=(128, 256), num_classes=19,
-                   tasks=("semantic", "instance", "depth"), depth_target=None, level=3, verbose=False,
-                   num_parallel_calls=tf.data.AUTOTUNE):
-    """Decodes ``splits`` of ``dataset`` at ``image_size`` once and writes the prepared set to ``out_dir``.
+def write_prepared_sources(make_source, dataset, data_dir, out_dir, splits, image_size, num_classes, depth_target,
+                           level=3, verbose=False):
+    """Runs the decode step of ``make_source(split)`` (a ``Source`` of ``dataset``) once per split and writes the
+    prepared set to ``out_dir`` (``mtl_keras.data.datasets.write_prepared`` gives it the dataset's sources).
 
     The manifest is written last, so an interrupted run leaves no usable (half) cache. Returns the manifest.
     """
+    import tensorflow as tf
+
     out_dir = os.fspath(out_dir)
     h, w = check_image_size(image_size)
-    depth_target = depth_target or _default_depth_target(dataset)
     manifest_path = os.path.join(out_dir, MANIFEST)
     if os.path.exists(manifest_path):
         os.remove(manifest_path)
@@ -92,14 +64,14 @@ def write_prepared(dataset, data_dir, out_dir, splits=("train", "val"), image_si
                 "depth_target": depth_target, "depth_scales_with_zoom": True, "splits": {}}
     for split in splits:
         t0 = time.perf_counter()
-        source = source_for(dataset, data_dir, split, (h, w), num_classes, tasks, depth_target)
+        source = make_source(split)
         manifest["tasks"] = list(source.tasks)
         manifest["depth_scales_with_zoom"] = bool(source.depth_scales_with_zoom)
         keys = _fields(source.tasks)
         folder = os.path.join(out_dir, split)
         os.makedirs(folder, exist_ok=True)
         ds = tf.data.Dataset.from_tensor_slices(source.columns).map(source.decode,
-                                                                    num_parallel_calls=num_parallel_calls)
+                                                                    num_parallel_calls=tf.data.AUTOTUNE)
         count, nbytes = 0, 0
         for i, example in enumerate(ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()):
             parts = []
@@ -159,7 +131,7 @@ def _split_files(data_dir, manifest, split):
     return files
 
 
-def count_prepared(data_dir, split="train"):
+def count(data_dir, split="train"):
     manifest = read_manifest(data_dir)
     return len(_split_files(data_dir, manifest, split))
 
@@ -173,6 +145,8 @@ def _decoder(keys, image_size):
     total = sum(sizes)
 
     def decode(row):
+        import tensorflow as tf
+
         raw = tf.io.decode_compressed(tf.io.read_file(row["path"]), compression_type="ZLIB")
         check = tf.debugging.Assert(tf.equal(tf.strings.length(raw), total), [
             "corrupt prepared file", row["path"], "holds", tf.strings.length(raw), "bytes; expected", total])
@@ -189,16 +163,10 @@ def _decoder(keys, image_size):
     return decode
 
 
-def load_prepared(data_dir, split="train", image_size=None, batch_size=8, num_classes=None, tasks=None,
-                  shuffle=None, seed=0, flip=None, repeat=False, drop_remainder=None, depth_target=None,
-                  cache=False, num_parallel_calls=tf.data.AUTOTUNE, input_context=None, scale_range=(1.0, 1.0),
-                  crop_size=None, random_crop=None, check_files=True) -> tf.data.Dataset:
-    """``(image, targets)`` batches of a prepared set (the contract of ``load_cityscapes``).
-
-    ``image_size``, ``num_classes``, ``tasks`` and ``depth_target`` default to the cache's and must match it when
-    given (a cache is made at one resolution: prepare another for another size). The augmentation arguments are
-    those of ``load_cityscapes``.
-    """
+def prepared_source(data_dir, split="train", image_size=None, num_classes=None, tasks=None, depth_target=None,
+                    check_files=True) -> Source:
+    """A split of a prepared set. ``image_size``, ``num_classes``, ``tasks`` and ``depth_target`` default to the
+    cache's and must match it when given (a cache is made at one resolution: prepare another for another size)."""
     del check_files
     manifest = read_manifest(data_dir)
     size = tuple(manifest["image_size"])
@@ -218,10 +186,34 @@ def load_prepared(data_dir, split="train", image_size=None, batch_size=8, num_cl
         raise ValueError(f"the prepared set {data_dir} holds the tasks {', '.join(have)}, not {', '.join(missing)}"
                          f" (prepare it again with --tasks {','.join(dict.fromkeys(have + tuple(missing)))})")
     files = _split_files(data_dir, manifest, split)
-    source = Source(columns={"path": files}, decode=_decoder(_fields(have), size), num_examples=len(files),
-                    tasks=tuple(t for t in TASKS if t in tasks), image_size=size,
-                    depth_scales_with_zoom=bool(manifest["depth_scales_with_zoom"]))
-    return load_source(source, split, batch_size=batch_size, shuffle=shuffle, seed=seed, flip=flip, repeat=repeat,
-                       drop_remainder=drop_remainder, cache=cache, num_parallel_calls=num_parallel_calls,
-                       input_context=input_context, scale_range=scale_range, crop_size=crop_size,
-                       random_crop=random_crop)
+    return Source(columns={"path": files}, decode=_decoder(_fields(have), size), num_examples=len(files),
+                  tasks=tuple(t for t in TASKS if t in tasks), image_size=size,
+                  depth_scales_with_zoom=bool(manifest["depth_scales_with_zoom"]))
+
+
+def validate_split(data_dir, split, num_classes=None, tasks=None, workers=4, max_errors=20, depth_target=None):
+    """The manifest and the size of every file after decompression (``--check``)."""
+    report = SplitReport(split)
+    try:
+        manifest = read_manifest(data_dir)
+        if split not in manifest["splits"]:
+            report.missing = True
+            return report
+        files = _split_files(data_dir, manifest, split)
+    except (OSError, ValueError) as e:
+        report.errors.append((data_dir, error_message(e)))
+        return report
+    h, w = manifest["image_size"]
+    expected = sum(int(np.prod(_field_shape(k, (h, w)))) * np.dtype(_FIELDS[k][0]).itemsize
+                   for k in _fields(manifest["tasks"]))
+    report.examples = len(files)
+    for path in files:
+        report.add_size(w, h)
+        try:
+            with open(path, "rb") as f:
+                size = len(zlib.decompress(f.read()))
+            if size != expected:
+                report.errors.append((path, f"{path}: {size} bytes after decompression, expected {expected}"))
+        except (OSError, zlib.error) as e:
+            report.errors.append((path, f"{path}: cannot decompress ({e})"))
+    return report

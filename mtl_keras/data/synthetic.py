@@ -547,6 +547,19 @@ def generate_synthetic_cityscapes(root, num_train: int = 200, num_val: int = 50,
     return root
 
 
+DEFAULT_DIR = os.path.join("data", "synthetic")
+
+
+def generate_for_config(config):
+    """The folder of a run's synthetic set (``config.data_dir``, default ``data/synthetic``), generated once."""
+    data_dir = config.data_dir or DEFAULT_DIR
+    if config.data_dir and os.path.isfile(os.path.join(data_dir, _MANIFEST)):
+        return data_dir  # a set generated earlier (any size): use it as it is
+    # The data seed is fixed: every run, whatever its training seed, sees the same synthetic set.
+    return generate_synthetic_cityscapes(data_dir, num_train=config.synthetic_num_train,
+                                         num_val=config.synthetic_num_val, seed=0)
+
+
 if __name__ == "__main__":  # pragma: no cover
     import argparse
 

@@ -1,0 +1,297 @@
+"""A user's own data in plain folders (``--dataset folder``); see ``datasets/folder.md``.
+
+    DIR/classes.json (or classes.csv)    class names, colours, which classes have instances, the ignore label
+    DIR/{train,val}/images/STEM.png|jpg  RGB
+    DIR/{split}/semantic/STEM.png        uint8 class ids 0..C-1, the ignore label elsewhere
+    DIR/{split}/instance/STEM.png        optional: uint16 instance ids, 0 = no instance
+    DIR/{split}/depth/STEM.png           optional: uint16 disparity p, d = (p - 1) / 256 px, 0 = invalid
+                                         (CityScapes' encoding; inverse depth in px at the training width)
+
+The tasks a folder supplies are the subfolders present in ``train/`` (``semantic`` -> semantic, ``instance`` ->
+instance, ``depth`` -> depth). ``classes.json``: ``{"classes": [{"name": "road", "color": [128, 64, 128],
+"instances": false}, ...], "ignore_label": 255}``; ``classes.csv``: a header ``name,r,g,b,instances`` and one row per
+class (``instances`` 0/1), ignore label 255.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+
+import cv2
+import numpy as np
+
+from mtl_keras.data.checks import DataError, SplitReport, check_png, check_rows, check_tasks, error_message
+from mtl_keras.data.cityscapes import disparity_depth, read_png
+from mtl_keras.data.pipeline import Source, check_image_size, resize_image
+from mtl_keras.labels import IGNORE_INDEX
+
+TASKS = ("semantic", "instance", "depth")
+# task -> (subfolder, what, bit depth)
+FOLDERS = {"semantic": ("semantic", "semantic label", 8), "instance": ("instance", "instance id", 16),
+           "depth": ("depth", "disparity", 16)}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+@dataclasses.dataclass(frozen=True)
+class Classes:
+    names: tuple
+    colors: np.ndarray  # uint8 (C, 3)
+    instance_ids: tuple  # the class ids whose pixels carry instances
+    ignore_label: int = IGNORE_INDEX
+
+
+def _classes_error(path, problem):
+    return DataError(f"{path}: {problem}; expected {{\"classes\": [{{\"name\": str, \"color\": [r, g, b], "
+                     f"\"instances\": bool}}, ...], \"ignore_label\": 255}} (or classes.csv: name,r,g,b,instances)")
+
+
+def _class_rows(path):
+    if path.endswith(".json"):
+        with open(path) as f:
+            spec = json.load(f)
+        if not isinstance(spec, dict) or not isinstance(spec.get("classes"), list):
+            raise _classes_error(path, "no list \"classes\"")
+        rows = [(c.get("name"), c.get("color"), c.get("instances", False)) if isinstance(c, dict) else (None,) * 3
+                for c in spec["classes"]]
+        return rows, spec.get("ignore_label", IGNORE_INDEX)
+    with open(path, newline="") as f:
+        table = list(csv.DictReader(f))
+    try:
+        rows = [(r["name"], [int(r["r"]), int(r["g"]), int(r["b"])], r.get("instances", "0").strip() in ("1", "true"))
+                for r in table]
+    except (KeyError, TypeError, ValueError) as e:
+        raise _classes_error(path, f"a row lacks a whole-number r, g or b, or a name ({e})") from None
+    return rows, IGNORE_INDEX
+
+
+def read_classes(data_dir) -> Classes:
+    """The classes of a folder dataset from ``classes.json`` (else ``classes.csv``); errors name the file."""
+    for name in ("classes.json", "classes.csv"):
+        path = os.path.join(os.fspath(data_dir), name)
+        if os.path.isfile(path):
+            break
+    else:
+        raise FileNotFoundError(f"missing {os.path.join(os.fspath(data_dir), 'classes.json')} (or classes.csv): a "
+                                f"folder dataset names its classes there (see datasets/folder.md)")
+    try:
+        rows, ignore = _class_rows(path)
+    except (OSError, ValueError) as e:
+        raise _classes_error(path, f"cannot read it ({e})") from None
+    if not rows:
+        raise _classes_error(path, "no class")
+    for i, (name, color, _) in enumerate(rows):
+        if not isinstance(name, str) or not isinstance(color, (list, tuple)) or len(color) != 3 \
+                or not all(isinstance(v, int) and 0 <= v <= 255 for v in color):
+            raise _classes_error(path, f"class {i} needs a name and a colour [r, g, b] in 0..255")
+    if not isinstance(ignore, int) or not len(rows) <= ignore <= 255:
+        raise _classes_error(path, f"ignore_label {ignore!r} must be an int in {len(rows)}..255 (not a class id)")
+    return Classes(tuple(r[0] for r in rows), np.array([r[1] for r in rows], np.uint8),
+                   tuple(i for i, r in enumerate(rows) if r[2]), ignore)
+
+
+def folder_tasks(data_dir, split="train"):
+    """The tasks whose subfolder exists in ``DIR/split``."""
+    return tuple(t for t in TASKS if os.path.isdir(os.path.join(os.fspath(data_dir), split, FOLDERS[t][0])))
+
+
+def _problem(problems, path, message):
+    if problems is None:
+        raise FileNotFoundError(message)
+    problems.append((path, message))
+
+
+def list_folder_files(data_dir, split="train", tasks=TASKS, problems=None, check=False):
+    """``[{"id": stem, "image": path, task: path, ...}]`` sorted by stem; an image without one of its files (or a file
+    without its image) raises FileNotFoundError naming it, or is collected in ``problems`` as ``(path, message)``.
+    ``check``: also read the label PNGs' headers (complete, bit depth, grey, the image's size)."""
+    split_dir = os.path.join(os.fspath(data_dir), split)
+    image_dir = os.path.join(split_dir, "images")
+    if not os.path.isdir(image_dir):
+        raise FileNotFoundError(f"missing folder {image_dir}: a folder dataset has {split}/images/STEM.png|jpg "
+                                f"(see datasets/folder.md)")
+    images = {os.path.splitext(n)[0]: os.path.join(image_dir, n) for n in sorted(os.listdir(image_dir))
+              if n.lower().endswith(IMAGE_EXTENSIONS)}
+    if not images:
+        raise ValueError(f"empty split {split!r}: no .png / .jpg image in {image_dir}")
+    found = {}
+    for task in tasks:
+        folder = os.path.join(split_dir, FOLDERS[task][0])
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"missing folder {folder}: the {task} task needs {split}/{FOLDERS[task][0]}/STEM.png "
+                                    f"for each image")
+        found[task] = {os.path.splitext(n)[0]: os.path.join(folder, n) for n in os.listdir(folder)
+                       if n.lower().endswith(".png")}
+    incomplete = set()
+    for task, files in found.items():
+        for stem in sorted(set(images) - set(files)):
+            path = os.path.join(split_dir, FOLDERS[task][0], stem + ".png")
+            _problem(problems, path, f"{path}: missing {task} file (its image: {images[stem]})")
+            incomplete.add(stem)
+        for stem in sorted(set(files) - set(images)):
+            _problem(problems, files[stem], f"{files[stem]}: {task} file without an image (expected "
+                                            f"{os.path.join(image_dir, stem)}.png or .jpg)")
+    files = [dict({"id": s, "image": images[s]}, **{t: found[t][s] for t in tasks})
+             for s in sorted(set(images) - incomplete)]
+    if check:
+        _check_headers(files)
+    return files
+
+
+def _check_headers(files):
+    """The label PNGs' headers (complete, bit depth, grey, the image's size when the image is a PNG)."""
+    for entry in files:
+        size = None
+        if entry["image"].lower().endswith(".png"):
+            info = check_png(entry["image"], "image")
+            size = (info.width, info.height)
+        for task in TASKS:
+            if task in entry:
+                _, what, depth = FOLDERS[task]
+                check_png(entry[task], what, bit_depth=depth, grey=True, size=size)
+
+
+def label_table(classes):
+    """(uint8 lookup table: class ids stay, all else -> 255; bool table of the valid values: ids and the ignore label)."""
+    lut = np.full(256, IGNORE_INDEX, np.uint8)
+    lut[: len(classes.names)] = np.arange(len(classes.names))
+    valid = np.zeros(256, bool)
+    valid[: len(classes.names)] = valid[classes.ignore_label] = True
+    return lut, valid
+
+
+def _decode_stage(tasks, image_size, classes):
+    import tensorflow as tf
+
+    h, w = image_size
+    lut, valid = (tf.constant(t) for t in label_table(classes))
+
+    def same_size(x, image, path, what):
+        check = tf.debugging.Assert(tf.reduce_all(tf.equal(tf.shape(x)[:2], tf.shape(image)[:2])), [
+            f"{what} PNG of another size than its image:", path, tf.shape(x)[:2], "image", tf.shape(image)[:2]])
+        with tf.control_dependencies([check]):
+            return tf.identity(x)
+
+    def nearest(x):
+        return tf.image.resize(x, (h, w), method="nearest")[..., 0]
+
+    def fn(row):
+        image = tf.io.decode_image(tf.io.read_file(row["image"]), channels=3, expand_animations=False)
+        out = {"image": resize_image(image, (h, w))}
+        if "semantic" in tasks:
+            lab = tf.io.decode_png(read_png(row["semantic"], "semantic label", 8), channels=1, dtype=tf.uint8)
+            bad = tf.boolean_mask(lab, tf.logical_not(tf.gather(valid, tf.cast(lab, tf.int32))))
+            check = tf.debugging.Assert(tf.equal(tf.size(bad), 0), [
+                f"semantic label values outside 0..{len(classes.names) - 1} and the ignore label "
+                f"{classes.ignore_label} in", row["semantic"], "values:", bad], summarize=10)
+            with tf.control_dependencies([check]):
+                lab = nearest(same_size(lab, image, row["semantic"], "semantic label"))
+            out["semantic"] = tf.ensure_shape(tf.gather(lut, tf.cast(lab, tf.int32)), (h, w))
+        if "instance" in tasks:
+            inst = tf.io.decode_png(read_png(row["instance"], "instance id", 16), channels=1, dtype=tf.uint16)
+            inst = nearest(same_size(inst, image, row["instance"], "instance id"))
+            out["instance_ids"] = tf.ensure_shape(tf.cast(inst, tf.int32), (h, w))
+        if "depth" in tasks:
+            disp = tf.io.decode_png(read_png(row["depth"], "disparity", 16), channels=1, dtype=tf.uint16)
+            disp = same_size(disp, image, row["depth"], "disparity")
+            out["depth"] = tf.ensure_shape(disparity_depth(disp, (h, w)), (h, w, 1))
+        return out
+
+    return fn
+
+
+def checked_num_classes(data_dir, classes, num_classes):
+    if num_classes is None:
+        return len(classes.names)
+    if int(num_classes) != len(classes.names):
+        raise ValueError(f"the folder dataset {data_dir} has {len(classes.names)} classes (its classes file), not "
+                         f"num_classes={num_classes}: pass --num_classes {len(classes.names)}")
+    return int(num_classes)
+
+
+def folder_source(data_dir, split="train", image_size=(128, 256), num_classes=None, tasks=None,
+                  depth_target="inverse", check_files=True) -> Source:
+    """The rows and decode function of a split of a folder dataset (``mtl_keras.data.pipeline.Source``)."""
+    if depth_target != "inverse":
+        raise ValueError(f"a folder dataset holds disparity (inverse depth): depth_target must be 'inverse', got "
+                         f"{depth_target!r}")
+    classes = read_classes(data_dir)
+    checked_num_classes(data_dir, classes, num_classes)
+    present = folder_tasks(data_dir)
+    tasks = check_tasks(present if tasks is None else tasks, present, f"the folder dataset {data_dir}")
+    h, w = check_image_size(image_size)
+    files = list_folder_files(data_dir, split, tasks, check=check_files)
+    columns = {k: [f[k] for f in files] for k in ("image",) + tasks}
+    return Source(columns=columns, decode=_decode_stage(tasks, (h, w), classes), num_examples=len(files),
+                  tasks=tasks, image_size=(h, w), depth_scales_with_zoom=True)
+
+
+def count(data_dir, split="train"):
+    return len(list_folder_files(data_dir, split, ()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --check
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _read_for_check(path, what, dtype, size):
+    array = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise DataError(f"{path}: cannot decode the {what} PNG; the file is corrupt or not a PNG")
+    if array.dtype != dtype or array.ndim != 2:
+        raise DataError(f"{path}: expected a single-channel {np.dtype(dtype).itemsize * 8}-bit {what} PNG, got "
+                        f"{array.dtype} with shape {array.shape}")
+    if array.shape[::-1] != size:
+        raise DataError(f"{path}: {what} is {array.shape[1]}x{array.shape[0]} but its image is {size[0]}x{size[1]}")
+    return array
+
+
+def _check_example(entry, classes):
+    out, errors = {"size": None}, []
+    image = cv2.imread(entry["image"], cv2.IMREAD_COLOR)
+    if image is None:
+        return out, [(entry["image"], f"{entry['image']}: cannot decode the image (expected an RGB PNG or JPG)")]
+    out["size"] = size = (image.shape[1], image.shape[0])
+    c = len(classes.names)
+    for task, dtype in (("semantic", np.uint8), ("instance", np.uint16), ("depth", np.uint16)):
+        if task not in entry:
+            continue
+        try:
+            a = _read_for_check(entry[task], FOLDERS[task][1], dtype, size)
+        except (DataError, OSError) as e:
+            errors.append((entry[task], error_message(e)))
+            continue
+        if task == "semantic":
+            bad = np.unique(a[(a >= c) & (a != classes.ignore_label)])
+            if bad.size:
+                errors.append((entry[task], f"{entry[task]}: label values {bad[:10].tolist()} are neither class ids "
+                                            f"0..{c - 1} nor the ignore label {classes.ignore_label}"))
+            out.update(pixels=a.size, labelled_pixels=int((a < c).sum()))
+        elif task == "instance":
+            out["instances"] = len(np.unique(a[a > 0]))
+        else:
+            out.update(depth_pixels=a.size, valid_depth_pixels=int((a > 0).sum()))
+    return out, errors
+
+
+def validate_split(data_dir, split, num_classes=None, tasks=None, workers=4, max_errors=20, depth_target=None):
+    """Every file of a split decoded: pairing, bit depths, sizes, label values (``prepare_data.py --check``)."""
+    report = SplitReport(split)
+    if not os.path.isdir(os.path.join(os.fspath(data_dir), split)):
+        report.missing = True
+        return report
+    problems = []
+    try:
+        classes = read_classes(data_dir)
+        checked_num_classes(data_dir, classes, num_classes)
+        present = folder_tasks(data_dir)
+        files = list_folder_files(data_dir, split, tuple(t for t in (tasks or present) if t in present), problems)
+    except (OSError, ValueError) as e:
+        report.errors.append((data_dir, error_message(e)))
+        return report
+    report.errors.extend(problems)
+    check_rows(report, files, lambda entry: _check_example(entry, classes), workers, max_errors)
+    return report
