@@ -12,7 +12,8 @@ What one run measures (each row is printed as soon as it is measured):
 2. **FLOPs per image** of each model (``count_flops`` of ``benchmarks/flops.py``): forward, multiply-add = 2
    FLOPs, convs and dense layers only (``nominal``: ``2*kh*kw*cin*cout*Hout*Wout`` as everyone counts;
    ``effective``: without the kernel taps that fall on "same" padding, which oneDNN skips - much lower for the
-   ASPP's dilation rates 12/24/36 on a 16x32 feature map). Training = 3x forward. One model is cross-checked against TensorFlow's graph profiler.
+   ASPP's dilation rates 12/24/36 on a 16x32 feature map). Training = 3x forward. One model is cross-checked
+   against TensorFlow's graph profiler.
 3. **Training** (``MultiTaskTrainer`` + uncertainty weighting + ``kendall_sgd``, random data, one batch reused):
    ``train_on_batch`` steps with and without XLA (``jit_compile``); seconds per step best (median) of ``--steps``
    timed steps after ``--warmup`` steps; images/s from the best step.

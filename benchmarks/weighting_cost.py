@@ -2,18 +2,18 @@
 
     python benchmarks/weighting_cost.py --model kendall_deeplabv3_resnet26_slim --image_size 128,256 --batch_size 8
     python benchmarks/weighting_cost.py --model kendall_deeplabv3_resnet50 --image_size 128,256 --batch_size 8 \\
-        --methods ew,pcgrad,mgda,nash_mtl --rep_grad both
-    KERAS_BACKEND=jax python benchmarks/weighting_cost.py --jacobian_modes loop,batched --methods ew,pcgrad
+        --methods equal,pcgrad,mgda,nash_mtl --rep_grad both
+    KERAS_BACKEND=jax python benchmarks/weighting_cost.py --jacobian_modes loop,batched --methods equal,pcgrad
 
 Each row runs in its own child process (this script with ``--child``), so that its peak memory is its own and not
 what earlier rows left in the allocator; on one random batch (``benchmarks/common.random_batch``):
 ``MultiTaskTrainer`` + the weighting + SGD, ``train_on_batch`` (which returns once the step has finished),
 ``--warmup`` untimed steps (tracing and compilation), then ``--steps`` timed steps; the row's time is their median.
 
-Rows: ``uncertainty`` (the loss weighting: one backward pass; the reference of the zoo's default), ``ew`` as a
-gradient method (K backward passes and the direction step: the cost of seeing per-task gradients at all), then every
-method asked for, with parameter gradients and (``--rep_grad both``) representation gradients. Relative columns
-divide by the ``ew`` row of the same gradient kind.
+Rows: ``uncertainty`` (the loss weighting: one backward pass; the reference of the zoo's default), ``equal`` as a
+gradient method (``GradientWeighting``: the trainer's per-task-gradient path with equal weights, one backward pass),
+then every method asked for, with parameter gradients and (``--rep_grad both``) representation gradients. Relative
+columns divide by the ``equal`` row of the same gradient kind.
 
 Peak memory: Linux's peak resident set size of the child (``VmHWM``) minus its resident size after the imports and
 the batch, i.e. the model, optimiser slots, method state, activations and per-task gradients of that row. Elsewhere
@@ -64,14 +64,17 @@ def measure(name, rep_grad, jacobian_mode, x, y):
     import keras
 
     import mtl_keras
+    from mtl_keras.gradient_methods import GRADIENT_METHODS
     from mtl_keras.training import MultiTaskTrainer
-    from mtl_keras.weighting import build_weighting
+    from mtl_keras.weighting import GradientWeighting, build_weighting
 
     tasks = ("semantic", "instance", "depth")
     start_rss = _rss_kib("VmRSS")
     model = mtl_keras.build_model(FLAGS.model, tasks=tasks, input_shape=x.shape[1:])
-    kwargs = {"rep_grad": True} if rep_grad else {}
-    weighting = build_weighting(name, tasks, **kwargs)
+    if name in GRADIENT_METHODS:  # "equal" too: its row measures the gradient path, the baseline of the others
+        weighting = GradientWeighting(tasks, method=name, rep_grad=rep_grad)
+    else:
+        weighting = build_weighting(name, tasks, **({"rep_grad": True} if rep_grad else {}))
     trainer = MultiTaskTrainer(model, weighting, jacobian_mode=jacobian_mode)
     trainer.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9),
                     jit_compile=keras.config.backend() == "jax")
@@ -123,7 +126,7 @@ def main(argv):
     plan = [("uncertainty", False, "loop")]
     for jacobian_mode in FLAGS.jacobian_modes:
         for rep_grad in kinds:
-            for name in ["ew"] + [m for m in methods if m != "ew"]:
+            for name in ["equal"] + [m for m in methods if m != "equal"]:
                 known = GRADIENT_METHODS.get(name)  # an unknown name gets its row, which shows the error
                 if rep_grad and known is not None and not known.supports_rep_grad:
                     continue
@@ -136,7 +139,7 @@ def main(argv):
 
     def reference(row):
         for r in rows:
-            if r["method"] == "ew" and r["rep_grad"] == row["rep_grad"] and r["jacobian_mode"] == row[
+            if r["method"] == "equal" and r["rep_grad"] == row["rep_grad"] and r["jacobian_mode"] == row[
                     "jacobian_mode"] and "error" not in r:
                 return r
         return None

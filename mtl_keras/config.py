@@ -20,7 +20,7 @@ def read_json(path):
 # registries.
 WEIGHTING_NAMES = (
     "uncertainty", "equal", "fixed", "dwa", "mtunet",
-    "aligned_mtl", "cagrad", "config", "db_mtl", "dualproj", "ew", "excess_mtl", "fairgrad", "famo", "gls", "graddrop",
+    "aligned_mtl", "cagrad", "config", "db_mtl", "dualproj", "excess_mtl", "fairgrad", "famo", "gls", "graddrop",
     "gradnorm", "gradvac", "imtl", "mgda", "moco", "modo", "nash_mtl", "pcgrad", "rlw", "sdmgrad", "stch", "upgrad",
 )
 
@@ -47,29 +47,29 @@ class TrainConfig:
     tasks: tuple = ("semantic", "instance", "depth")
     num_classes: int = 19
     # Data
-    dataset: str = "synthetic"  # synthetic | cityscapes
+    dataset: str = "synthetic"  # a name of mtl_keras.data.datasets.DATASETS (synthetic, cityscapes, nyuv2, ...)
     data_dir: str = ""  # default for synthetic: data/synthetic (generated when absent)
     image_size: tuple = (128, 256)
     synthetic_num_train: int = 600
     synthetic_num_val: int = 50
     flip: bool = True
-    scale_range: tuple = (1.0, 1.0)  # random scaling of training images (seed 001's full-size run: 0.7-2.0)
+    scale_range: tuple = (1.0, 1.0)  # random scaling of training images (Kendall et al.'s full-size run: 0.7-2.0)
     crop_size: tuple = ()  # random training crops (height, width), padded with the ignore label; () = none
     cache: str = "auto"  # decoded training examples in memory: auto (when they fit in 2 GiB) | memory | none
     depth_target: str = ""  # "inverse" | "metric"; "" = the dataset's default (CityScapes inverse, NYUv2 metric)
     # Loss weighting
-    weighting: str = "uncertainty"  # uncertainty | equal | fixed | dwa | mtunet, or a gradient method (pcgrad, ...)
+    weighting: str = "uncertainty"  # a name of WEIGHTING_NAMES
     weighting_options: dict = dataclasses.field(default_factory=dict)  # a gradient method's options, e.g. {"c": 0.4}
     rep_grad: bool = False  # gradient methods: per-task gradients of the shared representation, not the parameters
     jacobian_mode: str = "loop"  # gradient methods: K backward passes (loop) or one vectorised pass (batched, JAX)
     task_weights: tuple = ()  # for "fixed", in task order
     initial_log_variance: float = 0.0  # uncertainty: initial log sigma^2
     dwa_temperature: float = 2.0
-    weight_learning_rate: float = 1e-3  # mtunet: the learning rate of its weights W_i (seed 003)
+    weight_learning_rate: float = 1e-3  # mtunet: the learning rate of its weights W_i (MT-UNet)
     # Optimisation
     # The defaults are the default job's (from scratch, 800 steps; datasets/synthetic.md, "The default job"): Adam at
-    # 2e-3 with poly decay learns the synthetic scenes in the budget, where seed 001's SGD (Nesterov 0.9, poly 0.9,
-    # wd 1e-4; lr 2.5e-3 from ImageNet weights over 50k steps) does not. The paper presets set seed 001's optimiser.
+    # 2e-3 with poly decay learns the synthetic scenes in the budget, where Kendall et al.'s SGD (Nesterov 0.9, poly
+    # 0.9, wd 1e-4; lr 2.5e-3 from ImageNet weights over 50k steps) does not. The paper presets set that optimiser.
     optimizer: str = "adam"  # sgd | adam
     learning_rate: float = 2e-3
     lr_power: float = 0.9

@@ -1,37 +1,21 @@
-"""Evaluation of multi-task dense predictions: semantic mIoU, instance-vector error and inverse-depth error.
+"""Evaluation of multi-task dense predictions, numpy only (any Keras backend, any array-like input).
 
-Numpy only (no TensorFlow import), so it works with any Keras backend and on any array-like input.
+Targets and predictions are dicts of (B, H, W, ...) arrays keyed by task (``mtl_keras.tasks``), masks under the
+task's ``mask`` key (1 = valid). Semantic predictions are logits (B, H, W, C) or label maps; normals are normalised
+here (a zero prediction counts as 90 degrees off). Predictions must have the targets' resolution: resize them before
+:meth:`MultiTaskEvaluator.update`.
 
-Conventions (fixed by the rest of the project):
-
-* targets (per batch, any task may be absent): ``"semantic"`` int (B,H,W) or (B,H,W,1) training ids with
-  ``255`` = ignore; ``"instance"`` float (B,H,W,2) vector (dy, dx) from each pixel to its instance centroid in
-  pixels, with ``"instance_mask"`` float (B,H,W,1) = 1 on instance pixels; ``"depth"`` float (B,H,W,1) inverse
-  depth (disparity, px), with ``"depth_mask"`` float (B,H,W,1) = 1 on valid pixels.
-* ``"normals"`` float (B,H,W,3) unit surface normals with ``"normals_mask"`` float (B,H,W,1) = 1 on valid
-  pixels (target pixels whose normal is all zero or not finite are treated as invalid too).
-* predictions: ``"semantic"`` logits (B,H,W,C) (integer label maps (B,H,W) are accepted too), ``"instance"``
-  (B,H,W,2), ``"depth"`` (B,H,W,1), ``"normals"`` (B,H,W,3), normalised here to unit length (a zero prediction
-  counts as 90 degrees off). Predictions must have the targets' resolution: resize them (bilinear on
-  logits / vectors / depth) before calling :meth:`MultiTaskEvaluator.update` if the model predicts at a lower one.
-
-All metrics are accumulated **streaming over the whole split**: one confusion matrix, and sums and pixel counts for
-the regressions, so the result is independent of how the split is cut into batches (it is never a mean of
-per-image or per-batch means). The median normal angle stays streaming through a histogram of the angles in
-``NORMALS_BIN_DEG`` (0.01 degree) bins, so it is exact to within half a bin (0.005 degrees) over the whole split.
-
-Multi-task change versus single-task baselines: :func:`delta_m` (formula and sign convention in its docstring;
-negative = the multi-task model is better).
+Every metric streams over the whole split (one confusion matrix; sums and pixel counts for the regressions), so the
+result does not depend on how the split is cut into batches. The median normal angle streams through a histogram of
+``NORMALS_BIN_DEG`` bins: exact to half a bin over the whole split.
 """
 
 import math
 
 import numpy as np
 
-from mtl_keras import tasks as task_table
-from mtl_keras.tasks import DEFAULT_TASKS, IGNORE_LABEL, TASK_NAMES  # noqa: F401  (DEFAULT_TASKS re-exported)
-
-TASKS = TASK_NAMES  # every task of the table, in canonical order (each has an _update_<task> / _result_<task>)
+# TASKS and DEFAULT_TASKS re-exported: the task table is the one list of tasks (each has _update_/_result_ here).
+from mtl_keras.tasks import DEFAULT_TASKS, IGNORE_LABEL, TASKS  # noqa: F401
 NORMALS_BIN_DEG = 0.01  # width of the angle histogram bins behind the exact streaming median
 NORMALS_THRESHOLDS_DEG = (11.25, 22.5, 30.0)
 _NORMALS_BINS = int(round(180.0 / NORMALS_BIN_DEG))
@@ -42,9 +26,7 @@ def _threshold_key(t):
     return "normals_within_" + f"{t:g}".replace(".", "_")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Semantic segmentation
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------ Semantic segmentation
 
 def confusion_matrix(labels, predictions, num_classes, ignore_label=IGNORE_LABEL):
     """Confusion matrix ``M[true, pred]`` (int64, shape (C, C)) of integer label maps of equal shape.
@@ -115,9 +97,7 @@ def _nanmean(values):
     return float(values.mean()) if values.size else math.nan
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Streaming multi-task evaluator
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------- Streaming multi-task evaluator
 
 def _squeeze_last(x, ndim):
     """Drops a trailing singleton channel so that ``x`` has ``ndim`` dimensions, e.g. (B,H,W,1) -> (B,H,W)."""
@@ -146,36 +126,26 @@ def _check_same_shape(task, target, prediction):
 class MultiTaskEvaluator:
     """Accumulates multi-task metrics over a whole split, batch by batch.
 
-    ``update(targets, predictions)`` takes one batch (dicts of arrays, see the module docstring); tasks missing from
-    ``targets`` are skipped for that batch, while a task that has a target but no prediction raises ValueError.
-    ``result()`` returns a flat dict of python floats:
+    ``update(targets, predictions)`` adds a batch: a task missing from ``targets`` is skipped, one with a target but
+    no prediction raises. ``result()`` is a flat dict of floats with each task's ``metrics`` of the task table:
 
-    * ``semantic_miou``, ``semantic_pixel_accuracy``, ``semantic_mean_class_accuracy``, ``semantic_per_class_iou``
-      (list, NaN for classes absent from ground truth and prediction; see :func:`segmentation_scores`);
-    * ``instance_mean_error_px``: mean over instance pixels of ``||v_pred - v_true||_2`` (pixels);
-      ``instance_mean_l1_px``: mean over instance pixels of ``|dy err| + |dx err|`` (the training loss's form);
-    * ``depth_mean_error_px``: mean over valid pixels of ``|d_pred - d_true|`` of inverse depth (the paper's
-      "Inverse Depth Mean Error [px]"); ``depth_rel_error``: mean of ``|d_pred - d_true| / d_true`` over valid
-      pixels with ``d_true > 0``;
-    * ``normals_mean_angle_deg`` / ``normals_median_angle_deg``: mean / median over valid pixels of the angle
-      between the predicted (normalised) and true normal in degrees (the median from a 0.01-degree histogram,
-      exact to 0.005 degrees); ``normals_within_11_25``, ``normals_within_22_5``, ``normals_within_30``: fraction
-      (0..1; x100 for the usual %) of valid pixels whose angle error is below 11.25 / 22.5 / 30 degrees;
-    * ``num_images``: number of images seen.
+    * semantic: mIoU, pixel accuracy, mean class accuracy, per-class IoU (see :func:`segmentation_scores`);
+    * instance: mean over instance pixels of ``||v_pred - v_true||_2`` and of the L1 norm (the loss's form), px;
+    * depth: mean ``|d_pred - d_true|`` of inverse depth over valid pixels (the paper's "Inverse Depth Mean Error
+      [px]") and the mean relative error over pixels with ``d_true > 0``;
+    * normals: mean / median angle in degrees, and the fraction of pixels within 11.25 / 22.5 / 30 degrees;
 
-    ``tasks``: any of ``TASKS`` (semantic, instance, depth, normals); default ``DEFAULT_TASKS`` (all but normals).
-    Only the keys of the configured ``tasks`` are returned (plus ``num_images``). A metric whose mask was empty over
-    the whole split (no instance pixel, no valid depth, no labelled pixel) is NaN. A missing mask means "all pixels
-    whose target is finite".
+    plus ``num_images``. A metric whose mask was empty over the whole split is NaN; a missing mask means every pixel
+    whose target is finite. ``tasks`` default to ``DEFAULT_TASKS``.
     """
 
     def __init__(self, num_classes, tasks=DEFAULT_TASKS, ignore_label=IGNORE_LABEL):
         if isinstance(tasks, str):
             tasks = [t.strip() for t in tasks.split(",") if t.strip()]
-        unknown = [t for t in tasks if t not in task_table.TASKS]
+        unknown = [t for t in tasks if t not in TASKS]
         if unknown:
-            raise ValueError(f"Unknown task(s) {unknown}. Valid tasks: {', '.join(task_table.TASKS)}.")
-        self.tasks = tuple(t for t in task_table.TASKS if t in tasks)
+            raise ValueError(f"Unknown task(s) {unknown}. Valid tasks: {', '.join(TASKS)}.")
+        self.tasks = tuple(t for t in TASKS if t in tasks)
         if not self.tasks:
             raise ValueError("At least one task is needed.")
         no_metrics = [t for t in self.tasks if not hasattr(self, f"_result_{t}")]
@@ -245,7 +215,7 @@ class MultiTaskEvaluator:
         if true.ndim != 4 or true.shape[-1] != 2:
             raise ValueError(f"instance target must be (B,H,W,2), got {true.shape}.")
         _check_same_shape("instance", true, pred)
-        mask = _mask(targets, task_table.TASKS["instance"].mask, true.shape[:3]) & np.isfinite(true).all(axis=-1)
+        mask = _mask(targets, TASKS["instance"].mask, true.shape[:3]) & np.isfinite(true).all(axis=-1)
         err = pred[mask] - true[mask]  # (N, 2)
         self._instance_l2_sum += float(np.sqrt((err ** 2).sum(axis=-1)).sum())
         self._instance_l1_sum += float(np.abs(err).sum())
@@ -258,7 +228,7 @@ class MultiTaskEvaluator:
         if true.ndim != 3:
             raise ValueError(f"depth target must be (B,H,W) or (B,H,W,1), got {np.shape(targets['depth'])}.")
         _check_same_shape("depth", true, pred)
-        mask = _mask(targets, task_table.TASKS["depth"].mask, true.shape) & np.isfinite(true)
+        mask = _mask(targets, TASKS["depth"].mask, true.shape) & np.isfinite(true)
         t = true[mask]
         abs_err = np.abs(pred[mask] - t)
         self._depth_abs_sum += float(abs_err.sum())
@@ -275,7 +245,7 @@ class MultiTaskEvaluator:
             raise ValueError(f"normals target must be (B,H,W,3), got {true.shape}.")
         _check_same_shape("normals", true, pred)
         true_norm = np.sqrt((true ** 2).sum(axis=-1))
-        mask = _mask(targets, task_table.TASKS["normals"].mask, true.shape[:3])
+        mask = _mask(targets, TASKS["normals"].mask, true.shape[:3])
         mask &= np.isfinite(true_norm) & (true_norm > 1e-6)
         t = true[mask] / true_norm[mask][:, None]
         p = pred[mask]
@@ -308,7 +278,7 @@ class MultiTaskEvaluator:
         The keys of each task are its ``metrics`` in the task table (``mtl_keras.tasks``), in that order."""
         out = {}
         for task in self.tasks:
-            values, metrics = getattr(self, f"_result_{task}")(), task_table.TASKS[task].metrics
+            values, metrics = getattr(self, f"_result_{task}")(), TASKS[task].metrics
             if set(values) != set(metrics):
                 raise RuntimeError(f"MultiTaskEvaluator computes {sorted(values)} for {task!r}, the task table lists "
                                    f"{sorted(metrics)}")
@@ -341,9 +311,7 @@ class MultiTaskEvaluator:
         return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Whole-model evaluation
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------- Whole-model evaluation
 
 def _to_numpy_dict(d):
     return {k: (None if v is None else np.asarray(v)) for k, v in d.items()}
@@ -383,7 +351,7 @@ def evaluate_model(model, dataset, num_classes, tasks=None, max_batches=None, ig
                                  "model return a dict {task: output}.")
             predictions = {names[0]: predictions}
         if evaluator is None:
-            evaluator = MultiTaskEvaluator(num_classes, [t for t in task_table.TASKS if t in predictions],
+            evaluator = MultiTaskEvaluator(num_classes, [t for t in TASKS if t in predictions],
                                            ignore_label)
         evaluator.update(_to_numpy_dict(targets), _to_numpy_dict(predictions))
     if evaluator is None:
@@ -391,9 +359,7 @@ def evaluate_model(model, dataset, num_classes, tasks=None, max_batches=None, ig
     return evaluator.result()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Multi-task relative performance
-# ----------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------- Multi-task relative performance
 
 def delta_m(multi_task, single_task, higher_is_better):
     """Average relative change of a multi-task model over single-task baselines, in percent.

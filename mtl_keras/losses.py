@@ -60,7 +60,7 @@ def _masked_dense_inputs(targets, predictions, mask):
 
 
 def masked_l1(targets, predictions, mask):
-    """Per-pixel L1 norm over channels (||x - x_hat||_1, seed 002) averaged over pixels where ``mask`` is 1.
+    """Per-pixel L1 norm over channels (||x - x_hat||_1, as in Kendall et al.) averaged over pixels where ``mask`` is 1.
 
     targets, predictions: (B, H, W, K); mask: (B, H, W, 1) or (B, H, W).
     """

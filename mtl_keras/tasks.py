@@ -8,8 +8,8 @@ and its title in pictures. The modules that treat tasks (``losses``, ``evaluatio
 own per-task dicts, so a new task is a new row here plus its data reader (and, where it needs a new kind of
 loss, target or metric, that one function).
 
-The loss family (``type``) decides the form of the uncertainty weighting (seed 002): classification tasks are
-weighted by ``exp(-s)``, regression tasks by ``0.5 * exp(-s)``, with ``s = log sigma^2``.
+The loss family (``type``) decides the form of the uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018):
+classification tasks are weighted by ``exp(-s)``, regression tasks by ``0.5 * exp(-s)``, with ``s = log sigma^2``.
 """
 
 from __future__ import annotations

@@ -1,16 +1,17 @@
 """Ways to combine the per-task losses into one training loss, behind one interface.
 
 Every weighting is a layer whose ``call`` takes ``{task: scalar loss}``, returns the weighted total and adds it with
-``add_loss`` (once: the trainer divides ``add_loss`` terms by the number of replicas under ``tf.distribute``, so no
-other scaling may happen; see ``shared/reference/keras3-notes.md``). ``log_values()`` gives the scalars that the
-trainer logs each step under the same names for every weighting: ``{task}_weight`` (the factor in front of the
-task's loss) and, where the method has one, ``{task}_sigma2``.
+``add_loss`` once (under ``tf.distribute`` Keras divides ``add_loss`` terms by the number of replicas, so no other
+scaling may happen). ``log_values()`` gives the scalars the trainer logs each step, named alike for every weighting:
+``{task}_weight`` (the factor in front of the task's loss) and, where the method has one, ``{task}_sigma2``.
 """
 
 import keras
 import numpy as np
 from keras import ops
 
+# aggregate is re-exported: the pure-function form of every gradient method (README).
+from mtl_keras.gradient_methods import GRADIENT_METHODS, aggregate, build_gradient_method, renamed_hint  # noqa: F401
 from mtl_keras.tasks import TASK_TYPES, validate_tasks
 
 
@@ -67,7 +68,7 @@ class LossWeighting(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
 class UncertaintyWeightingLayer(LossWeighting):
-    """Homoscedastic uncertainty weighting (Kendall, Gal & Cipolla 2018, seed 002).
+    """Homoscedastic uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018).
 
     One learnable ``s_i = log sigma_i^2`` per task. The total is
 
@@ -81,8 +82,8 @@ class UncertaintyWeightingLayer(LossWeighting):
     Args:
         tasks: task names.
         task_types: optional ``{task: "classification" | "regression"}``; defaults from ``mtl_keras.tasks``.
-        initial_log_variance: a float for every task, or ``{task: float}``. Seed 001 (Fig. 6) shows that any value
-            in [-2, 5] converges to the same solution.
+        initial_log_variance: a float for every task, or ``{task: float}``. The paper's appendix (Fig. 6) shows
+            that any value in [-2, 5] converges to the same solution.
     """
 
     def __init__(self, tasks, task_types=None, initial_log_variance=0.0, **kwargs):
@@ -264,7 +265,7 @@ class DWAWeighting(EpochStatisticsWeighting):
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
 class MTUNetWeighting(EpochStatisticsWeighting):
-    """The learned, variance-normalised weighting of MT-UNet (seed 003, Eq. 5).
+    """The learned, variance-normalised weighting of MT-UNet (Eq. 5).
 
     ``L = sum_i p_i L_i`` with ``p_i = W_i a_i / sum_j W_j a_j`` and ``a_i = (sigma_i(t-1) + eps) /
     (sigma_i(t-2) + eps)``. Where the paper is vague we chose:
@@ -361,8 +362,6 @@ class GradientWeighting(LossWeighting):
 
     def __init__(self, tasks, method="pcgrad", rep_grad=False, seed=0, options=None, **kwargs):
         super().__init__(tasks, **kwargs)
-        from mtl_keras.gradient_methods import build_gradient_method
-
         self.method_name = str(method)
         self.options = dict(options or {})
         self.rep_grad = bool(rep_grad)
@@ -486,27 +485,16 @@ WEIGHTINGS = {
 
 def weighting_names():
     """Every ``--weighting`` name: the loss weightings, then the gradient methods (sorted)."""
-    from mtl_keras.gradient_methods import GRADIENT_METHODS
-
     return list(WEIGHTINGS) + sorted(n for n in GRADIENT_METHODS if n not in WEIGHTINGS)
 
 
 def build_weighting(name, tasks, rep_grad=False, seed=0, options=None, **kwargs):
     """The weighting ``name`` for ``tasks``: a loss weighting of ``WEIGHTINGS`` (``kwargs`` are its arguments) or a
     gradient method of ``mtl_keras.gradient_methods`` (``options`` are its options)."""
-    from mtl_keras.gradient_methods import GRADIENT_METHODS
-
     if name in WEIGHTINGS:
         if rep_grad:
             raise ValueError(f"--rep_grad applies to gradient weightings; {name!r} weights the losses.")
         return WEIGHTINGS[name](tasks, **kwargs)
     if name in GRADIENT_METHODS:
         return GradientWeighting(tasks, method=name, rep_grad=rep_grad, seed=seed, options=options, **kwargs)
-    raise ValueError(f"Unknown weighting {name!r}. Valid: {', '.join(weighting_names())}.")
-
-
-def aggregate(name, gradients, **kwargs):
-    """``mtl_keras.gradient_methods.aggregate``: (K, P) per-task gradients -> the (P,) direction of method ``name``."""
-    from mtl_keras.gradient_methods import aggregate as _aggregate
-
-    return _aggregate(name, gradients, **kwargs)
+    raise ValueError(f"Unknown weighting {name!r}{renamed_hint(name)}. Valid: {', '.join(weighting_names())}.")

@@ -24,7 +24,8 @@ def test_weighting_cost_tabulates_every_row_relative_to_ew(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     measured = [(r["method"], r["rep_grad"]) for r in rows if "error" not in r]
-    assert measured == [("uncertainty", False), ("ew", False), ("pcgrad", False), ("ew", True), ("pcgrad", True)]
+    assert measured == [("uncertainty", False), ("equal", False), ("pcgrad", False), ("equal", True),
+                        ("pcgrad", True)]
     for row in rows:
         if "error" not in row:
             assert row["median_s"] > 0 and row["peak_growth_mib"] > 0, row

@@ -7,7 +7,7 @@ from keras import ops
 
 from mtl_keras.gradient_methods import GRADIENT_METHODS, aggregate, build_gradient_method
 
-METHODS = ["ew", "gls", "rlw", "stch", "famo"]
+METHODS = ["equal", "gls", "rlw", "stch", "famo"]
 # float64 inputs stay float64 except under JAX without jax_enable_x64, where they become float32
 FLOAT = keras.backend.standardize_dtype(ops.convert_to_tensor(np.zeros(1)).dtype)
 
@@ -42,14 +42,14 @@ def test_registered_with_truthful_flags():
         cls = GRADIENT_METHODS[name]
         assert cls.uses_gradients is False
         assert cls.gradient_samples == 1
-        assert cls.needs_losses == (name not in ("ew", "rlw"))
+        assert cls.needs_losses == (name not in ("equal", "rlw"))
         assert cls.needs_losses_after_step == (name == "famo")
 
 
 # ------------------------------------------------------------------------------------------------------- EW
 def test_ew_is_the_plain_sum():
     g = np.random.default_rng(0).normal(size=(3, 7))
-    d, w, s = details("ew", g)
+    d, w, s = details("equal", g)
     np.testing.assert_allclose(w, np.ones(3))
     np.testing.assert_allclose(d, g.sum(0), rtol=tol(1e-12))
     assert s == {} and d.dtype == FLOAT

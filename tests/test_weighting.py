@@ -132,6 +132,19 @@ def test_missing_task_loss_and_unknown_weighting_are_clear_errors():
         build_weighting("moco", ("semantic", "depth"), rep_grad=True)
 
 
+def test_equal_weighting_has_one_name_and_libmtl_ew_points_to_it():
+    from mtl_keras.gradient_methods import GRADIENT_METHODS, aggregate
+    from mtl_keras.weighting import weighting_names
+
+    assert weighting_names().count("equal") == 1 and "ew" not in weighting_names()
+    assert "ew" not in GRADIENT_METHODS
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(aggregate("equal", np.eye(2))), [1.0, 1.0])
+    with pytest.raises(ValueError, match="LibMTL's 'ew' is 'equal' here"):
+        build_weighting("ew", ("semantic", "depth"))
+    with pytest.raises(ValueError, match="LibMTL's 'ew' is 'equal' here"):
+        aggregate("ew", np.eye(2))
+
+
 @pytest.mark.parametrize("layer", [
     UncertaintyWeightingLayer(("semantic", "depth"), initial_log_variance={"depth": 2.0}, name="u"),
     FixedWeighting(("semantic", "instance"), task_weights={"semantic": 0.3, "instance": 0.7}),

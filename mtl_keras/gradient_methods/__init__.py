@@ -6,7 +6,7 @@ selected by ``--weighting NAME``); ``mtl_keras.training.MultiTaskTrainer`` compu
 
 Modules: ``base`` (interface, shared numerics, stateless randomness), ``projection`` (PCGrad, GradVac, GradDrop,
 CAGrad, Aligned-MTL, ConFIG), ``solvers`` (MGDA, Nash-MTL, IMTL, FairGrad, UPGrad, DualProj), ``stochastic``
-(GradNorm, MoCo, MoDo, SDMGrad, DB-MTL, ExcessMTL), ``loss_based`` (EW, GLS, RLW, STCH, FAMO).
+(GradNorm, MoCo, MoDo, SDMGrad, DB-MTL, ExcessMTL), ``loss_based`` (equal, GLS, RLW, STCH, FAMO).
 """
 
 import numpy as np
@@ -15,11 +15,20 @@ from keras import ops
 from mtl_keras.gradient_methods import loss_based, projection, solvers, stochastic  # noqa: F401 (registration)
 from mtl_keras.gradient_methods.base import GRADIENT_METHODS, GradientMethod, register_gradient_method  # noqa: F401
 
+# LibMTL's names that are spelled differently here: an unknown-name error points to ours.
+LIBMTL_NAMES = {"ew": "equal"}
+
+
+def renamed_hint(name):
+    """`` (LibMTL's 'ew' is 'equal' here)`` for a LibMTL name, else ``""``."""
+    return f" (LibMTL's {name!r} is {LIBMTL_NAMES[name]!r} here)" if name in LIBMTL_NAMES else ""
+
 
 def build_gradient_method(name, num_tasks, **options):
     """The registered method ``name`` for ``num_tasks`` tasks with ``options`` (its paper defaults otherwise)."""
     if name not in GRADIENT_METHODS:
-        raise ValueError(f"Unknown gradient weighting {name!r}. Valid: {', '.join(sorted(GRADIENT_METHODS))}.")
+        raise ValueError(f"Unknown gradient weighting {name!r}{renamed_hint(name)}. "
+                         f"Valid: {', '.join(sorted(GRADIENT_METHODS))}.")
     return GRADIENT_METHODS[name](num_tasks, **options)
 
 

@@ -5,14 +5,15 @@ Every method here sets ``uses_gradients = False`` and implements ``loss_weights(
 one backward pass of ``sum_k stop_gradient(w_k) L_k`` instead of K (the same direction, since ``d`` is linear in the
 task gradients).
 
-Methods: ``ew`` (equal weighting), ``gls`` (geometric loss strategy), ``rlw`` (random loss weighting), ``stch``
-(smooth Tchebycheff scalarisation) and ``famo`` (fast adaptive multitask optimisation).
+Methods: ``equal`` (equal weighting, LibMTL's EW), ``gls`` (geometric loss strategy), ``rlw`` (random loss
+weighting), ``stch`` (smooth Tchebycheff scalarisation) and ``famo`` (fast adaptive multitask optimisation).
 
 Not here: the loss weightings of :mod:`mtl_keras.weighting` that need more than ``(losses, state, step)``: uncertainty
 weighting (``"uncertainty"``, LibMTL's UW: it has trainable log-variances that the model's optimiser updates) and
 the epoch-statistics weightings DWA (``"dwa"``) and MT-UNet (``"mtunet"``), which update once per epoch through
-``WeightingEpochCallback``; they stay loss weightings there. ``"equal"`` there is ``ew`` here; ``"fixed"`` (constant
-user weights) has no counterpart here.
+``WeightingEpochCallback``; they stay loss weightings there. ``"equal"`` is the same sum in both tables: ``--weighting
+equal`` trains with the loss weighting, ``GradientWeighting(method="equal")`` through the gradient path (the baseline
+of ``benchmarks/weighting_cost.py``).
 
 Numerics: the weights are computed in the losses' dtype (at least float32); the state is kept in float32 and cast
 back. Losses are assumed non-negative, as in every paper here; a negative loss is clamped to zero before any
@@ -86,11 +87,11 @@ class EqualWeighting(_LossBasedMethod):
     """Equal weighting (EW): ``w_k = 1`` for every task, i.e. the plain sum of the task losses.
 
     The baseline of every multi-task paper; LibMTL's ``EW`` (whose docstring says ``1/T`` but whose code uses weights
-    of 1, as here). Identical to :class:`mtl_keras.weighting.EqualWeighting` (``--weighting equal``).
+    of 1, as here). The same sum as :class:`mtl_keras.weighting.EqualWeighting` (``--weighting equal``).
     No options, no state, no randomness.
     """
 
-    name = "ew"
+    name = "equal"
     defaults = {}
     uses_gradients = False
     needs_losses = False
