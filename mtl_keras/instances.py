@@ -54,6 +54,8 @@ import math
 import cv2
 import numpy as np
 
+from mtl_keras.labels import instance_train_ids
+
 METHODS = ("histogram", "optics")
 REFERENCE_AREA = 128 * 256
 
@@ -292,8 +294,6 @@ def cluster_votes(votes, shape, method="histogram", min_size=None, scale=None, *
 # ----------------------------------------------------------------------------------------------------------------
 
 def _default_instance_classes(num_classes):
-    from mtl_keras.labels import instance_train_ids
-
     if num_classes not in (7, 19):
         raise ValueError(f"Pass instance_classes for num_classes={num_classes} (defaults exist for 7 and 19).")
     return instance_train_ids(num_classes)
