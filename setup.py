@@ -59,6 +59,7 @@ setup(
         # The JAX and PyTorch backends, CPU builds: the backend tests and benchmarks (torch 2.13.0 is the CPU wheel
         # this project's machines carry; a newer torch from PyPI is a CUDA build of several GB).
         "backends": ["jax>=0.4.36", "torch==2.13.0"],
-        "test": ["pytest", "pytest-xdist", "tf2onnx", "onnxruntime", "jax>=0.4.36", "torch==2.13.0"],
+        "test": ["pytest", "pytest-xdist", "tf2onnx", "onnxruntime", "jax>=0.4.36", "torch==2.13.0",
+                 "import-linter"],  # the layer contract (.importlinter)
     },
 )
