@@ -21,7 +21,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ORDER = ("benchmarks", "toy_uncertainty", "init_robustness", "reproduce_kendall", "reproduce_mtunet")
 # What writes each fragment of the fixed order (shown for the missing ones).
-PRODUCERS = {"benchmarks": "python benchmarks/run_all.py"}
+PRODUCERS = {"benchmarks": "python benchmarks/run_all.py",
+             "toy_uncertainty": "python experiments/toy_uncertainty.py --write_docs"}
 
 _LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s]+)((?:\s+\"[^\"]*\")?\))")
 _HTML_SRC = re.compile(r"""(<(?:img|a)\b[^>]*?\b(?:src|href)=["'])([^"']+)(["'])""", re.IGNORECASE)

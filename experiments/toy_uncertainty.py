@@ -1,4 +1,5 @@
-"""Toy check of homoscedastic uncertainty weighting (seed 004, section 2.3 and Fig. 3).
+"""Toy check of homoscedastic uncertainty weighting (Mehta's reproduction report of Kendall et al., section 2.3
+and Fig. 3).
 
 Two regression targets of one input, with task-dependent Gaussian noise:
 
@@ -8,21 +9,25 @@ A network with one shared hidden layer and one linear head per target is trained
 ``mtl_keras.weighting.UncertaintyWeightingLayer`` on the two mean squared errors. In its regression form the layer
 adds ``0.5 exp(-s) MSE + s/2`` per task (``s = log sigma^2``): the Gaussian negative log likelihood, minimised at
 ``sigma^2 = MSE``, so the learned sigma is the noise standard deviation. Both sigmas start equal (1 or 5, i.e.
-``s0 = log sigma0^2``) and should end near (10, 1); the seed reports 9.95 and 0.95 from either start.
+``s0 = log sigma0^2``) and should end near (10, 1); the report finds 9.95 and 0.95 from either start.
 
-    python experiments/toy_uncertainty.py            # full: 500 epochs of mini-batches (the seed's epoch count)
-    python experiments/toy_uncertainty.py --quick    # full-batch Adam, a few seconds (run by the tests)
+    python experiments/toy_uncertainty.py               # full: 500 epochs of mini-batches (the report's epoch count)
+    python experiments/toy_uncertainty.py --quick       # full-batch Adam, a few seconds (run by the tests)
+    python experiments/toy_uncertainty.py --write_docs  # also refresh docs/results/toy_uncertainty.md (tracked)
 
-Where the seed is vague we chose (and the results fragment says so):
+The results fragment goes to ``--results_md`` (default ``OUTPUT_DIR/results.md``); the tracked docs fragment is
+written only with ``--write_docs``, so an experiment leaves the checkout clean.
 
-* x ~ N(0, 1) (the seed does not say; Gal's public Keras toy for the same paper draws x this way).
+Where the report is vague we chose (and the results fragment says so):
+
+* x ~ N(0, 1) (the report does not say; Gal's public Keras toy for the same paper draws x this way).
 * "2 layer neural network": one hidden ReLU layer (Fig. 3 caption: "a single hidden layer neural network") of
   ``--hidden`` units shared by both heads, each head one linear unit.
-* The seed's Eq. (3) writes the regulariser as ``log sigma^2`` next to ``1/(2 sigma^2) E``; taken literally its
+* The report's Eq. (3) writes the regulariser as ``log sigma^2`` next to ``1/(2 sigma^2) E``; taken literally its
   optimum is ``sigma^2 = MSE/2`` (sigma 7.07 and 0.71), which contradicts its own reported 9.95 / 0.95. Those numbers
   are what the Gaussian likelihood of its Eq. (1)-(2) gives: ``1/(2 sigma^2) MSE + log sigma``, i.e. our layer's
   regression form. We use that.
-* Optimiser: Adam (the seed names none). Full mode: batch 20, Adam's defaults (lr 1e-3, beta_2 0.999), 500 epochs
+* Optimiser: Adam (the report names none). Full mode: batch 20, Adam's defaults (lr 1e-3, beta_2 0.999), 500 epochs
   (25,000 steps). Quick mode: full batch, lr 0.05, beta_2 0.9, 300 steps. The lower beta_2 matters: starting from
   sigma 1, the first gradients of s for y1 are ~-80 (MSE ~164 against sigma^2 = 1); with beta_2 0.999 Adam's second
   moment remembers them for ~1000 steps and shrinks the later steps of s, so sigma_1 creeps up for hundreds of steps.
@@ -36,16 +41,18 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+DOCS_FRAGMENT = os.path.join("docs", "results", "toy_uncertainty.md")
 
 from absl import app, flags  # noqa: E402
 
-from mtl_keras import reproduction  # noqa: E402
+import reproduction  # noqa: E402  (experiments/reproduction.py)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_boolean("quick", False, "Full-batch Adam with a larger learning rate: a few seconds (for tests).")
 flags.DEFINE_list("initial_sigmas", ["1", "5"], "Initial sigma of both tasks, one run per value.")
-flags.DEFINE_integer("num_samples", 1000, "Training samples (the seed: 1000).")
+flags.DEFINE_integer("num_samples", 1000, "Training samples (the report: 1000).")
 flags.DEFINE_integer("hidden", 1024, "Units of the shared hidden layer.")
 flags.DEFINE_integer("epochs", None, "Epochs (default 500; quick: 300 full-batch steps).")
 flags.DEFINE_integer("batch_size", None, "Batch size (default 20; quick: all samples).")
@@ -53,11 +60,13 @@ flags.DEFINE_float("learning_rate", None, "Adam learning rate (default 1e-3; qui
 flags.DEFINE_float("beta_2", None, "Adam beta_2 (default 0.999; quick: 0.9).")
 flags.DEFINE_integer("seed", 0, "Random seed of the data and the network.")
 flags.DEFINE_string("output_dir", "runs/toy_uncertainty", "Where sigmas.json and sigmas.png are written.")
-flags.DEFINE_string("results_md", "docs/results/toy_uncertainty.md",
-                    "Markdown fragment to write (with a .png next to it); empty: none.")
+flags.DEFINE_string("results_md", "", "Markdown fragment to write (with a .png next to it); default: "
+                    "OUTPUT_DIR/results.md.")
+flags.DEFINE_boolean("write_docs", False, f"Write the fragment to the tracked {DOCS_FRAGMENT} instead (for "
+                     "docs/make_results.py).")
 
 TRUE_SIGMAS = (10.0, 1.0)
-PAPER_SIGMAS = (9.95, 0.95)  # seed 004, section 2.3, from either initialisation
+PAPER_SIGMAS = (9.95, 0.95)  # the reproduction report, section 2.3, from either initialisation
 SLOTS = {"y1": "instance", "y2": "depth"}  # toy target -> regression slot of the weighting layer
 TOLERANCE = 0.10  # done when every learned sigma is within 10% of the true noise std
 
@@ -163,12 +172,12 @@ def plot(histories, path, title):
 
 def write_markdown(path, png_name, command, settings, results, passed, timing):
     lines = [
-        "## Toy: learned task uncertainty recovers the noise (seed 004, section 2.3)",
+        "## Toy: learned task uncertainty recovers the noise (Mehta's reproduction report, section 2.3)",
         "",
         f"Command: `{command}`. It took {timing}.",
         "",
         "y1 = 2x + 8 + N(0, 10^2), y2 = 3x + 3 + N(0, 1^2), "
-        f"{settings['num_samples']} samples, x ~ N(0, 1) (the seed does not give the distribution of x; we chose "
+        f"{settings['num_samples']} samples, x ~ N(0, 1) (the report does not give the distribution of x; we chose "
         f"a standard normal). One shared hidden ReLU layer of {settings['hidden']} units, one linear head per target, "
         "trained on the two MSEs with `UncertaintyWeightingLayer` (regression form `0.5 exp(-s) MSE + s/2`, "
         "s = log sigma^2: the Gaussian likelihood, whose optimum is sigma = the residual std). "
@@ -193,8 +202,8 @@ def write_markdown(path, png_name, command, settings, results, passed, timing):
         f"particular noise draw ({noise['y1']:.3f} for y1, {noise['y2']:.3f} for y2), so the sigmas land a few "
         "percent off (10, 1), as the paper's 9.95 / 0.95 do.",
         "",
-        "Note on the seed's Eq. (3): it writes `1/(2 sigma^2) E + log sigma^2`; taken literally, its optimum is "
-        "sigma^2 = MSE/2 (sigma 7.07 and 0.71), which contradicts the seed's own 9.95 / 0.95. Those numbers are what "
+        "Note on the report's Eq. (3): it writes `1/(2 sigma^2) E + log sigma^2`; taken literally, its optimum is "
+        "sigma^2 = MSE/2 (sigma 7.07 and 0.71), which contradicts the report's own 9.95 / 0.95. Those numbers are what "
         "the Gaussian likelihood (`1/(2 sigma^2) E + log sigma`, our layer's form) gives, so that is what we train.",
         "",
         f"![sigma over epochs]({png_name})",
@@ -233,7 +242,7 @@ def run(quick=False, initial_sigmas=(1.0, 5.0), num_samples=1000, hidden=1024, e
     seconds = watch.elapsed()
     print(f"{'PASS' if passed else 'FAIL'}: every sigma within {TOLERANCE:.0%} of (10, 1) ({seconds:.0f} s)")
 
-    title = (f"seed 004 toy: learned sigma over epochs (Adam lr {settings['learning_rate']:g}, beta_2 "
+    title = (f"Reproduction report's toy: learned sigma over epochs (Adam lr {settings['learning_rate']:g}, beta_2 "
              f"{settings['beta_2']:g}, batch {settings['batch_size']}, seed {seed})")
     summary = {"settings": settings, "passed": passed, "seconds": seconds,
                "results": {str(k): v for k, v in results.items()},
@@ -244,13 +253,27 @@ def run(quick=False, initial_sigmas=(1.0, 5.0), num_samples=1000, hidden=1024, e
     return {"results": results, "passed": passed, "settings": settings, "seconds": seconds}
 
 
+def results_path(output_dir, results_md="", write_docs=False):
+    """Where the markdown fragment goes: the tracked docs fragment only with ``write_docs``, else ``results_md`` or
+    ``OUTPUT_DIR/results.md``."""
+    if write_docs and results_md:
+        raise ValueError(f"--write_docs writes {DOCS_FRAGMENT}; drop --results_md {results_md}.")
+    if write_docs:
+        return os.path.join(ROOT, DOCS_FRAGMENT)
+    return results_md or os.path.join(output_dir, "results.md")
+
+
 def main(argv):
     del argv
+    try:
+        results_md = results_path(FLAGS.output_dir, FLAGS.results_md, FLAGS.write_docs)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
     command = reproduction.command_line()
     outcome = run(quick=FLAGS.quick, initial_sigmas=[float(v) for v in FLAGS.initial_sigmas],
                   num_samples=FLAGS.num_samples, hidden=FLAGS.hidden, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
                   learning_rate=FLAGS.learning_rate, beta_2=FLAGS.beta_2, seed=FLAGS.seed,
-                  output_dir=FLAGS.output_dir, results_md=FLAGS.results_md, command=command)
+                  output_dir=FLAGS.output_dir, results_md=results_md, command=command)
     if not outcome["passed"]:
         sys.exit(1)
 

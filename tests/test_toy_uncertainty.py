@@ -1,11 +1,30 @@
-"""experiments/toy_uncertainty.py (seed 004, section 2.3): the learned sigmas recover the noise std (10 and 1) from
+"""experiments/toy_uncertainty.py (the reproduction report's toy, section 2.3): the learned sigmas recover the noise std (10 and 1) from
 both initialisations, in the script's quick form (full-batch Adam, a few seconds of training)."""
 
-from tests.helpers import run_quick_experiment
+import os
+
+import pytest
+
+from tests.helpers import load_script, run_quick_experiment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS_FRAGMENT = os.path.join(ROOT, "docs", "results", "toy_uncertainty.md")
+
+
+def test_results_go_where_the_user_points_and_into_docs_only_with_write_docs(tmp_path):
+    toy = load_script("experiments/toy_uncertainty.py", "toy_uncertainty_script")
+    out = str(tmp_path / "out")
+    assert toy.results_path(out) == os.path.join(out, "results.md")
+    assert toy.results_path(out, results_md=str(tmp_path / "r.md")) == str(tmp_path / "r.md")
+    assert toy.results_path(out, write_docs=True) == DOCS_FRAGMENT
+    with pytest.raises(ValueError, match="--write_docs writes"):
+        toy.results_path(out, results_md="r.md", write_docs=True)
 
 
 def test_quick_toy_recovers_the_noise_std_from_both_initialisations(tmp_path):
+    docs_before = open(DOCS_FRAGMENT).read() if os.path.exists(DOCS_FRAGMENT) else None
     summary, results_md = run_quick_experiment("toy_uncertainty.py", tmp_path, "sigmas.json", timeout=300)
+    assert (open(DOCS_FRAGMENT).read() if os.path.exists(DOCS_FRAGMENT) else None) == docs_before  # docs untouched
     assert summary["passed"]
     assert set(summary["results"]) == {"1.0", "5.0"}
     for sigma0, result in summary["results"].items():
