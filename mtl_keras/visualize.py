@@ -5,11 +5,14 @@ matplotlib's Agg canvas (plots); pyplot and the global matplotlib backend are ne
 to import in headless training jobs.
 """
 
+import json
 import os
 
 import cv2
 import numpy as np
 
+from mtl_keras import instances as inst
+from mtl_keras.labels import class_names as cityscapes_class_names
 from mtl_keras.tasks import TASKS
 
 # CityScapes colours of the 19 training ids (cityscapesscripts.helpers.labels, trainId 0..18).
@@ -206,8 +209,6 @@ def sigma2_history(metrics):
     when the run has none (e.g. equal or fixed weighting).
     """
     if isinstance(metrics, (str, os.PathLike)):
-        import json
-
         with open(metrics) as f:
             metrics = json.load(f)
     history = metrics.get("train_history") or {}
@@ -313,12 +314,7 @@ def default_class_names(num_classes):
     ``mtl_keras.labels.class_names(19)``) for up to 19 classes, ``"class N"`` otherwise."""
     num_classes = int(num_classes)
     if num_classes <= 19:
-        try:
-            from mtl_keras.labels import class_names
-
-            return list(class_names(19))[:num_classes]
-        except ImportError:  # cityscapesscripts missing: numbered names
-            pass
+        return list(cityscapes_class_names(19))[:num_classes]
     return [f"class {c}" for c in range(num_classes)]
 
 
@@ -388,32 +384,21 @@ def render_colorbar(height, vmax, cmap="magma", top=TITLE_HEIGHT):
     return out
 
 
-def render_prediction_panel(image, prediction, target=None, palette=None, class_names=None, cluster=True,
-                            instance_ids=None, instance_classes=None):
-    """The panel of :func:`save_prediction_panel` as a uint8 RGB array, without writing it."""
-    from mtl_keras import instances as inst
-
-    img = _image_to_uint8(image)
-    height, width = img.shape[:2]
-    prediction = {k: v for k, v in (prediction or {}).items() if v is not None}
-    target = {k: v for k, v in (target or {}).items() if v is not None} if target is not None else None
-    tasks = [t for t in TASKS if t in _PANEL_TASKS and (t in prediction or (target is not None and t in target))]
-
-    pred_sem = _semantic_labels(prediction["semantic"]) if "semantic" in prediction else None
-    true_sem = (_squeeze_channel(_unbatch(target["semantic"])) if target is not None and "semantic" in target
-                else None)
-    if palette is None:  # the logits' class count; 19 for label maps (whose last axis is the width)
+def _panel_palette(prediction, pred_sem, palette, class_names):
+    """The palette (default: one colour per logit, 19 for label maps) and legend names of a panel."""
+    if palette is None:
         logits = _unbatch(prediction["semantic"]) if pred_sem is not None else None
         num_classes = logits.shape[-1] if logits is not None and logits.ndim == 3 and logits.shape[-1] > 1 else 19
         palette = default_palette(num_classes)
     palette = np.asarray(palette, dtype=np.uint8)
-    if class_names is None:
-        class_names = default_class_names(len(palette))
+    return palette, default_class_names(len(palette)) if class_names is None else class_names
 
-    # Predicted instances: precomputed ids, or clustered from the predicted semantics and vectors.
+
+def _panel_instance_ids(prediction, target, cluster, instance_ids, instance_classes):
+    """(show the instances column, predicted ids renumbered after the true ones, true ids) of a panel."""
     pred_ids = None if instance_ids is None else _squeeze_channel(_unbatch(instance_ids)).astype(np.int64)
-    show_instances = pred_ids is not None or (cluster and "semantic" in prediction and "instance" in prediction)
-    if show_instances and pred_ids is None:
+    show = pred_ids is not None or (cluster and "semantic" in prediction and "instance" in prediction)
+    if show and pred_ids is None:
         semantic = _unbatch(prediction["semantic"])
         num_classes = semantic.shape[-1] if semantic.ndim == 3 and semantic.shape[-1] > 1 else None
         try:
@@ -422,43 +407,77 @@ def render_prediction_panel(image, prediction, target=None, palette=None, class_
         except ValueError:  # no default instance classes for this many classes: a placeholder tile
             pred_ids = None
     true_ids = None
-    instance_mask, depth_mask = TASKS["instance"].mask, TASKS["depth"].mask
-    if show_instances and target is not None and "instance" in target and instance_mask in target:
-        true_ids = inst.instance_ids_from_vectors(_unbatch(target["instance"]), _unbatch(target[instance_mask]))
+    mask_key = TASKS["instance"].mask
+    if show and target is not None and "instance" in target and mask_key in target:
+        true_ids = inst.instance_ids_from_vectors(_unbatch(target["instance"]), _unbatch(target[mask_key]))
     if pred_ids is not None:
         pred_ids = _match_instance_ids(pred_ids, true_ids)
+    return show, pred_ids, true_ids
 
-    # Shared scales so that prediction and ground truth are comparable.
+
+def _panel_scales(prediction, target):
+    """(depth vmax, vector vmax) shared by both rows: from the ground truth (depth: else from the prediction)."""
     depth_vmax = vector_vmax = None
     if target is not None and "depth" in target:
         d = _squeeze_channel(_unbatch(target["depth"])).astype(np.float64)
-        m = target.get(depth_mask)
-        valid = _valid_mask(d, None if m is None else _unbatch(m))
-        depth_vmax = _robust_max(d[valid])
+        m = target.get(TASKS["depth"].mask)
+        depth_vmax = _robust_max(d[_valid_mask(d, None if m is None else _unbatch(m))])
     elif "depth" in prediction:
         d = _squeeze_channel(_unbatch(prediction["depth"])).astype(np.float64)
         depth_vmax = _robust_max(d[_valid_mask(d, None)])
     if target is not None and "instance" in target:
         v = _unbatch(target["instance"]).astype(np.float64)
-        m = target.get(instance_mask)
+        m = target.get(TASKS["instance"].mask)
         valid = _valid_mask(v, None if m is None else _unbatch(m)).all(axis=-1)
         vector_vmax = _robust_max(np.hypot(v[..., 0], v[..., 1])[valid])
+    return depth_vmax, vector_vmax
 
-    def mask_of(task, source):
+
+def _task_tile_rgb(task, source, is_target, target, palette, depth_vmax, vector_vmax):
+    """The colour image of one task's tile, or None when ``source`` lacks the task."""
+    if task not in source:
+        return None
+
+    def mask_of(where):
         key = TASKS[task].mask
-        return _unbatch(source[key]) if key in source else None
+        return _unbatch(where[key]) if key in where else None
 
-    def render(task, source, is_target):
-        if task not in source:
-            return None
-        x = _unbatch(source[task])
-        if task == "semantic":
-            return semantic_to_color(_semantic_labels(x) if not is_target else _squeeze_channel(x), palette)
-        if task == "depth":
-            return depth_to_color(x, mask=mask_of(task, source) if is_target else None, vmax=depth_vmax)
-        # Predicted vectors are shown on the ground-truth instance pixels when those are known.
-        return instance_vectors_to_color(x, mask=mask_of(task, source if is_target else (target or {})),
-                                         max_magnitude=vector_vmax)
+    x = _unbatch(source[task])
+    if task == "semantic":
+        return semantic_to_color(_semantic_labels(x) if not is_target else _squeeze_channel(x), palette)
+    if task == "depth":
+        return depth_to_color(x, mask=mask_of(source) if is_target else None, vmax=depth_vmax)
+    # Predicted vectors are shown on the ground-truth instance pixels when those are known.
+    return instance_vectors_to_color(x, mask=mask_of(source if is_target else (target or {})),
+                                     max_magnitude=vector_vmax)
+
+
+def _add_colorbar_and_legend(panel, tasks, depth_vmax, label_maps, palette, class_names):
+    """The depth colour bar at the right (with a depth column) and the legend of the classes in ``label_maps``."""
+    if "depth" in tasks:
+        panel = np.concatenate([panel, render_colorbar(panel.shape[0], depth_vmax)], axis=1)
+    label_maps = [labels for labels in label_maps if labels is not None]
+    if label_maps:
+        present = {int(c) for labels in label_maps for c in np.unique(labels) if 0 <= c < len(palette)}
+        panel = np.concatenate([panel, render_legend(sorted(present), palette, class_names, panel.shape[1])], axis=0)
+    return panel
+
+
+def render_prediction_panel(image, prediction, target=None, palette=None, class_names=None, cluster=True,
+                            instance_ids=None, instance_classes=None):
+    """The panel of :func:`save_prediction_panel` as a uint8 RGB array, without writing it."""
+    img = _image_to_uint8(image)
+    height, width = img.shape[:2]
+    prediction = {k: v for k, v in (prediction or {}).items() if v is not None}
+    target = {k: v for k, v in (target or {}).items() if v is not None} if target is not None else None
+    tasks = [t for t in TASKS if t in _PANEL_TASKS and (t in prediction or (target is not None and t in target))]
+    pred_sem = _semantic_labels(prediction["semantic"]) if "semantic" in prediction else None
+    true_sem = (_squeeze_channel(_unbatch(target["semantic"])) if target is not None and "semantic" in target
+                else None)
+    palette, class_names = _panel_palette(prediction, pred_sem, palette, class_names)
+    show_instances, pred_ids, true_ids = _panel_instance_ids(prediction, target, cluster, instance_ids,
+                                                             instance_classes)
+    depth_vmax, vector_vmax = _panel_scales(prediction, target)
 
     def instances_tile(ids, side):
         if ids is None:
@@ -469,7 +488,8 @@ def render_prediction_panel(image, prediction, target=None, palette=None, class_
     def row(first, source, side, is_target):
         tiles = [first]
         for t in tasks:
-            tiles.append(_tile(render(t, source, is_target), f"{side} {TASKS[t].display_name}", height, width))
+            rgb = _task_tile_rgb(t, source, is_target, target, palette, depth_vmax, vector_vmax)
+            tiles.append(_tile(rgb, f"{side} {TASKS[t].display_name}", height, width))
             if t == "instance" and show_instances:
                 tiles.append(instances_tile(true_ids if is_target else pred_ids, side))
         if show_instances and "instance" not in tasks:  # precomputed ids without vectors
@@ -486,18 +506,8 @@ def render_prediction_panel(image, prediction, target=None, palette=None, class_
             overlay = cv2.addWeighted(img, 0.5, colour, 0.5, 0.0)
         first = _tile(overlay, "input + pred semantic" if pred_sem is not None else "input", height, width)
         rows.append(row(first, target, "true", True))
-    panel = np.concatenate(rows, axis=0)
-
-    if "depth" in tasks:
-        panel = np.concatenate([panel, render_colorbar(panel.shape[0], depth_vmax)], axis=1)
-    if pred_sem is not None or true_sem is not None:
-        present = set()
-        for labels in (pred_sem, true_sem):
-            if labels is not None:
-                present.update(int(c) for c in np.unique(labels) if 0 <= c < len(palette))
-        legend = render_legend(sorted(present), palette, class_names, panel.shape[1])
-        panel = np.concatenate([panel, legend], axis=0)
-    return panel
+    return _add_colorbar_and_legend(np.concatenate(rows, axis=0), tasks, depth_vmax, (pred_sem, true_sem), palette,
+                                    class_names)
 
 
 def save_prediction_panel(path, image, prediction, target=None, palette=None, class_names=None, cluster=True,
