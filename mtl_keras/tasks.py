@@ -89,7 +89,6 @@ TASKS = {task.name: task for task in (
 )}
 
 
-
 class _FieldView(Mapping):
     """``{task name: one field of its row}``, read from :data:`TASKS` at each access (a task added later shows)."""
 

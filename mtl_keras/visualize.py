@@ -12,15 +12,10 @@ import cv2
 import numpy as np
 
 from mtl_keras import instances as inst
-from mtl_keras.labels import class_names as cityscapes_class_names
+from mtl_keras.labels import class_colors, class_names as cityscapes_class_names
 from mtl_keras.tasks import TASKS
 
-# CityScapes colours of the 19 training ids (cityscapesscripts.helpers.labels, trainId 0..18).
-CITYSCAPES_PALETTE = np.array([
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0),
-    (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
-], dtype=np.uint8)
+CITYSCAPES_PALETTE = class_colors(19)  # the colours of the 19 training ids, from the label table
 
 
 def default_palette(num_classes):
@@ -190,12 +185,16 @@ def instances_to_color(instance_ids, image=None, alpha=0.6, contours=True):
     return out
 
 
-def save_rgb(path, rgb):
-    """Writes a uint8 RGB array as a PNG (creating folders); returns ``path``."""
-    rgb = np.asarray(rgb)
+def _make_parent(path):
     directory = os.path.dirname(os.fspath(path))
     if directory:
         os.makedirs(directory, exist_ok=True)
+
+
+def save_rgb(path, rgb):
+    """Writes a uint8 RGB array as a PNG (creating folders); returns ``path``."""
+    rgb = np.asarray(rgb)
+    _make_parent(path)
     if not cv2.imwrite(os.fspath(path), cv2.cvtColor(rgb.astype(np.uint8), cv2.COLOR_RGB2BGR)):
         raise OSError(f"Could not write {path}.")
     return path
@@ -218,9 +217,7 @@ def sigma2_history(metrics):
     return {k: [float("nan") if x is None else float(x) for x in v] for k, v in sorted(series.items())}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Panels
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------- Panels
 
 TITLE_HEIGHT = 20
 LEGEND_LINE_HEIGHT = 20  # one line of the class legend under the panel
@@ -512,52 +509,30 @@ def render_prediction_panel(image, prediction, target=None, palette=None, class_
 
 def save_prediction_panel(path, image, prediction, target=None, palette=None, class_names=None, cluster=True,
                           instance_ids=None, instance_classes=None):
-    """Writes one PNG comparing a prediction (and optionally its ground truth) for a single image.
+    """Writes one PNG comparing a prediction (and optionally its ground truth) for a single image; returns ``path``.
 
-    ``image``: (H, W, 3) float RGB 0..255 (or (1, H, W, 3)). ``prediction`` / ``target``: dicts of per-image arrays
-    (a leading batch axis of 1 is dropped) with any subset of ``"semantic"`` (logits (H,W,C) or labels (H,W)),
-    ``"instance"`` (H,W,2), ``"depth"`` (H,W,1), plus ``"instance_mask"`` / ``"depth_mask"`` in ``target``.
-    ``palette``: (C, 3) uint8 class colours (default :func:`default_palette` of the logits' C, else 19).
-    ``class_names``: legend names indexed by class id (default :func:`default_class_names`: the CityScapes
-    training-id names up to 19 classes, else ``"class N"``; ids beyond the list are also ``"class N"``).
+    ``image``: (H, W, 3) float RGB 0..255. ``prediction`` / ``target``: dicts of per-image arrays (a leading batch
+    axis of 1 is dropped) with any of ``"semantic"`` (logits or labels), ``"instance"``, ``"depth"``, and the
+    targets' masks. ``palette``: (C, 3) uint8 (default :func:`default_palette` of the logits' C, else 19);
+    ``class_names``: legend names by class id (default :func:`default_class_names`).
 
-    Layout: a grid of H x W tiles, each under a ``TITLE_HEIGHT``-pixel title strip. Columns: input, then per task
-    present in either dict, in this order: semantic, instance vectors, *instances*, inverse depth. Row 1 =
-    prediction; row 2 (if ``target``) = ground truth, whose first column is the input overlaid by the predicted
-    semantics. Depth and vector scales are shared between the rows (from the ground truth; without one, depth is
-    scaled by the prediction). A task missing on one side is a dark grey placeholder tile.
+    A grid of H x W tiles under ``TITLE_HEIGHT``-pixel titles: the input, then per task present on either side
+    (semantic, instance vectors, *instances*, inverse depth); row 1 the prediction, row 2 the ground truth, whose
+    first tile overlays the predicted semantics on the input. Depth and vector scales are shared by the rows (from
+    the ground truth when there is one); a task missing on one side is a dark grey placeholder.
 
-    The *instances* column is there when ``instance_ids`` ((H, W) ids, 0 = none) is given, or when ``cluster``
-    is true and the prediction has ``"semantic"`` and ``"instance"``: the ids of
-    :func:`mtl_keras.instances.cluster_instances` (``num_classes`` = the logits' C; ``instance_classes`` passed on;
-    without defaults for C a placeholder), drawn by :func:`instances_to_color` over the input, the count in the
-    title. Its ground-truth tile shows :func:`mtl_keras.instances.instance_ids_from_vectors` of the target's
-    ``"instance"`` and ``"instance_mask"`` (a placeholder without them); predicted instances are then renumbered
-    after the true instance they overlap most, so that matched objects have the same colour in both rows.
-
-    With a depth column, a colour-bar column (:func:`render_colorbar`, ``COLORBAR_WIDTH`` px, wider only if its
-    labels need it) follows the grid at the right edge: magma from 0 (bottom) to the shared ``vmax`` (top), running
-    from row ``TITLE_HEIGHT`` to the last grid row, labelled in px (inverse depth = disparity). With semantics on
-    either side, the class legend (:func:`render_legend`) follows under the whole width: one swatch and name per
-    class present in the predicted or true map (ignore / out-of-palette labels excluded), in class order, over as
-    many ``LEGEND_LINE_HEIGHT``-pixel lines as needed.
-
-    So the PNG is ``rows * (H + TITLE_HEIGHT) + legend_lines * LEGEND_LINE_HEIGHT`` high and
-    ``columns * W (+ colour-bar width)`` wide. Returns ``path``.
+    The *instances* column shows ``instance_ids`` or, with ``cluster``, the ids of
+    :func:`mtl_keras.instances.cluster_instances` (``instance_classes`` passed on), and under them the true
+    instances of the target's vectors; predicted instances are renumbered after the true one they overlap most, so
+    that matched objects share a colour. With depth, :func:`render_colorbar` follows at the right edge; with
+    semantics, :func:`render_legend` of the classes present follows under the grid.
     """
-    panel = render_prediction_panel(image, prediction, target, palette, class_names=class_names, cluster=cluster,
-                                    instance_ids=instance_ids, instance_classes=instance_classes)
-    directory = os.path.dirname(os.fspath(path))
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    if not cv2.imwrite(os.fspath(path), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"Could not write {path}.")
-    return path
+    return save_rgb(path, render_prediction_panel(image, prediction, target, palette, class_names=class_names,
+                                                  cluster=cluster, instance_ids=instance_ids,
+                                                  instance_classes=instance_classes))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Task-weight plots
-# ----------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------- Task-weight plots
 
 _SIGMA2, _WEIGHT = "_sigma2", "_weight"
 
@@ -656,17 +631,7 @@ def plot_task_weights(history, path, title=None, xlabel="epoch"):
     one axes otherwise; the legend outside, at the right. Returns ``path``.
     """
     fig = task_weights_figure(history, title=title, xlabel=xlabel)
-    directory = os.path.dirname(os.fspath(path))
-    if directory:
-        os.makedirs(directory, exist_ok=True)
+    _make_parent(path)
     fig.savefig(os.fspath(path), format="png")
     return path
 
-
-__all__ = [
-    "CITYSCAPES_PALETTE", "TITLE_HEIGHT", "LEGEND_LINE_HEIGHT", "LEGEND_SWATCH", "COLORBAR_WIDTH", "COLORBAR_MARGIN",
-    "COLORBAR_BAR", "default_palette", "default_class_names", "semantic_to_color", "depth_to_color",
-    "instance_vectors_to_color", "normals_to_color", "instance_colors", "instances_to_color", "save_rgb",
-    "sigma2_history", "render_legend", "render_colorbar", "render_prediction_panel", "save_prediction_panel",
-    "task_weights_figure", "plot_task_weights",
-]
