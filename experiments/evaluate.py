@@ -10,7 +10,7 @@
 ``.keras`` file (``keras.saving.load_model``, safe mode on), an exported SavedModel folder (the serving export of
 ``experiments/export.py`` and of a run's ``export/``, outputs ``semantic_logits``, ``instance_vectors``, ``depth``,
 ``normals``; also an older ``model.export`` with outputs named ``semantic``, ``instance``, ``depth``), or a preset
-name or preset folder (``mtl_keras.zoo.load_model``). For a file or a SavedModel, the ``config.json`` of the folder
+name or preset folder (``mtl_keras.presets.load_model``). For a file or a SavedModel, the ``config.json`` of the folder
 around it (e.g. ``runs/x`` for ``runs/x/export``), when there is one, supplies the data settings; flags override them.
 
 Tasks evaluated: ``--tasks``, else the run's (its ``config.json``), else those the dataset supplies. A task the model
@@ -194,7 +194,7 @@ def load_predictor(model_path):
 
     ``model_path``: a run folder (its ``model.keras``), a ``.keras`` file, a SavedModel folder (the serving export
     of ``mtl_keras.export``, or an older ``model.export`` with outputs named by task), or a preset name or preset
-    folder (``mtl_keras.zoo.load_model``)."""
+    folder (``mtl_keras.presets.load_model``)."""
     model_path = os.fspath(model_path)
     as_path = os.path.abspath(model_path)
     if os.path.isdir(as_path) and os.path.isfile(os.path.join(as_path, "saved_model.pb")):
@@ -236,7 +236,7 @@ def load_predictor(model_path):
     import mtl_keras  # noqa: F401  (registers the custom layers before deserialising)
 
     if keras_file is None:
-        from mtl_keras.zoo import load_model
+        from mtl_keras.presets import load_model
 
         try:
             model = load_model(model_path)
@@ -403,8 +403,8 @@ def run_evaluation(model_path, dataset=None, data_dir=None, split="val", image_s
     import numpy as np
 
     from mtl_keras import visualize as viz
-    from mtl_keras.data.datasets import load_dataset
-    from mtl_keras.labels import class_colors, class_names, label_lookup_table
+    from mtl_keras.data.datasets import class_table, dataset_entry, load_dataset
+    from mtl_keras.labels import label_lookup_table
     from mtl_keras.evaluation import TASKS, MultiTaskEvaluator, delta_m
     from mtl_keras.instances import InstanceQuality, cluster_instances, instance_ids_from_vectors
 
@@ -430,7 +430,7 @@ def run_evaluation(model_path, dataset=None, data_dir=None, split="val", image_s
                       batch_size=batch_size, num_classes=num_classes, tasks=tuple(eval_tasks), shuffle=False,
                       flip=False)
 
-    cityscapes_layout = settings["dataset"] in ("cityscapes", "synthetic")
+    cityscapes_layout = dataset_entry(settings["dataset"]).cityscapes_layout
     files = None
     if cityscapes_layout:
         from mtl_keras.data.cityscapes import list_cityscapes_files
@@ -440,17 +440,21 @@ def run_evaluation(model_path, dataset=None, data_dir=None, split="val", image_s
     if do_official and (not cityscapes_layout or num_classes not in (7, 19)):
         raise ValueError(f"--official needs a CityScapes-layout dataset (cityscapes, synthetic) with 7 or 19 "
                          f"classes, got {settings['dataset']} with {num_classes}.")
+    try:  # the dataset's class names, colours and instance classes (a model of another class count: numbered)
+        table = class_table(settings["dataset"], num_classes, settings["data_dir"])
+    except ValueError:
+        table = None
     do_instances = (clustering != "none" and "semantic" in probe and "instance" in probe
-                    and num_classes in (7, 19))
+                    and table is not None and bool(table.instance_ids))
     results_root = os.path.join(output_dir, "cityscapes_results")
     if do_official:
-        from mtl_keras import cityscapes_eval as ce
+        import cityscapes_eval as ce  # experiments/cityscapes_eval.py, beside this script
 
         shutil.rmtree(results_root, ignore_errors=True)
         sem_results, inst_results = os.path.join(results_root, "semantic"), os.path.join(results_root, "instance")
-    palette = class_colors(num_classes) if num_classes in (7, 19) else viz.default_palette(num_classes)
-    # Legend names: CityScapes (7, 19) or NYUv2 (13, 40) training ids; numbered names otherwise.
-    names = class_names(num_classes) if num_classes in (7, 13, 19, 40) else None
+    palette = table.colors if table is not None else viz.default_palette(num_classes)
+    # Legend names: the dataset's (mtl_keras.data.datasets.class_table); numbered names otherwise.
+    names = list(table.names) if table is not None else None
     lut = label_lookup_table(num_classes) if num_classes in (7, 19) else None
 
     evaluator = MultiTaskEvaluator(num_classes, eval_tasks)
@@ -474,6 +478,7 @@ def run_evaluation(model_path, dataset=None, data_dir=None, split="val", image_s
             if do_instances:
                 t0 = time.perf_counter()
                 instances = cluster_instances(preds["semantic"][i], preds["instance"][i], method=clustering,
+                                              instance_classes=list(table.instance_ids),
                                               num_classes=num_classes)
                 cluster_times.append(time.perf_counter() - t0)
                 if "instance" in targets:
@@ -506,8 +511,8 @@ def run_evaluation(model_path, dataset=None, data_dir=None, split="val", image_s
         "num_classes": num_classes, "tasks": list(eval_tasks), "clustering": clustering if do_instances else "none",
     }
     metrics.update(evaluator.result())
-    if num_classes in (7, 19) and "semantic_per_class_iou" in metrics:
-        metrics["semantic_per_class_iou_named"] = dict(zip(class_names(num_classes),
+    if names is not None and "semantic_per_class_iou" in metrics:
+        metrics["semantic_per_class_iou_named"] = dict(zip(names,
                                                            metrics["semantic_per_class_iou"]))
     if do_instances:
         metrics.update(quality.result())

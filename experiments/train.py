@@ -56,11 +56,12 @@ flags.DEFINE_string("model", _D.model, "Registered model name (mtl_keras.list_mo
 flags.DEFINE_string("backbone_weights", _D.backbone_weights, "The encoder's starting weights: 'imagenet' "
                     "(keras.applications' download) or a local keras.applications ResNet50/101 .h5 file; empty: "
                     "random (dilated ResNet-50/101 models).")
-flags.DEFINE_string("dataset", _D.dataset, "Dataset name (mtl_keras.data.datasets.DATASETS): synthetic, cityscapes, "
-                    "cityscapes_npy, nyuv2, nyuv2_npy.")
+flags.DEFINE_string("dataset", _D.dataset, "Dataset name: a key of mtl_keras.data.datasets.DATASETS (synthetic, "
+                    "cityscapes, folder, ...; each has its card datasets/NAME.md).")
 flags.DEFINE_string("data_dir", _D.data_dir, "Dataset root (default for synthetic: data/synthetic).")
 flags.DEFINE_list("tasks", list(_D.tasks), "Comma-separated tasks: semantic,instance,depth.")
-flags.DEFINE_integer("num_classes", _D.num_classes, "19 (trainIds) or 7 (categories) on CityScapes; 13 on NYUv2.")
+flags.DEFINE_integer("num_classes", _D.num_classes, "19 (trainIds) or 7 (categories) on CityScapes; 13 on NYUv2; "
+                     "folder: the classes of its classes file.")
 flags.DEFINE_enum("weighting", _D.weighting, weighting_names(), "Loss weighting: uncertainty, equal, fixed, dwa, "
                   "mtunet weight the losses; the others are gradient methods (mtl_keras.gradient_methods), which see "
                   "the per-task gradients of the shared parameters.")
@@ -109,7 +110,7 @@ flags.DEFINE_boolean("overwrite", _D.overwrite, "Replace a finished run in --out
                      "when the new run's training starts).")
 flags.DEFINE_integer("val_batches", _D.val_batches, "Validation batches to evaluate (0: all).")
 flags.DEFINE_boolean("export", _D.export, "Write a SavedModel to OUTPUT_DIR/export.")
-flags.DEFINE_string("publish", None, "After training, publish the run as a named model (mtl_keras.zoo.publish_run): "
+flags.DEFINE_string("publish", None, "After training, publish the run as a named model (mtl_keras.presets.publish_run): "
                     "NAME.weights.h5 (+ sha256) in --publish_weights_dir and the preset NAME.json (architecture, "
                     "metrics, training config) in models/ of a checkout (else $KERAS_HOME/mtl_keras/presets); then "
                     "mtl_keras.load_model(NAME) loads it.")
@@ -163,11 +164,12 @@ def config_from_flags():
 
 def main(argv):
     del argv
+    from mtl_keras.data.datasets import dataset_entry
     from mtl_keras.experiment import run_training
 
     config = config_from_flags()
     if FLAGS.publish:
-        from mtl_keras.zoo import publish_targets
+        from mtl_keras.presets import publish_targets
 
         publish_targets(FLAGS.publish, FLAGS.publish_weights_dir, FLAGS.publish_presets_dir,  # fail before training
                         overwrite=FLAGS.publish_overwrite)
@@ -183,11 +185,11 @@ def main(argv):
             print(f"  {key:24s} trained {val[key]:.4f}   untrained {untrained[key]:.4f}")
     print("  final task weights: " + ", ".join(f"{k}={v:.3g}" for k, v in results["final_task_weights"].items()))
     print(f"  weights digest {results['weights_digest']}")
-    if config.dataset in ("synthetic", "cityscapes") and "semantic" in val:
+    if dataset_entry(config.dataset).cityscapes_layout and "semantic" in val:
         print(f"  instance AP and the official scores: python experiments/evaluate.py --model_path "
               f"{config.output_dir} --official")
     if FLAGS.publish:
-        from mtl_keras.zoo import publish_run
+        from mtl_keras.presets import publish_run
 
         path = publish_run(config.output_dir, FLAGS.publish, weights_dir=FLAGS.publish_weights_dir,
                            presets_dir=FLAGS.publish_presets_dir,

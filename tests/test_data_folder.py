@@ -171,6 +171,14 @@ def test_two_training_steps_on_a_folder_dataset(tmp_path):
     results = run_training(config, verbose=0)
     assert results["steps"] == 2 and results["tasks"] == ["semantic", "instance", "depth"]
     assert {"semantic_miou", "instance_mean_error_px", "depth_mean_error_px"} <= set(results["val"])
+    # experiments/evaluate.py on the run: the folder's class names, its instance class clustered
+    from tests.helpers import evaluate_script
+
+    metrics = evaluate_script().run_evaluation(str(tmp_path / "run"), output_dir=str(tmp_path / "eval"),
+                                               batch_size=2, num_images=1)
+    assert metrics["dataset"] == "folder" and metrics["num_images"] == 2
+    assert list(metrics["semantic_per_class_iou_named"]) == ["ground", "wall", "car"]
+    assert metrics["clustering"] == "histogram"
 
 
 @pytest.mark.slow
