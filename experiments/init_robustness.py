@@ -1,8 +1,8 @@
 """Robustness of uncertainty weighting to the initial log sigma^2 (seed 001, Fig. 6).
 
-The real pipeline (``MultiTaskTrainer`` + ``UncertaintyWeightingLayer`` on a Kendall et al. DeepLabV3 model, the
-synthetic street scenes, three tasks) is trained once per initial ``log sigma^2`` in {-2, ..., 5} (every task starts
-at the same value), from the same network weights and on the same batches. ``log sigma^2`` of every task is
+One training run of ``mtl_keras.experiment`` (its prepare and build steps: a Kendall et al. DeepLabV3 model,
+uncertainty weighting, the synthetic street scenes, three tasks) is fitted once per initial ``log sigma^2`` in
+{-2, ..., 5} (every task starts at the same value), from the same network weights and on the same batches. ``log sigma^2`` of every task is
 recorded after every step; the run passes when, at its end, the values from all initialisations lie within
 ``--tolerance`` (0.1) of each other for every task.
 
@@ -47,11 +47,18 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from keras import ops  # noqa: E402
 
-from mtl_keras import reproduction  # noqa: E402
-
+from mtl_keras import experiment  # noqa: E402
+from mtl_keras.config import TrainConfig  # noqa: E402
+from mtl_keras.data.synthetic import generate_synthetic_cityscapes  # noqa: E402
 from mtl_keras.tasks import TASK_TYPES  # noqa: E402
+from mtl_keras.training import NO_WEIGHT_DECAY, WeightingHistory  # noqa: E402
+
+import reproduction  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("semantic", "instance", "depth")
@@ -62,7 +69,6 @@ QUICK_SCENES = 32
 # The slim model at a quarter of its width (the unit tests' structurally complete Kendall model): the full slim
 # model takes ~0.75 s a step at 64x128 on two shared CPU cores, too slow for 8 runs.
 NARROW_OVERRIDES = dict(backbone_width=8, aspp_channels=16, decoder_channels=16)
-WEIGHT_DECAY_EXCLUDED = ["log_variance", "gamma", "beta", "moving_", "bias"]  # as mtl_keras.training.kendall_sgd
 
 FLAGS = flags.FLAGS
 flags.DEFINE_boolean("quick", False, "Small images, a narrow model and few steps: a couple of minutes (tests).")
@@ -83,65 +89,67 @@ flags.DEFINE_string("results_md", "docs/results/init_robustness.md",
                     "Markdown fragment to write (with a .png next to it); empty: none.")
 
 
+class WarmupPolyDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """``learning_rate`` with a linear warm-up over ``warmup_steps``, then (1 - step/total)^power decay."""
+
+    def __init__(self, learning_rate, total_steps, warmup_steps=0, power=0.9):
+        self.learning_rate, self.total_steps = learning_rate, max(int(total_steps), 1)
+        self.warmup_steps, self.power = int(warmup_steps), power
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        decay = ops.power(ops.maximum(1.0 - step / self.total_steps, 0.0), self.power)
+        warmup = ops.minimum((step + 1.0) / max(self.warmup_steps, 1), 1.0) if self.warmup_steps else 1.0
+        return self.learning_rate * warmup * decay
+
+
+class SeparateRateSGD(keras.optimizers.SGD):
+    """SGD whose ``*log_variance`` variables step with a constant learning rate of their own."""
+
+    def __init__(self, variance_rate, **kwargs):
+        super().__init__(**kwargs)
+        self.variance_rate = float(variance_rate)
+        self._separate = set()
+
+    def build(self, variables):
+        super().build(variables)
+        self._separate = {self._var_key(v) for v in variables if "log_variance" in v.name}
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self.variance_rate and self._var_key(variable) in self._separate:
+            learning_rate = ops.cast(self.variance_rate, variable.dtype)
+        return super().update_step(gradient, variable, learning_rate)
+
+
 def make_optimizer(learning_rate, log_variance_learning_rate, total_steps, warmup_steps=0, momentum=0.9, power=0.9,
                    weight_decay=1e-4):
     """Seed 001's SGD (Nesterov, poly decay, decoupled weight decay as ``mtl_keras.training.kendall_sgd``) after a
     linear warm-up of ``warmup_steps``; the ``*log_variance`` variables step with the same rule at their own,
     constant ``log_variance_learning_rate`` (0: the network's scheduled rate)."""
-    import keras
-    from keras import ops
-
-    class WarmupPolyDecay(keras.optimizers.schedules.LearningRateSchedule):
-        def __call__(self, step):
-            step = ops.cast(step, "float32")
-            decay = ops.power(ops.maximum(1.0 - step / max(int(total_steps), 1), 0.0), power)
-            warmup = ops.minimum((step + 1.0) / max(int(warmup_steps), 1), 1.0) if warmup_steps else 1.0
-            return learning_rate * warmup * decay
-
-    class SeparateRateSGD(keras.optimizers.SGD):
-        """SGD whose ``*log_variance`` variables step with a constant learning rate of their own."""
-
-        def __init__(self, variance_rate, **kwargs):
-            super().__init__(**kwargs)
-            self.variance_rate = float(variance_rate)
-            self._separate = set()
-
-        def build(self, variables):
-            super().build(variables)
-            self._separate = {self._var_key(v) for v in variables if "log_variance" in v.name}
-
-        def update_step(self, gradient, variable, learning_rate):
-            if self.variance_rate and self._var_key(variable) in self._separate:
-                learning_rate = ops.cast(self.variance_rate, variable.dtype)
-            return super().update_step(gradient, variable, learning_rate)
-
-    optimizer = SeparateRateSGD(log_variance_learning_rate, learning_rate=WarmupPolyDecay(), momentum=momentum,
-                                nesterov=True, weight_decay=weight_decay)
-    optimizer.exclude_from_weight_decay(var_names=WEIGHT_DECAY_EXCLUDED)
+    optimizer = SeparateRateSGD(log_variance_learning_rate,
+                                learning_rate=WarmupPolyDecay(learning_rate, total_steps, warmup_steps, power),
+                                momentum=momentum, nesterov=True, weight_decay=weight_decay)
+    optimizer.exclude_from_weight_decay(var_names=NO_WEIGHT_DECAY)
     return optimizer
 
 
-def step_loss_recorder():
-    """A callback with ``losses[task]``: each step's task loss, recovered from the running epoch means in the logs."""
-    import keras
+class StepLosses(keras.callbacks.Callback):
+    """``losses[task]``: each step's task loss, recovered from the running epoch means in the logs."""
 
-    class StepLosses(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.losses = {t: [] for t in TASKS}
-            self._means = {t: 0.0 for t in TASKS}
+    def __init__(self):
+        super().__init__()
+        self.losses = {t: [] for t in TASKS}
+        self._means = {t: 0.0 for t in TASKS}
 
-        def on_epoch_begin(self, epoch, logs=None):
-            self._means = {t: 0.0 for t in TASKS}
+    def on_epoch_begin(self, epoch, logs=None):
+        self._means = {t: 0.0 for t in TASKS}
 
-        def on_train_batch_end(self, batch, logs=None):
-            n = batch + 1
-            for t in TASKS:
-                mean = float(logs[f"{t}_loss"])
-                self.losses[t].append(n * mean - (n - 1) * self._means[t])
-                self._means[t] = mean
-
-    return StepLosses()
+    def on_train_batch_end(self, batch, logs=None):
+        n = batch + 1
+        for t in TASKS:
+            mean = float(logs[f"{t}_loss"])
+            self.losses[t].append(n * mean - (n - 1) * self._means[t])
+            self._means[t] = mean
 
 
 def optimal_log_variance(task, loss):
@@ -151,52 +159,30 @@ def optimal_log_variance(task, loss):
 
 
 def prepare_data(quick, data_dir, output_dir, image_size):
-    from mtl_keras.config import TrainConfig
-    from mtl_keras.data import generate_synthetic_cityscapes
-    from mtl_keras.experiment import resolve_data_dir
-
+    """Quick: a small set at the training resolution in OUTPUT_DIR/data (generated in seconds, decoded fast; four
+    validation scenes, since the run opens its validation split). Otherwise data/synthetic, generated by the run
+    when absent."""
     if quick and not data_dir:
-        # A small set at the training resolution: generated in seconds, decoded fast.
-        height, width = (int(v) for v in image_size)
-        return generate_synthetic_cityscapes(os.path.join(output_dir, "data"), num_train=QUICK_SCENES, num_val=0,
+        height, width = image_size
+        return generate_synthetic_cityscapes(os.path.join(output_dir, "data"), num_train=QUICK_SCENES, num_val=4,
                                              height=height, width=width, seed=0)
-    return resolve_data_dir(TrainConfig(dataset="synthetic", data_dir=data_dir or os.path.join(REPO, "data",
-                                                                                             "synthetic")))
+    return data_dir or os.path.join(REPO, "data", "synthetic")
 
 
-def run(quick=False, steps=None, initial_log_variances=PAPER_INITS, image_size=None, batch_size=None,
-        learning_rate=2.5e-3, log_variance_learning_rate=0.05, warmup_steps=None, tolerance=0.1, data_dir="",
-        seed=0, output_dir="runs/init_robustness", results_md="", command="", narrow=True):
-    """Trains once per initial log sigma^2; returns the table, the spreads and whether the criterion holds."""
-    import keras
-    import numpy as np
+def train_config(data_dir, output_dir, steps, image_size, batch_size, seed, overrides):
+    """The run's settings: uncertainty weighting of the three tasks on the synthetic scenes; nothing is evaluated."""
+    return TrainConfig(model=MODEL, model_overrides=dict(overrides), tasks=TASKS, num_classes=19, dataset="synthetic",
+                       data_dir=data_dir, image_size=image_size, batch_size=batch_size, steps=steps,
+                       weighting="uncertainty", seed=seed, output_dir=output_dir, val_batches=1, num_sample_images=0,
+                       export=False)
 
-    from mtl_keras.data.datasets import load_dataset
-    from mtl_keras.registry import build_model
-    from mtl_keras.training import MultiTaskTrainer, WeightingHistory
-    from mtl_keras.weighting import UncertaintyWeightingLayer
 
-    watch = reproduction.Stopwatch()
-    steps = int(steps or (100 if quick else 400))
-    batch_size = int(batch_size or (4 if quick else 8))
-    image_size = tuple(int(v) for v in (image_size or ((32, 64) if quick else (64, 128))))
-    overrides = NARROW_OVERRIDES if narrow else {}
-    inits = [float(v) for v in initial_log_variances]
-    os.makedirs(output_dir, exist_ok=True)
-    data_dir = prepare_data(quick, data_dir, output_dir, image_size)
-    train_ds = load_dataset("synthetic", data_dir, "train", batch_size=batch_size, flip=True, repeat=True,
-                            cache=True, image_size=image_size, num_classes=19, tasks=TASKS, seed=seed)
-
-    keras.utils.set_random_seed(seed)
-    model = build_model(MODEL, tasks=TASKS, num_classes=19, input_shape=(*image_size, 3), **overrides)
-    weighting = UncertaintyWeightingLayer(TASKS, initial_log_variance=0.0)
-    trainer = MultiTaskTrainer(model, weighting)
-    warmup_steps = int(steps // 4 if warmup_steps is None else warmup_steps)
-    trainer.compile(optimizer=make_optimizer(learning_rate, log_variance_learning_rate, steps, warmup_steps))
+def train_from_each_init(run, inits):
+    """``run.trainer`` trained once per initial log sigma^2, each time from the same network weights, with a fresh
+    optimiser state (momenta and step counter: the learning-rate schedule restarts) and on the same batches.
+    Returns ({init: {task: log sigma^2 per step, task_loss: loss per step}}, {init: seconds})."""
+    trainer, weighting = run.trainer, run.weighting
     initial_weights = [np.array(v.numpy()) for v in trainer.weights]
-    print(f"{MODEL} {overrides or ''}: {model.count_params()} parameters; images {image_size}, batch {batch_size}, "
-          f"{steps} steps per init; data {data_dir}", flush=True)
-
     histories, run_seconds = {}, {}
     for s0 in inits:
         t0 = time.time()
@@ -204,18 +190,47 @@ def run(quick=False, steps=None, initial_log_variances=PAPER_INITS, image_size=N
             variable.assign(value)
         for variable in weighting.log_variances.values():
             variable.assign(s0)
-        for variable in trainer.optimizer.variables:  # momenta and the step counter (restarts the lr schedule)
+        for variable in trainer.optimizer.variables:
             variable.assign(np.zeros(variable.shape, variable.dtype))
-        recorder, loss_recorder = WeightingHistory(weighting), step_loss_recorder()
-        trainer.fit(train_ds, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[recorder, loss_recorder])
+        recorder, step_losses = WeightingHistory(weighting), StepLosses()
+        experiment.fit(run, callbacks=[recorder, step_losses], verbose=0)
         history = {t: [s0] + [math.log(v) for v in recorder.history[f"{t}_sigma2"]] for t in TASKS}
-        history.update({f"{t}_loss": loss_recorder.losses[t] for t in TASKS})
+        history.update({f"{t}_loss": step_losses.losses[t] for t in TASKS})
         if not all(np.isfinite(history[t]).all() for t in TASKS):
             raise FloatingPointError(f"log sigma^2 became non-finite from init {s0}.")
         histories[s0] = history
         run_seconds[s0] = time.time() - t0
         print(f"init {s0:+g}: final log sigma^2 " + ", ".join(f"{t} {history[t][-1]:+.3f}" for t in TASKS)
               + f" ({run_seconds[s0]:.0f} s)", flush=True)
+    return histories, run_seconds
+
+
+def run(quick=False, steps=None, initial_log_variances=PAPER_INITS, image_size=None, batch_size=None,
+        learning_rate=2.5e-3, log_variance_learning_rate=0.05, warmup_steps=None, tolerance=0.1, data_dir="",
+        seed=0, output_dir="runs/init_robustness", results_md="", command="", narrow=True):
+    """Trains once per initial log sigma^2; returns the table, the spreads and whether the criterion holds.
+
+    One run of ``mtl_keras.experiment`` (prepare, build, its training data) with this experiment's optimiser; its
+    ``fit`` step is repeated per initialisation: one network initialisation and one data order for all, and the
+    train step is traced once.
+    """
+    watch = reproduction.Stopwatch()
+    steps = int(steps or (100 if quick else 400))
+    batch_size = int(batch_size or (4 if quick else 8))
+    image_size = tuple(int(v) for v in (image_size or ((32, 64) if quick else (64, 128))))
+    overrides = NARROW_OVERRIDES if narrow else {}
+    inits = [float(v) for v in initial_log_variances]
+    warmup_steps = int(steps // 4 if warmup_steps is None else warmup_steps)
+    os.makedirs(output_dir, exist_ok=True)
+    data_dir = prepare_data(quick, data_dir, output_dir, image_size)
+    training = experiment.prepare(train_config(data_dir, output_dir, steps, image_size, batch_size, seed, overrides))
+    experiment.build(training, make_optimizer=lambda config, total_steps: make_optimizer(
+        learning_rate, log_variance_learning_rate, total_steps, warmup_steps))
+    training.train_ds = experiment.train_dataset(training)
+    model, data_dir = training.model, training.data_dir
+    print(f"{MODEL} {overrides or ''}: {model.count_params()} parameters; images {image_size}, batch {batch_size}, "
+          f"{steps} steps per init; data {data_dir}", flush=True)
+    histories, run_seconds = train_from_each_init(training, inits)
 
     curves = {t: np.array([histories[s0][t] for s0 in inits]) for t in TASKS}  # (inits, steps + 1)
     spread_curve = {t: curves[t].max(axis=0) - curves[t].min(axis=0) for t in TASKS}

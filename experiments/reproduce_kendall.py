@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from mtl_keras import reproduction  # noqa: E402
-from mtl_keras.reproduction import Metric, Variant  # noqa: E402
+import reproduction  # noqa: E402
+from reproduction import Metric, Variant  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET = os.path.join(ROOT, "experiments", "presets", "kendall_tiny_cityscapes.json")

@@ -24,8 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from mtl_keras import reproduction  # noqa: E402
-from mtl_keras.reproduction import Metric, Variant  # noqa: E402
+from mtl_keras.data.datasets import count_examples  # noqa: E402
+from mtl_keras.experiment import plan_steps, resolve_data_dir  # noqa: E402
+
+import reproduction  # noqa: E402
+from reproduction import Metric, Variant  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET_DIR = os.path.join(ROOT, "experiments", "presets")
@@ -110,9 +113,6 @@ def describe(config, data_dir):
 
 
 def adaptive_steps(config):
-    from mtl_keras.data.datasets import count_examples
-    from mtl_keras.experiment import plan_steps, resolve_data_dir
-
     epochs, steps_per_epoch = plan_steps(config, count_examples(config.dataset, resolve_data_dir(config), "train"))
     return (f"{epochs} epochs of {steps_per_epoch} steps here, so they adapt during the last "
             f"{max(epochs - 2, 0) * steps_per_epoch} steps")

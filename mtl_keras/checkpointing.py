@@ -14,7 +14,7 @@ import shutil
 import keras
 import numpy as np
 
-from mtl_keras.pretrained import file_sha256
+from mtl_keras.presets import file_sha256
 
 log = logging.getLogger("mtl_keras")
 
@@ -36,10 +36,9 @@ def _atomic_write_text(path, text):
 class EpochBackup(keras.callbacks.Callback):
     """Backs the whole trainer (model, loss weights, optimizer state) up to ``backup_dir`` after every epoch.
 
-    ``state.json`` also keeps what the run has recorded so far, so that a resumed run reports its whole history:
-    ``epoch_logs`` (every epoch's Keras logs, ``{name: [value per epoch]}``, seeded with the resumed epochs' values)
-    and the points of ``weighting_history`` (a :class:`mtl_keras.training.WeightingHistory`), both read back by
-    :func:`read_history`.
+    ``state.json`` also keeps what the run has recorded, so that a resumed run reports its whole history (read back by
+    :func:`read_history`): ``epoch_logs`` (``{name: [value per epoch]}``, seeded with the resumed epochs') and the
+    points of ``weighting_history`` (a ``mtl_keras.training.WeightingHistory``).
     """
 
     def __init__(self, backup_dir, keep=2, epoch_logs=None, weighting_history=None):
@@ -142,7 +141,7 @@ class DivergenceGuard(keras.callbacks.Callback):
 
     def __init__(self, backup_dir=None):
         super().__init__()
-        self.backup_dir = backup_dir
+        self.where = f" The last good state is kept in {backup_dir}." if backup_dir else ""
         self._epoch = 0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -154,19 +153,17 @@ class DivergenceGuard(keras.callbacks.Callback):
         # NaN. This runs before the epoch's backup is written (the guard comes first in the callback list).
         bad = [v.path for v in self.model.weights if not np.all(np.isfinite(keras.ops.convert_to_numpy(v)))]
         if bad:
-            where = f" The last good state is kept in {self.backup_dir}." if self.backup_dir else ""
             raise FloatingPointError(
                 f"Training diverged in epoch {epoch + 1}: non-finite weights ({len(bad)} variable(s), e.g. "
-                f"{', '.join(bad[:3])}) although the loss stayed finite.{where} Check the data for NaN/inf images, or "
+                f"{', '.join(bad[:3])}) although the loss stayed finite.{self.where} Check the data for NaN/inf images, or "
                 f"lower the learning rate.")
 
     def on_train_batch_end(self, batch, logs=None):
         bad = {k: v for k, v in (logs or {}).items() if k.endswith("loss") and not _finite(v)}
         if bad:
-            where = f" The last good state is kept in {self.backup_dir}." if self.backup_dir else ""
             raise FloatingPointError(
                 f"Training diverged at epoch {self._epoch + 1}, step {batch + 1}: non-finite "
-                f"{', '.join(f'{k}={v}' for k, v in bad.items())}.{where} Lower the learning rate, or check the "
+                f"{', '.join(f'{k}={v}' for k, v in bad.items())}.{self.where} Lower the learning rate, or check the "
                 f"data for NaN/inf targets outside their masks.")
 
 

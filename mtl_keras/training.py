@@ -1,6 +1,7 @@
-"""The training wrapper: an inference model plus a loss weighting, trained with ``model.fit``.
+"""The trainer (an inference model plus a loss weighting, trained with ``fit``), seed 001's optimiser and the run's
+callbacks.
 
-``MultiTaskTrainer(model, weighting).fit(ds)`` takes ``ds`` yielding ``(images, {task: target, ...})`` (masks
+``MultiTaskTrainer(model, weighting).fit(ds)`` takes ``(images, {task: target, ...})`` batches (plus the masks
 ``instance_mask`` and ``depth_mask`` where the data has invalid pixels). The inference model stays a separate object
 that takes images only: that is what is exported and served.
 """
@@ -14,6 +15,9 @@ from mtl_keras.tasks import IGNORE_LABEL, validate_tasks
 from mtl_keras.weighting import GradientWeighting, LossWeighting
 
 JACOBIAN_MODES = ("loop", "batched")
+# Variables seed 001's SGD does not decay: batch norm, biases and the loss weights (decaying log sigma^2 towards 0
+# would bias the learned task weights).
+NO_WEIGHT_DECAY = ["log_variance", "gamma", "beta", "moving_", "bias"]
 
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
@@ -158,25 +162,21 @@ class MultiTaskTrainer(keras.Model):
 def kendall_sgd(learning_rate=2.5e-3, total_steps=50_000, power=0.9, momentum=0.9, weight_decay=1e-4):
     """Seed 001's optimiser: SGD, Nesterov momentum 0.9, lr 2.5e-3 with (1 - step/total)^0.9 decay, wd 1e-4.
 
-    Keras applies ``weight_decay`` as ``w -= lr * wd * w`` (decoupled from the momentum, unlike PyTorch's L2 term);
-    batch-norm parameters and the loss weights are excluded from it, since decaying ``log sigma^2`` towards 0 would
-    bias the learned task weights.
+    Keras applies ``weight_decay`` as ``w -= lr * wd * w`` (decoupled from the momentum, unlike PyTorch's L2 term),
+    except on :data:`NO_WEIGHT_DECAY`.
     """
     schedule = keras.optimizers.schedules.PolynomialDecay(
         learning_rate, decay_steps=max(int(total_steps), 1), end_learning_rate=0.0, power=power)
     optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=momentum, nesterov=True,
                                      weight_decay=weight_decay)
-    optimizer.exclude_from_weight_decay(var_names=["log_variance", "gamma", "beta", "moving_", "bias"])
+    optimizer.exclude_from_weight_decay(var_names=NO_WEIGHT_DECAY)
     return optimizer
 
 
 class ResumableTensorBoard(keras.callbacks.TensorBoard):
-    """Keras' TensorBoard callback, whose per-batch summaries continue at ``initial_step`` + 1 in a resumed run.
-
-    Keras counts the batch steps from 0 in every ``fit`` call (``_global_train_batch``, reset in
-    ``on_train_begin``): a resumed run would write its steps over the interrupted run's. Epoch summaries already
-    follow ``initial_epoch``.
-    """
+    """Keras' TensorBoard callback, whose per-batch summaries continue at ``initial_step`` + 1 in a resumed run:
+    Keras counts them from 0 in every ``fit`` (``_global_train_batch``, reset in ``on_train_begin``), so a resumed run
+    would write over the interrupted run's steps. Epoch summaries already follow ``initial_epoch``."""
 
     def __init__(self, log_dir, initial_step=0, **kwargs):
         super().__init__(log_dir, **kwargs)
@@ -188,10 +188,8 @@ class ResumableTensorBoard(keras.callbacks.TensorBoard):
 
 
 class WeightingHistory(keras.callbacks.Callback):
-    """Records the weighting's ``log_values()`` (sigma^2 and effective weights) every ``every`` training steps.
-
-    ``history`` is ``{"step": [...], name: [...]}``; it feeds the sigma^2 plot.
-    """
+    """Records the weighting's ``log_values()`` (sigma^2, effective weights) every ``every`` training steps:
+    ``history`` is ``{"step": [...], name: [...]}``, the points of the sigma^2 plot."""
 
     def __init__(self, weighting, every=1):
         super().__init__()

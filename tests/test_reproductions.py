@@ -1,5 +1,5 @@
 """experiments/reproduce_kendall.py and reproduce_mtunet.py end to end in a CI-sized form (two variants, two steps,
-a 16 + 8 image synthetic set), and the table helpers of mtl_keras/reproduction.py."""
+a 16 + 8 image synthetic set), and the table helpers of experiments/reproduction.py."""
 
 import json
 import math
@@ -9,9 +9,11 @@ import sys
 
 import pytest
 
-from mtl_keras import reproduction
 from mtl_keras.config import TrainConfig
-from mtl_keras.reproduction import Metric, Variant
+from tests.helpers import load_script
+
+reproduction = load_script("experiments/reproduction.py", "reproduction")
+Metric, Variant = reproduction.Metric, reproduction.Variant
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

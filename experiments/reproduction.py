@@ -1,15 +1,12 @@
-"""Reproduction tables: train a list of named ``TrainConfig`` variants, collect their validation metrics and write a
-markdown table with a paper's numbers beside ours.
+"""Reproduction tables (used by ``reproduce_kendall.py`` and ``reproduce_mtunet.py`` beside it): train a list of
+named ``TrainConfig`` variants, collect their validation metrics and write a markdown table with a paper's numbers
+beside ours. A script declares its ``Variant`` rows (config overrides plus the paper's numbers, as printed) and its
+``Metric`` columns, then calls :func:`main`.
 
-Used by ``experiments/reproduce_kendall.py`` (seed 001's Tiny CityScapes table) and
-``experiments/reproduce_mtunet.py`` (seed 003's tables). A script declares its ``Variant`` rows (the config
-overrides plus the paper's numbers, as printed) and its ``Metric`` columns, then calls :func:`run_variants`,
-:func:`results_table` and :func:`write_fragment`.
-
-Each variant trains in ``OUTPUT_DIR/runs/NAME`` through :func:`mtl_keras.experiment.run_training`, one after the
-other in this process. A variant whose folder already holds a finished run of the same config is reused, and an
-unfinished one resumes from its backup (``run_training``'s own resume), so a multi-day full-schedule table can be
-stopped and started again; ``rerun=True`` starts every selected variant afresh.
+Each variant is one :func:`mtl_keras.experiment.run_training` in ``OUTPUT_DIR/runs/NAME``, one after the other in
+this process. A variant whose folder holds a finished run of the same config is reused, and an unfinished one
+resumes from its backup (the run's own resume), so a multi-day table can be stopped and started again; ``rerun=True``
+starts every selected variant afresh. ``init_robustness.py`` and ``toy_uncertainty.py`` use the report helpers.
 """
 
 import dataclasses
@@ -24,6 +21,10 @@ import subprocess
 import sys
 import time
 
+import keras
+from absl import flags
+
+from mtl_keras import experiment
 from mtl_keras.config import TrainConfig
 
 log = logging.getLogger("mtl_keras")
@@ -129,10 +130,6 @@ def run_variants(base, variants, output_dir, rerun=False, verbose=0, on_record=N
 
     ``on_record(records)`` is called after each variant (e.g. to save partial results).
     """
-    import keras
-
-    from mtl_keras.experiment import run_training
-
     records = []
     for i, variant in enumerate(variants, start=1):
         config = variant_config(base, variant, output_dir)
@@ -149,7 +146,7 @@ def run_variants(base, variants, output_dir, rerun=False, verbose=0, on_record=N
                  ",".join(config.tasks), config.weighting, " - reusing the finished run" if reused else "")
         if not reused:
             keras.utils.clear_session(free_memory=True)
-            results = run_training(config, verbose=verbose)
+            results = experiment.run_training(config, verbose=verbose)
         record = {
             "name": variant.name,
             "label": variant.label,
@@ -396,10 +393,8 @@ def run_and_report(*, name, heading, paper, config, variants, metrics, output_di
     ``OUTPUT_DIR/NAME.json`` (after every variant) and the markdown fragment (to ``markdown`` and
     ``OUTPUT_DIR/NAME.md``). ``describe(config, data_dir)`` gives the set-up paragraph, ``remarks(config,
     records)`` the script's own remarks (the ranking remarks are added here). Returns (records, table)."""
-    from mtl_keras.experiment import resolve_data_dir
-
     watch = watch or Stopwatch()
-    data_dir = resolve_data_dir(config)  # generates the synthetic set once, before the first variant's clock
+    data_dir = experiment.resolve_data_dir(config)  # generates the synthetic set once, before the first variant's clock
     command = command_line()
     results_path = os.path.join(output_dir, f"{name}.json")
 
@@ -443,8 +438,6 @@ def run_and_report(*, name, heading, paper, config, variants, metrics, output_di
 # ------------------------------------------------------------------------------------------ the scripts' common parts
 def define_flags(name, variant_names, quick_help, datasets, dataset_help):
     """The absl flags every reproduction script takes (``experiments/NAME.py``)."""
-    from absl import flags
-
     flags.DEFINE_boolean("quick", False, quick_help)
     flags.DEFINE_enum("dataset", "synthetic", list(datasets), dataset_help)
     flags.DEFINE_string("data_dir", "", f"Dataset root. Default: {QUICK_DATA_DIR} with --quick (generated once), "
