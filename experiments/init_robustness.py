@@ -8,6 +8,10 @@ recorded after every step; the run passes when, at its end, the values from all 
 
     python experiments/init_robustness.py            # 400 steps per init at 64x128 (~10 min on 2 CPU cores)
     python experiments/init_robustness.py --quick    # 100 steps per init at 32x64 (~1 min; run by the tests)
+    python experiments/init_robustness.py --write_docs   # also refresh docs/results/init_robustness.md (tracked)
+
+The results fragment goes to ``--results_md`` (default ``OUTPUT_DIR/results.md``), the tracked docs fragment only
+with ``--write_docs``.
 
 Besides the spread, each run's final ``s`` is compared with the optimum for its own network's losses (``log 2L``
 for semantic, ``log L`` for the regression tasks, L the mean loss of the last 10 steps): that gap says whether ``s``
@@ -61,6 +65,7 @@ from mtl_keras.training import NO_WEIGHT_DECAY, WeightingHistory  # noqa: E402
 import reproduction  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAME = "init_robustness"
 TASKS = ("semantic", "instance", "depth")
 PAPER_INITS = (-2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0)
 MODEL = "kendall_deeplabv3_resnet26_slim"
@@ -85,8 +90,10 @@ flags.DEFINE_float("tolerance", 0.1, "Pass when every task's final log sigma^2 s
 flags.DEFINE_string("data_dir", "", "Synthetic data folder (default: data/synthetic; quick: OUTPUT_DIR/data).")
 flags.DEFINE_integer("seed", 0, "Seed of the network initialisation and the data order.")
 flags.DEFINE_string("output_dir", "runs/init_robustness", "Where log_variances.json and .png are written.")
-flags.DEFINE_string("results_md", "docs/results/init_robustness.md",
-                    "Markdown fragment to write (with a .png next to it); empty: none.")
+flags.DEFINE_string("results_md", "", "Markdown fragment to write (with a .png next to it); default: "
+                    "OUTPUT_DIR/results.md.")
+flags.DEFINE_boolean("write_docs", False, f"Write the fragment to the tracked {reproduction.docs_fragment(NAME)} "
+                     "instead (for docs/make_results.py).")
 
 
 class WarmupPolyDecay(keras.optimizers.schedules.LearningRateSchedule):
@@ -413,12 +420,14 @@ def write_markdown(path, png_name, command, settings, inits, final, spread, sett
 def main(argv):
     del argv
     command = reproduction.command_line()
+    results_md = (reproduction.fragment_path(NAME, FLAGS.results_md, FLAGS.write_docs)
+                  or os.path.join(FLAGS.output_dir, "results.md"))
     outcome = run(quick=FLAGS.quick, steps=FLAGS.steps, initial_log_variances=FLAGS.initial_log_variances,
                   image_size=FLAGS.image_size, batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
                   log_variance_learning_rate=FLAGS.log_variance_learning_rate,
                   warmup_steps=FLAGS.warmup_steps, tolerance=FLAGS.tolerance,
                   data_dir=FLAGS.data_dir, seed=FLAGS.seed, output_dir=FLAGS.output_dir,
-                  results_md=FLAGS.results_md, command=command, narrow=FLAGS.narrow)
+                  results_md=results_md, command=command, narrow=FLAGS.narrow)
     if not outcome["passed"] and not FLAGS.quick:
         sys.exit(1)
 

@@ -11,6 +11,8 @@ Full mode (no --quick) trains every variant with experiments/presets/kendall_tin
 ResNet-101 model, 128x256 images with 256x256 crops, SGD lr 2.5e-3, 50,000 steps, batch 8 (days per variant on one
 GPU). Runs go to OUTPUT_DIR/runs/VARIANT; a finished run of the same config is reused and an interrupted one resumes,
 so the table can be built over several sessions (--rerun starts afresh).
+The table goes to OUTPUT_DIR/reproduce_kendall.md (and --markdown); --write_docs also refreshes the tracked
+docs/results/reproduce_kendall.md.
 """
 
 import os

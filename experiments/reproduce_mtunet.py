@@ -11,6 +11,8 @@ Full mode (no --quick) uses experiments/presets/mtunet_cityscapes_7.json (with n
 row, i.e. mtunet_cityscapes_19.json; mtunet_nyuv2_13.json with --dataset nyuv2_npy / nyuv2): the full-width
 model, 128x256 images, Adam lr 1e-4, 200 epochs, batch 8 (2 on NYUv2). Runs go to OUTPUT_DIR/runs/VARIANT; a
 finished run of the same config is reused and an interrupted one resumes (--rerun starts afresh).
+The table goes to OUTPUT_DIR/reproduce_mtunet.md (and --markdown); --write_docs also refreshes the tracked
+docs/results/reproduce_mtunet.md.
 
 The paper's W1 weighs the depth loss and W2 the segmentation loss (Eq. 2-5); with W1 = 0.3, W2 = 0.7 "the depth
 estimation task is assigned lower priority". Our tasks are ordered (semantic, depth), so that case is

@@ -344,6 +344,19 @@ def save_experiment(output_dir, stem, summary, plot, results_md="", write_markdo
         write_markdown(results_md, os.path.basename(copy))
 
 
+def docs_fragment(name):
+    return os.path.join("docs", "results", f"{name}.md")
+
+
+def fragment_path(name, path="", write_docs=False):
+    """Where a script's markdown fragment goes: ``path`` (the user's), or the tracked ``docs/results/NAME.md`` only
+    with ``write_docs``; "" for neither."""
+    if write_docs and path:
+        raise ValueError(f"--write_docs writes {docs_fragment(name)}; drop --results_md / --markdown {path}.")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(root, docs_fragment(name)) if write_docs else path
+
+
 def write_fragment(path, heading, paragraphs, table, remarks):
     """A markdown fragment for docs/results: ``## heading``, paragraphs, the table and a bulleted list of remarks."""
     if not heading.startswith("## "):
@@ -450,8 +463,10 @@ def define_flags(name, variant_names, quick_help, datasets, dataset_help):
                          "Synthetic training images when the set is generated (0: the mode's).")
     flags.DEFINE_integer("synthetic_num_val", 0, "Synthetic validation images when the set is generated (0: the mode's).")
     flags.DEFINE_string("output_dir", "", f"Runs and the JSON of results (default runs/{name}[_quick]).")
-    flags.DEFINE_string("markdown", os.path.join("docs", "results", f"{name}.md"),
-                        "Where to write the markdown fragment (a copy goes to --output_dir too).")
+    flags.DEFINE_string("markdown", "", "Where else to write the markdown fragment (it always goes to "
+                        "OUTPUT_DIR/NAME.md).")
+    flags.DEFINE_boolean("write_docs", False, f"Also write the fragment to the tracked {docs_fragment(name)} (for "
+                         "docs/make_results.py); without it the checkout is left as it was.")
     flags.DEFINE_boolean("rerun", False, "Train every selected variant afresh (default: reuse finished runs of the "
                          "same config, resume unfinished ones).")
     flags.DEFINE_integer("verbose", 0, "Keras fit verbosity (0 silent, 1 progress bar, 2 one line per epoch).")
@@ -491,6 +506,7 @@ def main(flag_values, *, name, heading, paper, config, variants, metrics, descri
         print_plan(config, variants, output_dir)
         return None
     return run_and_report(name=name, heading=heading, paper=paper, config=config, variants=variants,
-                          metrics=metrics, output_dir=output_dir, markdown=flag_values.markdown,
+                          metrics=metrics, output_dir=output_dir,
+                          markdown=fragment_path(name, flag_values.markdown, flag_values.write_docs),
                           quick=flag_values.quick, rerun=flag_values.rerun, verbose=flag_values.verbose,
                           describe=describe, remarks=remarks, watch=watch)

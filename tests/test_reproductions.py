@@ -244,3 +244,11 @@ def test_write_fragment_and_duration(tmp_path):
     assert reproduction.format_duration(3725) == "1 h 02 min"
     assert reproduction.command_line([os.path.join(ROOT, "experiments", "x.py"), "--a=b c"]) == \
         "python experiments/x.py '--a=b c'"
+
+
+def test_fragments_go_where_the_user_points_and_into_docs_only_with_write_docs():
+    assert reproduction.fragment_path("x") == ""  # the scripts' own OUTPUT_DIR copy only
+    assert reproduction.fragment_path("x", "/tmp/a.md") == "/tmp/a.md"
+    assert reproduction.fragment_path("x", write_docs=True) == os.path.join(ROOT, "docs", "results", "x.md")
+    with pytest.raises(ValueError, match="--write_docs writes"):
+        reproduction.fragment_path("x", "a.md", write_docs=True)
