@@ -43,20 +43,17 @@ def replicas_in_sync():
     return 1 if ctx is None else ctx.num_replicas_in_sync
 
 
-def cross_replica_sum(x):
+def _all_reduce(x, op):
     ctx = _replica_context()
-    if ctx is None:
-        return x
-    tf = _tf()
-    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, x)
+    return x if ctx is None else ctx.all_reduce(getattr(_tf().distribute.ReduceOp, op), x)
+
+
+def cross_replica_sum(x):
+    return _all_reduce(x, "SUM")
 
 
 def cross_replica_mean(x):
-    ctx = _replica_context()
-    if ctx is None:
-        return x
-    tf = _tf()
-    return ctx.all_reduce(tf.distribute.ReduceOp.MEAN, x)
+    return _all_reduce(x, "MEAN")
 
 
 def configure_cpu_replicas(count):

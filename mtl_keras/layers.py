@@ -69,8 +69,8 @@ class Normalization(keras.layers.Normalization):
     """``keras.layers.Normalization`` with given mean and variance, exact in float64 on every backend.
 
     Keras' torch backend rounds ``maximum(float64 tensor, epsilon)``, the guard against a zero variance in Keras'
-    ``call``, to float32; the given (ImageNet) variances are positive, so no guard is needed here. The class keeps Keras' name, so
-    weight files key this layer as before (``layers/normalization``; see ``BatchNormalization``).
+    ``call``, to float32; the given (ImageNet) variances are positive, so no guard is needed here. The class keeps
+    Keras' name, so that weight files key this layer as Keras' own (``layers/normalization``).
     """
 
     def call(self, inputs):
@@ -116,8 +116,8 @@ class AtrousConv2D(keras.layers.Conv2D):
     TensorFlow's CPU kernels have the dilated backward pass for float32 only, and only with oneDNN (on by default
     on AVX-512 VNNI/AMX CPUs; ``import mtl_keras`` turns it on elsewhere, see ``mtl_keras.platform``): where it is
     off, the forward pass stays native and :func:`dilated_conv2d_tap_gradients` supplies the gradients. Other dtypes
-    take the fast path only where a GPU is present. Same weights and config as Conv2D, so checkpoints and ImageNet weights
-    load by layer name either way.
+    take the fast path only where a GPU is present. Same weights and config as Conv2D, so checkpoints and ImageNet
+    weights load by layer name either way.
     """
 
     def _native_dilation_available(self):
@@ -244,7 +244,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
     use_fused_kernel = True
 
     def _fused_available(self, inputs, mask):
-        if not self.use_fused_kernel or keras.config.backend() != "tensorflow" or mask is not None or self.renorm or self.synchronized:
+        if (not self.use_fused_kernel or keras.config.backend() != "tensorflow" or mask is not None or self.renorm
+                or self.synchronized):
             return False
         if len(inputs.shape) != 4 or self.axis not in (-1, 3) or inputs.shape[-1] is None:
             return False

@@ -101,6 +101,18 @@ class GradientMethod:
 
 
 # -------------------------------------------------------------------------------------------- shared numerics
+def dtype_name(x):
+    """The standard name ("float32", ...) of a tensor's dtype."""
+    return keras.backend.standardize_dtype(x.dtype)
+
+
+def safe_divide(numerator, denominator):
+    """``numerator / denominator`` where the denominator is positive, else 0 (no inf/NaN for zero gradients)."""
+    positive = denominator > 0
+    return ops.where(positive, numerator / ops.where(positive, denominator, ops.ones_like(denominator)),
+                     ops.zeros_like(numerator))
+
+
 def gram(gradients):
     """``G G^T``, the (K, K) inner products of the task gradients."""
     return ops.matmul(gradients, ops.transpose(gradients))

@@ -17,12 +17,11 @@ Numerics: everything is computed in the gradients' dtype; GradVac's state is kep
 division is guarded, so zero gradients give a finite (normally zero) direction.
 """
 
-import keras
 import numpy as np
 from keras import ops
 
-from mtl_keras.gradient_methods.base import (GradientMethod, gram, register_gradient_method, stateless_permutation,
-                                             stateless_uniform)
+from mtl_keras.gradient_methods.base import (GradientMethod, dtype_name, gram, register_gradient_method, safe_divide,
+                                             stateless_permutation, stateless_uniform)
 
 # The eigenvalue cut-off of Aligned-MTL's official code (and LibMTL's): lambda > lambda_max * K * eps, with the eps of
 # float32 (``torch.finfo()``) whatever the gradients' dtype; also used for ConFIG's pseudo-inverse (see there).
@@ -31,23 +30,12 @@ _FLOAT32_EPS = float(np.finfo(np.float32).eps)
 _TINY = 1e-30
 
 
-def _dtype(x):
-    return keras.backend.standardize_dtype(x.dtype)
-
-
-def _safe_divide(numerator, denominator):
-    """``numerator / denominator`` where the denominator is positive, else 0."""
-    positive = denominator > 0
-    return ops.where(positive, numerator / ops.where(positive, denominator, ops.ones_like(denominator)),
-                     ops.zeros_like(numerator))
-
-
 def _check_gradients(method, gradients):
     gradients = ops.convert_to_tensor(gradients)
     if len(gradients.shape) != 2 or gradients.shape[0] != method.num_tasks:
         raise ValueError(f"Weighting {method.name!r} was built for {method.num_tasks} tasks and takes (K, P) "
                          f"gradients, got shape {tuple(gradients.shape)}.")
-    if _dtype(gradients) not in ("float16", "bfloat16", "float32", "float64"):
+    if dtype_name(gradients) not in ("float16", "bfloat16", "float32", "float64"):
         gradients = ops.cast(gradients, "float32")
     return gradients
 
@@ -84,7 +72,7 @@ def pcgrad_weights(gram_matrix, orders):
             inner = ops.take(ops.matmul(m, c), j)
             norm_sq = ops.take(diagonal, j)
             conflict = ops.logical_and(ops.logical_and(inner < 0, j != i), norm_sq > 0)
-            coefficient = ops.where(conflict, _safe_divide(inner, norm_sq), ops.zeros_like(inner))
+            coefficient = ops.where(conflict, safe_divide(inner, norm_sq), ops.zeros_like(inner))
             return c - coefficient * ops.take(eye, j, axis=0)
 
         return total + ops.fori_loop(0, k, project, ops.take(eye, i, axis=0))
@@ -154,11 +142,11 @@ def gradvac_weights(gram_matrix, targets, orders, beta):
             mc = ops.matmul(m, c)
             pc_norm = ops.sqrt(ops.maximum(ops.sum(c * mc), 0.0))
             g_norm = ops.take(norms, j)
-            cosine = ops.clip(_safe_divide(ops.take(mc, j), pc_norm * g_norm), -1.0, 1.0)
+            cosine = ops.clip(safe_divide(ops.take(mc, j), pc_norm * g_norm), -1.0, 1.0)
             target = ops.sum(e_i * ops.matmul(phi_hat, e_j))
             sin_target = ops.sqrt(ops.maximum(1.0 - target * target, 0.0))
             sin_cosine = ops.sqrt(ops.maximum(1.0 - cosine * cosine, 0.0))
-            coefficient = _safe_divide(pc_norm * (target * sin_cosine - cosine * sin_target), g_norm * sin_target)
+            coefficient = safe_divide(pc_norm * (target * sin_cosine - cosine * sin_target), g_norm * sin_target)
             adjust = ops.logical_and(ops.logical_and(active, cosine < target), g_norm > 0)
             c = c + ops.where(adjust, coefficient, ops.zeros_like(coefficient)) * e_j
             update = ops.where(active, beta * (cosine - target), ops.zeros_like(target))
@@ -237,9 +225,9 @@ class GradDrop(GradientMethod):
 
     def aggregate(self, gradients, losses, state, step, seed):
         gradients = _check_gradients(self, gradients)
-        dtype = _dtype(gradients)
+        dtype = dtype_name(gradients)
         total = ops.sum(gradients, axis=0)
-        purity = 0.5 * (1.0 + _safe_divide(total, ops.sum(ops.abs(gradients), axis=0)))
+        purity = 0.5 * (1.0 + safe_divide(total, ops.sum(ops.abs(gradients), axis=0)))
         uniform = ops.cast(stateless_uniform((ops.shape(gradients)[-1],), seed, step, stream=0), dtype)
         keep = ops.logical_or(ops.logical_and(purity > uniform, gradients > 0),
                               ops.logical_and(purity < uniform, gradients < 0))
@@ -287,7 +275,7 @@ def cagrad_inner_weights(gram_matrix, c, iterations=250):
     radius = float(c) * ops.sqrt(ops.maximum(ops.mean(m), 0.0))
     radius_safe = ops.where(radius > 0, radius, ops.ones_like(radius))
     norms = ops.sqrt(ops.maximum(ops.diagonal(m), 0.0))
-    cosines = _safe_divide(m, ops.outer(norms, norms))
+    cosines = safe_divide(m, ops.outer(norms, norms))
     curvature = norms * norms * ops.sum(ops.abs(cosines), axis=1)
     curvature = ops.maximum(curvature, 1e-12 * ops.max(curvature) + _TINY)
 
@@ -355,7 +343,7 @@ class CAGrad(GradientMethod):
         w = cagrad_inner_weights(m, self.c, self.solver_iterations)
         radius = float(self.c) * ops.sqrt(ops.maximum(ops.mean(m), 0.0))
         gw_norm = ops.sqrt(ops.maximum(ops.sum(w * ops.matmul(m, w)), 0.0))
-        lam = _safe_divide(radius, gw_norm)
+        lam = safe_divide(radius, gw_norm)
         weights = 1.0 / k + lam * w
         if self.rescale == 1:
             weights = weights / (1.0 + self.c ** 2)
@@ -393,7 +381,7 @@ def aligned_mtl_transform(gram_matrix, scale_mode="min"):
         index = ops.maximum(k - rank + (rank - 1) // 2, 0)
         scale = ops.take(ascending, ops.minimum(index, k - 1))
     elif scale_mode == "rmse":  # the mean eigenvalue, the official code's name
-        scale = _safe_divide(ops.sum(ops.where(valid, eigenvalues, zeros)), ops.cast(rank, m.dtype))
+        scale = safe_divide(ops.sum(ops.where(valid, eigenvalues, zeros)), ops.cast(rank, m.dtype))
     else:
         raise ValueError(f"Aligned-MTL's scale_mode must be 'min', 'median' or 'rmse', got {scale_mode!r}.")
     scale = ops.where(rank > 0, scale, ops.zeros_like(scale))
@@ -468,7 +456,7 @@ class ConFIG(GradientMethod):
         gradients = _check_gradients(self, gradients)
         m = gram(gradients)
         norms = ops.sqrt(ops.maximum(ops.diagonal(m), 0.0))
-        cosines = _safe_divide(m, ops.outer(norms, norms))
+        cosines = safe_divide(m, ops.outer(norms, norms))
         eigenvalues, eigenvectors, valid = _valid_eigen(cosines)
         inverse = ops.where(valid, 1.0 / ops.where(valid, eigenvalues, ops.ones_like(eigenvalues)),
                             ops.zeros_like(eigenvalues))
@@ -476,6 +464,6 @@ class ConFIG(GradientMethod):
         a = ops.matmul(eigenvectors, inverse * ops.matmul(ops.transpose(eigenvectors), ones))
         ca = ops.matmul(cosines, a)
         direction_norm = ops.sqrt(ops.maximum(ops.sum(a * ca), 0.0))
-        length = _safe_divide(ops.sum(norms * ca), direction_norm)
-        weights = _safe_divide(length * a, norms * direction_norm)
+        length = safe_divide(ops.sum(norms * ca), direction_norm)
+        weights = safe_divide(length * a, norms * direction_norm)
         return _combine(weights, gradients), weights, state

@@ -28,7 +28,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from mtl_keras.gradient_methods.base import GradientMethod, gram, min_norm_weights, register_gradient_method
+from mtl_keras.gradient_methods.base import (GradientMethod, dtype_name, gram, min_norm_weights,
+                                             register_gradient_method)
 
 # Largest K whose quadratic programs are solved by enumerating all 2^K active sets (256 small systems at K = 8).
 _EXACT_MAX_TASKS = 8
@@ -40,11 +41,6 @@ _LINE_SEARCH_STEPS = 20
 
 
 # ============================================================================================ shared numerics
-def _dtype(x):
-    """The standard name ("float32", ...) of a tensor's dtype."""
-    return keras.backend.standardize_dtype(x.dtype)
-
-
 def _solver_dtype(dtype):
     return "float64" if keras.backend.standardize_dtype(dtype) == "float64" else "float32"
 
@@ -99,7 +95,7 @@ def _primal_active_set(x, lower, candidates_on, multipliers, iterations, toleran
     and frees the coordinate with the most negative multiplier, or moves towards it until a free coordinate hits its
     bound and fixes it. The objective never increases; the result is optimal once the correct support is found.
     """
-    dtype = _dtype(x)
+    dtype = dtype_name(x)
     k = x.shape[-1]
     free = ops.cast(x > lower + tolerance * (1.0 + ops.abs(lower)), dtype)
 
@@ -138,7 +134,7 @@ def _simplex_candidates(m, masks):
     """
     k = m.shape[0]
     c = masks.shape[0]
-    dtype = _dtype(m)
+    dtype = dtype_name(m)
     free = masks
     eye = ops.eye(k, dtype=dtype)
     top_left = ops.expand_dims(free, -1) * ops.expand_dims(m, 0) + ops.expand_dims(1.0 - free, -1) * eye
@@ -153,7 +149,7 @@ def _simplex_candidates(m, masks):
 def _min_norm_point(m, iterations):
     """Simplex weights minimising ``w^T m w`` (MGDA's min-norm point of the convex hull of the gradients)."""
     k = m.shape[0]
-    dtype = _dtype(m)
+    dtype = dtype_name(m)
     if k == 1:
         return ops.ones((1,), dtype)
     m = m / _safe(_trace(m))  # the weights do not depend on the scale of m
@@ -185,7 +181,7 @@ def _box_candidates(m, u, masks):
     ``v_i = u_i`` off the free set (``(m v)_i = 0`` on it), ``(B, C, K)``."""
     k = m.shape[0]
     b = u.shape[0]
-    dtype = _dtype(m)
+    dtype = dtype_name(m)
     if len(masks.shape) == 2:
         masks = ops.broadcast_to(masks[None], (b,) + tuple(masks.shape))
     c = masks.shape[1]
@@ -205,7 +201,7 @@ def _box_qp(m, u, iterations):
     ``1 / trace(m)``), then 3K primal active-set steps (:func:`_primal_active_set`).
     """
     k = m.shape[0]
-    dtype = _dtype(m)
+    dtype = dtype_name(m)
     tolerance = float(np.sqrt(np.finfo(dtype).eps))
 
     def feasible(candidates):  # candidates (B, C, K)
@@ -238,7 +234,7 @@ def _box_qp(m, u, iterations):
 def _dual_cone_weights(gradients, u, norm_eps, reg_eps, iterations):
     """torchjd's ``project_weights``: rows ``v`` with ``pi_J(J^T u) = J^T v`` on the regularised normalised Gram."""
     m = gram(_cast_solver(gradients))
-    dtype = _dtype(m)
+    dtype = dtype_name(m)
     k = m.shape[0]
     trace = _trace(m)
     # torchjd: G / trace(G), or 0 when trace(G) < norm_eps; then + reg_eps I (floored at _RIDGE: never singular).
@@ -258,7 +254,7 @@ def _solve_power_equation(m, p, x0, iterations):
     step (quadratic convergence, where f's values no longer resolve the decrease in floating point).
     """
     k = m.shape[0]
-    dtype = _dtype(m)
+    dtype = dtype_name(m)
     p = float(p)
     eye = ops.eye(k, dtype=dtype)
     steps = ops.convert_to_tensor(np.concatenate([0.5 ** np.arange(_LINE_SEARCH_STEPS), [0.0]]).astype(dtype))
@@ -289,7 +285,7 @@ def _normalised_gram(gradients):
     m = gram(_cast_solver(gradients))
     scale = ops.sqrt(ops.sum(m * m))
     k = m.shape[0]
-    return m / _safe(scale) + _RIDGE[_dtype(m)] * ops.eye(k, dtype=m.dtype), scale
+    return m / _safe(scale) + _RIDGE[dtype_name(m)] * ops.eye(k, dtype=m.dtype), scale
 
 
 # ============================================================================================ methods
@@ -389,7 +385,7 @@ class NashMTL(GradientMethod):
     def aggregate(self, gradients, losses, state, step, seed):
         gradients = ops.convert_to_tensor(gradients)
         m, scale = _normalised_gram(gradients)
-        dtype = _dtype(m)
+        dtype = dtype_name(m)
         previous = ops.cast(state["alpha"], dtype)
         previous_weights = ops.cast(state["weights"], dtype)
         start = ops.where(ops.isfinite(previous) & (previous > 0), previous, ops.ones_like(previous))
@@ -433,7 +429,7 @@ class IMTL(GradientMethod):
     def aggregate(self, gradients, losses, state, step, seed):
         gradients = ops.convert_to_tensor(gradients)
         m = gram(_cast_solver(gradients))
-        dtype = _dtype(m)
+        dtype = dtype_name(m)
         k = m.shape[0]
         m = m / _safe(_trace(m))
         norms = ops.sqrt(ops.maximum(ops.diagonal(m), 0.0))
@@ -478,7 +474,7 @@ class FairGrad(GradientMethod):
         gradients = ops.convert_to_tensor(gradients)
         m, scale = _normalised_gram(gradients)
         p = 1.0 / float(self.alpha)
-        x = _solve_power_equation(m, p, ops.ones((m.shape[0],), _dtype(m)), self.solver_iterations)
+        x = _solve_power_equation(m, p, ops.ones((m.shape[0],), dtype_name(m)), self.solver_iterations)
         weights = ops.where(scale > 0, x * ops.power(_safe(scale), -1.0 / (1.0 + p)), ops.zeros_like(x))
         weights = ops.cast(weights, gradients.dtype)
         return ops.matmul(weights, gradients), weights, state

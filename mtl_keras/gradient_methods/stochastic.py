@@ -15,33 +15,22 @@ three parts and passes ``(3, K, P)``. Given a ``(K, P)`` matrix instead, they us
 deterministic (full-batch) form of the algorithm.
 """
 
-import keras
 import numpy as np
 from keras import ops
 
-from mtl_keras.gradient_methods.base import GradientMethod, project_to_simplex, register_gradient_method
+from mtl_keras.gradient_methods.base import (GradientMethod, dtype_name, project_to_simplex, register_gradient_method,
+                                             safe_divide)
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def _dtype(x):
-    return keras.backend.standardize_dtype(x.dtype)
-
-
 def _cast_back(new_state, old_state):
     """``new_state`` with every value in the dtype of the same key of ``old_state``."""
-    return {key: ops.cast(value, _dtype(old_state[key])) for key, value in new_state.items()}
+    return {key: ops.cast(value, dtype_name(old_state[key])) for key, value in new_state.items()}
 
 
 def _step_count(step, dtype):
     """LibMTL's call counter ``t = step + 1`` (1 at the first step) as a float of ``dtype``."""
     return ops.cast(step, dtype) + 1.0
-
-
-def _safe_divide(numerator, denominator):
-    """``numerator / denominator`` where the denominator is positive, else 0 (no inf/NaN for zero gradients)."""
-    positive = denominator > 0
-    return ops.where(positive, numerator / ops.where(positive, denominator, ops.ones_like(denominator)),
-                     ops.zeros_like(numerator))
 
 
 def _row_norms(matrix):
@@ -115,7 +104,7 @@ class GradNorm(GradientMethod):
     def aggregate(self, gradients, losses, state, step, seed):
         _check_losses(self, losses)
         gradients = ops.convert_to_tensor(gradients)
-        dtype = _dtype(gradients)
+        dtype = dtype_name(gradients)
         k = self.num_tasks
         losses = ops.cast(losses, dtype)
         weights = ops.cast(state["weights"], dtype)
@@ -128,13 +117,13 @@ class GradNorm(GradientMethod):
 
         norms = _row_norms(gradients)
         weighted_norms = weights * norms
-        loss_ratio = ops.where(initial_losses > 0, _safe_divide(losses, initial_losses), ops.ones_like(losses))
+        loss_ratio = ops.where(initial_losses > 0, safe_divide(losses, initial_losses), ops.ones_like(losses))
         loss_ratio = ops.maximum(loss_ratio, 0.0)
         mean_ratio = ops.mean(loss_ratio)
-        inverse_rate = ops.where(mean_ratio > 0, _safe_divide(loss_ratio, mean_ratio), ops.ones_like(loss_ratio))
+        inverse_rate = ops.where(mean_ratio > 0, safe_divide(loss_ratio, mean_ratio), ops.ones_like(loss_ratio))
         target = ops.mean(weighted_norms) * ops.power(inverse_rate, float(self.alpha))
         # in units of the weights: divided by the mean gradient norm (see the docstring)
-        weight_gradient = ops.sign(weighted_norms - target) * _safe_divide(norms, ops.mean(norms))
+        weight_gradient = ops.sign(weighted_norms - target) * safe_divide(norms, ops.mean(norms))
 
         new_weights = ops.maximum(weights - float(self.weight_learning_rate) * weight_gradient, 0.0)
         total = ops.sum(new_weights)
@@ -190,12 +179,12 @@ class MoCo(GradientMethod):
 
     def aggregate(self, gradients, losses, state, step, seed):
         gradients = ops.convert_to_tensor(gradients)
-        dtype = _dtype(gradients)
+        dtype = dtype_name(gradients)
         k = self.num_tasks
         if self.gradient_normalization == "loss":
             _check_losses(self, losses)
             norms = _row_norms(gradients)
-            gradients = gradients * _safe_divide(ops.cast(losses, dtype), norms)[:, None]
+            gradients = gradients * safe_divide(ops.cast(losses, dtype), norms)[:, None]
         y = ops.cast(state["tracked_gradients"], dtype)
         lam = ops.cast(state["lambda"], dtype)
         t = _step_count(step, dtype)
@@ -242,7 +231,7 @@ class MoDo(GradientMethod):
 
     def aggregate(self, gradients, losses, state, step, seed):
         g1, g2, g3 = _three_samples(self, gradients)
-        dtype = _dtype(g1)
+        dtype = dtype_name(g1)
         lam = ops.cast(state["lambda"], dtype)
         gradient = ops.matmul(g1, ops.matmul(lam, g2)) + float(self.rho) * lam
         lam = project_to_simplex(lam - float(self.gamma) * gradient)
@@ -292,14 +281,14 @@ class SDMGrad(GradientMethod):
 
     def aggregate(self, gradients, losses, state, step, seed):
         zeta, xi1, xi2 = _three_samples(self, gradients)
-        dtype = _dtype(zeta)
+        dtype = dtype_name(zeta)
         k = self.num_tasks
         lmbd = float(self.lmbd)
         w = ops.cast(state["w"], dtype)
 
         gg = ops.matmul(xi1, ops.transpose(xi2))
         scale = ops.mean(ops.sqrt(ops.maximum(ops.diagonal(gg), 0.0)))
-        gg = _safe_divide(gg, scale * scale)
+        gg = safe_divide(gg, scale * scale)
         gg_mean = ops.mean(gg, axis=1)
 
         def body(_, carry):
@@ -344,13 +333,13 @@ class DBMTL(GradientMethod):
     def aggregate(self, gradients, losses, state, step, seed):
         _check_losses(self, losses)
         gradients = ops.convert_to_tensor(gradients)
-        dtype = _dtype(gradients)
+        dtype = dtype_name(gradients)
         log_gradients = gradients / (ops.cast(losses, dtype) + 1e-8)[:, None]
         average = ops.cast(state["gradient_average"], dtype)
         beta_t = float(self.beta) / ops.power(_step_count(step, dtype), float(self.beta_sigma))
         average = log_gradients + beta_t * (average - log_gradients)
         norms = _row_norms(average)
-        alpha = _safe_divide(ops.max(norms), norms)
+        alpha = safe_divide(ops.max(norms), norms)
         direction = ops.matmul(alpha, average)
         return direction, None, _cast_back({"gradient_average": average}, state)
 
@@ -401,7 +390,7 @@ class ExcessMTL(GradientMethod):
 
     def aggregate(self, gradients, losses, state, step, seed):
         gradients = ops.convert_to_tensor(gradients)
-        dtype = _dtype(gradients)
+        dtype = dtype_name(gradients)
         k = self.num_tasks
         squared = gradients * gradients
         squared_sum = ops.cast(state["squared_gradient_sum"], dtype) + squared
@@ -413,7 +402,7 @@ class ExcessMTL(GradientMethod):
         unset = ops.logical_and(ops.logical_not(collecting), ops.all(ops.equal(initial, 0.0)))
         running_mean = initial + (excess_risk - initial) / _step_count(step, dtype)
         initial = ops.where(collecting, running_mean, ops.where(unset, excess_risk, initial))
-        exponent = float(self.robust_step_size) * _safe_divide(excess_risk, initial)
+        exponent = float(self.robust_step_size) * safe_divide(excess_risk, initial)
         updated = weights * ops.exp(exponent - ops.max(exponent))
         total = ops.sum(updated)
         updated = ops.where(total > 0, updated * (k / ops.where(total > 0, total, 1.0)), ops.ones_like(updated))
