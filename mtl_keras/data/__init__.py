@@ -6,7 +6,7 @@ registry and the readers' listing and checks import without it."""
 from mtl_keras.data import augment, checks, cityscapes, folder, npy_release, nyuv2, pipeline, prepared, synthetic
 from mtl_keras.data.augment import AugmentConfig, augment_example
 from mtl_keras.data.checks import DataError
-from mtl_keras.data.cityscapes import instance_centroid_vectors, list_cityscapes_files
+from mtl_keras.data.cityscapes import list_cityscapes_files
 from mtl_keras.data.datasets import (DATASETS, count_examples, dataset_entry, load_cityscapes, load_cityscapes_npy,
                                      load_dataset, load_folder, load_nyuv2, load_nyuv2_npy, load_prepared,
                                      write_prepared)
@@ -17,7 +17,7 @@ from mtl_keras.labels import (IGNORE_INDEX, class_colors, class_names, instance_
 
 __all__ = ["AugmentConfig", "DATASETS", "DataError", "IGNORE_INDEX", "augment", "augment_example", "centroid_vectors",
            "checks", "cityscapes", "class_colors", "class_names", "count_examples", "dataset_entry", "folder",
-           "generate_synthetic_cityscapes", "instance_centroid_vectors", "instance_label_ids", "instance_train_ids",
+           "generate_synthetic_cityscapes", "instance_label_ids", "instance_train_ids",
            "label_lookup_table", "list_cityscapes_files", "load_cityscapes", "load_cityscapes_npy", "load_dataset",
            "load_folder", "load_nyuv2", "load_nyuv2_npy", "load_prepared", "npy_release", "nyuv2", "pipeline",
            "prepared", "synthetic", "train_id_to_label_id", "write_prepared"]

@@ -7,6 +7,7 @@ decoding), so a loader can run them on a whole split before training starts.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import struct
@@ -25,22 +26,15 @@ class DataError(ValueError):
     """A data file that does not hold what its format defines (the message names the file)."""
 
 
-class PngInfo(tuple):
-    """(width, height, bit_depth, color_type) of a PNG."""
-
+class PngInfo(collections.namedtuple("PngInfo", "width height bit_depth color_type")):
     __slots__ = ()
-
-    def __new__(cls, width, height, bit_depth, color_type):
-        return super().__new__(cls, (width, height, bit_depth, color_type))
-
-    width = property(lambda self: self[0])
-    height = property(lambda self: self[1])
-    bit_depth = property(lambda self: self[2])
-    color_type = property(lambda self: self[3])
 
     def describe(self):
         return f"{self.bit_depth}-bit {_COLOR_TYPES.get(self.color_type, f'type-{self.color_type}')} " \
                f"{self.width}x{self.height}"
+
+
+NpyInfo = collections.namedtuple("NpyInfo", "shape dtype fortran_order offset")
 
 
 def png_info(path) -> PngInfo:
@@ -96,20 +90,6 @@ def decode_png_file(path, dtype="uint8"):
                         f"corrupt: re-extract or re-download it") from None
 
 
-class NpyInfo(tuple):
-    """(shape, dtype, fortran_order, data_offset) of a ``.npy`` file."""
-
-    __slots__ = ()
-
-    def __new__(cls, shape, dtype, fortran_order, offset):
-        return super().__new__(cls, (tuple(shape), np.dtype(dtype), bool(fortran_order), int(offset)))
-
-    shape = property(lambda self: self[0])
-    dtype = property(lambda self: self[1])
-    fortran_order = property(lambda self: self[2])
-    offset = property(lambda self: self[3])
-
-
 def npy_info(path) -> NpyInfo:
     """The header of a ``.npy`` file, checked against the file size.
 
@@ -137,7 +117,7 @@ def npy_info(path) -> NpyInfo:
     if size < offset + nbytes:
         raise DataError(f"{path} is truncated: its header says {shape} {dtype} ({nbytes} bytes of data) but the "
                         f"file has {size - offset} bytes after the header")
-    return NpyInfo(shape, dtype, fortran, offset)
+    return NpyInfo(tuple(shape), dtype, bool(fortran), int(offset))
 
 
 ALL_TASKS = TASK_NAMES
@@ -173,13 +153,6 @@ def check_num_classes(num_classes, valid, dataset):
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or int(num_classes) not in valid:
         raise ValueError(f"num_classes must be one of {tuple(valid)} for {dataset}, got num_classes={num_classes!r}")
     return int(num_classes)
-
-
-def check_depth_target(depth_target, valid, dataset):
-    if depth_target not in valid:
-        raise ValueError(f"depth_target must be one of {', '.join(map(repr, valid))} for {dataset}, got "
-                         f"{depth_target!r}")
-    return depth_target
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import numpy as np
 
 from mtl_keras.data.checks import (PNG_IEND, DataError, SplitReport, check_png, check_rows, decode_png_file,
                                    error_message)
-from mtl_keras.data.pipeline import Source, centroid_vectors, check_image_size, check_tasks, resize_image
+from mtl_keras.data.pipeline import Source, check_image_size, check_tasks, resize_image
 from mtl_keras.labels import known_label_mask, label_lookup_table
 from mtl_keras.tasks import IGNORE_LABEL
 
@@ -255,14 +255,6 @@ def disparity_depth(raw, image_size, baseline_fx=None):
         valid = p > 1
         value = baseline_fx / tf.where(valid, d, 1.0)
     return tf.where(valid, value, float("nan"))
-
-
-def instance_centroid_vectors(instance_ids):
-    """``pipeline.centroid_vectors`` of CityScapes instanceIds (instances are ids >= 1000)."""
-    import tensorflow as tf
-
-    ids = tf.cast(instance_ids, tf.int32)
-    return centroid_vectors(tf.where(ids >= 1000, ids, 0))
 
 
 def cityscapes_source(data_dir, split="train", image_size=(128, 256), num_classes=19,

@@ -13,8 +13,14 @@ import dataclasses
 import functools
 from typing import Callable
 
-from mtl_keras import labels
-from mtl_keras.data import cityscapes, folder, npy_release, numpy_loader, nyuv2, prepared, synthetic
+import mtl_keras.data.cityscapes as cityscapes
+import mtl_keras.data.folder as folder
+import mtl_keras.data.npy_release as npy_release
+import mtl_keras.data.numpy_loader as numpy_loader
+import mtl_keras.data.nyuv2 as nyuv2
+import mtl_keras.data.prepared as prepared
+import mtl_keras.data.synthetic as synthetic
+import mtl_keras.labels as labels
 from mtl_keras.data.pipeline import load_source
 
 ALL = ("semantic", "instance", "depth")

@@ -34,7 +34,7 @@ import re
 
 import numpy as np
 
-from mtl_keras.data.checks import DataError, SplitReport, check_rows, error_message, npy_info
+from mtl_keras.data.checks import DataError, SplitReport, check_num_classes, check_rows, error_message, npy_info
 from mtl_keras.data.pipeline import Source, check_image_size, check_tasks, resize_image
 
 
@@ -80,11 +80,7 @@ def _split_folder(release, data_dir, split):
 
 
 def _check_num_classes(release, num_classes):
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
-            or int(num_classes) not in release.label_folders:
-        raise ValueError(f"num_classes must be one of {tuple(release.label_folders)} for {release.name}, got "
-                         f"num_classes={num_classes!r}")
-    return int(num_classes)
+    return check_num_classes(num_classes, tuple(release.label_folders), release.name)
 
 
 def _label_folder(release, split_dir, num_classes):

@@ -1,58 +1,33 @@
-"""TensorFlow-free loader of the CityScapes raw layout (real CityScapes and the synthetic set), as a
-``keras.utils.PyDataset``: training and evaluation on the JAX and PyTorch backends without TensorFlow installed.
+"""TensorFlow-free loaders (``keras.utils.PyDataset``) of the CityScapes raw layout and of folder datasets, for
+training and evaluation on the JAX and PyTorch backends without TensorFlow (numpy, OpenCV and Keras only).
 
-It yields the batches of :func:`mtl_keras.data.load_cityscapes` (the contract of ``mtl_keras.data.pipeline``):
-``(image float32 (B,H,W,3) RGB 0..255, targets)`` with, for the requested tasks only, ``"semantic"`` int32 (B,H,W)
-training ids (255 = ignore), ``"instance"`` float32 (B,H,W,2) (dy, dx) to the instance centroid in px +
-``"instance_mask"`` float32 (B,H,W,1), ``"depth"`` float32 (B,H,W,1) inverse depth = disparity in px at the training
-width (0 where invalid) + ``"depth_mask"`` float32 (B,H,W,1). Only numpy, OpenCV (PNG decoding) and Keras are used;
-nothing here imports TensorFlow.
+**Same values as the tf.data loader.** Without augmentation the batches equal ``load_dataset``'s bit for bit: the
+image resize re-implements ``tf.image.resize(method="bilinear", antialias=True)`` (TF's ``ScaleAndTranslate`` with
+the triangle kernel: the same float32 span weights, rows then columns, then round-half-to-even), and label maps use
+TF's half-pixel-centre nearest-neighbour indices. OpenCV's resizes differ from TF's by up to 28 grey levels
+(``INTER_AREA`` / ``INTER_LINEAR``) or pick other pixels (``INTER_NEAREST``, ``INTER_NEAREST_EXACT``).
 
-**Same values as the tf.data loader.** Without augmentation the batches equal ``load_cityscapes``'s bit for bit:
-the image resize re-implements ``tf.image.resize(method="bilinear", antialias=True)`` (TF's ``ScaleAndTranslate``
-with the triangle kernel: the same float32 span weights, rows then columns, taps summed in the same order, then
-round-half-to-even and clip, as ``pipeline.resize_image``), and label maps use TF's nearest-neighbour indices
-(half-pixel centres, ``floor((i + 0.5) * in / out)`` in float32). OpenCV's resizes are not used for this:
-``INTER_AREA`` / ``INTER_LINEAR`` differ from TF's antialiased triangle filter by up to 12 / 28 grey levels (a
-smooth 1024x2048 test image downscaled to 128x256), ``INTER_NEAREST`` picks other pixels on every downscale (no
-half-pixel offset), and ``INTER_NEAREST_EXACT`` differs at non-integer ratios (e.g. 2048 -> 300).
+**Order and flips**: examples sorted by file name; with ``shuffle`` data epoch ``e`` is in the order
+``np.random.default_rng([seed, e]).permutation(n)``; example ``k`` of epoch ``e`` is mirrored when
+``np.random.default_rng([seed, e, k, 1]).random() < 0.5`` (the trailing 1 keeps that stream apart from the
+permutation's: numpy's seed sequences ignore trailing zeros). Every batch is a pure function of
+``(seed, epoch, index)``, so worker threads or processes cannot change it.
 
-**Order and augmentation** (not the tf.data streams, which come from TF's stateless RNGs): examples sorted by
-``(city, file stem)`` (the file-name order of CityScapes, and the order of the tf.data loader); with ``shuffle`` the
-order of data epoch ``e`` is ``np.random.default_rng([seed, e]).permutation(n)``; with ``flip`` example ``k`` of data
-epoch ``e`` is mirrored when ``np.random.default_rng([seed, e, k, 1]).random() < 0.5`` (the trailing 1 keeps that
-stream apart from the permutation's: numpy's seed sequences ignore trailing zeros). Mirroring flips the image and
-every label map before the instance vectors are computed, which negates their ``dx``. Every batch is a pure function
-of ``(seed, epoch, index)``, so worker threads or processes cannot change it.
+**Epochs.** ``epoch`` advances in ``on_epoch_end``. Keras 3.15's ``fit`` also calls it once before the first epoch
+(after building the model), so Keras epoch ``i`` of ``fit`` reads data epoch ``initial_epoch + i + 1``: a run resumed
+with ``fit(initial_epoch=k)`` on a dataset made with ``initial_epoch=k`` reads the same data as the uninterrupted
+run. Pass ``shuffle=False`` to ``fit`` (it would permute the batch indices with Python's ``random``).
 
-**Epochs.** ``epoch`` (start: ``initial_epoch``) advances in :meth:`CityscapesPyDataset.on_epoch_end`, which Keras
-calls at the end of every epoch of ``fit`` / ``evaluate``. Keras 3.15's ``fit`` also calls it once before the first
-epoch (``EpochIterator.reset()`` after building the model), so the Keras epoch ``i`` of a ``fit`` reads data epoch
-``initial_epoch + i + 1``: a run resumed with ``fit(initial_epoch=k)`` on a dataset made with ``initial_epoch=k``
-reads the same data as the uninterrupted run. Plain iteration (``for images, targets in ds``, as
-:func:`mtl_keras.evaluation.evaluate_model` does) yields ``len(ds)`` batches of the current epoch and advances
-nothing. Pass ``shuffle=False`` to ``fit``: its default ``shuffle=True`` makes Keras permute the *batch indices* of a
-PyDataset with Python's global ``random`` each epoch (the dataset shuffles itself).
+**steps_per_epoch.** Keras 3.15 cannot draw more than ``len(ds)`` batches from a finite PyDataset in one epoch, and
+an infinite one never ends a plain ``for`` loop. So with ``steps_per_epoch=S`` the dataset stays finite,
+``len(ds) == S``, and serves an endless stream of passes cut into full batches (as ``repeat()`` before ``batch()``):
+batch ``i`` of epoch ``e`` holds stream elements ``(e S + i) B ... (e S + i + 1) B - 1``, element ``q`` being example
+``order(q // n)[q % n]`` of pass ``q // n``.
 
-**More steps per epoch than one pass** (``steps_per_epoch``). Keras 3.15 cannot draw more than ``len(ds)`` batches
-from a finite PyDataset in one epoch: ``fit(steps_per_epoch=S)`` with ``S > len(ds)`` stops the epoch after
-``len(ds)`` batches ("Your input ran out of data"); an infinite PyDataset (``num_batches`` ``None``) would need
-``steps_per_epoch`` in ``fit`` and never ends a plain ``for`` loop. So with ``steps_per_epoch=S`` set here the
-dataset stays finite with ``len(ds) == S`` and serves an endless stream of passes over the data, cut into batches:
-batch ``i`` of epoch ``e`` holds the stream elements ``(e S + i) B ... (e S + i + 1) B - 1``, element ``q`` being
-example ``order(q // n)[q % n]`` of pass ``q // n`` (shuffled and flipped as data epoch ``q // n``). As with
-``tf.data``'s ``repeat()`` before ``batch()``, every batch is full and a batch may straddle two passes
-(``drop_remainder`` does not apply). Then call ``fit`` without ``steps_per_epoch`` (or with the same value): with a
-smaller one Keras keeps its iterator across epochs while ``on_epoch_end`` moves the stream.
+**workers > 1**: Keras 3.15 keeps the batches it prefetched while ``fit`` builds the model, so the first epoch then
+depends on timing; keep ``workers=1`` where a run must be reproducible batch for batch.
 
-**Parallelism**: the ``PyDataset`` arguments ``workers``, ``use_multiprocessing`` and ``max_queue_size`` are passed
-on (decoding releases the GIL in OpenCV and in numpy's large array operations, so threads help). With
-``workers > 1`` Keras 3.15 keeps the batches it prefetched when ``fit`` pulls one batch to build the model and serves
-them at the start of the first epoch: the first epoch then depends on timing. Use the default ``workers=1`` where a
-run must be reproducible batch for batch.
-
-Not supported (use :func:`mtl_keras.data.load_cityscapes`): metric depth (``depth_target="metric"``), random scale
-and crop augmentation, caching, sharding over replicas.
+Not supported (use the tf.data loaders): metric depth, random scale and crop, caching, sharding over replicas.
 """
 
 from __future__ import annotations
@@ -65,7 +40,7 @@ import cv2
 import keras
 import numpy as np
 
-from mtl_keras.data import folder
+import mtl_keras.data.folder as folder
 from mtl_keras.data.checks import PNG_IEND, DataError, check_image_size, check_tasks
 from mtl_keras.data.cityscapes import (
     _PNG_EXPECT,

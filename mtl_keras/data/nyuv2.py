@@ -29,7 +29,7 @@ import os
 
 import numpy as np
 
-from mtl_keras.data.checks import DataError, SplitReport, error_message
+from mtl_keras.data.checks import DataError, SplitReport, check_num_classes, error_message
 from mtl_keras.data.pipeline import Source, check_image_size, check_tasks, resize_image
 from mtl_keras.labels import IGNORE_INDEX, NYUV2_NUM_CLASSES
 
@@ -86,10 +86,7 @@ def nyuv2_label_table(data_dir, num_classes=13, map40_path=None, map13_path=None
     Built from the user's ``classMapping40.mat`` (and ``class13Mapping.mat`` for 13 classes). Also returns the
     1-based 40-class of each raw label (0 for unlabeled), used to tell objects from stuff.
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
-            or int(num_classes) not in NYUV2_NUM_CLASSES:
-        raise ValueError(f"num_classes must be one of {NYUV2_NUM_CLASSES} for NYUv2 (13 = Couprie et al., "
-                         f"40 = Gupta et al.), got num_classes={num_classes!r}")
+    num_classes = check_num_classes(num_classes, NYUV2_NUM_CLASSES, "NYUv2 (13 = Couprie et al., 40 = Gupta et al.)")
     p40 = _path(data_dir, "map40", map40_path)
     what40 = "mapClass: 1 x 894, the 894 NYUv2 labels -> 40 classes (1-based)"
     map40 = _mat_vector(p40, _loadmat(p40, what40), "mapClass", what40)
