@@ -48,7 +48,7 @@ import cv2
 import keras
 import numpy as np
 
-from mtl_keras.instances import DEFAULT_MIN_SIZE, HISTOGRAM_DEFAULTS, REFERENCE_AREA
+from mtl_keras.instances import clustering_parameters
 from mtl_keras.labels import class_names, instance_train_ids
 from mtl_keras.platform import quiet_tensorflow_logs
 from mtl_keras.presets import load_model
@@ -84,27 +84,6 @@ def serving_model(model):
 
 
 # ------------------------------------------------------------------------------------- instance ids in TF ops
-def clustering_parameters(image_size=(128, 256), instance_classes=(), max_instances=32, **overrides):
-    """The static parameters of :func:`cluster_instance_ids` for images of ``image_size`` (the NumPy defaults of
-    ``mtl_keras.instances`` at that size, its one source; ``overrides`` replace any of them)."""
-    scale = math.sqrt(float(image_size[0]) * float(image_size[1]) / REFERENCE_AREA)
-    params = dict(
-        sigma=HISTOGRAM_DEFAULTS["sigma"] * scale,
-        peak_radius=HISTOGRAM_DEFAULTS["peak_radius"] * scale,
-        assign_radius=HISTOGRAM_DEFAULTS["assign_radius"] * scale,
-        refine_iterations=int(HISTOGRAM_DEFAULTS["refine_iterations"]),
-        min_size=max(int(round(DEFAULT_MIN_SIZE * scale * scale)), 1),
-        bin_size=None,
-        instance_classes=[int(c) for c in instance_classes],
-        max_instances=int(max_instances),
-        image_size=[int(v) for v in image_size],
-    )
-    params.update(overrides)
-    if params["bin_size"] is None:
-        params["bin_size"] = max(int(params["sigma"] / 1.5), 1)
-    return params
-
-
 def _gaussian_kernel(sigma):
     """``cv2.getGaussianKernel(ksize, sigma)`` with the ksize ``cv2.GaussianBlur`` picks for float images."""
     ksize = int(round(sigma * 4 * 2 + 1)) | 1
@@ -142,28 +121,21 @@ def _dilate_ellipse(density, r):
     return result
 
 
-def _cluster_planes_tf(votes, plane, num_planes, height, width, p):
-    """Clusters votes independently in each plane (one plane per image and instance class), all at once.
-
-    ``votes`` (N, 2) float32 (y, x) px, ``plane`` (N,) int32 in [0, num_planes). Returns per vote its cluster's
-    slot (N,) int32 (-1 = none), and per plane ``(num_planes, max_instances)`` the kept slots' new numbers
-    (0.. in slot order, -1 = dropped) and ``(num_planes,)`` the number of clusters kept.
-    """
+def _plane_peaks(votes, plane, num_planes, height, width, p):
+    """Steps 1-3 of the histogram clustering in every plane at once: the ``(P, M, 2)`` peak centres (px) and which
+    of the ``M = max_instances`` slots hold one after the non-maximum suppression, strongest first."""
     import tensorflow as tf
 
-    bin_size, sigma = int(p["bin_size"]), float(p["sigma"])
-    peak_radius, assign_radius = float(p["peak_radius"]), float(p["assign_radius"])
+    bin_size, sigma, peak_radius = int(p["bin_size"]), float(p["sigma"]), float(p["peak_radius"])
     min_size, max_k = int(p["min_size"]), int(p["max_instances"])
-    big = tf.constant(1e30, tf.float32)
-
     # 1. Accumulate: votes binned into cells of bin_size px, clipped to the border cells.
     hc = (height + bin_size - 1) // bin_size
     wc = (width + bin_size - 1) // bin_size
     cells = tf.cast(tf.floor(votes / bin_size), tf.int32)
     cy = tf.clip_by_value(cells[:, 0], 0, hc - 1)
     cx = tf.clip_by_value(cells[:, 1], 0, wc - 1)
-    ones = tf.ones_like(votes[:, 0])
-    hist = tf.math.unsorted_segment_sum(ones, (plane * hc + cy) * wc + cx, num_planes * hc * wc)
+    hist = tf.math.unsorted_segment_sum(tf.ones_like(votes[:, 0]), (plane * hc + cy) * wc + cx,
+                                        num_planes * hc * wc)
     hist = tf.reshape(hist, [num_planes, hc, wc, 1])
     # 2. Smooth (separable Gaussian, zero border as cv2.BORDER_CONSTANT).
     g = _gaussian_kernel(max(sigma / bin_size, 0.3))
@@ -189,39 +161,100 @@ def _cluster_planes_tf(votes, plane, num_planes, height, width, p):
         conflict = tf.reduce_any(keep & close[:, i, :], axis=1)
         return i + 1, tf.where(tf.equal(slots, i)[None, :], (valid[:, i] & ~conflict)[:, None], keep)
 
-    _, alive = tf.while_loop(lambda i, keep: i < max_k, nms_step,
-                             (tf.constant(0), tf.zeros_like(valid)))
-    centers = points
+    _, alive = tf.while_loop(lambda i, keep: i < max_k, nms_step, (tf.constant(0), tf.zeros_like(valid)))
+    return points, alive
 
-    def segment(values, labels):
+
+class _PlaneSums:
+    """Per-(plane, slot) sums over the votes of a plane, and the vote-to-centre distances, in TF ops."""
+
+    def __init__(self, votes, plane, num_planes, max_k):
+        self.votes, self.plane, self.num_planes, self.max_k = votes, plane, num_planes, max_k
+
+    def __call__(self, values, labels):
         """Sums of ``values`` per (plane, slot): (P, M, ...); label -1 goes to a dropped extra segment."""
-        ids = tf.where(labels >= 0, plane * max_k + labels, num_planes * max_k)
-        sums = tf.math.unsorted_segment_sum(values, ids, num_planes * max_k + 1)[:-1]
-        return tf.reshape(sums, tf.concat([[num_planes, max_k], tf.shape(values)[1:]], axis=0))
+        import tensorflow as tf
 
-    def distances(centers):
-        return tf.reduce_sum(tf.square(votes[:, None, :] - tf.gather(centers, plane)), axis=-1)  # (N, M)
+        ids = tf.where(labels >= 0, self.plane * self.max_k + labels, self.num_planes * self.max_k)
+        sums = tf.math.unsorted_segment_sum(values, ids, self.num_planes * self.max_k + 1)[:-1]
+        return tf.reshape(sums, tf.concat([[self.num_planes, self.max_k], tf.shape(values)[1:]], axis=0))
+
+    def distances(self, centers):
+        import tensorflow as tf
+
+        return tf.reduce_sum(tf.square(self.votes[:, None, :] - tf.gather(centers, self.plane)), axis=-1)  # (N, M)
+
+    def moments(self, labels):
+        """Counts (P, M), centres (P, M, 2) and each vote's squared distance to its own centre (N,)."""
+        import tensorflow as tf
+
+        counts = self(tf.ones_like(self.votes[:, 0]), labels)
+        centers = self(self.votes, labels) / tf.maximum(counts, 1.0)[..., None]
+        own = tf.gather_nd(centers, tf.stack([self.plane, tf.maximum(labels, 0)], axis=1))
+        d2_own = tf.where(labels >= 0, tf.reduce_sum(tf.square(self.votes - own), axis=-1), 0.0)
+        return counts, centers, d2_own
+
+
+def _merge_close_tf(sums, labels, factor, sigma):
+    """Step 5 in every plane at once, as ``instances._merge_close``: while two clusters' centres are closer than
+    ``factor`` times the larger RMS spread, the closest pair (the first in row-major slot order) is merged into
+    the earlier slot."""
+    import tensorflow as tf
+
+    max_k = sums.max_k
+    not_self = ~tf.eye(max_k, dtype=tf.bool)[None]
+
+    def merge_step(labels, _):
+        counts, centers, d2_own = sums.moments(labels)
+        spread = tf.sqrt(tf.maximum(sums(d2_own, labels) / tf.maximum(counts, 1.0), sigma * sigma))
+        dist = tf.sqrt(tf.reduce_sum(tf.square(centers[:, :, None] - centers[:, None]), axis=-1))
+        ratio = dist / (factor * tf.maximum(spread[:, :, None], spread[:, None, :]))
+        alive = counts > 0
+        ratio = tf.where(alive[:, :, None] & alive[:, None, :] & not_self, ratio, np.inf)
+        flat = tf.reshape(ratio, [sums.num_planes, max_k * max_k])
+        best = tf.argmin(flat, axis=1, output_type=tf.int32)
+        merge = tf.reduce_min(flat, axis=1) < 1.0
+        low, high = tf.minimum(best // max_k, best % max_k), tf.maximum(best // max_k, best % max_k)
+        moved = tf.gather(merge, sums.plane) & tf.equal(labels, tf.gather(high, sums.plane))
+        return tf.where(moved, tf.gather(low, sums.plane), labels), tf.reduce_any(merge)
+
+    labels, _ = tf.while_loop(lambda labels, go: go, merge_step, (labels, tf.constant(True)),
+                              maximum_iterations=max_k)
+    return labels
+
+
+def _cluster_planes_tf(votes, plane, num_planes, height, width, p):
+    """Clusters votes independently in each plane (one plane per image and instance class), all at once, as
+    ``mtl_keras.instances``' histogram method (see its steps).
+
+    ``votes`` (N, 2) float32 (y, x) px, ``plane`` (N,) int32 in [0, num_planes). Returns per vote its cluster's
+    slot (N,) int32 (-1 = none), and per plane ``(num_planes, max_instances)`` the kept slots' new numbers
+    (0.. in slot order, -1 = dropped) and ``(num_planes,)`` the number of clusters kept.
+    """
+    import tensorflow as tf
+
+    sigma, peak_radius, assign_radius = float(p["sigma"]), float(p["peak_radius"]), float(p["assign_radius"])
+    big = tf.constant(1e30, tf.float32)
+    centers, alive = _plane_peaks(votes, plane, num_planes, height, width, p)
+    sums = _PlaneSums(votes, plane, num_planes, int(p["max_instances"]))
 
     def nearest(centers, alive, radius):
-        d2 = tf.where(tf.gather(alive, plane), distances(centers), big)
+        d2 = tf.where(tf.gather(alive, plane), sums.distances(centers), big)
         labels = tf.argmin(d2, axis=1, output_type=tf.int32)
         return tf.where(tf.reduce_min(d2, axis=1) > radius * radius, -1, labels)
 
     # One mean-shift step: each centre moves to the mean of its votes within peak_radius.
     labels = nearest(centers, alive, peak_radius)
-    counts = segment(ones, labels)
-    centers = tf.where(counts[..., None] > 0, segment(votes, labels) / tf.maximum(counts, 1.0)[..., None], centers)
+    counts, means, _ = sums.moments(labels)
+    centers = tf.where(counts[..., None] > 0, means, centers)
     labels = nearest(centers, alive, assign_radius)
     # Hard-EM refinement of an isotropic Gaussian mixture: cost d^2 / (2 s_k^2) + 2 log s_k, radius max(R, 3 s_k).
     for _ in range(int(p["refine_iterations"])):
-        counts = segment(ones, labels)
+        counts, means, d2_own = sums.moments(labels)
         alive = alive & (counts > 0)
-        safe = tf.maximum(counts, 1.0)
-        centers = tf.where(alive[..., None], segment(votes, labels) / safe[..., None], centers)
-        own = tf.gather_nd(centers, tf.stack([plane, tf.maximum(labels, 0)], axis=1))
-        d2_own = tf.where(labels >= 0, tf.reduce_sum(tf.square(votes - own), axis=-1), 0.0)
-        spread2 = tf.maximum(segment(d2_own, labels) / (2.0 * safe), sigma * sigma)  # (P, M), per axis
-        d2 = distances(centers)
+        centers = tf.where(alive[..., None], means, centers)
+        spread2 = tf.maximum(sums(d2_own, labels) / (2.0 * tf.maximum(counts, 1.0)), sigma * sigma)  # per axis
+        d2 = sums.distances(centers)
         vote_alive = tf.gather(alive, plane)
         cost = d2 / (2.0 * tf.gather(spread2, plane)) + tf.math.log(tf.gather(spread2, plane))
         labels = tf.argmin(tf.where(vote_alive, cost, big), axis=1, output_type=tf.int32)
@@ -229,8 +262,10 @@ def _cluster_planes_tf(votes, plane, num_planes, height, width, p):
         index = tf.stack([plane, labels], axis=1)
         far = tf.gather(d2, labels, batch_dims=1) > tf.gather_nd(radius2, index)
         labels = tf.where(far | ~tf.reduce_any(vote_alive, axis=1), -1, labels)
+    if float(p.get("merge_factor", 0.0)) > 0:
+        labels = _merge_close_tf(sums, labels, float(p["merge_factor"]), sigma)
     # Drop clusters below min_size; the others are renumbered 0.. in slot order within their plane.
-    keep = segment(ones, labels) >= float(min_size)
+    keep = sums(tf.ones_like(votes[:, 0]), labels) >= float(p["min_size"])
     remap = tf.where(keep, tf.cumsum(tf.cast(keep, tf.int32), axis=1) - 1, -1)
     return labels, remap, tf.reduce_sum(tf.cast(keep, tf.int32), axis=1)
 
@@ -259,13 +294,13 @@ def cluster_instance_ids(semantic_labels, vectors, params):
     plane = pix[:, 0] * len(classes) + tf.gather_nd(slot, pix)
     votes = tf.cast(pix[:, 1:], tf.float32) + tf.gather_nd(tf.cast(vectors, tf.float32), pix)
     finite = tf.reduce_all(tf.math.is_finite(votes), axis=1)
-    votes = tf.where(finite[:, None], votes, -1e6)  # non-finite votes go nowhere
+    votes = tf.where(finite[:, None], votes, 0.0)  # non-finite votes are left out of the clustering (below)
     num_planes = batch * len(classes)
     # Only planes with >= min_size pixels can hold a cluster: cluster those, compacted (most are empty).
     size = tf.math.unsorted_segment_sum(tf.ones_like(plane), plane, num_planes)
     active = size >= int(params["min_size"])
     compact = tf.where(active, tf.cumsum(tf.cast(active, tf.int32)) - 1, tf.reduce_sum(tf.cast(active, tf.int32)))
-    selected = tf.cast(tf.where(tf.gather(active, plane))[:, 0], tf.int32)
+    selected = tf.cast(tf.where(tf.gather(active, plane) & finite)[:, 0], tf.int32)
     cluster_a, remap_a, kept_a = _cluster_planes_tf(
         tf.gather(votes, selected), tf.gather(compact, tf.gather(plane, selected)),
         tf.reduce_sum(tf.cast(active, tf.int32)), height, width, params)
@@ -333,8 +368,29 @@ def instance_classes_for(model, instance_classes=None):
         raise ValueError(f"No default instance classes for num_classes={num_classes}: pass instance_classes.") from e
 
 
+def reference_image_size(model, instance_image_size=None):
+    """The (H, W) the instance clustering's lengths are set for: ``instance_image_size``, else the model's input
+    size, else 128x256. The export and :func:`mtl_keras.predict` use the same rule, so they cluster alike."""
+    size = instance_image_size
+    if not size:
+        try:
+            size = tuple(model.get_config().get("input_shape", (None, None))[:2])
+        except (NotImplementedError, AttributeError, TypeError):  # a plain functional model
+            size = None
+    if not size or None in size:
+        size = (128, 256)
+    return tuple(int(v) for v in size)
+
+
+def served_clustering(model, instance_classes=None, instance_image_size=None, **overrides):
+    """The parameters of the served instance clustering (``mtl_keras.instances.clustering_parameters`` at
+    :func:`reference_image_size`, for the model's instance classes)."""
+    return clustering_parameters(reference_image_size(model, instance_image_size),
+                                 instance_classes_for(model, instance_classes), **overrides)
+
+
 def export_saved_model(model, path, instances=False, instance_classes=None, instance_image_size=None,
-                       max_instances=32, verbose=False, **clustering_overrides):
+                       verbose=False, **clustering_overrides):
     """Writes the serving SavedModel of ``model`` (a zoo model, images -> {task: output}) to ``path``.
 
     ``instances``: add ``instance_ids`` (needs semantic + instance tasks); ``instance_classes``: training ids with
@@ -348,11 +404,7 @@ def export_saved_model(model, path, instances=False, instance_classes=None, inst
     serving = serving_model(model)
     clustering = None
     if instances:
-        size = instance_image_size or tuple(config.get("input_shape", (None, None))[:2])
-        if not size or None in size:
-            size = (128, 256)
-        clustering = clustering_parameters(size, instance_classes_for(model, instance_classes), max_instances,
-                                           **clustering_overrides)
+        clustering = served_clustering(model, instance_classes, instance_image_size, **clustering_overrides)
     serve = serving_function(serving, instances=instances, clustering=clustering)
 
     # A plain tf.Module (keras.export.ExportArchive traces the model several times and walks every layer, 3x

@@ -13,7 +13,8 @@ per instance its class, score, size and vote centre). Two clustering methods, ch
     2. *Smooth*: ``cv2.GaussianBlur`` with ``sigma`` px gives a vote density.
     3. *Peaks*: cells equal to the maximum of their ``(2 * peak_radius + 1)``-wide neighbourhood (``cv2.dilate``)
        whose window of the same size holds at least ``min_size`` votes (``cv2.boxFilter``) are candidate centres;
-       a greedy non-maximum suppression in decreasing density drops candidates closer than ``peak_radius`` px to a
+       the ``max_instances`` strongest are kept (ties: the earlier cell in row-major order) and a greedy
+       non-maximum suppression in decreasing density drops candidates closer than ``peak_radius`` px to a
        stronger one (flat tops). One mean-shift step moves each centre to the mean of its votes within
        ``peak_radius`` (sub-cell accuracy).
     4. *Assign*: every vote goes to its nearest centre (direct (N, K) distances, K = number of peaks); votes farther
@@ -60,7 +61,10 @@ METHODS = ("histogram", "optics")
 REFERENCE_AREA = 128 * 256
 
 # Defaults at 128x256 (lengths in px, sizes in px^2 / votes); multiplied by scale (lengths) or scale^2 (sizes).
-HISTOGRAM_DEFAULTS = dict(sigma=2.0, peak_radius=4.0, assign_radius=20.0, refine_iterations=2, merge_factor=2.0)
+# The one source of these defaults: mtl_keras.predict and the serving export (mtl_keras.export) read them through
+# clustering_parameters, so the served instance ids are predict's.
+HISTOGRAM_DEFAULTS = dict(sigma=2.0, peak_radius=4.0, assign_radius=20.0, refine_iterations=2, merge_factor=2.0,
+                          max_instances=32)
 OPTICS_DEFAULTS = dict(min_samples=20, cluster_method="dbscan", eps=2.0, xi=0.05, max_eps=None, assign_radius=10.0,
                        max_points=4000)
 DEFAULT_MIN_SIZE = 8
@@ -112,8 +116,8 @@ def _nearest_assignment(votes, centers, radius):
     return labels
 
 
-def _histogram_peaks(votes, shape, bin_size, sigma, peak_radius, min_votes):
-    """Vote-density peaks (K, 2) in px, strongest first."""
+def _histogram_peaks(votes, shape, bin_size, sigma, peak_radius, min_votes, max_instances):
+    """Vote-density peaks (K, 2) in px, strongest first: the ``max_instances`` strongest candidates after NMS."""
     height, width = int(shape[0]), int(shape[1])
     hc, wc = -(-height // bin_size), -(-width // bin_size)
     cells = np.floor(votes / bin_size).astype(np.int64)
@@ -135,7 +139,7 @@ def _histogram_peaks(votes, shape, bin_size, sigma, peak_radius, min_votes):
     if not len(candidates[0]):
         return np.zeros((0, 2), np.float64)
     strength = density[candidates]
-    order = np.argsort(-strength, kind="stable")
+    order = np.argsort(-strength, kind="stable")[:max_instances]
     points = (np.stack(candidates, axis=1)[order].astype(np.float64) + [y0 + 0.5, x0 + 0.5]) * bin_size
     kept = []
     for p in points:  # greedy NMS over the (few) candidates
@@ -165,7 +169,7 @@ def _moments(votes, labels, k):
 
 
 def _cluster_histogram(votes, shape, min_size, scale, sigma=None, peak_radius=None, assign_radius=None,
-                       refine_iterations=None, merge_factor=None, bin_size=None):
+                       refine_iterations=None, merge_factor=None, bin_size=None, max_instances=None):
     d = HISTOGRAM_DEFAULTS
     sigma = d["sigma"] * scale if sigma is None else float(sigma)
     peak_radius = d["peak_radius"] * scale if peak_radius is None else float(peak_radius)
@@ -173,8 +177,9 @@ def _cluster_histogram(votes, shape, min_size, scale, sigma=None, peak_radius=No
     refine_iterations = d["refine_iterations"] if refine_iterations is None else int(refine_iterations)
     merge_factor = d["merge_factor"] if merge_factor is None else float(merge_factor)
     bin_size = max(int(sigma / 1.5), 1) if bin_size is None else max(int(bin_size), 1)
+    max_instances = d["max_instances"] if max_instances is None else int(max_instances)
 
-    centers = _histogram_peaks(votes, shape, bin_size, sigma, peak_radius, min_size)
+    centers = _histogram_peaks(votes, shape, bin_size, sigma, peak_radius, min_size, max_instances)
     if not len(centers):
         return np.full(len(votes), -1, np.int64)
     # One mean-shift step: each centre moves to the mean of the votes within peak_radius (sub-cell accuracy).
@@ -262,6 +267,23 @@ def _cluster_optics(votes, min_size, scale, min_samples=None, cluster_method=Non
         near = dist[:, 0] <= assign_radius
         labels[rest[near]] = labels[clustered[idx[near, 0]]]
     return labels
+
+
+def clustering_parameters(image_size=(128, 256), instance_classes=(), scale=None, **overrides):
+    """Every parameter of the ``"histogram"`` clustering for images of ``image_size`` (or for ``scale``): the
+    defaults with lengths times ``scale`` and ``min_size`` times ``scale^2``; ``overrides`` replace any of them.
+    The serving export builds its graph from this dict and :func:`mtl_keras.predict` clusters with it."""
+    scale = _scale(image_size) if scale is None else float(scale)
+    d = HISTOGRAM_DEFAULTS
+    params = dict(sigma=d["sigma"] * scale, peak_radius=d["peak_radius"] * scale,
+                  assign_radius=d["assign_radius"] * scale, refine_iterations=int(d["refine_iterations"]),
+                  merge_factor=float(d["merge_factor"]), max_instances=int(d["max_instances"]),
+                  min_size=max(int(round(DEFAULT_MIN_SIZE * scale * scale)), 1), bin_size=None,
+                  instance_classes=[int(c) for c in instance_classes], image_size=[int(v) for v in image_size])
+    params.update(overrides)
+    if params["bin_size"] is None:
+        params["bin_size"] = max(int(params["sigma"] / 1.5), 1)
+    return params
 
 
 def cluster_votes(votes, shape, method="histogram", min_size=None, scale=None, **params):

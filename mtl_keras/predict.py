@@ -18,7 +18,7 @@ import weakref
 
 import numpy as np
 
-from mtl_keras.export import instance_classes_for, model_tasks, serving_model
+from mtl_keras.export import instance_classes_for, model_tasks, served_clustering, serving_model
 from mtl_keras.export import size_multiple as model_size_multiple
 from mtl_keras.instances import cluster_instances
 from mtl_keras.tasks import TASKS
@@ -117,8 +117,9 @@ def predict(model, images, batch_size=8, instances=True, instance_classes=None, 
     ``batch_size``: images of the same size are run together, at most ``batch_size`` at a time.
 
     ``instances``: cluster the instance vectors into ids (needs the ``semantic`` and ``instance`` tasks) with
-    :func:`mtl_keras.instances.cluster_instances` (``method``, and its defaults for the image's size; ``clustering``
-    keyword arguments, e.g. ``min_size`` or ``sigma``, are passed to it). ``instance_classes``: the training ids
+    :func:`mtl_keras.instances.cluster_instances` (``method``; for ``"histogram"`` the parameters of the serving
+    export, ``mtl_keras.export.served_clustering``, so the served ``instance_ids`` are these; ``clustering``
+    keyword arguments, e.g. ``min_size``, ``sigma`` or ``scale``, replace any of them). ``instance_classes``: the ids
     whose pixels are clustered; default ``mtl_keras.labels.instance_train_ids(num_classes)`` (CityScapes' 19
     classes or 7 categories; other label sets must pass it).
 
@@ -142,6 +143,9 @@ def predict(model, images, batch_size=8, instances=True, instance_classes=None, 
     cluster = bool(instances) and {"semantic", "instance"} <= set(tasks)
     if cluster:
         instance_classes = instance_classes_for(model, instance_classes)
+        if method == "histogram":  # the served clustering's parameters: the export's instance_ids are these
+            served = served_clustering(model, instance_classes, **clustering)
+            clustering = {k: served[k] for k in served if k not in ("instance_classes", "image_size")}
 
     multiple = size_multiple(model)
     fixed = _fixed_size(model)

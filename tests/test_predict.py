@@ -5,6 +5,8 @@ untrained model's vectors uses ``scale=1.0`` (the 128x256 lengths: few peaks, fa
 the defaults.
 """
 
+import glob
+
 import keras
 import numpy as np
 import pytest
@@ -200,3 +202,46 @@ def test_bad_batch_size_and_unknown_instance_classes():
         mtl_keras.predict(five_classes, hand_set_scene())
     result = mtl_keras.predict(five_classes, hand_set_scene(), instance_classes=[3, 4])
     assert result["instance_ids"].shape == (32, 64)
+
+
+# ------------------------------------------------------------------------------- the served ids are predict's
+def assert_served_ids_are_predicts(model, images, tmp_path, instance_classes=None):
+    """The serving SavedModel (uint8 signature) and mtl_keras.predict give the same ``instance_ids`` on
+    ``images``; returns the largest id."""
+    tf = pytest.importorskip("tensorflow")
+    from mtl_keras import export
+
+    export.export_saved_model(model, str(tmp_path / "export"), instances=True, instance_classes=instance_classes)
+    serve = tf.saved_model.load(str(tmp_path / "export")).signatures["serve_uint8"]
+    predicted = mtl_keras.predict(model, list(images), instance_classes=instance_classes)
+    for image, result in zip(images, predicted):
+        served = serve(images=tf.constant(image[None]))["instance_ids"].numpy()[0]
+        np.testing.assert_array_equal(served, result["instance_ids"])
+    return max(int(result["instance_ids"].max()) for result in predicted)
+
+
+@pytest.mark.slow  # about 40 s: an export with instance ids, and the clustering of a trained model's votes
+@pytest.mark.tf_only
+def test_served_instance_ids_equal_predicts_on_the_same_images(tmp_path):
+    import cv2
+
+    from mtl_keras.data import generate_synthetic_cityscapes
+
+    generate_synthetic_cityscapes(str(tmp_path / "data"), num_train=0, num_val=3, height=128, width=256, seed=5)
+    paths = sorted(glob.glob(str(tmp_path / "data" / "leftImg8bit" / "val" / "*" / "*.png")))
+    scenes = [cv2.cvtColor(cv2.imread(p), cv2.COLOR_BGR2RGB) for p in paths]
+    # The published model trained on these scenes, at its own size and at another (the clustering's lengths are
+    # those of the model's size for both).
+    images = scenes + [cv2.resize(scenes[0], (200, 96), interpolation=cv2.INTER_AREA)]
+    model = mtl_keras.from_preset("kendall_deeplabv3_resnet26_slim_synthetic")
+    assert assert_served_ids_are_predicts(model, images, tmp_path) >= 3  # real partitions, several instances
+
+
+@pytest.mark.slow  # about 20 s: an export with instance ids
+@pytest.mark.tf_only
+def test_served_instance_ids_equal_predicts_on_an_untrained_models_noisy_votes(tmp_path):
+    # Noisy votes make many peaks per class: the max_instances cap, the suppression and the merging all act.
+    keras.utils.set_random_seed(3)
+    model = mtl_keras.build_model("kendall_deeplabv3_resnet26_cpu", **KENDALL)
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 64, 3)).astype(np.uint8)
+    assert assert_served_ids_are_predicts(model, images, tmp_path, instance_classes=list(range(19))) >= 3
