@@ -329,7 +329,13 @@ def render_scene(rng: np.random.Generator, height: int, width: int):
             z += length
 
     # ---- objects: trees, poles, cars, persons (drawn far to near with a z-buffer) ---------
-    objects = []  # (z, kind, params)
+    _draw_objects(cv, rng, _place_objects(rng, gaps, road_half, x_off, sw))
+    return _finish(cv, rng, sun, haze_dist)
+
+
+def _place_objects(rng, gaps, road_half, x_off, sw):
+    """[(z, kind, x)] of the trees, poles, cars and persons of a scene."""
+    objects = []
     for _ in range(rng.integers(0, 7)):
         side = rng.choice([-1, 1])
         if gaps and rng.random() < 0.5:
@@ -362,6 +368,10 @@ def render_scene(rng: np.random.Generator, height: int, width: int):
             x = x_off + rng.uniform(-road_half + 0.3, road_half - 0.3)
         objects.append((rng.uniform(3.5, 45.0), "person", x))
 
+    return objects
+
+
+def _draw_objects(cv: _Canvas, rng, objects):
     objects.sort(key=lambda o: -o[0])  # far to near
     k_inst = {CAR: 0, PERSON: 0}
     for z, kind, x in objects:
@@ -392,7 +402,10 @@ def render_scene(rng: np.random.Generator, height: int, width: int):
                               PERSON, inst):
                 k_inst[PERSON] += 1
 
-    # ---- sky, haze, lighting, sensor noise ---------------------------------------------
+
+
+def _finish(cv: _Canvas, rng, sun, haze_dist):
+    """Sky, haze, lighting and sensor noise; the four arrays of :func:`render_scene`."""
     sky = cv.label == SKY
     t = np.clip(cv.rows / max(cv.v0, 1.0), 0, 1).astype(np.float32)  # 0 top .. 1 horizon
     sky_top = _hsv(rng.uniform(200, 220), rng.uniform(0.35, 0.6), rng.uniform(0.7, 0.9))
