@@ -2,9 +2,9 @@
 
 One training run of ``mtl_keras.experiment`` (its prepare and build steps: a Kendall et al. DeepLabV3 model,
 uncertainty weighting, the synthetic street scenes, three tasks) is fitted once per initial ``log sigma^2`` in
-{-2, ..., 5} (every task starts at the same value), from the same network weights and on the same batches. ``log sigma^2`` of every task is
-recorded after every step; the run passes when, at its end, the values from all initialisations lie within
-``--tolerance`` (0.1) of each other for every task.
+{-2, ..., 5} (every task starts at the same value), from the same network weights and on the same batches.
+``log sigma^2`` of every task is recorded after every step; the run passes when, at its end, the values from all
+initialisations lie within ``--tolerance`` (0.1) of each other for every task.
 
     python experiments/init_robustness.py            # 400 steps per init at 64x128 (~10 min on 2 CPU cores)
     python experiments/init_robustness.py --quick    # 100 steps per init at 32x64 (~1 min; run by the tests)

@@ -461,7 +461,8 @@ def define_flags(name, variant_names, quick_help, datasets, dataset_help):
                         "a local keras.applications ResNet .h5 file, or '' for random.")
     flags.DEFINE_integer("synthetic_num_train", 0,
                          "Synthetic training images when the set is generated (0: the mode's).")
-    flags.DEFINE_integer("synthetic_num_val", 0, "Synthetic validation images when the set is generated (0: the mode's).")
+    flags.DEFINE_integer("synthetic_num_val", 0,
+                         "Synthetic validation images when the set is generated (0: the mode's).")
     flags.DEFINE_string("output_dir", "", f"Runs and the JSON of results (default runs/{name}[_quick]).")
     flags.DEFINE_string("markdown", "", "Where else to write the markdown fragment (it always goes to "
                         "OUTPUT_DIR/NAME.md).")

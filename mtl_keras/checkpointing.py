@@ -155,8 +155,8 @@ class DivergenceGuard(keras.callbacks.Callback):
         if bad:
             raise FloatingPointError(
                 f"Training diverged in epoch {epoch + 1}: non-finite weights ({len(bad)} variable(s), e.g. "
-                f"{', '.join(bad[:3])}) although the loss stayed finite.{self.where} Check the data for NaN/inf images, or "
-                f"lower the learning rate.")
+                f"{', '.join(bad[:3])}) although the loss stayed finite.{self.where} Check the data for NaN/inf "
+                f"images, or lower the learning rate.")
 
     def on_train_batch_end(self, batch, logs=None):
         bad = {k: v for k, v in (logs or {}).items() if k.endswith("loss") and not _finite(v)}

@@ -24,7 +24,7 @@ import numpy as np
 from mtl_keras import checkpointing, distribution, platform
 from mtl_keras import export as serving_export
 from mtl_keras.config import TrainConfig
-from mtl_keras.data.datasets import DATASETS, class_table, count_examples, dataset_entry, load_dataset
+from mtl_keras.data import datasets
 from mtl_keras.evaluation import evaluate_model
 from mtl_keras.presets import save_to_preset
 from mtl_keras.presets import build_model
@@ -140,7 +140,7 @@ def prepare(config):
 def _prepare_data(run):
     config = run.config
     run.data_dir = resolve_data_dir(config)
-    run.num_train = count_examples(config.dataset, run.data_dir, "train")
+    run.num_train = datasets.count_examples(config.dataset, run.data_dir, "train")
     run.epochs, run.steps_per_epoch = plan_steps(config, run.num_train)
     run.data_kwargs = dict(image_size=tuple(int(v) for v in config.image_size), num_classes=config.num_classes,
                            tasks=run.tasks, seed=config.seed)
@@ -152,8 +152,8 @@ def _prepare_data(run):
         run.augment["crop_size"] = tuple(config.crop_size)
     run.use_tf_data = platform.tensorflow_available()
     if run.use_tf_data:
-        run.val_ds = load_dataset(config.dataset, run.data_dir, "val", batch_size=config.batch_size, shuffle=False,
-                                  flip=False, **run.data_kwargs)
+        run.val_ds = datasets.load_dataset(config.dataset, run.data_dir, "val", batch_size=config.batch_size,
+                                           shuffle=False, flip=False, **run.data_kwargs)
         if config.val_batches:
             run.val_ds = run.val_ds.take(config.val_batches)
     else:
@@ -162,7 +162,7 @@ def _prepare_data(run):
 
 def resolve_data_dir(config):
     """The folder to read; a generated dataset (``synthetic``) is generated once, when absent."""
-    entry = dataset_entry(config.dataset)  # validates the name
+    entry = datasets.dataset_entry(config.dataset)  # validates the name
     if entry.generate is not None:
         return entry.generate(config)
     if not config.data_dir:
@@ -242,9 +242,9 @@ def _worker_dir(config):
 def _numpy_dataset(run, split, max_batches=0, **kwargs):
     """The dataset's TensorFlow-free loader (``mtl_keras.data.numpy_loader``), where it has one."""
     config = run.config
-    loader = dataset_entry(config.dataset).numpy_loader
+    loader = datasets.dataset_entry(config.dataset).numpy_loader
     if loader is None or run.augment or run.data_kwargs.get("depth_target", "inverse") != "inverse":
-        readable = ", ".join(name for name, entry in DATASETS.items() if entry.numpy_loader is not None)
+        readable = ", ".join(name for name, entry in datasets.DATASETS.items() if entry.numpy_loader is not None)
         raise ValueError(f"Without TensorFlow, only --dataset {readable} with inverse depth and no --scale_range / "
                          f"--crop_size can be read (got --dataset {config.dataset}); install tensorflow for the "
                          f"tf.data pipelines.")
@@ -386,14 +386,15 @@ def train_dataset(run):
         # batch size.
         def dataset_fn(context):
             per_replica = context.get_per_replica_batch_size(config.batch_size)
-            return load_dataset(config.dataset, run.data_dir, "train", batch_size=per_replica, flip=config.flip,
-                                repeat=True, input_context=context, **cache, **run.augment,
-                                **run.data_kwargs).skip(skip)
+            return datasets.load_dataset(config.dataset, run.data_dir, "train", batch_size=per_replica,
+                                         flip=config.flip, repeat=True, input_context=context, **cache,
+                                         **run.augment, **run.data_kwargs).skip(skip)
 
         return run.strategy.distribute_datasets_from_function(dataset_fn)
     if run.use_tf_data:  # Keras splits each global batch over the local replicas
-        return load_dataset(config.dataset, run.data_dir, "train", batch_size=config.batch_size, flip=config.flip,
-                            repeat=True, **cache, **run.augment, **run.data_kwargs).skip(skip)
+        return datasets.load_dataset(config.dataset, run.data_dir, "train", batch_size=config.batch_size,
+                                     flip=config.flip, repeat=True, **cache, **run.augment,
+                                     **run.data_kwargs).skip(skip)
     # No TensorFlow: the numpy loader, resumed by its epoch number.
     return _numpy_dataset(run, "train", steps_per_epoch=run.steps_per_epoch, initial_epoch=run.initial_epoch)
 
@@ -514,7 +515,8 @@ def _results(run, model, trained, final_weights, digest):
 def _save_samples(run, model, folder):
     os.makedirs(folder, exist_ok=True)
     count = run.config.num_sample_images
-    classes = class_table(run.config.dataset, run.config.num_classes, run.data_dir)  # the legend's names and colours
+    # The legend's names and colours.
+    classes = datasets.class_table(run.config.dataset, run.config.num_classes, run.data_dir)
     saved = 0
     for images, targets in run.val_ds:
         images = np.asarray(images)  # tf.data tensors: JAX and PyTorch take numpy
