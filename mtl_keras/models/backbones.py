@@ -2,7 +2,10 @@
 
 A backbone's output is a dict ``{"P1": ..., "P5": ...}`` (level ``Pk`` nominally at stride ``2**k``;
 ``backbone.pyramid_strides`` gives the real strides, which dilation keeps at ``output_stride``). The ImageNet
-normalisation is inside, so every model of the zoo takes raw images. Heads (``mtl_keras.models.kendall``,
+normalisation is inside, so every model of the zoo takes raw images. The pyramid is a chain, so it also splits into
+``backbone.stem`` (images -> normalised images) and ``backbone.stages`` (one per level, ``backbone.stage_names``:
+level ``k-1`` -> level ``k``), keras Models on the backbone's own layers: a sharing scheme (cross-stitch, MTAN,
+NDDR-CNN) puts its units between stages, with one backbone per task from ``type(backbone).from_config(config)``. Heads (``mtl_keras.models.kendall``,
 ``mtl_keras.models.mt_unet``) are built on ``backbone.pyramid_outputs``: the task model is one flat functional graph
 that shares the backbone's layers, so its weights file has the same layout with or without a user-given backbone,
 and ``model.backbone`` is a view whose ``trainable = False`` freezes the encoder inside the task model.
@@ -21,10 +24,13 @@ attention decoders read the deepest level and one skip per finer stride, so they
 powers of two (both above; inputs must then be multiples of ``model.size_multiple``).
 """
 
+import functools
+import os
+
 import keras
 
 from mtl_keras.layers import conv_bn_relu, image_normalization
-from mtl_keras.models.resnet import RESNET_BLOCKS, dilated_resnet_pyramid, pyramid_strides
+from mtl_keras.models.resnet import RESNET_BLOCKS, dilated_resnet_pyramid, load_resnet_weights, pyramid_strides
 from mtl_keras.presets import PresetMixin
 
 
@@ -33,10 +39,34 @@ class Backbone(PresetMixin, keras.Model):
     """Base class: a functional model ``image -> {level: features}`` with ``pyramid_strides``.
 
     Subclasses build their graph, call ``super().__init__(inputs=image, outputs=pyramid, ...)`` and set
-    ``pyramid_strides`` ({level: stride}).
+    ``pyramid_strides`` ({level: stride}). Each level must be computed from the previous one only (the first from
+    the output of the layer named ``stem_layer``), so that the pyramid splits into stages.
     """
 
     pyramid_strides = {}
+    stem_layer = "image_normalization"
+
+    # Cached outside keras' attribute tracking (functools writes the instance __dict__): the stem and stages hold
+    # the backbone's own layers, so they add no weights and leave the backbone's saved layout as it is.
+    @functools.cached_property
+    def stem(self):
+        """images -> the first stage's input, a keras Model sharing the backbone's layers."""
+        return keras.Model(self.input, self.get_layer(self.stem_layer).output, name=f"{self.name}_stem")
+
+    @functools.cached_property
+    def stages(self):
+        """One keras Model per level of ``stage_names``, from the previous level (the stem's output for the first)
+        to this level, at stride ``pyramid_strides[level]`` with ``pyramid_channels[level]`` channels:
+        ``stages[-1](...stages[0](stem(images)))`` is the deepest level."""
+        inputs, stages = self.stem.output, []
+        for level, features in self.output.items():
+            stages.append(keras.Model(inputs, features, name=f"{self.name}_{level}"))
+            inputs = features
+        return stages
+
+    @property
+    def stage_names(self):
+        return list(self.output)
 
     @property
     def pyramid_outputs(self):
@@ -65,7 +95,7 @@ class DilatedResNetBackbone(Backbone):
 
     ``backbone_weights``: None (random), ``"imagenet"`` (``keras.applications``' download, cached under
     ``~/.keras/models``) or a local file of ``keras.applications.ResNet50/101`` (depth 50 / 101, ``width=64``); the
-    caffe-style input convention of those weights is folded into ``conv1`` (see ``mtl_keras.pretrained``).
+    caffe-style input convention of those weights is folded into ``conv1`` (see ``mtl_keras.models.resnet``).
     """
 
     def __init__(self, depth=101, output_stride=8, width=64, input_shape=(None, None, 3), backbone_weights=None,
@@ -78,7 +108,7 @@ class DilatedResNetBackbone(Backbone):
         super().__init__(inputs=image, outputs=pyramid, **kwargs)
         # === Config ===
         self.depth = depth
-        self.backbone_depth = depth  # the name mtl_keras.pretrained looks for
+        self.backbone_depth = depth  # the name load_resnet_weights reads, as on task models
         self.output_stride = output_stride
         self.width = width
         self.pyramid_strides = pyramid_strides(output_stride)
@@ -133,10 +163,6 @@ def dense_block(x, filters, name):
 def load_backbone_weights(model, weights):
     """ImageNet weights (``"imagenet"`` or a local ``keras.applications`` file) into the dilated ResNet of
     ``model`` (a backbone or a task model built on one); errors name the file."""
-    import os
-
-    from mtl_keras.pretrained import load_resnet_weights
-
     if weights != "imagenet":
         weights = os.fspath(weights)
         if not os.path.isfile(weights):

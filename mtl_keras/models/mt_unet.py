@@ -37,7 +37,6 @@ import keras
 
 from mtl_keras.layers import BatchNormalization, conv_bn_relu
 from mtl_keras.models.backbones import DenseUNetEncoder, DilatedResNetBackbone, load_backbone_weights
-from mtl_keras.models.backbones import dense_block  # noqa: F401  (its home before the backbones module)
 from mtl_keras.models.heads import deepest_level, skip_levels, task_output
 from mtl_keras.models.task_model import MultiTaskModel
 from mtl_keras.registry import register_model
@@ -172,6 +171,7 @@ class MTUNet(MultiTaskModel):
         if self.bottleneck_filters is not None:
             head["bottleneck_filters"] = self.bottleneck_filters
         return self._config(encoder, head)
+
 
 def _check_size_multiple(input_shape, factor):
     if any(s is not None and s % factor for s in tuple(input_shape)[:2]):

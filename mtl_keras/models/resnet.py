@@ -1,14 +1,34 @@
-"""Dilated ResNet (bottleneck, v1) encoder with a chosen output stride.
+"""Dilated ResNet (bottleneck, v1) encoder with a chosen output stride, and its ImageNet weights.
 
 Layer names and structure follow ``keras.applications.ResNet50/101`` exactly (stride on the first 1x1 conv, biased
-convs, BN epsilon 1.001e-5), so ImageNet weights of those applications load by layer name. ``output_stride`` 8 or 16
-turns the strides of the last stages into dilation (DeepLab): as in torchvision, the first block of a dilated stage
-keeps the previous dilation and the following blocks use the new one.
+convs, BN epsilon 1.001e-5), so ImageNet weights of those applications load by layer name
+(:func:`load_resnet_weights`). ``output_stride`` 8 or 16 turns the strides of the last stages into dilation
+(DeepLab): as in torchvision, the first block of a dilated stage keeps the previous dilation and the following blocks
+use the new one. Dilation changes no weight shape, so the same weights serve every output stride.
+
+Where the weights come from: a local file that ``keras.applications.ResNet50/101(weights=path)`` reads (the release
+file ``resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5``, a ``.weights.h5`` of ``app.save_weights`` or a
+``.keras`` file of the application), or ``"imagenet"``: the application's own download (cached under
+``~/.keras/models``; with no network it works only if that file is already there).
+
+Input convention. The Keras ResNet (v1) weights were trained on "caffe" inputs: BGR, the ImageNet mean subtracted,
+no scaling. The zoo's models normalise RGB images in 0..255 with the ImageNet mean *and* standard deviation (the
+torchvision convention, ``mtl_keras.layers.image_normalization``). With ``fold_preprocessing=True`` (default) the
+conversion is folded into ``conv1_conv`` (its input channels are reversed and scaled by the std, its bias takes the
+mean difference), so the encoder computes what the application computes on ``preprocess_input(images)``, except in
+the 3-pixel zero padding of ``conv1`` where the two conventions pad with colours 0.5 grey-levels apart.
 """
 
-import keras
+import logging
+import os
 
-from mtl_keras.layers import AtrousConv2D, BatchNormalization
+import keras
+import numpy as np
+
+from mtl_keras.layers import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, AtrousConv2D, BatchNormalization
+from mtl_keras.presets import check_sha256
+
+log = logging.getLogger("mtl_keras")
 
 RESNET_BLOCKS = {
     26: (2, 2, 2, 2),  # small depth for quick runs and tests
@@ -16,6 +36,14 @@ RESNET_BLOCKS = {
     101: (3, 4, 23, 3),
 }
 _BN_EPS = 1.001e-5
+RESNET_APPLICATIONS = {50: "ResNet50", 101: "ResNet101"}
+# keras.applications.resnet.preprocess_input ("caffe" mode): RGB -> BGR, minus this mean (BGR order), no scaling.
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+# The files keras.applications downloads for weights="imagenet", include_top=False, with its md5 hashes.
+IMAGENET_FILES = {
+    50: ("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", "4d473c1dd8becc155b73f8504c6f6626"),
+    101: ("resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5", "88cf7a10940856eca736dc7b7e228a21"),
+}
 
 
 def bottleneck_block(x, filters, stride=1, dilation=1, conv_shortcut=False, name=None):
@@ -90,3 +118,100 @@ def pyramid_strides(output_stride):
 def dilated_resnet(inputs, depth=101, output_stride=8, width=64, name_prefix=""):
     """The last stage's features of :func:`dilated_resnet_pyramid` (the DeepLab encoder output)."""
     return dilated_resnet_pyramid(inputs, depth, output_stride, width, name_prefix)["P5"]
+
+
+# ---------------------------------------------------------------------------------------------- ImageNet weights
+def resnet_application(depth, weights=None):
+    """``keras.applications.ResNet50/101(include_top=False)`` at any input size, with ``weights`` (None, "imagenet"
+    or a local file)."""
+    if depth not in RESNET_APPLICATIONS:
+        raise ValueError(f"keras.applications has ImageNet ResNets of depth {sorted(RESNET_APPLICATIONS)} only; "
+                         f"this encoder has depth {depth!r}.")
+    builder = getattr(keras.applications, RESNET_APPLICATIONS[depth])
+    try:
+        return builder(include_top=False, weights=weights, input_shape=(None, None, 3))
+    except Exception as e:  # noqa: BLE001 - the download error of weights="imagenet" is a plain Exception
+        if weights == "imagenet":
+            raise RuntimeError(
+                f"Could not get the ImageNet weights of {RESNET_APPLICATIONS[depth]} ({e}). Without network access, "
+                f"put {IMAGENET_FILES[depth][0]} in ~/.keras/models/ (the keras.applications cache) or pass its local "
+                f"path as weights=...") from e
+        raise
+
+
+def infer_resnet_depth(model, name_prefix=""):
+    """Depth (26, 50 or 101) of the dilated ResNet inside ``model``, from its number of blocks per stage."""
+    depth = getattr(model, "backbone_depth", None)
+    if depth:
+        return int(depth)
+    names = {layer.name for layer in model.layers}
+    blocks = tuple(sum(1 for b in range(1, 64) if f"{name_prefix}conv{s}_block{b}_out" in names) for s in (2, 3, 4, 5))
+    for depth, plan in RESNET_BLOCKS.items():
+        if plan == blocks:
+            return depth
+    raise ValueError(f"No dilated ResNet with layer prefix {name_prefix!r} found in {model.name!r} (blocks per stage "
+                     f"{blocks}).")
+
+
+def fold_caffe_preprocessing(kernel, bias):
+    """``conv1`` weights for ImageNet-standardised RGB inputs from weights trained on caffe (BGR - mean) inputs.
+
+    With ``n = (rgb - mean) / std`` and ``c_k = bgr_k - caffe_mean_k``: ``c_k = n_{2-k} std_{2-k} + mean_{2-k} -
+    caffe_mean_k``, so ``W'[..., j, :] = W[..., 2 - j, :] * std_j`` and ``b' = b + sum W[..., k, :] (mean_{2-k} -
+    caffe_mean_k)``.
+    """
+    kernel = np.asarray(kernel, np.float64)
+    std = np.asarray(IMAGENET_STD_RGB, np.float64)
+    shift_bgr = np.asarray(IMAGENET_MEAN_RGB, np.float64)[::-1] - np.asarray(CAFFE_MEAN_BGR, np.float64)
+    new_kernel = kernel[:, :, ::-1, :] * std[None, None, :, None]
+    new_bias = np.asarray(bias, np.float64) + np.einsum("hwko,k->o", kernel, shift_bgr)
+    return new_kernel.astype(np.float32), new_bias.astype(np.float32)
+
+
+def load_resnet_weights(model, weights="imagenet", depth=None, name_prefix="", fold_preprocessing=True,
+                        sha256=None):
+    """Copies the weights of ``keras.applications.ResNet{depth}`` into the dilated ResNet layers of ``model``.
+
+    ``weights``: ``"imagenet"``, a local file (see the module docstring) or an application model already holding
+    its weights (to fill several models from one read); ``sha256``: expected hash of the file (checked before
+    anything is read). ``depth``: default from the model. ``name_prefix``: the ``name_prefix`` the encoder was built
+    with. ``fold_preprocessing=False`` copies ``conv1`` unchanged (for an encoder fed caffe-style inputs). Every
+    weighted layer of the application must find a layer of the same name and weight shapes in ``model`` (a narrower
+    ``backbone_width`` is an error); nothing is set before all are checked. Returns the names of the layers loaded.
+    """
+    if weights is None:
+        raise ValueError("weights must be 'imagenet', a local weights file or a keras.applications ResNet model.")
+    if isinstance(weights, keras.Model):  # an application already built with its weights
+        app = weights
+    else:
+        if weights != "imagenet":
+            weights = os.fspath(weights)
+            if not os.path.isfile(weights):
+                raise FileNotFoundError(f"Backbone weights file {weights!r} does not exist.")
+            check_sha256(weights, sha256)
+        depth = infer_resnet_depth(model, name_prefix) if depth is None else int(depth)
+        app = resnet_application(depth, weights=weights)
+
+    targets = {layer.name: layer for layer in model.layers}
+    plan = []
+    for layer in app.layers:
+        values = layer.get_weights()
+        if not values:
+            continue
+        name = f"{name_prefix}{layer.name}"
+        target = targets.get(name)
+        if target is None:
+            raise ValueError(f"{model.name!r} has no layer {name!r} for {app.name}'s {layer.name!r}; is it a dilated "
+                             f"ResNet of {app.name}'s depth built with name_prefix={name_prefix!r}?")
+        shapes = [tuple(w.shape) for w in target.get_weights()]
+        if shapes != [tuple(v.shape) for v in values]:
+            raise ValueError(f"Layer {name!r}: the model's weights have shapes {shapes}, {app.name}'s "
+                             f"{[tuple(v.shape) for v in values]}. ImageNet weights need backbone_width=64.")
+        if fold_preprocessing and layer.name == "conv1_conv":
+            values = list(fold_caffe_preprocessing(*values))
+        plan.append((target, values))
+    for target, values in plan:
+        target.set_weights(values)
+    source = weights if isinstance(weights, str) else app.name
+    log.info("Loaded %s weights (%s) into %d layers of %s.", app.name, source, len(plan), model.name)
+    return [target.name for target, _ in plan]

@@ -1,18 +1,18 @@
-"""ImageNet backbone weights: keras.applications.ResNet50/101 weights load into the dilated ResNet by layer name."""
+"""ImageNet weights (mtl_keras.models.resnet): keras.applications.ResNet50/101 load into the dilated ResNet."""
 
 import keras
 import numpy as np
 import pytest
 
 import mtl_keras
-from mtl_keras import pretrained
 from mtl_keras.layers import image_normalization
+from mtl_keras.models import resnet
 from mtl_keras.models.resnet import dilated_resnet
 
 
 def application_weights_file(depth, path, seed=0):
     """keras.applications.ResNet{depth} with random weights (and random batch-norm statistics), saved."""
-    app = pretrained.resnet_application(depth, weights=None)
+    app = resnet.resnet_application(depth, weights=None)
     rng = np.random.default_rng(seed)
     for layer in app.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -37,14 +37,14 @@ def test_resnet101_weights_give_the_same_features_at_stride_32_and_load_at_strid
     expected = np.asarray(app(x, training=False))
 
     ours = encoder(101, 32, name_prefix="backbone_")
-    loaded = pretrained.load_resnet_weights(ours, path, name_prefix="backbone_", fold_preprocessing=False)
+    loaded = resnet.load_resnet_weights(ours, path, name_prefix="backbone_", fold_preprocessing=False)
     assert len(loaded) == sum(1 for layer in app.layers if layer.weights)
     np.testing.assert_allclose(np.asarray(ours(x, training=False)), expected, rtol=1e-4,
                                atol=1e-5 * np.abs(expected).max())
 
     # The paper's model at output stride 8: the same weights load and the model runs.
     model = mtl_keras.build_model("kendall_deeplabv3_resnet101", input_shape=(32, 32, 3))
-    pretrained.load_resnet_weights(model, app)
+    resnet.load_resnet_weights(model, app)
     for name in ("conv2_block1_0_conv", "conv4_block23_2_conv", "conv5_block3_3_bn"):
         for ours_w, theirs_w in zip(model.get_layer(name).get_weights(), app.get_layer(name).get_weights()):
             np.testing.assert_array_equal(ours_w, theirs_w)
@@ -72,27 +72,27 @@ def test_resnet50_weights_through_load_model_see_raw_images_as_the_application_s
     narrow = mtl_keras.build_model("kendall_deeplabv3_resnet50", input_shape=(32, 32, 3), backbone_width=8,
                                    aspp_channels=8, decoder_channels=8)
     with pytest.raises(ValueError, match="backbone_width=64"):
-        pretrained.load_resnet_weights(narrow, app)
+        resnet.load_resnet_weights(narrow, app)
     with pytest.raises(ValueError, match="sha256 mismatch"):
-        pretrained.load_resnet_weights(narrow, path, sha256="0" * 64)
+        resnet.load_resnet_weights(narrow, path, sha256="0" * 64)
 
 
 def test_depth_without_an_application_is_a_clear_error():
     slim = mtl_keras.build_model("kendall_deeplabv3_resnet26_slim", input_shape=(32, 32, 3), backbone_width=8,
                                  aspp_channels=8, decoder_channels=8)
     with pytest.raises(ValueError, match="depth"):
-        pretrained.load_resnet_weights(slim, "imagenet")
+        resnet.load_resnet_weights(slim, "imagenet")
 
 
 def test_imagenet_without_network_or_cache_says_where_to_put_the_file(monkeypatch):
-    from keras.src.applications import resnet
+    from keras.src.applications import resnet as keras_resnet
 
     def no_network(*args, **kwargs):
         raise Exception("URL fetch failure: no network")
 
-    monkeypatch.setattr(resnet.file_utils, "get_file", no_network)
+    monkeypatch.setattr(keras_resnet.file_utils, "get_file", no_network)
     with pytest.raises(RuntimeError, match=r"resnet50_weights_tf_dim_ordering_tf_kernels_notop\.h5.*\.keras/models"):
-        pretrained.resnet_application(50, weights="imagenet")
+        resnet.resnet_application(50, weights="imagenet")
 
 
 def test_caffe_folding_is_exact_on_a_single_pixel():
@@ -100,8 +100,8 @@ def test_caffe_folding_is_exact_on_a_single_pixel():
     rng = np.random.default_rng(4)
     kernel, bias = rng.normal(size=(7, 7, 3, 4)), rng.normal(size=4)
     patch = rng.uniform(0, 255, (7, 7, 3))  # RGB
-    caffe = patch[..., ::-1] - np.asarray(pretrained.CAFFE_MEAN_BGR)
+    caffe = patch[..., ::-1] - np.asarray(resnet.CAFFE_MEAN_BGR)
     standard = (patch - np.asarray(mtl_keras.layers.IMAGENET_MEAN_RGB)) / np.asarray(mtl_keras.layers.IMAGENET_STD_RGB)
-    new_kernel, new_bias = pretrained.fold_caffe_preprocessing(kernel, bias)
+    new_kernel, new_bias = resnet.fold_caffe_preprocessing(kernel, bias)
     np.testing.assert_allclose(np.einsum("hwc,hwco->o", standard, new_kernel) + new_bias,
                                np.einsum("hwc,hwco->o", caffe, kernel) + bias, rtol=1e-4, atol=1e-3)
