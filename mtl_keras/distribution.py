@@ -8,6 +8,7 @@ replicas) and multiplies by the number of replicas, so that after Keras' scaling
 step. On any other backend, or with one replica, every function here is the identity.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -84,8 +85,6 @@ class KerasPlacement:
         self.num_replicas_in_sync = int(devices)
 
     def scope(self):
-        import contextlib
-
         return self.keras_distribution.scope() if self.keras_distribution else contextlib.nullcontext()
 
     @property
@@ -117,8 +116,6 @@ def _keras_placement(name, cpu_replicas):
 def fit_scope(strategy):
     """What must surround ``fit`` as well as model building: the Keras distribution on JAX; nothing on TF (Keras
     enters the tf.distribute strategy by itself)."""
-    import contextlib
-
     return strategy.scope() if isinstance(strategy, KerasPlacement) else contextlib.nullcontext()
 
 
