@@ -183,9 +183,6 @@ def test_two_training_steps_on_a_folder_dataset(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-@pytest.mark.xfail(strict=True, reason="mtl_keras/experiment.py's sample pictures take their class names and colours "
-                                       "from mtl_keras.labels (CityScapes / NYUv2 only), not from "
-                                       "mtl_keras.data.datasets.class_table")
 def test_train_py_on_a_folder_dataset(tmp_path):
     write_folder_dataset(tmp_path / "data", counts=(("train", 4), ("val", 2)))
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "train.py"), "--dataset", "folder", "--data_dir",
