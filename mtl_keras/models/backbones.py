@@ -2,13 +2,16 @@
 
 A backbone's output is a dict ``{"P1": ..., "P5": ...}`` (level ``Pk`` nominally at stride ``2**k``;
 ``backbone.pyramid_strides`` gives the real strides, which dilation keeps at ``output_stride``). The ImageNet
-normalisation is inside, so every model of the zoo takes raw images. The pyramid is a chain, so it also splits into
-``backbone.stem`` (images -> normalised images) and ``backbone.stages`` (one per level, ``backbone.stage_names``:
-level ``k-1`` -> level ``k``), keras Models on the backbone's own layers: a sharing scheme (cross-stitch, MTAN,
-NDDR-CNN) puts its units between stages, with one backbone per task from ``type(backbone).from_config(config)``. Heads (``mtl_keras.models.kendall``,
+normalisation is inside, so every model of the zoo takes raw images. Heads (``mtl_keras.models.kendall``,
 ``mtl_keras.models.mt_unet``) are built on ``backbone.pyramid_outputs``: the task model is one flat functional graph
 that shares the backbone's layers, so its weights file has the same layout with or without a user-given backbone,
 and ``model.backbone`` is a view whose ``trainable = False`` freezes the encoder inside the task model.
+
+The pyramid is a chain, so it also splits into ``backbone.stem`` (images -> normalised images) and
+``backbone.stages`` (``stage_names[k]``: level ``k-1`` -> level ``k``), keras Models on the backbone's own layers and
+named after the backbone. A sharing scheme (cross-stitch, MTAN, NDDR-CNN) calls them in its own graph and puts its
+units between them, with one backbone per task from ``type(backbone).from_config({**config, "name": ...})``
+(``tests/test_backbones.py`` builds a cross-stitch network this way).
 
 =========================  ==========================================================================================
 ``DilatedResNetBackbone``  the (dilated) ResNet v1 of depth 26, 50 or 101 at output stride 8, 16 or 32; layer names

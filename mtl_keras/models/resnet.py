@@ -39,11 +39,6 @@ _BN_EPS = 1.001e-5
 RESNET_APPLICATIONS = {50: "ResNet50", 101: "ResNet101"}
 # keras.applications.resnet.preprocess_input ("caffe" mode): RGB -> BGR, minus this mean (BGR order), no scaling.
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-# The files keras.applications downloads for weights="imagenet", include_top=False, with its md5 hashes.
-IMAGENET_FILES = {
-    50: ("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", "4d473c1dd8becc155b73f8504c6f6626"),
-    101: ("resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5", "88cf7a10940856eca736dc7b7e228a21"),
-}
 
 
 def bottleneck_block(x, filters, stride=1, dilation=1, conv_shortcut=False, name=None):
@@ -134,8 +129,8 @@ def resnet_application(depth, weights=None):
         if weights == "imagenet":
             raise RuntimeError(
                 f"Could not get the ImageNet weights of {RESNET_APPLICATIONS[depth]} ({e}). Without network access, "
-                f"put {IMAGENET_FILES[depth][0]} in ~/.keras/models/ (the keras.applications cache) or pass its local "
-                f"path as weights=...") from e
+                f"put resnet{depth}_weights_tf_dim_ordering_tf_kernels_notop.h5 (the file it downloads) in "
+                f"~/.keras/models/ (the keras.applications cache) or pass its local path as weights=...") from e
         raise
 
 

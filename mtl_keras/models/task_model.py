@@ -9,11 +9,11 @@ from mtl_keras.presets import PresetMixin
 class MultiTaskModel(PresetMixin, keras.Model):
     """A head (per-task decoders) on a :class:`~mtl_keras.models.backbones.Backbone`, as one flat functional graph.
 
-    Subclasses build in three parts (keras-hub's constructor): the encoder (:meth:`_resolve_encoder`), the functional graph
-    on ``backbone.pyramid_outputs``, then ``super().__init__(inputs=backbone.input, outputs=...)``,
+    Subclasses build in three parts (keras-hub's constructor): the encoder (:meth:`_resolve_encoder`), the
+    functional graph on ``backbone.pyramid_outputs``, then ``super().__init__(inputs=backbone.input, outputs=...)``,
     :meth:`_set_common` and their own config. ``model.backbone`` is the encoder, a view sharing the layers
-    (``model.backbone.trainable = False`` freezes it); the weights file lists the layers flat, as before backbones
-    existed, so files of earlier versions load.
+    (``model.backbone.trainable = False`` freezes it); the weights file lists the layers flat, with no backbone
+    group: the layout of the published weights files, whichever backbone built them.
     """
 
     @staticmethod
