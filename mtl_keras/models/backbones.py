@@ -33,7 +33,7 @@ import os
 import keras
 
 from mtl_keras.layers import conv_bn_relu, image_normalization
-from mtl_keras.models.resnet import RESNET_BLOCKS, dilated_resnet_pyramid, load_resnet_weights, pyramid_strides
+from mtl_keras.models.resnet import dilated_resnet_pyramid, load_resnet_weights, pyramid_strides
 from mtl_keras.presets import PresetMixin
 
 
@@ -213,5 +213,5 @@ def serialize_backbone(backbone):
     return {"class_name": type(backbone).__name__, "config": backbone.get_config()}
 
 
-__all__ = ["Backbone", "DenseUNetEncoder", "DilatedResNetBackbone", "RESNET_BLOCKS", "build_backbone",
-           "dense_block", "load_backbone_weights", "serialize_backbone"]
+__all__ = ["Backbone", "DenseUNetEncoder", "DilatedResNetBackbone", "build_backbone", "dense_block",
+           "load_backbone_weights", "serialize_backbone"]

@@ -15,7 +15,7 @@ Decoder per task: conv to 256 + BN + ReLU, 1x1 conv to the task's channels, bili
 import keras
 
 from mtl_keras.layers import GlobalAveragePooling2D, ResizeLike, conv_bn_relu
-from mtl_keras.models.backbones import DilatedResNetBackbone, load_backbone_weights
+from mtl_keras.models.backbones import DilatedResNetBackbone
 from mtl_keras.models.heads import deepest_level, task_output
 from mtl_keras.models.task_model import MultiTaskModel
 from mtl_keras.registry import register_model
@@ -61,9 +61,8 @@ class KendallMultiTaskModel(MultiTaskModel):
         tasks = validate_tasks(tasks)
         # === Layers: the encoder ===
         backbone, custom_backbone = self._resolve_encoder(backbone, input_shape, lambda: DilatedResNetBackbone(
-            depth=backbone_depth, output_stride=output_stride, width=backbone_width, input_shape=tuple(input_shape)))
-        if backbone_weights is not None:
-            load_backbone_weights(backbone, backbone_weights)
+            depth=backbone_depth, output_stride=output_stride, width=backbone_width, input_shape=tuple(input_shape)),
+            backbone_weights)
         # === Functional graph ===
         image = backbone.input
         features = backbone.pyramid_outputs[deepest_level(backbone)]

@@ -36,7 +36,7 @@ Where the paper is vague, this implementation chooses (the switches of Table 3 a
 import keras
 
 from mtl_keras.layers import BatchNormalization, conv_bn_relu
-from mtl_keras.models.backbones import DenseUNetEncoder, DilatedResNetBackbone, load_backbone_weights
+from mtl_keras.models.backbones import DenseUNetEncoder, DilatedResNetBackbone
 from mtl_keras.models.heads import deepest_level, skip_levels, task_output
 from mtl_keras.models.task_model import MultiTaskModel
 from mtl_keras.registry import register_model
@@ -118,9 +118,7 @@ class MTUNet(MultiTaskModel):
                              f"{encoder!r}.")
 
         # === Layers: the encoder ===
-        backbone, custom_backbone = self._resolve_encoder(backbone, input_shape, default_encoder)
-        if backbone_weights is not None:
-            load_backbone_weights(backbone, backbone_weights)
+        backbone, custom_backbone = self._resolve_encoder(backbone, input_shape, default_encoder, backbone_weights)
         strides, channels = backbone.pyramid_strides, backbone.pyramid_channels
         deepest, skips = deepest_level(backbone), skip_levels(backbone)
         _check_size_multiple(backbone.image_shape, strides[deepest])

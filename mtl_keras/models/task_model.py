@@ -2,7 +2,7 @@
 
 import keras
 
-from mtl_keras.models.backbones import Backbone, build_backbone, serialize_backbone
+from mtl_keras.models.backbones import Backbone, build_backbone, load_backbone_weights, serialize_backbone
 from mtl_keras.presets import PresetMixin
 
 
@@ -17,12 +17,17 @@ class MultiTaskModel(PresetMixin, keras.Model):
     """
 
     @staticmethod
-    def _resolve_encoder(backbone, input_shape, build_default):
+    def _resolve_encoder(backbone, input_shape, build_default, backbone_weights=None):
         """``(backbone, custom)``: the given backbone (an instance, or a config that ``input_shape`` resizes), else
-        ``build_default()``."""
-        if backbone is None:
-            return build_default(), False
-        return build_backbone(backbone, None if isinstance(backbone, Backbone) else input_shape), True
+        ``build_default()``; then ``backbone_weights`` (ImageNet weights) if given."""
+        custom = backbone is not None
+        if custom:
+            backbone = build_backbone(backbone, None if isinstance(backbone, Backbone) else input_shape)
+        else:
+            backbone = build_default()
+        if backbone_weights is not None:
+            load_backbone_weights(backbone, backbone_weights)
+        return backbone, custom
 
     def _set_common(self, backbone, custom_backbone, tasks, num_classes, size_multiple):
         self.backbone = backbone
