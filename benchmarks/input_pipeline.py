@@ -45,9 +45,11 @@ def _timed_batches(ds, batches):
 def make_data(work_dir, num_images, log, height=1024, width=2048, others=True):
     """Raw set (``num_images`` scenes of ``height`` x ``width``) and its prepared cache; with ``others`` also the
     .npy release and the NYUv2 .mat (``None`` for them otherwise)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    from miniature import write_npy_release, write_nyuv2  # experiments/miniature.py, the miniature writers
+
     from mtl_keras.data import generate_synthetic_cityscapes
-    from mtl_keras.data.miniature import write_npy_release, write_nyuv2
-    from mtl_keras.data.prepared import write_prepared
+    from mtl_keras.data.datasets import write_prepared
 
     raw = os.path.join(work_dir, f"cityscapes_{width}x{height}")
     t0 = time.perf_counter()
@@ -62,7 +64,7 @@ def make_data(work_dir, num_images, log, height=1024, width=2048, others=True):
         return raw, prepared, None, None
     npy = os.path.join(work_dir, "cityscapes_npy")
     if not os.path.isdir(os.path.join(npy, "val")):
-        from mtl_keras.data.prepared import load_prepared
+        from mtl_keras.data.datasets import load_prepared
 
         for split in ("train", "val"):
             ds = load_prepared(prepared, split, batch_size=1, tasks=("semantic", "depth"), shuffle=False, flip=False)
@@ -123,7 +125,7 @@ def bench_training(raw, prepared, steps, rounds, log):
     import keras
 
     from mtl_keras.data.datasets import load_dataset
-    from mtl_keras.registry import build_model
+    from mtl_keras.presets import build_model
     from mtl_keras.training import MultiTaskTrainer, kendall_sgd
     from mtl_keras.weighting import build_weighting
 

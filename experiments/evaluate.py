@@ -35,7 +35,7 @@ other files is refused:
   official one (it should be 0);
 * ``--baseline_metrics`` (``metrics.json`` files of single-task runs): ``delta_m`` in percent, Delta_m =
   (1/T) sum_i (-1)^{l_i} (M_m,i - M_b,i) / M_b,i * 100 with l_i = 1 where higher is better; NEGATIVE = the
-  multi-task model is better (``mtl_keras.evaluation.delta_m``);
+  multi-task model is better (:func:`delta_m`);
 * ``images/``: for the first ``--num_images`` images, the semantic prediction and ground truth in CityScapes
   colours, the inverse depth colour map, surface normals (when predicted), the instances over the image, and the
   usual prediction panel;
@@ -198,16 +198,16 @@ def load_predictor(model_path):
     model_path = os.fspath(model_path)
     as_path = os.path.abspath(model_path)
     if os.path.isdir(as_path) and os.path.isfile(os.path.join(as_path, "saved_model.pb")):
-        kind, run_dir, keras_file = "saved_model", os.path.dirname(as_path), None
+        kind, run_dir = "saved_model", os.path.dirname(as_path)
     elif os.path.isdir(as_path) and os.path.isfile(os.path.join(as_path, "model.keras")):
-        kind, run_dir, keras_file = "run", as_path, os.path.join(as_path, "model.keras")
+        kind, run_dir = "run", as_path
     elif as_path.endswith(".keras") and os.path.isfile(as_path):
-        kind, run_dir, keras_file = "keras", os.path.dirname(as_path), as_path
+        kind, run_dir = "keras", os.path.dirname(as_path)
     elif os.path.isdir(as_path) and os.path.isfile(os.path.join(as_path, "config.json")) and os.path.isdir(
             os.path.join(as_path, "checkpoints")):  # a run folder without model.keras: its last checkpoint
-        kind, run_dir, keras_file = "run", as_path, None
+        kind, run_dir = "run", as_path
     elif os.path.isdir(as_path) or (not os.path.exists(as_path) and not _looks_like_a_path(model_path)):
-        kind, run_dir, keras_file = "preset", None, None
+        kind, run_dir = "preset", None
     else:
         raise FileNotFoundError(f"--model_path {model_path} is neither a run folder (with model.keras), a .keras "
                                 f"file, a SavedModel folder (with saved_model.pb) nor a preset name or folder.")
@@ -233,20 +233,18 @@ def load_predictor(model_path):
 
     if kind == "saved_model":
         return _saved_model_predictor(model_path, info), info
-    import mtl_keras  # noqa: F401  (registers the custom layers before deserialising)
+    # The model itself through the package's one loader of each kind: a run (its preset/, model.keras or last
+    # checkpoint), else a .keras file, a preset folder or a name (safe_mode on, sha256 checked).
+    from mtl_keras.experiment import load_run
+    from mtl_keras.presets import load_model
 
-    if keras_file is None:
-        from mtl_keras.presets import load_model
-
-        try:
-            model = load_model(model_path)
-        except (ValueError, OSError) as e:
-            raise ValueError(f"--model_path {model_path} is neither a run folder, a .keras file nor a SavedModel "
-                             f"folder, and as a preset: {e}") from e
-    else:
-        import keras
-
-        model = keras.saving.load_model(keras_file)  # safe_mode stays on
+    try:
+        model = load_run(model_path) if kind == "run" else load_model(model_path)
+    except (ValueError, OSError) as e:
+        if kind != "preset":
+            raise
+        raise ValueError(f"--model_path {model_path} is neither a run folder, a .keras file nor a SavedModel "
+                         f"folder, and as a preset: {e}") from e
     return _keras_predictor(model, info), info
 
 
@@ -395,6 +393,27 @@ def prepare_output_dir(output_dir):
     os.makedirs(output_dir, exist_ok=True)
 
 
+def delta_m(multi_task, single_task, higher_is_better):
+    """Delta_m in percent (module docstring) over the metrics of ``higher_is_better`` (``{metric: bool}``); NEGATIVE
+    means the multi-task model is better (the MTAN / LibMTL convention). A metric missing from either dict is a
+    KeyError, a zero or non-finite baseline or a non-finite multi-task value a ValueError."""
+    if not higher_is_better:
+        raise ValueError("higher_is_better must name at least one metric.")
+    missing = [k for k in higher_is_better if k not in multi_task or k not in single_task]
+    if missing:
+        raise KeyError(f"Metrics missing from multi_task or single_task: {missing}.")
+    total = 0.0
+    for name, higher in higher_is_better.items():
+        m, b = float(multi_task[name]), float(single_task[name])
+        if not math.isfinite(b) or b == 0.0:
+            raise ValueError(f"Baseline of {name!r} must be finite and non-zero, got {b}.")
+        if not math.isfinite(m):
+            raise ValueError(f"Multi-task value of {name!r} must be finite, got {m}.")
+        sign = -1.0 if higher else 1.0
+        total += sign * (m - b) / b
+    return total / len(higher_is_better) * 100.0
+
+
 def run_evaluation(model_path, dataset=None, data_dir=None, split="val", image_size=None, num_classes=None,
                    tasks=None, batch_size=8, max_batches=0, clustering="histogram", official=False,
                    baseline_metrics=(), num_images=4, output_dir=None):
@@ -405,7 +424,7 @@ def run_evaluation(model_path, dataset=None, data_dir=None, split="val", image_s
     from mtl_keras import visualize as viz
     from mtl_keras.data.datasets import class_table, dataset_entry, load_dataset
     from mtl_keras.labels import label_lookup_table
-    from mtl_keras.evaluation import TASKS, MultiTaskEvaluator, delta_m
+    from mtl_keras.evaluation import TASKS, MultiTaskEvaluator
     from mtl_keras.instances import InstanceQuality, cluster_instances, instance_ids_from_vectors
 
     start = time.time()

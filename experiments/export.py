@@ -56,9 +56,17 @@ def main(argv):
         raise ValueError(f"--output {output} already holds a SavedModel; pass --overwrite to replace it.")
 
     import mtl_keras
-    from mtl_keras.export import export_onnx, export_saved_model
+    from mtl_keras.export import export_saved_model
+    from onnx_export import export_onnx  # experiments/onnx_export.py
 
-    model = mtl_keras.load_model(source, weights=FLAGS.weights)
+    if os.path.isfile(os.path.join(source, "config.json")):  # a run folder, finished or not
+        from mtl_keras.experiment import load_run
+
+        model = load_run(source)
+        if FLAGS.weights:
+            model.load_weights(FLAGS.weights)
+    else:
+        model = mtl_keras.load_model(source, weights=FLAGS.weights)
     size = tuple(int(v) for v in FLAGS.instance_image_size) or None
     info = export_saved_model(model, output, instances=FLAGS.instances, instance_image_size=size,
                               max_instances=FLAGS.max_instances)

@@ -110,7 +110,7 @@ flags.DEFINE_boolean("overwrite", _D.overwrite, "Replace a finished run in --out
                      "when the new run's training starts).")
 flags.DEFINE_integer("val_batches", _D.val_batches, "Validation batches to evaluate (0: all).")
 flags.DEFINE_boolean("export", _D.export, "Write a SavedModel to OUTPUT_DIR/export.")
-flags.DEFINE_string("publish", None, "After training, publish the run as a named model (mtl_keras.presets.publish_run): "
+flags.DEFINE_string("publish", None, "After training, publish the run as a named model (experiments/publish.py): "
                     "NAME.weights.h5 (+ sha256) in --publish_weights_dir and the preset NAME.json (architecture, "
                     "metrics, training config) in models/ of a checkout (else $KERAS_HOME/mtl_keras/presets); then "
                     "mtl_keras.load_model(NAME) loads it.")
@@ -169,7 +169,7 @@ def main(argv):
 
     config = config_from_flags()
     if FLAGS.publish:
-        from mtl_keras.presets import publish_targets
+        from publish import publish_targets  # experiments/publish.py
 
         publish_targets(FLAGS.publish, FLAGS.publish_weights_dir, FLAGS.publish_presets_dir,  # fail before training
                         overwrite=FLAGS.publish_overwrite)
@@ -189,7 +189,7 @@ def main(argv):
         print(f"  instance AP and the official scores: python experiments/evaluate.py --model_path "
               f"{config.output_dir} --official")
     if FLAGS.publish:
-        from mtl_keras.presets import publish_run
+        from publish import publish_run
 
         path = publish_run(config.output_dir, FLAGS.publish, weights_dir=FLAGS.publish_weights_dir,
                            presets_dir=FLAGS.publish_presets_dir,

@@ -23,11 +23,10 @@ import numpy as np
 
 from mtl_keras import checkpointing, distribution, platform
 from mtl_keras import export as serving_export
-from mtl_keras.config import TrainConfig
+from mtl_keras.config import TrainConfig, read_json
 from mtl_keras.data import datasets
 from mtl_keras.evaluation import evaluate_model
-from mtl_keras.presets import save_to_preset
-from mtl_keras.presets import build_model
+from mtl_keras.presets import build_model, load_model, save_to_preset
 from mtl_keras.tasks import validate_tasks
 from mtl_keras.training import MultiTaskTrainer, ResumableTensorBoard, WeightingHistory, kendall_sgd
 from mtl_keras.visualize import plot_task_weights, save_prediction_panel
@@ -556,3 +555,23 @@ def _to_jsonable(value):
     if isinstance(value, np.integer):
         return int(value)
     return value
+
+
+def load_run(run_dir):
+    """The inference model of a run folder: its ``preset/`` (or ``model.keras``) once finished, else the model of
+    its ``config.json`` with the trainer weights of its last epoch (``checkpoints/last.weights.h5``)."""
+    run_dir = os.fspath(run_dir)
+    if os.path.isdir(os.path.join(run_dir, "preset")) or os.path.isfile(os.path.join(run_dir, "model.keras")):
+        return load_model(run_dir)
+    config_file = os.path.join(run_dir, "config.json")
+    checkpoint = os.path.join(run_dir, "checkpoints", "last.weights.h5")
+    if not (os.path.isfile(config_file) and os.path.isfile(checkpoint)):
+        raise FileNotFoundError(f"{run_dir} holds neither preset/, model.keras nor config.json + "
+                                f"checkpoints/last.weights.h5.")
+    config = TrainConfig.from_dict(read_json(config_file))
+    tasks = validate_tasks(config.tasks)
+    model = build_model(config.model, tasks=tasks, num_classes=config.num_classes,
+                        input_shape=(*[int(v) for v in config.image_size], 3), **dict(config.model_overrides))
+    MultiTaskTrainer(model, build_loss_weighting(config, tasks)).load_weights(checkpoint)
+    return model
+

@@ -252,12 +252,14 @@ def _run_config_evaluate(tmp_path, monkeypatch):
 
 
 def _run_config_zoo(tmp_path, monkeypatch):
+    from mtl_keras.experiment import load_run
+
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.weights.h5").write_bytes(b"")
     (run / "config.json").write_text('{"model": "mt_unet", "tasks": ["semantic",')
     with pytest.raises(ValueError) as error:
-        zoo.load_run(str(run))
+        load_run(str(run))
     return str(run / "config.json"), str(error.value)
 
 
@@ -350,7 +352,7 @@ def test_claim7_weights_of_another_architecture_or_width_are_a_clear_error(tmp_p
 
 def _nan_release(root, field):
     """A one-example NYUv2 .npy release (6x8) with NaN at pixel (2, 3) of ``field``; returns (paths, example)."""
-    from mtl_keras.data.miniature import write_npy_release
+    from tests.test_data_miniatures import write_npy_release
     from tests.test_data_miniatures import npy_examples
 
     example = npy_examples(1, 6, 8, 0, 13)[0]
@@ -394,7 +396,9 @@ def test_claim8_nan_images_and_labels_in_the_npy_release_are_refused_naming_the_
     ("label", True), ("depth", False), ("normal", False)])
 def test_claim8_prepare_data_check_flags_exactly_the_nan_the_loader_refuses(tmp_path, field, refused):
     """validate.py (prepare_data.py --check) documents the .npy value checks "as the loader checks them"."""
-    from mtl_keras.data.validate import validate_dataset
+    from tests.helpers import load_script
+
+    validate_dataset = load_script("experiments/data_checks.py", "data_checks").validate_dataset
 
     paths, _ = _nan_release(tmp_path, field)
     report, = validate_dataset("nyuv2_npy", str(tmp_path), splits=("val",), workers=1)

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 import mtl_keras
 from mtl_keras import export, presets
-from tests.helpers import random_images
+from tests.helpers import load_script, random_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KENDALL = "kendall_deeplabv3_resnet26_slim"
@@ -165,9 +165,10 @@ def test_instance_ids_need_the_semantic_and_instance_tasks(tmp_path):
 
 
 def test_onnx_export_without_tf2onnx_is_a_clear_error(monkeypatch, tmp_path):
+    onnx_export = load_script("experiments/onnx_export.py", "onnx_export")  # ONNX is experiments/export.py's
     monkeypatch.setitem(sys.modules, "tf2onnx", None)
     with pytest.raises(RuntimeError, match="pip install tf2onnx"):
-        export.export_onnx(presets.build_from_preset("mt_unet", tiny=True), str(tmp_path / "m.onnx"))
+        onnx_export.export_onnx(presets.build_from_preset("mt_unet", tiny=True), str(tmp_path / "m.onnx"))
 
 
 # ------------------------------------------------------------------------------------------ instance clustering

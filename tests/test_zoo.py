@@ -15,13 +15,15 @@ import mtl_keras
 from mtl_keras import presets
 from mtl_keras.config import TrainConfig
 from mtl_keras.layers import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
-from tests.helpers import assert_outputs_close, random_images
+from tests.helpers import assert_outputs_close, load_script, random_images
+
+publish = load_script("experiments/publish.py", "publish")  # publishing a run is train.py --publish's
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def sha256_of(path):
-    """The file's SHA-256 hex digest by hashlib (mtl_keras.pretrained.file_sha256 is part of what is under test)."""
+    """The file's SHA-256 hex digest by hashlib (mtl_keras.presets.file_sha256 is part of what is under test)."""
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
@@ -234,7 +236,7 @@ def make_run(folder, with_keras_file=True):
 def test_publish_run_makes_a_named_model_with_weights_sha256_and_metrics(tmp_path, preset_dirs):
     preset_dir, weights = preset_dirs
     model = make_run(tmp_path / "run")
-    path = presets.publish_run(tmp_path / "run", "slim_tiny_synthetic", weights_dir=weights, presets_dir=preset_dir)
+    path = publish.publish_run(tmp_path / "run", "slim_tiny_synthetic", weights_dir=weights, presets_dir=preset_dir)
     assert path == str(preset_dir / "slim_tiny_synthetic.json")
     preset = presets.get_preset("slim_tiny_synthetic")
     assert preset["architecture"] == NAME
@@ -246,14 +248,18 @@ def test_publish_run_makes_a_named_model_with_weights_sha256_and_metrics(tmp_pat
     images = tiny_images(NAME)
     assert_outputs_close(model(images, training=False), loaded(images, training=False))
     with pytest.raises(FileExistsError):
-        presets.publish_run(tmp_path / "run", "slim_tiny_synthetic", weights_dir=weights, presets_dir=preset_dir)
+        publish.publish_run(tmp_path / "run", "slim_tiny_synthetic", weights_dir=weights, presets_dir=preset_dir)
     with pytest.raises(ValueError, match="registered architecture"):
-        presets.publish_run(tmp_path / "run", NAME, weights_dir=weights, presets_dir=preset_dir)
+        publish.publish_run(tmp_path / "run", NAME, weights_dir=weights, presets_dir=preset_dir)
 
 
 def test_a_run_without_model_keras_loads_from_its_last_checkpoint(tmp_path):
+    from mtl_keras.experiment import load_run
+
     model = make_run(tmp_path / "run", with_keras_file=False)
-    loaded = mtl_keras.load_model(tmp_path / "run")
+    with pytest.raises(ValueError, match="unfinished run folder.*load_run"):  # the trainer's checkpoint: the run's
+        mtl_keras.load_model(tmp_path / "run")
+    loaded = load_run(tmp_path / "run")
     images = tiny_images(NAME)
     assert_outputs_close(model(images, training=False), loaded(images, training=False))
 
