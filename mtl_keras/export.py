@@ -1,40 +1,18 @@
-"""Serving exports: a TensorFlow SavedModel (and optionally ONNX) that takes raw images of any size.
+"""The serving export: a TensorFlow SavedModel of a model for raw images of any size, standalone (no Keras, no
+mtl_keras: ``tf.saved_model.load(path).signatures["serving_default"](images=...)`` or TF Serving).
 
-:func:`export_saved_model` writes a SavedModel that needs neither Keras nor mtl_keras to run
-(``tf.saved_model.load(path).signatures["serving_default"](images=...)``, or TF Serving). Signatures:
+Signatures ``serving_default`` and ``serve`` take float32 ``images [B, H, W, 3]`` (RGB 0..255), ``serve_uint8``
+uint8 ones. The model is rebuilt for ``(None, None, 3)``; architectures that need sizes divisible by ``m``
+(``size_multiple``) get the image padded bottom/right by edge replication and every output cropped back, so instance
+vectors and disparities stay in input pixels. Outputs are the task table's serving names for the model's tasks
+(``semantic_logits``, ``instance_vectors``, ``depth``, ``normals``), plus ``semantic_labels`` (argmax) and, with
+``instances=True``, ``instance_ids`` (0 = none, 1..N per image by class): ``mtl_keras.instances``' histogram
+clustering written in TF ops (:func:`cluster_instance_ids`) with the parameters ``mtl_keras.predict`` uses
+(:func:`served_clustering`), so the served ids are predict's. ``assets.extra/export_info.json`` records signatures,
+outputs, class names and clustering parameters.
 
-=====================  ==================================================================================
-``serving_default``    ``images``: float32 ``[batch, height, width, 3]``, RGB in 0..255 (same as ``serve``)
-``serve``              the same function under Keras' endpoint name
-``serve_uint8``        ``images``: uint8 ``[batch, height, width, 3]``, cast to float32 inside
-=====================  ==================================================================================
-
-Any height and width: the model is rebuilt with ``input_shape=(None, None, 3)`` and the weights copied. The ImageNet
-normalisation is inside the model. Architectures that need sizes divisible by ``m`` (MT-UNet: 16) are fed the image
-padded at the bottom and right to a multiple of ``m`` by repeating the last row and column; every output is cropped
-back to the input size (padding rather than resizing keeps instance vectors and disparities in input pixels).
-Kendall et al. models run at the exact size.
-
-Outputs (those of the model's tasks): ``semantic_logits`` float32 ``[B, H, W, C]``, ``semantic_labels`` int32
-``[B, H, W]`` (argmax), ``instance_vectors`` float32 ``[B, H, W, 2]`` ((dy, dx) to the instance centroid, px),
-``depth`` float32 ``[B, H, W, 1]`` (inverse depth, px), ``normals`` float32 ``[B, H, W, 3]``, and with
-``instances=True`` ``instance_ids`` int32 ``[B, H, W]`` (0 = no instance, 1..N per image, ordered by class).
-
-Instance ids inside the graph: :func:`cluster_instance_ids` is the vote-histogram clustering of
-``mtl_keras.instances`` (method ``"histogram"``) written in TensorFlow ops, so the SavedModel stays standalone.
-Differences from the NumPy version: its lengths (``sigma``, radii, bin size, ``min_size``) are fixed at export for a
-reference image size (``instance_image_size``, default the model's training input size; the NumPy version rescales
-them for each image), at most ``max_instances`` peaks per class and image are kept (the strongest), and it computes
-in float32. On the same inputs both give the same partition (tests/test_export.py).
-
-``export_info.json`` in ``assets.extra/`` records the signatures, outputs, tasks, class names and clustering
-parameters. ``experiments/export.py --onnx`` also converts the float32 function with tf2onnx (dense outputs only).
-
-The one serving export: ``experiments/export.py`` and a training run's ``export/`` folder (``mtl_keras.experiment``
-through :func:`write_run_export`) both write it with :func:`export_saved_model`. A run on the TensorFlow backend
-writes it in its own process; JAX and PyTorch cannot run TensorFlow ops on the Keras model, so the run writes it
-from its ``model.keras`` in a child process with ``KERAS_BACKEND=tensorflow`` (:func:`export_in_subprocess`, which
-runs ``python -m mtl_keras.export MODEL.keras OUTPUT [--instances]``, :func:`main`).
+``experiments/export.py`` and a run's ``export/`` (:func:`write_run_export`) write the same SavedModel; runs on JAX
+or PyTorch write it from their ``model.keras`` in a TensorFlow child process (``python -m mtl_keras.export``).
 """
 
 import argparse
@@ -61,7 +39,7 @@ INPUT_NAME = "images"
 # ------------------------------------------------------------------------------------------------- the model part
 def model_tasks(model):
     outputs = model.output if isinstance(model.output, dict) else {}
-    return tuple(t for t in OUTPUT_NAMES if t in outputs)
+    return tuple(t for t in TASKS if t in outputs)  # the task table, read at call time
 
 
 def size_multiple(model):
@@ -273,7 +251,7 @@ def _cluster_planes_tf(votes, plane, num_planes, height, width, p):
 def cluster_instance_ids(semantic_labels, vectors, params):
     """Instance ids ``[B, H, W]`` int32 from class labels ``[B, H, W]`` and centroid vectors ``[B, H, W, 2]``.
 
-    ``params``: :func:`clustering_parameters`. In each image, the pixels of each instance class vote
+    ``params``: ``mtl_keras.instances.clustering_parameters``. In each image, the pixels of each instance class vote
     ``(y + dy, x + dx)``; the votes of each (image, class) are clustered; ids are 1.. per image, by class (in the
     order of ``instance_classes``) then by cluster. Pure TensorFlow ops, vectorised over images and classes (works
     inside a SavedModel).
@@ -341,7 +319,8 @@ def serving_function(model, instances=False, clustering=None):
         outputs = {t: tf.cast(v, tf.float32)[:, :height, :width, :] for t, v in outputs.items()}
         result = {}
         for task in tasks:
-            result[OUTPUT_NAMES[task]] = tf.identity(outputs[task], name=OUTPUT_NAMES[task])
+            name = TASKS[task].output_name
+            result[name] = tf.identity(outputs[task], name=name)
         if "semantic" in tasks:
             result["semantic_labels"] = tf.argmax(outputs["semantic"], axis=-1, output_type=tf.int32)
         if instances:
@@ -426,7 +405,7 @@ def export_saved_model(model, path, instances=False, instance_classes=None, inst
               f"serve_uint8 (uint8 images).")
 
     tasks = model_tasks(serving)
-    outputs = [OUTPUT_NAMES[t] for t in tasks]
+    outputs = [TASKS[t].output_name for t in tasks]
     if "semantic" in tasks:
         outputs.insert(outputs.index("semantic_logits") + 1, "semantic_labels")
     if instances:

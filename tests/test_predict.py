@@ -245,3 +245,30 @@ def test_served_instance_ids_equal_predicts_on_an_untrained_models_noisy_votes(t
     model = mtl_keras.build_model("kendall_deeplabv3_resnet26_cpu", **KENDALL)
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 64, 3)).astype(np.uint8)
     assert assert_served_ids_are_predicts(model, images, tmp_path, instance_classes=list(range(19))) >= 3
+
+
+# ---------------------------------------------------------------------------------- a task added to the table
+def test_a_task_added_to_the_table_reaches_predict_and_the_serving_export(monkeypatch, tmp_path):
+    # A new task is a row of mtl_keras.tasks.TASKS (plus its reader and metric): predict and the export read it.
+    import dataclasses
+
+    from mtl_keras import export, tasks
+
+    edges = dataclasses.replace(tasks.TASKS["depth"], name="edges", output_name="edge_strength",
+                                metrics=("edges_mean_error",), display_name="edges", default=False)
+    monkeypatch.setitem(tasks.TASKS, "edges", edges)
+    images = keras.Input((8, 8, 3))
+    model = keras.Model(images, {"semantic": keras.layers.Conv2D(19, 1)(images),
+                                 "edges": keras.layers.Conv2D(1, 1)(images)})
+    image = np.random.default_rng(0).uniform(0, 255, (8, 8, 3)).astype(np.float32)
+    result = mtl_keras.predict(model, image, instances=False)
+    expected = keras.ops.convert_to_numpy(model(image[None])["edges"])[0, ..., 0]
+    assert sorted(result) == ["edges", "semantic"]
+    np.testing.assert_allclose(result["edges"], expected, rtol=1e-5, atol=1e-5)
+    if keras.config.backend() == "tensorflow":
+        import tensorflow as tf
+
+        info = export.export_saved_model(model, str(tmp_path / "export"))
+        assert info["outputs"] == ["semantic_logits", "semantic_labels", "edge_strength"]
+        served = tf.saved_model.load(str(tmp_path / "export")).signatures["serve"](images=tf.constant(image[None]))
+        np.testing.assert_allclose(served["edge_strength"].numpy()[0, ..., 0], expected, rtol=1e-5, atol=1e-5)
