@@ -17,7 +17,7 @@ units between them, with one backbone per task from ``type(backbone).from_config
 ``DilatedResNetBackbone``  the (dilated) ResNet v1 of depth 26, 50 or 101 at output stride 8, 16 or 32; layer names
                            of ``keras.applications.ResNet50/101``, so ``backbone_weights="imagenet"`` (the
                            application's download) or a local ``.h5`` file of that application loads into it
-``DenseUNetEncoder``       MT-UNet's encoder (seed 003): four densely connected blocks of two 3x3 convs, each
+``DenseUNetEncoder``       MT-UNet's encoder (the MT-UNet paper): four densely connected blocks of two 3x3 convs, each
                            followed by dropout and 2x2 max-pooling; P1..P4 are the blocks' outputs (the U-Net skips,
                            strides 1..8), P5 the last pooled features (stride 16)
 =========================  ==========================================================================================
@@ -125,7 +125,7 @@ class DilatedResNetBackbone(Backbone):
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
 class DenseUNetEncoder(Backbone):
-    """MT-UNet's encoder (seed 003): blocks of ``base_filters * 2**i`` channels (64..512 in the paper).
+    """MT-UNet's encoder (the MT-UNet paper): blocks of ``base_filters * 2**i`` channels (64..512 in the paper).
 
     A dense block's output, taken before dropout, is both the skip (level P1..P4) and, after dropout and pooling,
     the next block's input; P5 is the last pooled output (the bottleneck's input). Input height and width must be

@@ -1,14 +1,14 @@
-"""Kendall, Gal & Cipolla (2018): a DeepLabV3 encoder shared by light per-task decoders.
+"""Kendall, Gal & Cipolla (CVPR 2018): a DeepLabV3 encoder shared by light per-task decoders.
 
 Order of this file: blocks (ASPP, task decoder), the model, registered entry points.
 
-Encoder (seed 001, appendix A): dilated ResNet-101 at output stride 8, then ASPP with four parallel convolutions
+Encoder (the paper's appendix A): dilated ResNet-101 at output stride 8, then ASPP with four parallel convolutions
 (1x1; 3x3 at rates 12, 24, 36) of 256 channels and an image-pooling branch (global average pool, 1x1 conv to 256),
 each followed by BN (and ReLU, as in DeepLabV3), concatenated to 1280 channels: the shared representation.
 Decoder per task: conv to 256 + BN + ReLU, 1x1 conv to the task's channels, bilinear upsampling to the input size.
 
-``decoder_kernel_size`` defaults to 1: the appendix (seed 001), which details the architecture layer by layer, says
-1x1, while the main text (seed 002) summarises the decoder as 3x3. 1x1 keeps each decoder at 0.33M parameters
+``decoder_kernel_size`` defaults to 1: the paper's appendix, which details the architecture layer by layer, says
+1x1, while its main text summarises the decoder as 3x3. 1x1 keeps each decoder at 0.33M parameters
 ("very little flexibility in each task decoder", appendix); 3 is available for the main text's variant.
 """
 

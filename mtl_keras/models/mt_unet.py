@@ -1,9 +1,10 @@
-"""MT-UNet (seed 003): a densely connected U-Net encoder shared by attention task decoders with cross-decoder skips.
+"""MT-UNet ("End-to-End Multi-Task Learning Driven by a Novel Task-Specific Feature Learning"): a densely connected
+U-Net encoder shared by attention task decoders with cross-decoder skips.
 
 Order of this file: blocks (dense encoder block, bottleneck, attention mask, decoder block), the model, registered
 entry points.
 
-What the paper fixes ("Architecture Design and Protocols", seed 003):
+What the paper fixes (its "Architecture Design and Protocols"):
 - Encoder: four blocks of two 3x3 convs, connected as in a DenseNet block (the input of each conv is the
   concatenation of all earlier outputs, block input included), of 64, 128, 256 and 512 channels; each block is
   followed by dropout and 2x2 max-pooling (stride 2). The blocks' outputs are the U-Net bridge (skip) connections.
