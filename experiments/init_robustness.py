@@ -327,8 +327,6 @@ def plot(curves, spread_curve, inits, tolerance, path, title):
 
 def write_markdown(path, png_name, command, settings, inits, final, spread, settled, spread_curve, optimum_spread,
                    max_gap, passed, timing):
-    import numpy as np
-
     steps = settings["steps"]
     tol = settings["tolerance"]
     at = sorted({s for s in (25, 50, 100, 200, steps) if s <= steps})
