@@ -1,20 +1,13 @@
-"""What every command-line entry point (``experiments/*.py``) shares: its log format and how it reports mistakes.
-
-A mistake on the command line (a bad flag value, a missing or malformed file, a folder that holds something else)
-is one line on stderr, ``PROG: error: MESSAGE``, and exit status 2, as argparse does. The traceback is printed only
-with ``--verbosity 1`` (absl's flag, ``-v 1``) or ``MTL_KERAS_DEBUG=1``. Programming errors (anything that is not a
-:data:`USER_ERRORS` instance) keep their traceback.
-
-This module imports only the standard library and absl: the entry points load it before TensorFlow.
+"""What every entry point (``experiments/*.py``) shares: its log format, and a user's mistake as one line
+``PROG: error: MESSAGE`` with exit status 2, as argparse does (the traceback with ``-v 1`` or ``MTL_KERAS_DEBUG=1``;
+programming errors keep theirs). Standard library and absl only: the entry points load it before TensorFlow.
 """
 
 import logging
 import os
 import sys
 
-# What the library raises for a user's mistake: bad values (ValueError, also json.JSONDecodeError), files that are
-# missing, in the way or unreadable (OSError: FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
-# h5py's truncated-file errors).
+# What the library raises for a user's mistake: bad values, and files missing, in the way or unreadable.
 USER_ERRORS = (ValueError, OSError)
 USAGE_EXIT_CODE = 2
 LOG_FORMAT = "%(asctime)s %(message)s"

@@ -6,8 +6,7 @@ from typing import Optional
 
 
 def read_json(path):
-    """The JSON document in ``path``; malformed JSON is a ValueError naming the file, line and column (the
-    standard library's error names neither the file nor what it is)."""
+    """The JSON document in ``path``; malformed JSON is a ValueError naming the file, line and column."""
     with open(path) as f:
         try:
             return json.load(f)
@@ -15,9 +14,8 @@ def read_json(path):
             raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.") from None
 
 
-# Every --weighting name, in mtl_keras.weighting.weighting_names() order: the loss weightings, then the gradient
-# methods. A copy for `train.py --help`, which must not import the package (TensorFlow); tests compare it with the
-# registries.
+# Every --weighting name, in weighting.weighting_names() order: a copy for `train.py --help`, which must not import
+# TensorFlow; tests compare it with the registries.
 WEIGHTING_NAMES = (
     "uncertainty", "equal", "fixed", "dwa", "mtunet",
     "aligned_mtl", "cagrad", "config", "db_mtl", "dualproj", "excess_mtl", "fairgrad", "famo", "gls", "graddrop",
@@ -81,7 +79,8 @@ class TrainConfig:
     jit_compile: Optional[bool] = None  # None: the backend's default (XLA on JAX; off on TensorFlow and PyTorch)
     seed: int = 0
     # Distribution
-    strategy: str = "auto"  # auto (mirrored over all GPUs if any, else one device) | one_device | mirrored | multi_worker
+    # auto (mirrored over all GPUs if any, else one device) | one_device | mirrored | multi_worker (TF_CONFIG)
+    strategy: str = "auto"
     cpu_replicas: int = 0  # mirrored without GPUs: split the CPU into this many logical devices (tests, debugging)
     sync_batchnorm: bool = True  # batch statistics over all replicas (no effect with one replica)
     precision: str = "float32"  # float32 | mixed_float16 | mixed_bfloat16 (loss weights stay float32)
@@ -94,8 +93,7 @@ class TrainConfig:
     export: bool = True
 
     def __post_init__(self):
-        """Every setting checked up front, each error naming its flag (a run never starts with a value it would
-        fail on minutes later, after writing to its output folder)."""
+        """Every setting checked up front, each error naming its flag: a run never fails on a value minutes later."""
         problems = []
 
         def check(ok, flag, expected):
@@ -153,9 +151,8 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     def differences(self, saved, ignore=()):
-        """The fields (sorted names) in which this config differs from ``saved``, a config dict as written by
-        :meth:`to_json` (e.g. a run folder's ``config.json``), leaving out ``ignore``. A field that ``saved`` lacks
-        (added to ``TrainConfig`` since it was written) counts as equal when this config has the default value."""
+        """Sorted names of the fields, but ``ignore``, that differ from ``saved`` (a :meth:`to_json` dict); a field
+        that ``saved`` lacks (added since) is equal when this config has its default."""
         now = json.loads(self.to_json())
         defaults = json.loads(TrainConfig().to_json())
         return [k for k in sorted(set(now) | set(saved))

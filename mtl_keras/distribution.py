@@ -1,11 +1,10 @@
-"""tf.distribute glue (and its JAX / PyTorch counterpart, :class:`KerasPlacement`): strategies, replica arithmetic for exact loss scaling, chief-only outputs, sync BN.
+"""tf.distribute glue and its JAX / PyTorch counterpart (:class:`KerasPlacement`): strategies, cross-replica sums,
+chief-only outputs, synchronised batch norm.
 
-Why the loss needs help under several replicas: Keras divides every ``add_loss`` term by the number of replicas
-and sums the replicas' gradients. A per-replica masked mean (``sum / count`` over the replica's own pixels) would
-then average the replicas' means, which differs from the one-device mean whenever the replicas hold different
-numbers of labelled pixels. ``masked_mean`` (mtl_keras.losses) therefore divides by the *global* count (summed over
-replicas) and multiplies by the number of replicas, so that after Keras' scaling the step is exactly the one-device
-step. On any other backend, or with one replica, every function here is the identity.
+Keras divides each ``add_loss`` term by the number of replicas and sums their gradients, so a per-replica masked
+mean would average the replicas' means, not the one-device mean, whenever they hold different numbers of labelled
+pixels; ``losses.masked_mean`` therefore divides by the global count times the replicas. With one replica, or off
+TensorFlow, every function here is the identity.
 """
 
 import contextlib
@@ -58,10 +57,7 @@ def cross_replica_mean(x):
 
 
 def configure_cpu_replicas(count):
-    """Splits the CPU into ``count`` logical devices, so MirroredStrategy runs real replicas without a GPU.
-
-    Must run before TensorFlow initialises its devices (before the first op).
-    """
+    """Splits the CPU into ``count`` logical devices (replicas without a GPU); before TensorFlow's first op."""
     tf = _tf()
     cpus = tf.config.list_physical_devices("CPU")
     current = tf.config.get_logical_device_configuration(cpus[0])
@@ -72,12 +68,11 @@ def configure_cpu_replicas(count):
 
 
 class KerasPlacement:
-    """The JAX / PyTorch counterpart of a tf.distribute strategy: ``scope()``, ``num_replicas_in_sync``.
+    """The JAX / PyTorch counterpart of a tf.distribute strategy (``scope()``, ``num_replicas_in_sync``).
 
-    On JAX with several devices it holds a ``keras.distribution.DataParallel``: variables replicated, each batch
-    split over the devices, and the whole training step compiled as one global (SPMD) computation, so every masked
-    mean is already the global one and the step equals the one-device step (tests/test_backends.py). ``scope()``
-    must cover model building *and* ``fit``: Keras reads the distribution when it places data.
+    On several JAX devices it holds a ``keras.distribution.DataParallel``, which compiles the step as one global
+    (SPMD) computation, so every masked mean is already global. ``scope()`` must cover model building *and* ``fit``:
+    Keras reads the distribution when it places data.
     """
 
     def __init__(self, keras_distribution=None, devices=1):
@@ -124,16 +119,8 @@ def strategy_name(strategy):
 
 
 def create_strategy(name="auto", cpu_replicas=0):
-    """The tf.distribute strategy ``name`` on the TensorFlow backend (a :class:`KerasPlacement` on the others):
-
-    * ``auto``: mirrored over all GPUs when there is at least one, else one device (the CPU);
-    * ``one_device``: the first GPU, or the CPU;
-    * ``mirrored``: all GPUs; without GPUs, ``cpu_replicas`` logical CPU devices (for tests on CPU);
-    * ``multi_worker``: MultiWorkerMirroredStrategy over the cluster in ``TF_CONFIG``.
-
-    On JAX: ``auto`` and ``mirrored`` give data parallelism over every accelerator (``mirrored`` also over CPU
-    devices made with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``); on PyTorch, one device.
-    """
+    """The tf.distribute strategy ``name`` (see ``TrainConfig.strategy``; ``mirrored`` without GPUs: over
+    ``cpu_replicas`` logical CPUs), or on JAX data parallelism over every device, on PyTorch one device."""
     if name not in STRATEGIES:
         raise ValueError(f"Unknown strategy {name!r}. Valid: {', '.join(STRATEGIES)}.")
     tf = _tf()
@@ -197,10 +184,8 @@ def is_chief():
 
 
 def set_synchronized_batchnorm(model, enabled=True):
-    """Makes every BatchNormalization layer of ``model`` compute its batch statistics over all replicas.
-
-    Under several replicas each replica otherwise normalises with the statistics of its own slice of the batch.
-    """
+    """Makes every BatchNormalization layer of ``model`` compute its statistics over all replicas, not over each
+    replica's slice of the batch; returns how many."""
     count = 0
     for layer in model._flatten_layers(include_self=False, recursive=True):
         if isinstance(layer, keras.layers.BatchNormalization):

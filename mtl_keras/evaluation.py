@@ -1,21 +1,15 @@
-"""Evaluation of multi-task dense predictions, numpy only (any Keras backend, any array-like input).
+"""Streaming metrics of multi-task dense predictions, numpy only (any Keras backend, any array-like input).
 
-Targets and predictions are dicts of (B, H, W, ...) arrays keyed by task (``mtl_keras.tasks``), masks under the
-task's ``mask`` key (1 = valid). Semantic predictions are logits (B, H, W, C) or label maps; normals are normalised
-here (a zero prediction counts as 90 degrees off). Predictions must have the targets' resolution: resize them before
-:meth:`MultiTaskEvaluator.update`.
-
-Every metric streams over the whole split (one confusion matrix; sums and pixel counts for the regressions), so the
-result does not depend on how the split is cut into batches. The median normal angle streams through a histogram of
-``NORMALS_BIN_DEG`` bins: exact to half a bin over the whole split.
+Every metric accumulates over the whole split (one confusion matrix; sums and pixel counts for the regressions), so
+it does not depend on how the split is batched; the median normal angle is exact to half a histogram bin.
 """
 
 import math
 
 import numpy as np
 
-# TASKS and DEFAULT_TASKS re-exported: the task table is the one list of tasks (each has _update_/_result_ here).
-from mtl_keras.tasks import DEFAULT_TASKS, IGNORE_LABEL, TASKS  # noqa: F401
+from mtl_keras.tasks import DEFAULT_TASKS, IGNORE_LABEL, TASKS, validate_tasks
+
 NORMALS_BIN_DEG = 0.01  # width of the angle histogram bins behind the exact streaming median
 NORMALS_THRESHOLDS_DEG = (11.25, 22.5, 30.0)
 _NORMALS_BINS = int(round(180.0 / NORMALS_BIN_DEG))
@@ -29,12 +23,8 @@ def _threshold_key(t):
 # ------------------------------------------------------------------------------------------------ Semantic segmentation
 
 def confusion_matrix(labels, predictions, num_classes, ignore_label=IGNORE_LABEL):
-    """Confusion matrix ``M[true, pred]`` (int64, shape (C, C)) of integer label maps of equal shape.
-
-    Pixels whose label equals ``ignore_label`` are skipped (``ignore_label=None`` skips nothing). Any other label,
-    or any prediction, outside ``[0, num_classes)`` raises ValueError naming the offending values.
-    Computed with one ``np.bincount`` over ``num_classes * label + prediction``.
-    """
+    """Confusion matrix ``M[true, pred]`` (int64 (C, C)) of two label maps, skipping ``ignore_label`` (None: no
+    label); any other label or prediction outside ``[0, C)`` is a ValueError naming the values."""
     num_classes = int(num_classes)
     if num_classes <= 0:
         raise ValueError(f"num_classes must be positive, got {num_classes}.")
@@ -60,18 +50,9 @@ def confusion_matrix(labels, predictions, num_classes, ignore_label=IGNORE_LABEL
 
 
 def segmentation_scores(confusion):
-    """Scores of a confusion matrix ``M[true, pred]``.
-
-    Returns a dict of python floats:
-
-    * ``per_class_iou``: list, ``IoU_c = TP / (TP + FP + FN)``; a class with zero union (absent from both the
-      ground truth and the prediction) is ``nan``. A class that is predicted but never present gets IoU 0.
-    * ``mean_iou``: mean of the non-NaN per-class IoUs, i.e. over the classes present in the ground truth OR in the
-      prediction. This is what the CityScapes script does (it averages over classes with a non-NaN score).
-      ``nan`` if no class has a non-zero union.
-    * ``pixel_accuracy``: ``trace / total`` (``nan`` for an empty matrix).
-    * ``mean_class_accuracy``: mean over classes present in the ground truth of ``TP / (TP + FN)``.
-    """
+    """``per_class_iou`` (TP / (TP + FP + FN), NaN for a class absent from both sides), ``mean_iou`` (over the
+    non-NaN classes, as the CityScapes script averages), ``pixel_accuracy`` and ``mean_class_accuracy`` (over the
+    classes in the ground truth) of a confusion matrix ``M[true, pred]``; python floats."""
     cm = np.asarray(confusion, dtype=np.float64)
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
         raise ValueError(f"confusion must be a square matrix, got shape {cm.shape}.")
@@ -100,7 +81,7 @@ def _nanmean(values):
 # --------------------------------------------------------------------------------------- Streaming multi-task evaluator
 
 def _squeeze_last(x, ndim):
-    """Drops a trailing singleton channel so that ``x`` has ``ndim`` dimensions, e.g. (B,H,W,1) -> (B,H,W)."""
+    """(B, H, W, 1) -> (B, H, W) for ``ndim`` 3: drops a trailing singleton channel."""
     x = np.asarray(x)
     if x.ndim == ndim + 1 and x.shape[-1] == 1:
         x = x[..., 0]
@@ -124,30 +105,16 @@ def _check_same_shape(task, target, prediction):
 
 
 class MultiTaskEvaluator:
-    """Accumulates multi-task metrics over a whole split, batch by batch.
+    """Accumulates the metrics of ``tasks`` (their ``metrics`` in the task table) over a split, batch by batch.
 
-    ``update(targets, predictions)`` adds a batch: a task missing from ``targets`` is skipped, one with a target but
-    no prediction raises. ``result()`` is a flat dict of floats with each task's ``metrics`` of the task table:
-
-    * semantic: mIoU, pixel accuracy, mean class accuracy, per-class IoU (see :func:`segmentation_scores`);
-    * instance: mean over instance pixels of ``||v_pred - v_true||_2`` and of the L1 norm (the loss's form), px;
-    * depth: mean ``|d_pred - d_true|`` of inverse depth over valid pixels (the paper's "Inverse Depth Mean Error
-      [px]") and the mean relative error over pixels with ``d_true > 0``;
-    * normals: mean / median angle in degrees, and the fraction of pixels within 11.25 / 22.5 / 30 degrees;
-
-    plus ``num_images``. A metric whose mask was empty over the whole split is NaN; a missing mask means every pixel
-    whose target is finite. ``tasks`` default to ``DEFAULT_TASKS``.
+    ``update(targets, predictions)`` takes dicts of (B, H, W, ...) arrays at the targets' resolution, masks under
+    each task's ``mask`` key (absent: every finite target); a task without a target is skipped. Depth is the
+    paper's "Inverse Depth Mean Error [px]"; a zero normal prediction counts as 90 degrees off. A metric whose mask
+    was empty over the whole split is NaN.
     """
 
     def __init__(self, num_classes, tasks=DEFAULT_TASKS, ignore_label=IGNORE_LABEL):
-        if isinstance(tasks, str):
-            tasks = [t.strip() for t in tasks.split(",") if t.strip()]
-        unknown = [t for t in tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"Unknown task(s) {unknown}. Valid tasks: {', '.join(TASKS)}.")
-        self.tasks = tuple(t for t in TASKS if t in tasks)
-        if not self.tasks:
-            raise ValueError("At least one task is needed.")
+        self.tasks = validate_tasks(tasks)
         no_metrics = [t for t in self.tasks if not hasattr(self, f"_result_{t}")]
         if no_metrics:
             raise ValueError(f"MultiTaskEvaluator has no metrics for the task(s) {no_metrics} yet.")
@@ -170,10 +137,7 @@ class MultiTaskEvaluator:
         self._normals_within = np.zeros(len(NORMALS_THRESHOLDS_DEG), dtype=np.int64)
         self._normals_hist = np.zeros(_NORMALS_BINS, dtype=np.int64)
 
-    # -- update --------------------------------------------------------------------------------------------------
-
     def update(self, targets, predictions):
-        """Adds one batch. ``targets`` / ``predictions``: dicts of (B,H,W,...) arrays (numpy or tensors)."""
         if not isinstance(predictions, dict):
             raise TypeError(f"predictions must be a dict of task outputs, got {type(predictions).__name__}.")
         batch_size = None
@@ -270,12 +234,8 @@ class MultiTaskEvaluator:
         bin_lo, bin_hi = np.searchsorted(cumulative, [lo + 1, hi + 1])
         return float((bin_lo + bin_hi + 1) * 0.5 * NORMALS_BIN_DEG)
 
-    # -- result --------------------------------------------------------------------------------------------------
-
     def result(self):
-        """Flat dict of python floats (lists for per-class values); NaN where a metric had no pixel.
-
-        The keys of each task are its ``metrics`` in the task table (``mtl_keras.tasks``), in that order."""
+        """Flat dict of python floats (a list for per-class IoU) in the task table's order, plus ``num_images``."""
         out = {}
         for task in self.tasks:
             values, metrics = getattr(self, f"_result_{task}")(), TASKS[task].metrics
@@ -317,22 +277,10 @@ def _to_numpy_dict(d):
     return {k: (None if v is None else np.asarray(v)) for k, v in d.items()}
 
 
-def _predict(model, images):
-    if hasattr(model, "predict_on_batch"):
-        return model.predict_on_batch(images)
-    return model(images, training=False)
-
-
 def evaluate_model(model, dataset, num_classes, tasks=None, max_batches=None, ignore_label=IGNORE_LABEL):
-    """Evaluates ``model`` over ``dataset`` and returns :meth:`MultiTaskEvaluator.result`.
-
-    ``model``: a Keras model (or any object with ``predict_on_batch(images)`` or ``__call__(images, training=False)``)
-    returning a dict ``{task: output}``; a model returning a single array is accepted when exactly one task is
-    evaluated. ``dataset``: a ``tf.data.Dataset`` or any iterable of ``(images, targets)`` pairs (numpy arrays or
-    tensors; extra tuple elements such as sample weights are ignored), or of dicts holding the images under
-    ``"images"`` / ``"image"`` next to the targets. ``tasks``: the tasks to evaluate; ``None``
-    means the model's output keys of the first batch. ``max_batches``: stop after that many batches.
-    """
+    """:meth:`MultiTaskEvaluator.result` of ``model`` (returning ``{task: output}``, or one array for one task)
+    over ``dataset``: ``(images, targets, ...)`` tuples or dicts with ``"images"`` / ``"image"`` beside the targets.
+    ``tasks``: default the model's outputs in the first batch."""
     evaluator = MultiTaskEvaluator(num_classes, tasks, ignore_label) if tasks is not None else None
     for i, batch in enumerate(dataset):
         if max_batches is not None and i >= max_batches:
@@ -343,7 +291,8 @@ def evaluate_model(model, dataset, num_classes, tasks=None, max_batches=None, ig
         else:
             images, targets = batch[0], batch[1]
         images = np.asarray(images, dtype=np.float32)
-        predictions = _predict(model, images)
+        predictions = (model.predict_on_batch(images) if hasattr(model, "predict_on_batch")
+                       else model(images, training=False))
         if not isinstance(predictions, dict):
             names = evaluator.tasks if evaluator is not None else None
             if names is None or len(names) != 1:
@@ -357,36 +306,3 @@ def evaluate_model(model, dataset, num_classes, tasks=None, max_batches=None, ig
     if evaluator is None:
         raise ValueError("Cannot infer the tasks from an empty dataset; pass `tasks`.")
     return evaluator.result()
-
-
-# -------------------------------------------------------------------------------------- Multi-task relative performance
-
-def delta_m(multi_task, single_task, higher_is_better):
-    """Average relative change of a multi-task model over single-task baselines, in percent.
-
-    ``Delta_m = (1/T) * sum_i (-1)^{l_i} * (M_m,i - M_b,i) / M_b,i * 100``, with ``l_i = 1`` if higher is better
-    for metric ``i`` and ``0`` otherwise; ``M_m`` are the multi-task metrics, ``M_b`` the single-task baselines and
-    the sum runs over the ``T`` metrics named in ``higher_is_better`` (``{metric: bool}``).
-
-    Sign: a NEGATIVE Delta_m means the multi-task model is better (the convention of the MTAN / LibMTL papers).
-    E.g. mIoU 0.55 vs 0.50 (higher better) gives -10 %, depth error 1.1 vs 1.0 (lower better) gives +10 %,
-    together Delta_m = 0.
-
-    Raises KeyError for a metric missing in either dict and ValueError for a zero or non-finite baseline or a
-    non-finite multi-task value.
-    """
-    if not higher_is_better:
-        raise ValueError("higher_is_better must name at least one metric.")
-    missing = [k for k in higher_is_better if k not in multi_task or k not in single_task]
-    if missing:
-        raise KeyError(f"Metrics missing from multi_task or single_task: {missing}.")
-    total = 0.0
-    for name, higher in higher_is_better.items():
-        m, b = float(multi_task[name]), float(single_task[name])
-        if not math.isfinite(b) or b == 0.0:
-            raise ValueError(f"Baseline of {name!r} must be finite and non-zero, got {b}.")
-        if not math.isfinite(m):
-            raise ValueError(f"Multi-task value of {name!r} must be finite, got {m}.")
-        sign = -1.0 if higher else 1.0
-        total += sign * (m - b) / b
-    return total / len(higher_is_better) * 100.0

@@ -1,52 +1,24 @@
 """Instance segmentation at test time: cluster the per-pixel centroid votes (Kendall, Gal & Cipolla 2018, Sec. 4).
 
-Each pixel ``(y, x)`` whose predicted class has instances casts a vote ``(y + dy, x + dx)`` with its predicted vector
-``(dy, dx)`` to the instance centroid. Votes are clustered per predicted class; each cluster is an instance.
+Each pixel ``(y, x)`` of a class with instances votes ``(y + dy, x + dx)`` for its instance centroid; the votes of
+each predicted class are clustered, one cluster per instance (:func:`cluster_instances`). Two methods:
 
-:func:`cluster_instances` does it for one whole image in one call and returns :class:`Instances` (an id map, and
-per instance its class, score, size and vote centre). Two clustering methods, chosen by ``method``:
-
-``"histogram"`` (default, fast; numpy + OpenCV only, no per-pixel Python loop)
-    1. *Accumulate*: votes are binned into a 2-D histogram with ``np.bincount`` (cells of ``bin_size`` px, default
-       ``max(1, int(sigma / 1.5))``; votes outside the image are clipped to its border cells; only the window
-       around the votes is built).
-    2. *Smooth*: ``cv2.GaussianBlur`` with ``sigma`` px gives a vote density.
-    3. *Peaks*: cells equal to the maximum of their ``(2 * peak_radius + 1)``-wide neighbourhood (``cv2.dilate``)
-       whose window of the same size holds at least ``min_size`` votes (``cv2.boxFilter``) are candidate centres;
-       the ``max_instances`` strongest are kept (ties: the earlier cell in row-major order) and a greedy
-       non-maximum suppression in decreasing density drops candidates closer than ``peak_radius`` px to a
-       stronger one (flat tops). One mean-shift step moves each centre to the mean of its votes within
-       ``peak_radius`` (sub-cell accuracy).
-    4. *Assign*: every vote goes to its nearest centre (direct (N, K) distances, K = number of peaks); votes farther
-       than ``assign_radius`` px from every centre are left unassigned. Then ``refine_iterations`` hard-EM steps of
-       an isotropic Gaussian mixture: each centre becomes the mean of its votes, its per-axis variance ``v_k`` half
-       their mean squared distance (at least ``sigma^2``), and each vote goes to the cluster with the smallest
-       ``d^2 / (2 v_k) + log v_k`` (so a big, spread-out instance keeps its far votes next to a small, tight
-       neighbour), within ``max(assign_radius, 3 sqrt(2 v_k))``.
-    5. *Merge*: while two clusters' centres are closer than ``merge_factor`` times the larger RMS spread, the
-       closest such pair is merged (a big instance whose smeared votes made two peaks).
-    Cost: O(N + cells + N K).
-
+``"histogram"`` (default; numpy + OpenCV, O(N + cells + N K), no per-pixel Python loop)
+    Votes are binned (``bin_size`` px cells) and blurred with ``sigma`` into a density. Its local maxima within
+    ``peak_radius`` holding at least ``min_size`` votes are centres (the ``max_instances`` strongest, closer ones
+    suppressed), refined by one mean-shift step. Votes go to the nearest centre within ``assign_radius``, then
+    ``refine_iterations`` hard-EM steps of an isotropic Gaussian mixture let a big spread-out instance keep its far
+    votes next to a small tight one; finally clusters closer than ``merge_factor`` times the larger RMS spread are
+    merged (one instance whose smeared votes made two peaks).
 ``"optics"`` (the paper's choice: scikit-learn ``OPTICS``)
-    OPTICS orders the votes by reachability with ``min_samples``; clusters are extracted with a reachability
-    threshold ``eps`` (``cluster_method="dbscan"``, the default: what the public TF1 port of the paper does) or with
-    the ``xi`` steepness method (``cluster_method="xi"``, ``min_cluster_size = min_size``). For the threshold
-    extraction ``max_eps`` defaults to ``eps`` (larger reachabilities do not change it, and the neighbour searches
-    get much cheaper). OPTICS is super-linear, so at most ``max_points`` votes (a seeded random subset) are
-    clustered, with ``min_samples`` times the subset fraction (the same density); the other
-    votes, and those OPTICS calls noise, take the label of their nearest clustered vote within ``assign_radius``.
+    Threshold extraction at ``eps`` (``cluster_method="dbscan"``, as the paper's public TF1 port) or ``xi``
+    steepness. It is super-linear, so at most ``max_points`` votes (a seeded subset, ``min_samples`` scaled by the
+    fraction) are clustered; the rest take the label of their nearest clustered vote within ``assign_radius``.
 
-Both methods share the rest: clusters with fewer than ``min_size`` pixels are dropped (their pixels get id 0), and
-each instance's score is ``mean class probability over its pixels`` (1 when only a label map is given) times
-``n / (n + min_size)`` for its ``n`` pixels (small fragments rank below whole objects in the AP ranking).
-
-Default sizes are given for a 128x256 image and scale with ``scale = sqrt(H * W / (128 * 256))`` (lengths in px
-times ``scale``; ``min_size`` and ``min_samples`` times ``scale^2``), so the same call works at 1024x2048. Values
-passed explicitly are used as given (px, votes).
-
-Quality helpers: :func:`adjusted_rand_index` (per image, over the ground-truth instance pixels),
-:class:`InstanceQuality` (streaming over a split), :func:`instance_vectors` (numpy centroid vectors of an id map,
-the loader's target) and :func:`instance_ids_from_vectors` (ground-truth instance ids back from exact vectors).
+Clusters under ``min_size`` pixels are dropped; an instance's score is its mean class probability times
+``n / (n + min_size)`` for its ``n`` pixels, so fragments rank below whole objects in AP. Defaults are for 128x256
+and scale with ``scale = sqrt(H * W / (128 * 256))`` (lengths times ``scale``, sizes times ``scale^2``); values
+passed explicitly are used as given.
 """
 
 import dataclasses
@@ -60,9 +32,8 @@ from mtl_keras.labels import instance_train_ids
 METHODS = ("histogram", "optics")
 REFERENCE_AREA = 128 * 256
 
-# Defaults at 128x256 (lengths in px, sizes in px^2 / votes); multiplied by scale (lengths) or scale^2 (sizes).
-# The one source of these defaults: mtl_keras.predict and the serving export (mtl_keras.export) read them through
-# clustering_parameters, so the served instance ids are predict's.
+# Defaults at 128x256 (lengths in px, sizes in votes). The one source: predict and the serving export read them
+# through clustering_parameters, so the served instance ids are predict's.
 HISTOGRAM_DEFAULTS = dict(sigma=2.0, peak_radius=4.0, assign_radius=20.0, refine_iterations=2, merge_factor=2.0,
                           max_instances=32)
 OPTICS_DEFAULTS = dict(min_samples=20, cluster_method="dbscan", eps=2.0, xi=0.05, max_eps=None, assign_radius=10.0,
@@ -72,11 +43,8 @@ DEFAULT_MIN_SIZE = 8
 
 @dataclasses.dataclass
 class Instances:
-    """Instances of one image. Instance ``k`` (0-based) has id ``k + 1`` in ``ids``.
-
-    ``ids``: (H, W) int32, 0 = no instance. ``classes``: (N,) int32 training ids. ``scores``: (N,) float32 in
-    [0, 1]. ``sizes``: (N,) int64 pixel counts. ``centers``: (N, 2) float32 (y, x) vote centres in px.
-    """
+    """Instances of one image: ``ids`` (H, W) int32 (instance k has id k + 1, 0 = none), and per instance its
+    ``classes`` (training ids), ``scores`` in [0, 1], ``sizes`` (pixels) and vote ``centers`` (y, x) in px."""
 
     ids: np.ndarray
     classes: np.ndarray
@@ -97,9 +65,7 @@ def _scale(shape):
     return math.sqrt(float(shape[0]) * float(shape[1]) / REFERENCE_AREA)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Clustering of a set of votes
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------- Clustering of a set of votes
 
 def _sqdist(votes, centers):
     """(N, K) squared distances, as |v|^2 - 2 v.c + |c|^2 (one small matrix product, no (N, K, 2) temporary)."""
@@ -270,9 +236,8 @@ def _cluster_optics(votes, min_size, scale, min_samples=None, cluster_method=Non
 
 
 def clustering_parameters(image_size=(128, 256), instance_classes=(), scale=None, **overrides):
-    """Every parameter of the ``"histogram"`` clustering for images of ``image_size`` (or for ``scale``): the
-    defaults with lengths times ``scale`` and ``min_size`` times ``scale^2``; ``overrides`` replace any of them.
-    The serving export builds its graph from this dict and :func:`mtl_keras.predict` clusters with it."""
+    """Every parameter of the ``"histogram"`` clustering for ``image_size`` (or ``scale``), ``overrides`` applied:
+    the dict the serving export builds its graph from and :func:`mtl_keras.predict` clusters with."""
     scale = _scale(image_size) if scale is None else float(scale)
     d = HISTOGRAM_DEFAULTS
     params = dict(sigma=d["sigma"] * scale, peak_radius=d["peak_radius"] * scale,
@@ -287,12 +252,8 @@ def clustering_parameters(image_size=(128, 256), instance_classes=(), scale=None
 
 
 def cluster_votes(votes, shape, method="histogram", min_size=None, scale=None, **params):
-    """Clusters an (N, 2) array of (y, x) votes of an image of ``shape`` (H, W); returns (N,) int labels, -1 = none.
-
-    ``method``: ``"histogram"`` or ``"optics"`` (see the module docstring for each method's ``params``).
-    ``min_size``: smallest cluster (votes); default ``DEFAULT_MIN_SIZE * scale^2``. ``scale``: default
-    ``sqrt(H * W / (128 * 256))``. Labels are 0..K-1 in no particular order, with no empty label.
-    """
+    """(N,) labels 0..K-1 (-1 = none, no empty label) of (N, 2) (y, x) votes in an image of ``shape`` (H, W), by
+    ``method`` with its ``params`` (module docstring); ``min_size`` in votes."""
     if method not in METHODS:
         raise ValueError(f"Unknown clustering method {method!r}. Valid: {', '.join(METHODS)}.")
     votes = np.asarray(votes, dtype=np.float64).reshape(-1, 2)
@@ -311,9 +272,7 @@ def cluster_votes(votes, shape, method="histogram", min_size=None, scale=None, *
     return np.where(labels >= 0, remap[np.maximum(labels, 0)], -1)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Whole image
-# ----------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------- Whole image
 
 def _default_instance_classes(num_classes):
     if num_classes not in (7, 19):
@@ -323,17 +282,10 @@ def _default_instance_classes(num_classes):
 
 def cluster_instances(semantic, vectors, method="histogram", instance_classes=None, num_classes=None,
                       min_size=None, scale=None, **params):
-    """Instance segmentation of one image from its semantic prediction and centroid vectors.
-
-    ``semantic``: (H, W, C) logits (argmax = class, softmax = the confidence behind the scores) or an (H, W)
-    integer label map (scores then use confidence 1). ``vectors``: (H, W, 2) (dy, dx) from each pixel to its
-    instance centroid, px. ``instance_classes``: the training ids that have instances; default
-    ``mtl_keras.labels.instance_train_ids(num_classes)`` with ``num_classes`` = C for logits, else 19.
-    ``method``, ``min_size``, ``scale``, ``params``: see :func:`cluster_votes` / the module docstring.
-
-    Returns :class:`Instances`, ordered by class then cluster; pixels of classes without instances, unassigned
-    votes and dropped small clusters have id 0.
-    """
+    """:class:`Instances` of one image, ordered by class then cluster, from ``semantic`` ((H, W, C) logits, whose
+    softmax gives the scores, or an (H, W) label map: confidence 1) and ``vectors`` ((H, W, 2) (dy, dx) to the
+    centroid, px). ``instance_classes``: default ``instance_train_ids`` of C (logits) or 19. The other arguments are
+    :func:`cluster_votes`'."""
     if method not in METHODS:
         raise ValueError(f"Unknown clustering method {method!r}. Valid: {', '.join(METHODS)}.")
     semantic = np.asarray(semantic)
@@ -397,16 +349,11 @@ def cluster_instances(semantic, vectors, method="histogram", instance_classes=No
                      sizes=np.asarray(sizes, np.int64), centers=np.asarray(centers, np.float32).reshape(-1, 2))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Ground truth helpers and quality
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------- Ground truth helpers and quality
 
 def instance_vectors(instance_ids, min_id=1000):
-    """Numpy twin of the loader's target: (dy, dx) from each pixel to its instance's centroid, and the mask.
-
-    ``instance_ids``: (H, W) CityScapes instanceIds (instances are ids >= ``min_id``). Returns
-    ``(vectors (H, W, 2) float32, mask (H, W) bool)``; vectors are 0 outside instances.
-    """
+    """Numpy twin of the loader's target: ``(vectors (H, W, 2) float32, mask (H, W) bool)``, (dy, dx) to the
+    centroid of each pixel's instance in CityScapes instanceIds (instances are ids >= ``min_id``), 0 elsewhere."""
     ids = np.asarray(instance_ids).astype(np.int64)
     mask = ids >= min_id
     vectors = np.zeros(ids.shape + (2,), np.float32)
@@ -422,13 +369,9 @@ def instance_vectors(instance_ids, min_id=1000):
 
 
 def instance_ids_from_vectors(vectors, mask, tolerance=0.05):
-    """Ground-truth instance ids (H, W) int32 (0 = none, 1..N) recovered from *exact* centroid vectors.
-
-    Pixels of ``mask`` whose votes ``(y + dy, x + dx)`` agree to within ``tolerance`` px (float32 round-off) belong
-    to the same instance: votes are quantised at ``tolerance`` and neighbouring quantisation cells are merged, so
-    two instances whose centroids are closer than ``2 * tolerance`` px would merge (they cannot be told apart).
-    Instances are numbered in order of first appearance in raster order.
-    """
+    """Ground-truth ids (H, W) int32 (0 = none, 1..N in raster order) from *exact* centroid vectors: pixels of
+    ``mask`` whose votes agree to ``tolerance`` px (float32 round-off; votes quantised, neighbouring cells merged)
+    are one instance, so centroids closer than ``2 * tolerance`` px cannot be told apart."""
     vectors = np.asarray(vectors, dtype=np.float64)
     mask = np.asarray(mask) > 0.5 if np.asarray(mask).dtype != bool else np.asarray(mask)
     if mask.ndim == 3:
@@ -509,13 +452,9 @@ def adjusted_rand_index(true_ids, pred_ids, mask=None):
 
 
 class InstanceQuality:
-    """Streams instance-clustering quality over a split.
-
-    ``update(true_ids, pred_ids)`` per image (id maps, 0 = none). ``result()``: ``instance_ari_mean`` (mean of the
-    per-image ARI over images with at least one ground-truth instance pixel), ``instance_ari_split`` (ARI of the
-    whole split as one labelling whose instances never span images: exact from summed pair counts), and counts of
-    ground-truth / predicted instances and images.
-    """
+    """Instance-clustering quality over a split, ``update(true_ids, pred_ids)`` per image: ``instance_ari_mean``
+    (over images with ground-truth instances), ``instance_ari_split`` (the whole split as one labelling, exact from
+    summed pair counts), and the counts of true and predicted instances and of images."""
 
     def __init__(self):
         self.reset()

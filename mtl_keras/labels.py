@@ -1,19 +1,8 @@
-"""CityScapes label tables (labelId -> training id), derived from ``cityscapesscripts``.
+"""Label tables: CityScapes labelId -> training id, built from ``cityscapesscripts``' table (nothing copied by hand).
 
-Two training label sets are supported:
-
-* ``num_classes=19``: the official CityScapes ``trainId`` (ignored labels -> 255).
-* ``num_classes=7``: the 7 categories flat, construction, object, nature, sky, human,
-  vehicle (``categoryId - 1``). ``void`` and every label with ``ignoreInEval=True``
-  (parking, rail track, guard rail, bridge, tunnel, polegroup, caravan, trailer) -> 255,
-  so that scores match the official category IoU.
-
-All tables are built from ``cityscapesscripts.helpers.labels.labels``; nothing is copied
-by hand.
-
-NYUv2 (``class_names`` / ``class_colors`` with 13 or 40 classes): the 40 classes of Gupta et al.
-(``classMapping40.mat``) and the 13 classes of Couprie et al. (``class13Mapping.mat``), in the order of their
-1-based ids; the loaders read the mappings from the user's files (``mtl_keras.data.nyuv2``).
+19 classes: the official ``trainId``. 7 classes: the categories (``categoryId - 1``), with ``void`` and every label
+``ignoreInEval`` -> 255, so scores match the official category IoU. NYUv2 names (13 / 40 classes): Couprie et al.'s
+``class13Mapping.mat`` and Gupta et al.'s ``classMapping40.mat`` in the order of their 1-based ids.
 """
 
 from __future__ import annotations
@@ -60,29 +49,29 @@ def _train_id(label, num_classes: int) -> int:
     return label.categoryId - 1
 
 
-def known_label_ids() -> np.ndarray:
-    """Sorted labelIds that exist in the CityScapes table (0..33)."""
-    return np.array(sorted(l.id for l in _PNG_LABELS), dtype=np.int32)
-
-
 def known_label_mask() -> np.ndarray:
     """bool array of size 256: True for labelIds that exist in the CityScapes table."""
     mask = np.zeros(256, dtype=bool)
-    mask[known_label_ids()] = True
+    mask[[l.id for l in _PNG_LABELS]] = True
     return mask
 
 
 def label_lookup_table(num_classes: int = 19) -> np.ndarray:
-    """uint8 array of size 256 mapping a CityScapes labelId to a training id (255 = ignore).
-
-    Ids with no entry in the CityScapes table (34..255) also map to 255 here; the loader
-    raises an error on them instead of silently ignoring them.
-    """
+    """uint8 array of size 256 mapping a CityScapes labelId to a training id (255 = ignore, also for the ids
+    34..255 outside the table, which the loader refuses)."""
     num_classes = _check_num_classes(num_classes)
     table = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     for label in _PNG_LABELS:
         table[label.id] = _train_id(label, num_classes)
     return table
+
+
+def _first_per_train_id(num_classes: int, value) -> list:
+    """``value(label)`` of the first label in the CityScapes table of each training id 0..num_classes-1."""
+    first = {}
+    for label in _PNG_LABELS:
+        first.setdefault(_train_id(label, num_classes), value(label))
+    return [first[t] for t in range(num_classes)]
 
 
 def _nyuv2_palette(num_classes: int) -> np.ndarray:
@@ -104,48 +93,23 @@ def class_names(num_classes: int = 19) -> list[str]:
     if _is_nyuv2(num_classes):
         return list(NYUV2_13_NAMES if int(num_classes) == 13 else NYUV2_40_NAMES)
     num_classes = _check_num_classes(num_classes)
-    names: list[str | None] = [None] * num_classes
-    for label in _PNG_LABELS:
-        t = _train_id(label, num_classes)
-        if t != IGNORE_INDEX and names[t] is None:
-            names[t] = label.name if num_classes == 19 else label.category
-    assert all(n is not None for n in names), names
-    return names  # type: ignore[return-value]
+    return _first_per_train_id(num_classes, lambda label: label.name if num_classes == 19 else label.category)
 
 
 def class_colors(num_classes: int = 19) -> np.ndarray:
-    """uint8 array (num_classes, 3) of RGB colours (the CityScapes palette).
-
-    For 7 classes each category takes the colour of its first label in the table
-    (flat -> road, construction -> building, object -> pole, nature -> vegetation,
-    sky -> sky, human -> person, vehicle -> car). NYUv2 (13 or 40 classes): a fixed palette.
-    """
+    """uint8 RGB (num_classes, 3): the CityScapes palette (a category: its first label's colour, e.g. flat ->
+    road), or NYUv2's fixed palette."""
     if _is_nyuv2(num_classes):
         return _nyuv2_palette(int(num_classes))
     num_classes = _check_num_classes(num_classes)
-    colors = np.zeros((num_classes, 3), dtype=np.uint8)
-    seen = [False] * num_classes
-    for label in _PNG_LABELS:
-        t = _train_id(label, num_classes)
-        if t != IGNORE_INDEX and not seen[t]:
-            colors[t] = label.color
-            seen[t] = True
-    return colors
+    return np.array(_first_per_train_id(num_classes, lambda label: label.color), dtype=np.uint8)
 
 
 def train_id_to_label_id(num_classes: int = 19) -> np.ndarray:
-    """int32 array (num_classes,) giving a representative CityScapes labelId per training id.
-
-    For 19 classes this is the exact inverse (what the official evaluator expects for
-    prediction PNGs). For 7 classes it is the first label of each category.
-    """
+    """int32 (num_classes,): a labelId per training id, the exact inverse for 19 classes (what the official
+    evaluator expects in prediction PNGs), the first label of each category for 7."""
     num_classes = _check_num_classes(num_classes)
-    out = np.full(num_classes, -1, dtype=np.int32)
-    for label in _PNG_LABELS:
-        t = _train_id(label, num_classes)
-        if t != IGNORE_INDEX and out[t] < 0:
-            out[t] = label.id
-    return out
+    return np.array(_first_per_train_id(num_classes, lambda label: label.id), dtype=np.int32)
 
 
 def instance_label_ids() -> list[int]:
@@ -154,11 +118,8 @@ def instance_label_ids() -> list[int]:
 
 
 def instance_train_ids(num_classes: int = 19) -> list[int]:
-    """Training ids whose pixels carry instances.
-
-    19 classes: person, rider, car, truck, bus, train, motorcycle, bicycle (11..18);
-    7 classes: human, vehicle (5, 6). Ignored labels (caravan, trailer) are not included.
-    """
+    """Training ids whose pixels carry instances: 11..18 (person ... bicycle) of 19, 5 and 6 (human, vehicle) of 7;
+    not the ignored caravan and trailer."""
     num_classes = _check_num_classes(num_classes)
     ids = {_train_id(l, num_classes) for l in _PNG_LABELS if l.hasInstances}
     ids.discard(IGNORE_INDEX)

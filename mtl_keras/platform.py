@@ -1,14 +1,10 @@
-"""What this machine and process can do, detected once: oneDNN, TensorFlow's dilated-convolution kernels, backends.
+"""What this machine and process can do, detected once: oneDNN, TensorFlow's dilated-convolution gradients.
 
-TensorFlow turns its oneDNN kernels on by default only on CPUs with AVX-512 VNNI / AMX-class features; elsewhere
-(every AVX2-only x86 CPU, e.g. AMD EPYC before Zen 4) it runs Eigen kernels, which are slower and have no
-gradient for dilated convolutions ("Current CPU implementations do not yet support dilation rates larger than 1").
-``import mtl_keras`` therefore asks for oneDNN (``TF_ENABLE_ONEDNN_OPTS=1``) when the user has not chosen and
-TensorFlow is not loaded yet. Where it is off anyway (the user's choice, TensorFlow imported before mtl_keras,
-another platform), :func:`native_dilated_conv_gradients` finds out by running the kernel once, and
-``mtl_keras.layers.AtrousConv2D`` takes a slower path that trains correctly, with one warning.
-
-No TensorFlow import happens here unless TensorFlow is the Keras backend (or is already loaded).
+TensorFlow enables oneDNN by default only on CPUs with AVX-512 VNNI / AMX-class features; elsewhere (AVX2-only x86,
+e.g. AMD EPYC before Zen 4) its Eigen kernels are slower and cannot differentiate dilated convolutions. So
+``import mtl_keras`` asks for oneDNN when nobody chose and TensorFlow is not loaded yet; where it is off anyway,
+:func:`native_dilated_conv_gradients` finds out once and ``layers.AtrousConv2D`` takes a slower, correct path.
+TensorFlow is imported here only when it is the Keras backend (or already loaded).
 """
 
 import functools
@@ -22,11 +18,8 @@ ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
 
 
 def request_onednn():
-    """Turns TensorFlow's oneDNN kernels on for this process when nobody chose and TensorFlow is not loaded yet.
-
-    Returns True when this call set the variable. Has no effect once TensorFlow is imported (it reads the variable
-    once, at import).
-    """
+    """Sets ``TF_ENABLE_ONEDNN_OPTS=1`` when unset and TensorFlow (which reads it once, at import) is not loaded
+    yet; returns whether it did."""
     if ONEDNN_ENV in os.environ or "tensorflow" in sys.modules:
         return False
     os.environ[ONEDNN_ENV] = "1"
@@ -64,11 +57,8 @@ _FALLBACK_WARNING = (
 
 @functools.lru_cache(maxsize=None)
 def native_dilated_conv_gradients():
-    """Whether TensorFlow can differentiate a dilated ``conv2d`` on the CPU in this process, probed once.
-
-    Runs ``Conv2DBackpropFilter`` and ``Conv2DBackpropInput`` with dilation 2 on a 1x5x5x1 input, eagerly (also when
-    first asked inside a ``tf.function`` trace). Logs one warning, saying how to get the fast path, when not.
-    """
+    """Whether TensorFlow can differentiate a dilated ``conv2d`` on the CPU in this process: both backprop kernels
+    run once, eagerly (also inside a ``tf.function`` trace); when not, one warning says how to get the fast path."""
     import tensorflow as tf
 
     with tf.init_scope(), tf.device("/cpu:0"):
@@ -88,11 +78,11 @@ def native_dilated_conv_gradients():
             return False
 
 
-# TensorFlow's C++ start-up lines, written to the process's stderr before absl logging is initialised, so
-# TF_CPP_MIN_LOG_LEVEL does not hold them back: the oneDNN notice (once per TensorFlow shared library, so twice), the
-# absl preamble before each, and the CPU-feature notice. mtl_keras states the oneDNN choice in the README.
-TENSORFLOW_BANNERS = ("All log messages before absl::InitializeLog() is called", "port.cc:153] oneDNN custom operations",
-                      "cpu_feature_guard.cc", "To enable the following instructions:")
+# TensorFlow's C++ start-up lines, written before absl logging starts (so TF_CPP_MIN_LOG_LEVEL misses them): the
+# oneDNN notice (twice), absl's preamble and the CPU-feature notice. The README states the oneDNN choice instead.
+TENSORFLOW_BANNERS = ("All log messages before absl::InitializeLog() is called",
+                      "port.cc:153] oneDNN custom operations", "cpu_feature_guard.cc",
+                      "To enable the following instructions:")
 
 
 def _keras_backend_is_tensorflow():
@@ -111,13 +101,9 @@ def _keras_backend_is_tensorflow():
 
 
 def import_tensorflow_quietly():
-    """Imports TensorFlow, when it is the Keras backend and not loaded yet, without its start-up banners.
-
-    While TensorFlow loads, file descriptor 2 points at a temporary file; afterwards every line except
-    :data:`TENSORFLOW_BANNERS` is written back to stderr, so errors and other messages are kept. Does nothing when
-    ``TF_CPP_MIN_LOG_LEVEL`` is 0 (the user asked for TensorFlow's informational messages), when TensorFlow is not
-    installed or already imported, or on another backend. Returns True when it imported TensorFlow.
-    """
+    """Imports TensorFlow, when it is the Keras backend, installed and not loaded yet, with stderr captured and
+    written back without :data:`TENSORFLOW_BANNERS`; not when ``TF_CPP_MIN_LOG_LEVEL`` is 0 (the user asked for
+    TensorFlow's messages). Returns whether it imported TensorFlow."""
     if ("tensorflow" in sys.modules or not _keras_backend_is_tensorflow() or not tensorflow_available()
             or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") in ("", "0")):
         return False
@@ -145,9 +131,8 @@ def import_tensorflow_quietly():
 
 
 class quiet_tensorflow_logs:
-    """While active, TensorFlow's Python loggers pass on warnings and errors only: a SavedModel export otherwise logs,
-    at INFO, a renamed-input notice per signature, the saver's shard timings, "Assets written" (twice, through
-    absl's handler too) and the fingerprint file."""
+    """While active, TensorFlow's and absl's loggers pass on warnings and errors only (a SavedModel export logs a
+    dozen INFO lines otherwise)."""
 
     def __enter__(self):
         self._loggers = [logging.getLogger(name) for name in ("tensorflow", "absl")]

@@ -1,15 +1,8 @@
-"""The tasks the zoo predicts: one table, :data:`TASKS`, with everything the rest of the package needs to know of one.
+"""The tasks the zoo predicts: one table, :data:`TASKS`, that losses, evaluation, pictures, data and export read.
 
-Each :class:`Task` says how many channels its head outputs, which loss trains it, how the data pipeline makes its
-target and pixel mask from a prepared example (and how a prepared cache stores that example's field), how
-augmentation pads, zooms and flips the target, which metrics the evaluator reports for it, its serving output name
-and its title in pictures. The modules that treat tasks (``losses``, ``evaluation``, ``visualize``,
-``data.pipeline``, ``data.prepared``, ``data.augment``, ``data.checks``) read this table instead of keeping their
-own per-task dicts, so a new task is a new row here plus its data reader (and, where it needs a new kind of
-loss, target or metric, that one function).
-
-The loss family (``type``) decides the form of the uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018):
-classification tasks are weighted by ``exp(-s)``, regression tasks by ``0.5 * exp(-s)``, with ``s = log sigma^2``.
+A new task is a new row plus its data reader (and, for a new kind of loss, target or metric, that one function).
+The loss family (``type``) sets the form of the uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018):
+``exp(-s)`` for classification, ``0.5 * exp(-s)`` for regression, with ``s = log sigma^2``.
 """
 
 from __future__ import annotations
@@ -108,7 +101,7 @@ class _FieldView(Mapping):
         return repr(dict(self))
 
 
-# Views of the table, kept for the code that imports them. TASK_TYPES follows TASKS; the tuples are fixed at import.
+# TASK_TYPES follows TASKS; the tuples are fixed at import.
 TASK_TYPES = _FieldView("type")  # {"semantic": "classification", "instance": "regression", ...}
 TASK_NAMES = tuple(TASKS)
 DEFAULT_TASKS = tuple(name for name, task in TASKS.items() if task.default)
@@ -166,5 +159,5 @@ def validate_tasks(tasks):
 
 
 def task_channels(task, num_classes):
-    """Output channels of a task head: C logits, a 2-vector (dy, dx), 1 inverse-depth value or a 3-vector normal."""
+    """Output channels of ``task``'s head for ``num_classes`` classes."""
     return TASKS[task].output_channels(num_classes)

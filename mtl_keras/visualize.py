@@ -1,8 +1,6 @@
-"""Colour maps and PNG panels for multi-task predictions, and plots of the learned task weights.
+"""Colour maps (each ``*_to_color`` returns uint8 RGB (H, W, 3)), PNG panels of predictions and task-weight plots.
 
-Every ``*_to_color`` function returns a uint8 RGB image (H, W, 3). Files are written with OpenCV (panels) or
-matplotlib's Agg canvas (plots); pyplot and the global matplotlib backend are never touched, so this module is safe
-to import in headless training jobs.
+Plots use matplotlib's Agg canvas, never pyplot or the global backend, so headless training jobs can import this.
 """
 
 import json
@@ -43,10 +41,8 @@ def _squeeze_channel(x):
 
 
 def semantic_to_color(labels, palette=None):
-    """Integer label map (H, W) or (H, W, 1) -> uint8 RGB (H, W, 3) through ``palette`` ((C, 3) uint8).
-
-    The ignore label 255, and any other label outside ``[0, C)``, is black. ``palette=None``: CityScapes colours.
-    """
+    """Label map (H, W) or (H, W, 1) -> RGB through ``palette`` ((C, 3), default CityScapes); labels outside
+    ``[0, C)`` (the ignore label 255 among them) are black."""
     labels = _squeeze_channel(labels)
     if labels.ndim != 2:
         raise ValueError(f"labels must be (H, W) or (H, W, 1), got {labels.shape}.")
@@ -83,11 +79,8 @@ def _robust_max(values):
 
 
 def depth_to_color(depth, mask=None, vmax=None, cmap="magma"):
-    """Inverse depth (H, W) or (H, W, 1) -> uint8 RGB (H, W, 3) with a matplotlib colormap (default "magma").
-
-    Values are scaled linearly from 0 to ``vmax`` (default: 99th percentile of the valid values) and clipped, so
-    near objects (large inverse depth) are bright. Pixels where ``mask`` <= 0.5 or the value is not finite are black.
-    """
+    """Inverse depth (H, W) or (H, W, 1) -> RGB through ``cmap``, linear from 0 to ``vmax`` (default: the 99th
+    percentile of the valid values), so near objects are bright. Masked (<= 0.5) or non-finite pixels are black."""
     import matplotlib
 
     depth = _squeeze_channel(depth).astype(np.float64)
@@ -104,12 +97,8 @@ def depth_to_color(depth, mask=None, vmax=None, cmap="magma"):
 
 
 def instance_vectors_to_color(vectors, mask=None, max_magnitude=None):
-    """Centroid vectors (H, W, 2) = (dy, dx) -> uint8 RGB (H, W, 3), optical-flow style.
-
-    Hue encodes the direction ``atan2(dy, dx)``, value the magnitude scaled by ``max_magnitude`` (default: 99th
-    percentile of the valid magnitudes), saturation is full. Pixels where ``mask`` <= 0.5 (e.g. ``instance_mask``),
-    or the vector is not finite, are black.
-    """
+    """Centroid vectors (H, W, 2) = (dy, dx) -> RGB, optical-flow style: hue the direction, value the magnitude
+    over ``max_magnitude`` (default: its 99th percentile). Masked (<= 0.5) or non-finite pixels are black."""
     vectors = np.asarray(vectors, dtype=np.float64)
     if vectors.ndim != 3 or vectors.shape[-1] != 2:
         raise ValueError(f"vectors must be (H, W, 2), got {vectors.shape}.")
@@ -131,8 +120,7 @@ def instance_vectors_to_color(vectors, mask=None, max_magnitude=None):
 
 
 def normals_to_color(normals, mask=None):
-    """Surface normals (H, W, 3) -> uint8 RGB (H, W, 3) as ``(n / |n| + 1) / 2`` (the usual rendering); pixels where
-    ``mask`` <= 0.5, the normal is zero or not finite are black."""
+    """Surface normals (H, W, 3) -> RGB as ``(n / |n| + 1) / 2``; masked, zero or non-finite normals are black."""
     normals = np.asarray(normals, dtype=np.float64)
     if normals.ndim != 3 or normals.shape[-1] != 3:
         raise ValueError(f"normals must be (H, W, 3), got {normals.shape}.")
@@ -145,7 +133,7 @@ def normals_to_color(normals, mask=None):
 
 
 def instance_colors(num_instances, seed=0):
-    """``num_instances`` distinct, deterministic bright RGB colours (uint8 (N, 3)): golden-ratio steps in hue."""
+    """``num_instances`` distinct bright RGB colours (uint8 (N, 3)): golden-ratio steps in hue."""
     n = int(num_instances)
     if n <= 0:
         return np.zeros((0, 3), np.uint8)
@@ -155,12 +143,8 @@ def instance_colors(num_instances, seed=0):
 
 
 def instances_to_color(instance_ids, image=None, alpha=0.6, contours=True):
-    """Instance id map (H, W) (0 = none, k = instance k) -> uint8 RGB (H, W, 3) with one colour per instance.
-
-    With ``image`` ((H, W, 3) RGB 0..255) the instances are blended over it with opacity ``alpha`` and the rest of
-    the image is dimmed to 60 %; without, the background is black. ``contours`` draws a white 1-px outline around
-    each instance. Colours follow :func:`instance_colors` by id, so the same id always has the same colour.
-    """
+    """Instance ids (H, W) (0 = none) -> RGB, id k in :func:`instance_colors`' colour k, blended with opacity
+    ``alpha`` over ``image`` (RGB 0..255; the rest dimmed to 60 %) or on black; ``contours``: white outlines."""
     ids = _squeeze_channel(instance_ids).astype(np.int64)
     if ids.ndim != 2:
         raise ValueError(f"instance_ids must be (H, W), got {np.shape(instance_ids)}.")
@@ -201,12 +185,8 @@ def save_rgb(path, rgb):
 
 
 def sigma2_history(metrics):
-    """The learned sigma^2 series of a training run: ``{"semantic_sigma2": [...], ...}``.
-
-    ``metrics``: the dict of a run folder's ``metrics.json`` (or its path). Reads ``train_history`` (one value per
-    epoch); falls back to ``sigma2_<task>`` / ``<task>_sigma2`` series anywhere at its top level. Returns ``{}``
-    when the run has none (e.g. equal or fixed weighting).
-    """
+    """The ``*sigma2*`` series (``{"semantic_sigma2": [...], ...}``) of a run's ``metrics.json`` (dict or path):
+    its ``train_history``, else its top level; ``{}`` for a weighting without sigma^2."""
     if isinstance(metrics, (str, os.PathLike)):
         with open(metrics) as f:
             metrics = json.load(f)
@@ -228,11 +208,8 @@ COLORBAR_BAR = 12  # width of the bar itself, px
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _FONT_SCALE = 0.45
 _SWATCH_FRAME = (160, 160, 160)
-# The tasks that prediction panels draw (render_prediction_panel has a tile renderer for each; normals have none
-# yet); their columns come in the task table's order, under its display names.
+# The tasks with a tile renderer in _task_tile_rgb, drawn in the task table's order under its display names.
 _PANEL_TASKS = ("semantic", "instance", "depth")
-if not set(_PANEL_TASKS) <= set(TASKS):
-    raise ImportError(f"mtl_keras.visualize draws the tasks {_PANEL_TASKS}, not all in the task table {tuple(TASKS)}")
 
 
 def _unbatch(x):
@@ -268,8 +245,7 @@ def _text_width(text):
 
 
 def _tile(rgb, title, height, width):
-    """Resizes ``rgb`` to (height, width) (nearest) and puts a black title strip on top; ``rgb=None``: a dark grey
-    placeholder (the task is missing on that side)."""
+    """``rgb`` resized (nearest) under a title strip; ``None`` (the task missing on that side): a grey tile."""
     if rgb is None:
         rgb = np.full((height, width, 3), 40, dtype=np.uint8)
     elif rgb.shape[:2] != (height, width):
@@ -280,9 +256,8 @@ def _tile(rgb, title, height, width):
 
 
 def _match_instance_ids(pred_ids, true_ids):
-    """Renumbers ``pred_ids`` so that each predicted instance takes the id of the ground-truth instance it overlaps
-    most (greedily, by decreasing overlap, each true id used once): matched objects then have the same colour in
-    both rows. Unmatched predicted instances get ids after the largest true id. Display only."""
+    """``pred_ids`` renumbered so that matched objects share a colour in both rows: greedily by decreasing overlap,
+    each true id taken once; unmatched instances get ids after the largest true id."""
     pred_ids = np.asarray(pred_ids, np.int64)
     if true_ids is None or np.shape(true_ids) != pred_ids.shape or not (pred_ids > 0).any():
         return pred_ids
@@ -307,8 +282,7 @@ def _match_instance_ids(pred_ids, true_ids):
 
 
 def default_class_names(num_classes):
-    """Names of classes ``0..num_classes-1`` for the legend: the CityScapes training-id names (road ... bicycle,
-    ``mtl_keras.labels.class_names(19)``) for up to 19 classes, ``"class N"`` otherwise."""
+    """Legend names: the first CityScapes training-id names for up to 19 classes, ``"class N"`` otherwise."""
     num_classes = int(num_classes)
     if num_classes <= 19:
         return list(cityscapes_class_names(19))[:num_classes]
@@ -316,10 +290,8 @@ def default_class_names(num_classes):
 
 
 def render_legend(classes, palette, class_names, width):
-    """The class legend: for each class id in ``classes``, a ``LEGEND_SWATCH`` swatch of its palette colour (inside
-    a 1-px grey frame) and its name, left to right, wrapped onto new ``LEGEND_LINE_HEIGHT``-pixel lines when the
-    next entry would not fit in ``width``. Returns uint8 RGB (lines * LEGEND_LINE_HEIGHT, width, 3), black behind;
-    zero lines when ``classes`` is empty."""
+    """RGB (lines * LEGEND_LINE_HEIGHT, width, 3): a framed swatch and the name of each class id in ``classes``,
+    left to right, wrapped to fit ``width``."""
     palette = np.asarray(palette, dtype=np.uint8)
     entries = []
     for c in classes:
@@ -346,21 +318,12 @@ def render_legend(classes, palette, class_names, width):
     return out
 
 
-def _colorbar_labels(vmax):
-    return f"{vmax:.3g} px", "0 px"
-
-
 def render_colorbar(height, vmax, cmap="magma", top=TITLE_HEIGHT):
-    """The depth colour-bar column, uint8 RGB (height, width >= COLORBAR_WIDTH, 3), black behind.
-
-    The bar is ``COLORBAR_BAR`` px wide at ``COLORBAR_MARGIN`` px from the column's left edge, from row ``top`` to
-    the last row: its top row has the colour of ``vmax`` (``cmap`` at 1.0), its bottom row that of 0 (``cmap`` at
-    0.0), linear in between, as :func:`depth_to_color` maps values. The labels ``"<vmax> px"`` and ``"0 px"`` (inverse
-    depth in disparity pixels) are written at its right, next to its ends.
-    """
+    """The depth colour-bar column, RGB (height, width >= COLORBAR_WIDTH, 3): from row ``top`` down, ``vmax`` to 0
+    as :func:`depth_to_color` maps them, labelled in disparity pixels at its ends."""
     import matplotlib
 
-    high, low = _colorbar_labels(vmax)
+    high, low = f"{vmax:.3g} px", "0 px"
     x0 = COLORBAR_MARGIN
     x1 = x0 + COLORBAR_BAR
     width = max(COLORBAR_WIDTH, x1 + 5 + max(_text_width(high), _text_width(low)) + 3)
@@ -415,13 +378,11 @@ def _panel_instance_ids(prediction, target, cluster, instance_ids, instance_clas
 def _panel_scales(prediction, target):
     """(depth vmax, vector vmax) shared by both rows: from the ground truth (depth: else from the prediction)."""
     depth_vmax = vector_vmax = None
-    if target is not None and "depth" in target:
-        d = _squeeze_channel(_unbatch(target["depth"])).astype(np.float64)
-        m = target.get(TASKS["depth"].mask)
+    source = target if target is not None and "depth" in target else prediction
+    if "depth" in source:
+        d = _squeeze_channel(_unbatch(source["depth"])).astype(np.float64)
+        m = target.get(TASKS["depth"].mask) if source is target else None
         depth_vmax = _robust_max(d[_valid_mask(d, None if m is None else _unbatch(m))])
-    elif "depth" in prediction:
-        d = _squeeze_channel(_unbatch(prediction["depth"])).astype(np.float64)
-        depth_vmax = _robust_max(d[_valid_mask(d, None)])
     if target is not None and "instance" in target:
         v = _unbatch(target["instance"]).astype(np.float64)
         m = target.get(TASKS["instance"].mask)
@@ -460,9 +421,16 @@ def _add_colorbar_and_legend(panel, tasks, depth_vmax, label_maps, palette, clas
     return panel
 
 
-def render_prediction_panel(image, prediction, target=None, palette=None, class_names=None, cluster=True,
-                            instance_ids=None, instance_classes=None):
-    """The panel of :func:`save_prediction_panel` as a uint8 RGB array, without writing it."""
+def save_prediction_panel(path, image, prediction, target=None, palette=None, class_names=None, cluster=True,
+                          instance_ids=None, instance_classes=None):
+    """Writes a PNG of one image's prediction (row 1) over its ground truth (row 2, optional); returns ``path``.
+
+    ``image``: (H, W, 3) RGB 0..255; ``prediction`` / ``target``: per-image dicts (a batch axis of 1 is dropped) of
+    ``semantic`` (logits or labels), ``instance``, ``depth`` and the targets' masks. Columns: the input, then each
+    task present on either side; depth and vector scales come from the ground truth. The instances column shows
+    ``instance_ids`` or, with ``cluster``, :func:`mtl_keras.instances.cluster_instances`' ids, renumbered after the
+    true instances they overlap. A depth colour bar and a legend of the classes present follow.
+    """
     img = _image_to_uint8(image)
     height, width = img.shape[:2]
     prediction = {k: v for k, v in (prediction or {}).items() if v is not None}
@@ -503,33 +471,8 @@ def render_prediction_panel(image, prediction, target=None, palette=None, class_
             overlay = cv2.addWeighted(img, 0.5, colour, 0.5, 0.0)
         first = _tile(overlay, "input + pred semantic" if pred_sem is not None else "input", height, width)
         rows.append(row(first, target, "true", True))
-    return _add_colorbar_and_legend(np.concatenate(rows, axis=0), tasks, depth_vmax, (pred_sem, true_sem), palette,
-                                    class_names)
-
-
-def save_prediction_panel(path, image, prediction, target=None, palette=None, class_names=None, cluster=True,
-                          instance_ids=None, instance_classes=None):
-    """Writes one PNG comparing a prediction (and optionally its ground truth) for a single image; returns ``path``.
-
-    ``image``: (H, W, 3) float RGB 0..255. ``prediction`` / ``target``: dicts of per-image arrays (a leading batch
-    axis of 1 is dropped) with any of ``"semantic"`` (logits or labels), ``"instance"``, ``"depth"``, and the
-    targets' masks. ``palette``: (C, 3) uint8 (default :func:`default_palette` of the logits' C, else 19);
-    ``class_names``: legend names by class id (default :func:`default_class_names`).
-
-    A grid of H x W tiles under ``TITLE_HEIGHT``-pixel titles: the input, then per task present on either side
-    (semantic, instance vectors, *instances*, inverse depth); row 1 the prediction, row 2 the ground truth, whose
-    first tile overlays the predicted semantics on the input. Depth and vector scales are shared by the rows (from
-    the ground truth when there is one); a task missing on one side is a dark grey placeholder.
-
-    The *instances* column shows ``instance_ids`` or, with ``cluster``, the ids of
-    :func:`mtl_keras.instances.cluster_instances` (``instance_classes`` passed on), and under them the true
-    instances of the target's vectors; predicted instances are renumbered after the true one they overlap most, so
-    that matched objects share a colour. With depth, :func:`render_colorbar` follows at the right edge; with
-    semantics, :func:`render_legend` of the classes present follows under the grid.
-    """
-    return save_rgb(path, render_prediction_panel(image, prediction, target, palette, class_names=class_names,
-                                                  cluster=cluster, instance_ids=instance_ids,
-                                                  instance_classes=instance_classes))
+    return save_rgb(path, _add_colorbar_and_legend(np.concatenate(rows, axis=0), tasks, depth_vmax,
+                                                   (pred_sem, true_sem), palette, class_names))
 
 
 # ---------------------------------------------------------------------------------------------------- Task-weight plots
@@ -553,14 +496,9 @@ def _plot_series(ax, values, colour, label, x=None):
 
 
 def task_weights_figure(history, title=None, xlabel="epoch"):
-    """The matplotlib ``Figure`` (Agg canvas) drawn by :func:`plot_task_weights`.
-
-    When the series names include both ``<task>_sigma2`` and ``<task>_weight`` (what the weightings log), two
-    stacked axes share the x-axis: sigma^2 (log axis when all positive) on top, the effective weight below (log
-    when all positive and spanning over 50x); each task has one colour in both, and series named otherwise go to
-    a third axes below. Otherwise one axes holds all series (log axis when all finite values are positive). The
-    legend is a figure legend outside the axes, at the right (constrained layout), so it never covers a curve.
-    """
+    """The matplotlib ``Figure`` of :func:`plot_task_weights`: with both ``<task>_sigma2`` and ``<task>_weight``
+    series, sigma^2 over the effective weight (one colour per task; other series on a third axes), else one axes;
+    log axes where the values allow; the legend outside at the right, so it never covers a curve."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -575,14 +513,14 @@ def task_weights_figure(history, title=None, xlabel="epoch"):
     sigma2 = {k[:-len(_SIGMA2)]: v for k, v in series.items() if k.endswith(_SIGMA2)}
     weight = {k[:-len(_WEIGHT)]: v for k, v in series.items() if k.endswith(_WEIGHT)}
     cycle = ["C%d" % i for i in range(10)]
+    other = {k: v for k, v in series.items() if not (k.endswith(_SIGMA2) or k.endswith(_WEIGHT))}
+    panels = (3 if other else 2) if sigma2 and weight else 1
+    fig = Figure(figsize=(8, 2.6 * panels + 0.6) if panels > 1 else (8, 4), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
     if sigma2 and weight:
-        other = {k: v for k, v in series.items() if not (k.endswith(_SIGMA2) or k.endswith(_WEIGHT))}
         tasks = list(dict.fromkeys([k[:-len(_SIGMA2)] if k.endswith(_SIGMA2) else k[:-len(_WEIGHT)]
                                     for k in series if k.endswith(_SIGMA2) or k.endswith(_WEIGHT)]))
         colours = {t: cycle[i % len(cycle)] for i, t in enumerate(tasks)}
-        panels = 3 if other else 2
-        fig = Figure(figsize=(8, 2.6 * panels + 0.6), dpi=100, layout="constrained")
-        FigureCanvasAgg(fig)
         axes = fig.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
         handles = {}
         for task in tasks:
@@ -600,11 +538,8 @@ def task_weights_figure(history, title=None, xlabel="epoch"):
         if other:
             _positive_log_axis(axes[2], list(other.values()))
             axes[2].set_ylabel("value")
-        labels = list(handles)
-        handles = list(handles.values())
+        labels, handles = list(handles), list(handles.values())
     else:
-        fig = Figure(figsize=(8, 4), dpi=100, layout="constrained")
-        FigureCanvasAgg(fig)
         axes = [fig.add_subplot(1, 1, 1)]
         for i, (name, values) in enumerate(series.items()):
             _plot_series(axes[0], values, cycle[i % len(cycle)], name, steps)
@@ -622,14 +557,8 @@ def task_weights_figure(history, title=None, xlabel="epoch"):
 
 
 def plot_task_weights(history, path, title=None, xlabel="epoch"):
-    """PNG of per-task weight series, e.g. ``{"semantic_sigma2": [...], "semantic_weight": [...], ...}``.
-
-    ``history``: dict ``{series_name: list of floats}`` (or a Keras ``History``, whose ``.history`` is used);
-    series may differ in length and may have one point (drawn as a marker); the x-axis is the series ``"step"``
-    (as :class:`mtl_keras.training.WeightingHistory` records it) where it has the series' length, else the index. The
-    figure is :func:`task_weights_figure`'s: sigma^2 and effective-weight axes stacked when both kinds are there,
-    one axes otherwise; the legend outside, at the right. Returns ``path``.
-    """
+    """Writes a PNG of ``history`` (``{series: floats}`` or a Keras ``History``; lengths may differ) against its
+    ``"step"`` series (as ``WeightingHistory`` records it) where the lengths match, else the index; returns ``path``."""
     fig = task_weights_figure(history, title=title, xlabel=xlabel)
     _make_parent(path)
     fig.savefig(os.fspath(path), format="png")

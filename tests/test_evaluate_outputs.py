@@ -100,3 +100,17 @@ def test_a_task_without_an_output_is_one_line_naming_the_path_and_the_output(con
     assert source in message and "--tasks=semantic,depth" in message
     with pytest.raises(ValueError, match=r"no output for task\(s\) normals \(normals\)"):
         evaluate.tasks_to_evaluate(info, "synthetic", ["semantic", "normals"])
+
+
+def test_delta_m_sign_convention():
+    single = {"miou": 0.50, "depth_err": 1.0}
+    better = {"miou": 0.55, "depth_err": 0.9}  # +10 % mIoU, -10 % error
+    hib = {"miou": True, "depth_err": False}
+    assert evaluate.delta_m(better, single, hib) == pytest.approx(-10.0)
+    worse = {"miou": 0.45, "depth_err": 1.2}  # -10 %, +20 %
+    assert evaluate.delta_m(worse, single, hib) == pytest.approx(15.0)
+    assert evaluate.delta_m({"miou": 0.55, "depth_err": 1.1}, single, hib) == pytest.approx(0.0)
+    with pytest.raises(KeyError):
+        evaluate.delta_m({"miou": 0.5}, single, hib)
+    with pytest.raises(ValueError):
+        evaluate.delta_m(better, {"miou": 0.0, "depth_err": 1.0}, hib)

@@ -3,8 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from mtl_keras.evaluation import (MultiTaskEvaluator, confusion_matrix, delta_m, evaluate_model,
-                                  segmentation_scores)
+from mtl_keras.evaluation import MultiTaskEvaluator, confusion_matrix, evaluate_model, segmentation_scores
 
 
 def one_hot_logits(labels, num_classes):
@@ -317,19 +316,3 @@ def test_evaluate_model_with_functional_model_and_tf_dataset():
     assert result == {"depth_mean_error_px": 2.0, "depth_rel_error": 0.5, "num_images": 3.0}
     dict_batches = [{"images": images, **targets}]  # dict batches with the images under "images"
     assert evaluate_model(model, dict_batches, num_classes=19, tasks=("depth",)) == result
-
-
-# ------------------------------------------------------------------------------------------------ delta_m
-
-def test_delta_m_sign_convention():
-    single = {"miou": 0.50, "depth_err": 1.0}
-    better = {"miou": 0.55, "depth_err": 0.9}  # +10 % mIoU, -10 % error
-    hib = {"miou": True, "depth_err": False}
-    assert delta_m(better, single, hib) == pytest.approx(-10.0)
-    worse = {"miou": 0.45, "depth_err": 1.2}  # -10 %, +20 %
-    assert delta_m(worse, single, hib) == pytest.approx(15.0)
-    assert delta_m({"miou": 0.55, "depth_err": 1.1}, single, hib) == pytest.approx(0.0)
-    with pytest.raises(KeyError):
-        delta_m({"miou": 0.5}, single, hib)
-    with pytest.raises(ValueError):
-        delta_m(better, {"miou": 0.0, "depth_err": 1.0}, hib)
