@@ -9,14 +9,13 @@ TensorFlow, every function here is the identity.
 
 import contextlib
 import json
-import logging
 import os
 
 import keras
 
-log = logging.getLogger("mtl_keras")
+from mtl_keras.config import CHOICES
 
-STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
+STRATEGIES = CHOICES["strategy"]
 
 
 def _tf():

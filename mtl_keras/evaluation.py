@@ -15,11 +15,6 @@ NORMALS_THRESHOLDS_DEG = (11.25, 22.5, 30.0)
 _NORMALS_BINS = int(round(180.0 / NORMALS_BIN_DEG))
 
 
-def _threshold_key(t):
-    """``11.25`` -> ``"normals_within_11_25"`` (fraction of valid pixels with an angle error below 11.25 deg)."""
-    return "normals_within_" + f"{t:g}".replace(".", "_")
-
-
 # ------------------------------------------------------------------------------------------------ Semantic segmentation
 
 def confusion_matrix(labels, predictions, num_classes, ignore_label=IGNORE_LABEL):
@@ -266,8 +261,8 @@ class MultiTaskEvaluator:
         n = self._normals_count
         out = {"normals_mean_angle_deg": self._normals_angle_sum / n if n else math.nan,
                "normals_median_angle_deg": self._normals_median()}
-        for threshold, count in zip(NORMALS_THRESHOLDS_DEG, self._normals_within):
-            out[_threshold_key(threshold)] = float(count) / n if n else math.nan
+        for threshold, count in zip(NORMALS_THRESHOLDS_DEG, self._normals_within):  # 11.25 -> normals_within_11_25
+            out["normals_within_" + f"{threshold:g}".replace(".", "_")] = float(count) / n if n else math.nan
         return out
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from cityscapesscripts.helpers.labels import labels as _CS_LABELS
 
-IGNORE_INDEX = 255
+from mtl_keras.tasks import IGNORE_LABEL as IGNORE_INDEX
 VALID_NUM_CLASSES = (7, 19)
 
 # NYUv2: names of the 13 and 40 classes (ids 1..13 / 1..40 in the mapping files -> training ids 0..12 / 0..39).

@@ -375,18 +375,21 @@ def _panel_instance_ids(prediction, target, cluster, instance_ids, instance_clas
     return show, pred_ids, true_ids
 
 
+def _mask_of(where, task):
+    key = TASKS[task].mask
+    return _unbatch(where[key]) if key in where else None
+
+
 def _panel_scales(prediction, target):
     """(depth vmax, vector vmax) shared by both rows: from the ground truth (depth: else from the prediction)."""
     depth_vmax = vector_vmax = None
     source = target if target is not None and "depth" in target else prediction
     if "depth" in source:
         d = _squeeze_channel(_unbatch(source["depth"])).astype(np.float64)
-        m = target.get(TASKS["depth"].mask) if source is target else None
-        depth_vmax = _robust_max(d[_valid_mask(d, None if m is None else _unbatch(m))])
+        depth_vmax = _robust_max(d[_valid_mask(d, _mask_of(target, "depth") if source is target else None)])
     if target is not None and "instance" in target:
         v = _unbatch(target["instance"]).astype(np.float64)
-        m = target.get(TASKS["instance"].mask)
-        valid = _valid_mask(v, None if m is None else _unbatch(m)).all(axis=-1)
+        valid = _valid_mask(v, _mask_of(target, "instance")).all(axis=-1)
         vector_vmax = _robust_max(np.hypot(v[..., 0], v[..., 1])[valid])
     return depth_vmax, vector_vmax
 
@@ -395,18 +398,13 @@ def _task_tile_rgb(task, source, is_target, target, palette, depth_vmax, vector_
     """The colour image of one task's tile, or None when ``source`` lacks the task."""
     if task not in source:
         return None
-
-    def mask_of(where):
-        key = TASKS[task].mask
-        return _unbatch(where[key]) if key in where else None
-
     x = _unbatch(source[task])
     if task == "semantic":
         return semantic_to_color(_semantic_labels(x) if not is_target else _squeeze_channel(x), palette)
     if task == "depth":
-        return depth_to_color(x, mask=mask_of(source) if is_target else None, vmax=depth_vmax)
+        return depth_to_color(x, mask=_mask_of(source, task) if is_target else None, vmax=depth_vmax)
     # Predicted vectors are shown on the ground-truth instance pixels when those are known.
-    return instance_vectors_to_color(x, mask=mask_of(source if is_target else (target or {})),
+    return instance_vectors_to_color(x, mask=_mask_of(source if is_target else (target or {}), task),
                                      max_magnitude=vector_vmax)
 
 
