@@ -1,18 +1,13 @@
 """The training step of the gradient weightings (``mtl_keras.weighting.GradientWeighting``), on TF and JAX.
 
-Per step: the per-task gradients of the shared parameters (K backward passes, or one batched Jacobian pass), or with
-``rep_grad`` of the shared representation; their mean over replicas (so every replica's method sees the global
-gradients and takes the same step, equal to one device's); the method's direction for the shared parameters; each
-task's own gradient for its own parameters; one optimiser update.
-
-Which parameters are shared is read off the functional graph, not assumed from names: a layer whose output reaches
-two or more task outputs is shared; one that reaches a single output belongs to that task (Kendall's decoders,
-MT-UNet's per-task decoders; a decoder layer that feeds another task through a cross-decoder skip counts as shared).
-The shared representation is the set of tensors where the graph crosses from shared to task layers.
-
-Mixed precision: each task loss is scaled by the optimiser's loss scale, each task gradient unscaled before the method
-sees it, and the direction scaled back so that ``LossScaleOptimizer`` checks it for overflow and unscales it.
+Per step: the per-task gradients of the shared parameters (or, with ``rep_grad``, of the shared representation),
+averaged over replicas so that every replica takes the one-device step; the method's direction for the shared
+parameters; each task's own gradient for its own parameters. Which parameters are shared is read off the
+functional graph: a layer whose output reaches two or more task outputs is shared. Under mixed precision each task
+gradient is unscaled before the method and the direction scaled back for ``LossScaleOptimizer``.
 """
+
+import math
 
 import keras
 from keras import ops
@@ -25,7 +20,6 @@ def _float():
     return keras.config.floatx()
 
 
-# ------------------------------------------------------------------------------------------------ graph partition
 def _producer(tensor):
     history = tensor._keras_history
     return history.operation, history.operation._inbound_nodes[history.node_index]
@@ -48,15 +42,9 @@ def _upstream_layers(tensors, stop=()):
 
 
 class SharedPartition:
-    """The split of a functional multi-task model into shared and per-task parts.
-
-    Attributes:
-        tasks: the task outputs, in the weighting's order.
-        shared: trainable variables used by two or more tasks.
-        own: ``{task: [variables used by that task only]}``.
-        representation: the shared tensors consumed by task layers (float tensors of non-input layers).
-        passthrough: model inputs consumed directly by task layers (e.g. the image, for its size).
-    """
+    """The split of a functional multi-task model: ``shared`` variables (used by two or more tasks), ``own``
+    ``{task: [variables]}``, the ``representation`` (shared tensors read by task layers) and ``passthrough`` (model
+    inputs read by task layers, e.g. the image for its size)."""
 
     def __init__(self, model, tasks):
         if not isinstance(model, keras.Model) or not isinstance(model.output, dict):
@@ -85,8 +73,7 @@ class SharedPartition:
                 self.own[owner].append(variable)
         if not self.shared:
             raise ValueError("The model has no parameters shared by two tasks: nothing for a gradient weighting to do.")
-        self.num_shared = int(sum(_size(v) for v in self.shared))
-        # The representation: outputs of shared layers read by task layers.
+        self.num_shared = sum(math.prod(int(d) for d in v.shape) for v in self.shared)
         shared_layers = {k for k, tasks_ in reach.items() if len(tasks_) > 1}
         self.representation, self.passthrough = [], []
         for key, layer in layers.items():
@@ -121,20 +108,12 @@ class SharedPartition:
         return self._split
 
 
-def _size(variable):
-    size = 1
-    for d in variable.shape:
-        size *= int(d)
-    return size
-
-
 def flatten(tensors):
     return ops.concatenate([ops.reshape(ops.cast(t, _float()), (-1,)) for t in tensors], axis=0)
 
 
 def unflatten(vector, like, dtype=None):
-    """``vector`` cut into pieces shaped like ``like`` (variables, or tensors whose batch size may be known only at
-    run time), cast to ``dtype`` if given: the inverse of :func:`flatten`."""
+    """The inverse of :func:`flatten`: pieces shaped like ``like`` (run-time shapes), cast by ``dtype(t)`` if given."""
     pieces, start = [], 0
     for t in like:
         size = ops.size(t)
@@ -145,8 +124,8 @@ def unflatten(vector, like, dtype=None):
 
 
 def _task_gradient_rows(tape, scaled, targets, partition, tasks, scale):
-    """TF: one backward pass per task. Returns the (K, P) rows of the task gradients of ``targets`` (unscaled; zeros
-    where a task does not reach a target) and ``{task: [gradients of its own variables]}`` (still scaled)."""
+    """TF, one backward pass per task: the (K, P) unscaled gradients of ``targets`` and ``{task: [gradients of its
+    own variables]}`` (still scaled)."""
     import tensorflow as tf
 
     rows, own = [], {}
@@ -159,9 +138,8 @@ def _task_gradient_rows(tape, scaled, targets, partition, tasks, scale):
 
 
 def split_samples(x, y, samples):
-    """The batch cut into ``samples`` strided parts (samples ``i, i + S, i + 2S, ...``): independent gradient
-    estimates for MoDo and SDMGrad. Strided, so that when each replica's batch divides by S the replicas' parts
-    together are exactly the one-device parts of the global batch (replicas hold contiguous shards)."""
+    """The batch cut into ``samples`` strided parts (independent estimates for MoDo, SDMGrad): strided, so that the
+    replicas' parts together are the one-device parts (replicas hold contiguous shards)."""
     def part(i):
         return keras.tree.map_structure(lambda t: t[i::samples], (x, y))
 
@@ -173,7 +151,6 @@ def loss_scale(optimizer):
     return ops.cast(optimizer.scale_loss(ops.ones((), _float())), _float())
 
 
-# --------------------------------------------------------------------------------------------- TensorFlow step
 def tensorflow_train_step(trainer, data):
     """One training step of ``trainer`` (a ``MultiTaskTrainer`` with a ``GradientWeighting``) on TF."""
     import tensorflow as tf
@@ -237,8 +214,7 @@ def tensorflow_train_step(trainer, data):
 
 
 def _tensorflow_rep_direction(weighting, gradients, global_losses, replicas):
-    """The direction for this replica's slice of the representation: the replicas' representation gradients are
-    gathered (they cover different samples), the method runs on the whole, each replica keeps its slice."""
+    """This replica's slice of the direction computed on all replicas' (gathered) representation gradients."""
     if replicas == 1:
         return weighting.direction(gradients, global_losses)
     import tensorflow as tf
@@ -256,7 +232,7 @@ def _tensorflow_rep_direction(weighting, gradients, global_losses, replicas):
 
 
 def _tensorflow_sampled_step(trainer, x, y, scale, replicas):
-    """Methods that need several independent gradient estimates (MoDo, SDMGrad): the batch is cut in parts."""
+    """MoDo, SDMGrad: per-task gradients of each part of the batch."""
     import tensorflow as tf
 
     weighting, partition = trainer.loss_weighting, trainer.partition
@@ -308,12 +284,9 @@ def _apply(trainer, grads_by_variable):
     trainer.optimizer.apply_gradients(pairs)
 
 
-# ---------------------------------------------------------------------------------------------------- JAX step
 def jax_train_step(trainer, state, data):
-    """One stateless training step on JAX (the counterpart of ``JAXTrainer.train_step``).
-
-    Under ``keras.distribution.DataParallel`` the step is one global (SPMD) computation: the per-task gradients are
-    already those of the global batch, so every device takes the same step."""
+    """One stateless training step on JAX (``JAXTrainer.train_step``'s counterpart); under ``DataParallel`` one
+    global SPMD computation on the global batch's gradients."""
     trainable, non_trainable, optimizer_variables, metrics_variables = state
     x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
     weighting = trainer.loss_weighting
@@ -343,11 +316,8 @@ def jax_train_step(trainer, state, data):
 
 
 def _current(scope, variables, old_values):
-    values = []
-    for variable, old in zip(variables, old_values):
-        value = scope.get_current_value(variable)
-        values.append(old if value is None else value)
-    return values
+    values = [scope.get_current_value(v) for v in variables]
+    return [old if value is None else value for value, old in zip(values, old_values)]
 
 
 class _JaxStep:
@@ -382,8 +352,7 @@ class _JaxStep:
         return result, _current(scope, variables, non_trainable)
 
     def _jacobian(self, function, argument):
-        """Rows of the Jacobian of ``function`` (K outputs, scaled) at ``argument``: K vector-Jacobian products
-        sharing one forward pass ("loop") or one vmapped pass ("batched"); returns per-leaf (K, *shape), unscaled."""
+        """Unscaled Jacobian (per leaf (K, *shape)) of ``function``: K VJPs of one forward pass, or ``jacrev``."""
         import jax
 
         if self.trainer.jacobian_mode == "batched":

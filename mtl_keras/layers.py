@@ -12,11 +12,7 @@ IMAGENET_STD_RGB = (58.395, 57.12, 57.375)
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
 class ResizeLike(keras.layers.Layer):
-    """Resizes ``inputs[0]`` to the spatial size of ``inputs[1]`` (NHWC).
-
-    The target size is read at run time, so an exported model accepts any image size. With a 1x1 input (the ASPP
-    image-pooling branch) bilinear resizing is a broadcast.
-    """
+    """Resizes ``inputs[0]`` to the spatial size of ``inputs[1]`` (NHWC), read at run time (any image size)."""
 
     def __init__(self, interpolation="bilinear", **kwargs):
         super().__init__(**kwargs)
@@ -25,13 +21,11 @@ class ResizeLike(keras.layers.Layer):
     def call(self, inputs):
         x, reference = inputs
         if keras.config.backend() == "tensorflow" and keras.backend.standardize_dtype(x.dtype) == "float64":
-            # tf.image.resize computes and returns float32 whatever the input: float64 (the cross-backend
-            # equivalence tests) takes the exact interpolation by matrices.
+            # tf.image.resize computes in float32 whatever the input: float64 takes the exact matrices
             return bilinear_resize_by_matrices(x, ops.shape(reference)[1:3])
         if keras.config.backend() == "tensorflow":
-            # The op Keras' TF backend runs, called directly: ``ops.image.resize`` checks ``size[0] <= 0`` in Python,
-            # which fails on a symbolic size (unknown height/width under tf.function without autograph, as
-            # ``model.export`` traces). Same results.
+            # Keras' own op, called directly: ``ops.image.resize`` checks ``size[0] <= 0`` in Python, which fails
+            # on the symbolic sizes that ``model.export`` traces
             import tensorflow as tf  # backend fast path only
 
             return tf.image.resize(x, tf.shape(reference)[1:3], method=self.interpolation)
@@ -47,8 +41,8 @@ class ResizeLike(keras.layers.Layer):
 
 
 def _bilinear_matrix(out_size, in_size, dtype):
-    """(out_size, in_size) weights of bilinear interpolation with half-pixel centres, clamped at the edges: the
-    convention of ``tf.image.resize``, ``jax.image.resize`` and ``torch``'s ``align_corners=False`` (upsampling)."""
+    """(out_size, in_size) bilinear weights, half-pixel centres clamped at the edges (``tf.image.resize``'s and
+    torch's ``align_corners=False`` convention, upsampling)."""
     out_f, in_f = ops.cast(out_size, "float64"), ops.cast(in_size, "float64")
     source = (ops.cast(ops.arange(out_size), "float64") + 0.5) * (in_f / out_f) - 0.5
     source = ops.clip(source, 0.0, in_f - 1.0)
@@ -66,12 +60,8 @@ def bilinear_resize_by_matrices(x, size):
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
 class Normalization(keras.layers.Normalization):
-    """``keras.layers.Normalization`` with given mean and variance, exact in float64 on every backend.
-
-    Keras' torch backend rounds ``maximum(float64 tensor, epsilon)``, the guard against a zero variance in Keras'
-    ``call``, to float32; the given (ImageNet) variances are positive, so no guard is needed here. The class keeps
-    Keras' name, so that weight files key this layer as Keras' own (``layers/normalization``).
-    """
+    """``keras.layers.Normalization`` exact in float64 on every backend (Keras' torch backend rounds its zero-variance
+    guard to float32; the given variances are positive). Keeps Keras' class name (weight-file keys)."""
 
     def call(self, inputs):
         if self.invert or self.mean is None:
@@ -94,12 +84,9 @@ class GlobalAveragePooling2D(keras.layers.GlobalAveragePooling2D):
 
 
 def image_normalization(name="image_normalization"):
-    """Maps float RGB images in 0..255 to ImageNet-standardised values (the convention of torchvision weights).
-
-    Preprocessing lives inside the model so that an exported model takes raw images.
-    """
-    # float64 arrays, not lists: the torch backend turns a list into a float32 tensor before casting it to the
-    # compute dtype, which would round the constants in float64 models.
+    """Maps RGB images in 0..255 to ImageNet-standardised values (torchvision's), inside the model: exports take raw
+    images."""
+    # float64 arrays, not lists: the torch backend would round a list to float32 in float64 models
     return Normalization(
         axis=-1, mean=np.asarray(IMAGENET_MEAN_RGB, "float64"),
         variance=np.square(np.asarray(IMAGENET_STD_RGB, "float64")), name=name)
@@ -107,17 +94,11 @@ def image_normalization(name="image_normalization"):
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
 class AtrousConv2D(keras.layers.Conv2D):
-    """``keras.layers.Conv2D`` whose dilated convolutions take TensorFlow's native kernel on the TF backend.
+    """``keras.layers.Conv2D`` whose dilated convolutions take TensorFlow's native ``tf.nn.conv2d`` kernel.
 
-    Keras' TF backend runs ``tf.nn.convolution``, which lowers any dilation > 1 to space-to-batch + conv +
-    batch-to-space. On CPU that is 5x (rate 2) to 40x (rate 36, a 16x32 map) slower than ``tf.nn.conv2d`` with
-    ``dilations``, whose forward and backward kernels exist on CPU and GPU (measured: fwd+bwd of a 512->128 3x3 conv
-    on 8x16x32: 2.45 s vs 0.056 s at rate 36). Other backends, and undilated or strided convs, use ``ops.conv``.
-    TensorFlow's CPU kernels have the dilated backward pass for float32 only, and only with oneDNN (on by default
-    on AVX-512 VNNI/AMX CPUs; ``import mtl_keras`` turns it on elsewhere, see ``mtl_keras.platform``): where it is
-    off, the forward pass stays native and :func:`dilated_conv2d_tap_gradients` supplies the gradients. Other dtypes
-    take the fast path only where a GPU is present. Same weights and config as Conv2D, so checkpoints and ImageNet
-    weights load by layer name either way.
+    Keras' TF backend lowers a dilation to space-to-batch, 5x (rate 2) to 40x (rate 36) slower on CPU. TensorFlow's
+    CPU kernels have the dilated backward pass for float32 with oneDNN only (see ``mtl_keras.platform``); without it
+    :func:`dilated_conv2d_tap_gradients` supplies the gradients. Same weights and config as Conv2D.
     """
 
     def _native_dilation_available(self):
@@ -138,8 +119,7 @@ class AtrousConv2D(keras.layers.Conv2D):
 
         return bool(tf.config.list_logical_devices("GPU")) or platform.native_dilated_conv_gradients()
 
-    # Class-wide switch for measurements: False runs the full kernels (benchmarks/flops.py's ``profiler_flops``
-    # counts nominal FLOPs that way).
+    # False runs the full kernels (benchmarks/flops.py counts nominal FLOPs that way)
     trim_padding_taps = True
 
     def convolution_op(self, inputs, kernel):
@@ -155,15 +135,9 @@ class AtrousConv2D(keras.layers.Conv2D):
         return super().convolution_op(inputs, kernel)
 
     def _taps_inside_input(self, inputs, kernel):
-        """The kernel without the taps that only ever see "same" padding, and the dilations to use with it.
-
-        With a static height or width smaller than the rate (the ASPP's rates 24 and 36 on the 16x32 map of a
-        128x256 image), taps farther than size - 1 px from the centre multiply zeros only: the conv equals the one
-        with the inner taps (rate 36 on 16x32: a 1x1 conv), with the same gradients (the dropped taps' are 0 either
-        way). oneDNN skips padding in its forward and input-gradient kernels but not in its dilated filter-gradient
-        kernel, which computed all 9 taps (measured: a training step of kendall_deeplabv3_resnet26_slim at 128x256,
-        batch 8, takes about 12% less CPU time).
-        """
+        """The kernel without the taps that only see "same" padding (a map smaller than the rate: the ASPP's rates 24
+        and 36 on 16x32), and its dilations: the same output and gradients, but oneDNN's dilated filter-gradient
+        kernel computes padding taps too (a training step of the slim model: 12% less CPU time)."""
         dilations = list(self.dilation_rate)
         if self.padding != "same" or not self.trim_padding_taps:
             return kernel, dilations
@@ -180,17 +154,9 @@ class AtrousConv2D(keras.layers.Conv2D):
 
 
 def dilated_conv2d_tap_gradients(inputs, kernel, dilations):
-    """``tf.nn.conv2d(inputs, kernel, dilations=dilations, padding="SAME")`` (stride 1, odd kernel sizes) with its
-    gradients written out, for TensorFlow's CPU kernels without oneDNN, which run the dilated forward pass but have
-    no dilated ``Conv2DBackpropInput`` / ``Conv2DBackpropFilter``.
-
-    * input gradient: with "same" padding, stride 1 and an odd kernel, the transpose of the convolution is the same
-      dilated convolution with the kernel flipped in space and its channel axes swapped (a forward op, which exists);
-    * filter gradient: one matrix product per tap, ``dK[i, j] = X_ij^T dY`` with ``X_ij`` the padded input shifted by
-      the tap's offset (N*H*W x C_in) and ``dY`` the output gradient (N*H*W x C_out).
-
-    Tested against the autodiff gradients of Keras' own convolution (``tests/test_layers.py``).
-    """
+    """A "SAME", stride-1, odd-kernel dilated ``tf.nn.conv2d`` with its gradients written out, for TensorFlow's CPU
+    kernels without oneDNN (no dilated backward ops): the input gradient is the same convolution with the kernel
+    flipped and transposed; the filter gradient one matrix product per tap, ``dK[i, j] = X_ij^T dY``."""
     import tensorflow as tf  # TF-only path
 
     rate_h, rate_w = (int(r) for r in dilations)
@@ -225,22 +191,15 @@ def dilated_conv2d_tap_gradients(inputs, kernel, dilations):
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
 class BatchNormalization(keras.layers.BatchNormalization):
-    """``keras.layers.BatchNormalization`` that runs TensorFlow's fused kernel on the TF backend.
+    """``keras.layers.BatchNormalization`` that runs TensorFlow's fused kernel for 4-D channels-last float32 inputs.
 
-    Keras 3 computes batch norm with ``ops.moments`` (separate reductions over N, H, W) and elementwise ops, forward
-    and backward: about 20% of a training step of the dilated ResNets on CPU (profiled, ``benchmarks/README.md``).
-    ``FusedBatchNormV3`` does the statistics, the normalisation and its gradient in one oneDNN/cuDNN kernel each,
-    and in inference Grappler folds it into the preceding convolution. Taken for 4-D channels-last float32 inputs
-    without a mask, renorm or cross-replica synchronisation; everything else (other backends and dtypes,
-    ``synchronized=True``) runs Keras' own code. Same variables, config and update rule as the Keras layer (the
-    kernel's unbiased batch variance is rescaled to Keras' biased one for the moving average), so checkpoints and
-    ImageNet weights load by layer name either way. The class keeps Keras' name on purpose: Keras 3 keys a layer's
-    variables in ``.weights.h5`` files by its class name (``batch_normalization_12``), so weight files written with
-    ``keras.layers.BatchNormalization`` load into these models and vice versa. One difference: TensorFlow raises an
-    epsilon below 1.001e-5 to 1.001e-5 (a cuDNN limit), a relative change of at most 1e-3 in epsilon.
+    Keras' ``ops.moments`` batch norm is about 20% of a dilated ResNet's training step on CPU (see
+    ``benchmarks/README.md``); ``FusedBatchNormV3`` is one kernel each way, and Grappler folds it into the convolution
+    in inference. Same variables and update rule (the unbiased batch variance is rescaled to Keras' biased one);
+    keeps Keras' class name, so weight files load either way. TensorFlow raises an epsilon below 1.001e-5 to 1.001e-5.
     """
 
-    # Class-wide switch for comparisons (``benchmarks/run_all.py --keras_batchnorm``): False runs Keras' own code.
+    # False runs Keras' own code (``benchmarks/run_all.py --keras_batchnorm``)
     use_fused_kernel = True
 
     def _fused_available(self, inputs, mask):
@@ -256,9 +215,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 and self.compute_dtype == "float64")
 
     def _call_float64(self, inputs, training):
-        """Keras' batch norm, with the normalisation written out: the JAX and PyTorch backends' ``rsqrt`` is
-        accurate to about 1e-7 only, even in float64, which the cross-backend equivalence tests cannot tell apart
-        from a real difference."""
+        """Keras' batch norm written out: the JAX and torch backends' ``rsqrt`` is accurate to ~1e-7 even in float64."""
         if training and self.trainable:
             mean, variance = self._moments(inputs, None)
             self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))

@@ -1,11 +1,6 @@
-"""Per-task losses as masked means, in ``keras.ops`` only.
-
-Each loss sums over the labelled pixels and divides by their number, "averaged over the pixels with labels in each
-mini-batch" (Kendall, Gal & Cipolla, CVPR 2018); a batch with no labelled pixel gives exactly 0, never NaN.
-
-Plain functions, not ``keras.losses.Loss`` objects: under ``tf.distribute`` a ``Loss`` with the default reduction
-divides by the number of replicas and the trainer divides ``add_loss`` terms once more, so the weighting layer adds
-the weighted total once, with ``add_loss``.
+"""Per-task losses as means over the labelled pixels of the batch (Kendall, Gal & Cipolla, CVPR 2018), in
+``keras.ops``; a batch without labels gives 0, never NaN. Plain functions, not ``keras.losses.Loss``: under
+``tf.distribute`` a ``Loss`` would divide by the replicas once more than the weighting's ``add_loss``.
 """
 
 import keras
@@ -16,12 +11,8 @@ from mtl_keras.tasks import IGNORE_LABEL, TASKS
 
 
 def masked_mean(values, mask):
-    """sum(values * mask) / max(sum(mask), 1); ``values`` and ``mask`` broadcast together.
-
-    Under tf.distribute with R replicas each replica returns ``R * local_sum / global_count``: Keras divides the
-    loss by R and sums the replicas' gradients, which then equal the gradient of the one-device mean exactly
-    (see mtl_keras.distribution). The mean of the replicas' values is the global mean.
-    """
+    """sum(values * mask) / max(sum(mask), 1), broadcast together. Under tf.distribute each of R replicas returns
+    ``R * local_sum / global_count``, whose summed gradients (Keras divides by R) are the one-device mean's."""
     mask = ops.cast(mask, values.dtype)
     total = ops.sum(values * mask)
     count = distribution.cross_replica_sum(ops.sum(ops.broadcast_to(mask, ops.shape(values))))
@@ -29,10 +20,7 @@ def masked_mean(values, mask):
 
 
 def semantic_cross_entropy(labels, logits, ignore_label=IGNORE_LABEL):
-    """Softmax cross entropy averaged over pixels whose label is not ``ignore_label``.
-
-    labels: int (B, H, W) training ids; logits: (B, H, W, C).
-    """
+    """Softmax cross entropy over the pixels not labelled ``ignore_label``; labels (B, H, W), logits (B, H, W, C)."""
     logits = ops.cast(logits, keras.config.floatx())
     labels = ops.cast(labels, "int32")
     valid = ops.not_equal(labels, ignore_label)
@@ -45,11 +33,8 @@ def semantic_cross_entropy(labels, logits, ignore_label=IGNORE_LABEL):
 
 
 def _masked_dense_inputs(targets, predictions, mask):
-    """Dense (B, H, W, K) targets and predictions in floatx, and the (B, H, W) pixel mask.
-
-    Targets may hold NaN/inf where invalid (e.g. unmeasured depth): they are replaced by 0 behind the mask, since a
-    NaN behind a mask still turns the gradient into NaN.
-    """
+    """Targets and predictions (B, H, W, K) in floatx and the (B, H, W) mask; invalid targets (NaN depth) become 0,
+    since a NaN behind a mask still turns the gradient into NaN."""
     predictions = ops.cast(predictions, keras.config.floatx())
     targets = ops.cast(targets, keras.config.floatx())
     mask = ops.cast(mask, keras.config.floatx())
@@ -60,20 +45,14 @@ def _masked_dense_inputs(targets, predictions, mask):
 
 
 def masked_l1(targets, predictions, mask):
-    """Per-pixel L1 norm over channels (||x - x_hat||_1, as in Kendall et al.) averaged over pixels where ``mask`` is 1.
-
-    targets, predictions: (B, H, W, K); mask: (B, H, W, 1) or (B, H, W).
-    """
+    """Per-pixel L1 norm over channels (Kendall et al.) averaged where ``mask`` (B, H, W[, 1]) is 1."""
     targets, predictions, mask = _masked_dense_inputs(targets, predictions, mask)
     return masked_mean(ops.sum(ops.abs(targets - predictions), axis=-1), mask)
 
 
 def normals_cosine(targets, predictions, mask, eps=1e-6):
-    """1 - cosine similarity between predicted and true surface normals, averaged over pixels where ``mask`` is 1.
-
-    targets, predictions: (B, H, W, 3); mask: (B, H, W, 1) or (B, H, W). Both vectors are normalised here (the head
-    need not output unit vectors); a zero prediction counts as cosine 0 (loss 1) with a finite gradient.
-    """
+    """1 - cosine similarity of surface normals (B, H, W, 3) averaged where ``mask`` is 1; both are normalised here,
+    and a zero prediction has loss 1 with a finite gradient."""
     targets, predictions, mask = _masked_dense_inputs(targets, predictions, mask)
     pred_unit = predictions / ops.sqrt(ops.sum(ops.square(predictions), axis=-1, keepdims=True) + eps)
     target_unit = targets / ops.maximum(ops.sqrt(ops.sum(ops.square(targets), axis=-1, keepdims=True)), eps)
@@ -90,10 +69,7 @@ if _unknown:
 
 
 def task_loss(task, targets, predictions, ignore_label=IGNORE_LABEL):
-    """The loss of ``task`` from the target dict of the data pipeline and the model's output dict.
-
-    Masks default to every pixel valid when the pipeline gives none.
-    """
+    """The loss of ``task`` from the pipeline's target dict and the model's outputs (no mask: every pixel valid)."""
     spec = TASKS[task]
     loss = LOSSES[spec.loss]
     if spec.mask is None:

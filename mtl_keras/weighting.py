@@ -1,8 +1,7 @@
 """Ways to combine the per-task losses into one training loss, behind one interface.
 
-Every weighting is a layer whose ``call`` takes ``{task: scalar loss}``, returns the weighted total and adds it with
-``add_loss`` once (under ``tf.distribute`` Keras divides ``add_loss`` terms by the number of replicas, so no other
-scaling may happen). ``log_values()`` gives the scalars the trainer logs each step, named alike for every weighting:
+Every weighting is a layer whose ``call`` takes ``{task: scalar loss}`` and returns the weighted total, added once
+with ``add_loss`` (which ``tf.distribute`` divides by the replicas: no other scaling may happen). ``log_values()``:
 ``{task}_weight`` (the factor in front of the task's loss) and, where the method has one, ``{task}_sigma2``.
 """
 
@@ -24,12 +23,23 @@ class LossWeighting(keras.layers.Layer):
         super().__init__(**kwargs)
         self.tasks = validate_tasks(tasks)
 
-    def weighted_total(self, task_losses):
+    def weight_vector(self):
+        """The (K,) factors in front of the task losses, for the subclasses that keep them as one vector."""
         raise NotImplementedError
+
+    def weighted_total(self, task_losses):
+        weights = self.weight_vector()
+        return sum(weights[i] * task_losses[t] for i, t in enumerate(self.tasks))
 
     def task_weights(self):
         """{task: effective weight} as tensors."""
-        raise NotImplementedError
+        weights = self.weight_vector()
+        return {t: weights[i] for i, t in enumerate(self.tasks)}
+
+    def _state_variable(self, name, shape, initializer, dtype=None):
+        """A non-trainable variable that replicas keep identical (the first replica's value)."""
+        return self.add_weight(name=name, shape=shape, initializer=initializer, dtype=dtype, trainable=False,
+                               aggregation="only_first_replica")
 
     def log_values(self):
         return {f"{t}_weight": w for t, w in self.task_weights().items()}
@@ -41,11 +51,8 @@ class LossWeighting(keras.layers.Layer):
         """Called once per training epoch by ``WeightingEpochCallback``."""
 
     def call(self, task_losses, training=None, observed_losses=None):
-        """The weighted total of ``{task: loss}``, also added with ``add_loss``.
-
-        In training, ``observed_losses`` (default: ``task_losses``) feed the adaptive statistics; under
-        tf.distribute the trainer passes the cross-replica mean, so every replica keeps the same state.
-        """
+        """The weighted total of ``{task: loss}``, also added with ``add_loss``. In training, ``observed_losses``
+        (default ``task_losses``; the cross-replica mean under tf.distribute) feed the adaptive statistics."""
         missing = [t for t in self.tasks if t not in task_losses]
         if missing:
             raise ValueError(f"{type(self).__name__} expects losses for tasks {self.tasks}; missing {missing}.")
@@ -68,22 +75,13 @@ class LossWeighting(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
 class UncertaintyWeightingLayer(LossWeighting):
-    """Homoscedastic uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018).
-
-    One learnable ``s_i = log sigma_i^2`` per task. The total is
-
-        sum over classification tasks of  exp(-s) * L + s / 2      (softmax with temperature sigma^2)
-      + sum over regression tasks of      0.5 * exp(-s) * L + s / 2  (Gaussian likelihood)
-
-    i.e. ``1/sigma^2`` and ``1/(2 sigma^2)`` in front of the losses and ``log sigma`` as the regulariser. We learn
-    ``log sigma^2`` (not ``log sigma``) as the paper does. The total can be negative once a loss is small: that is
-    expected (it is a negative log likelihood up to constants), not a bug.
+    """Homoscedastic uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018): a learnable ``s = log sigma^2`` per
+    task; ``exp(-s) L + s/2`` for classification, ``0.5 exp(-s) L + s/2`` for regression. The total can be negative.
 
     Args:
         tasks: task names.
         task_types: optional ``{task: "classification" | "regression"}``; defaults from ``mtl_keras.tasks``.
-        initial_log_variance: a float for every task, or ``{task: float}``. The paper's appendix (Fig. 6) shows
-            that any value in [-2, 5] converges to the same solution.
+        initial_log_variance: a float, or ``{task: float}`` (the paper's Fig. 6: any value in [-2, 5] converges alike).
     """
 
     def __init__(self, tasks, task_types=None, initial_log_variance=0.0, **kwargs):
@@ -100,7 +98,7 @@ class UncertaintyWeightingLayer(LossWeighting):
             self.initial_log_variance = {t: float(initial_log_variance.get(t, 0.0)) for t in self.tasks}
         else:
             self.initial_log_variance = {t: float(initial_log_variance) for t in self.tasks}
-        # Created here, not lazily, so that an optimizer built before the first step knows them.
+        # created here, not lazily, so that an optimizer built before the first step knows them
         self.log_variances = {
             t: self.add_weight(name=f"{t}_log_variance", shape=(),
                                initializer=keras.initializers.Constant(self.initial_log_variance[t]),
@@ -179,25 +177,17 @@ class EqualWeighting(FixedWeighting):
 
 
 class EpochStatisticsWeighting(LossWeighting):
-    """Base of the weightings that adapt from per-epoch statistics of the task losses (DWA, MT-UNet Eq. 5).
-
-    Each training step adds its (cross-replica mean) losses to per-task running sums (non-trainable variables);
-    ``on_epoch_end`` turns them into the epoch's mean and variance and resets them. All state lives in variables,
-    so a checkpoint or a resumed run keeps it.
-    """
+    """Base of the weightings that adapt from per-epoch statistics of the task losses (DWA, MT-UNet): running sums
+    in variables (checkpointed), turned into the epoch's mean and variance by ``on_epoch_end``."""
 
     def __init__(self, tasks, **kwargs):
         super().__init__(tasks, **kwargs)
         n = len(self.tasks)
         zeros = keras.initializers.Zeros()
-        self.loss_sum = self.add_weight(name="loss_sum", shape=(n,), initializer=zeros, trainable=False,
-                                        aggregation="only_first_replica")
-        self.loss_square_sum = self.add_weight(name="loss_square_sum", shape=(n,), initializer=zeros,
-                                               trainable=False, aggregation="only_first_replica")
-        self.loss_count = self.add_weight(name="loss_count", shape=(), initializer=zeros, trainable=False,
-                                          aggregation="only_first_replica")
-        self.epochs_seen = self.add_weight(name="epochs_seen", shape=(), initializer=zeros, trainable=False,
-                                           aggregation="only_first_replica")
+        self.loss_sum = self._state_variable("loss_sum", (n,), zeros)
+        self.loss_square_sum = self._state_variable("loss_square_sum", (n,), zeros)
+        self.loss_count = self._state_variable("loss_count", (), zeros)
+        self.epochs_seen = self._state_variable("epochs_seen", (), zeros)
 
     def observe(self, task_losses):
         values = ops.stack([task_losses[t] for t in self.tasks])
@@ -219,22 +209,16 @@ class EpochStatisticsWeighting(LossWeighting):
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
 class DWAWeighting(EpochStatisticsWeighting):
-    """Dynamic Weight Average (Liu, Johns & Davison, CVPR 2019, "End-to-end multi-task learning with attention").
-
-    ``w_k(t) = K exp(r_k(t-1) / T) / sum_i exp(r_i(t-1) / T)`` with ``r_k(t-1) = L_k(t-1) / L_k(t-2)``, the ratio of
-    the task's mean training loss over the last two epochs, temperature ``T = 2``; the weights sum to K, the number
-    of tasks. During the first two epochs every weight is 1.
-    """
+    """Dynamic Weight Average (Liu, Johns & Davison, "End-to-end multi-task learning with attention", CVPR 2019):
+    ``K softmax(r / T)`` of the ratios of the last two epochs' mean losses; 1 during the first two epochs."""
 
     def __init__(self, tasks, temperature=2.0, **kwargs):
         super().__init__(tasks, **kwargs)
         self.temperature = float(temperature)
         n = len(self.tasks)
         ones = keras.initializers.Ones()
-        self.current_weights = self.add_weight(name="task_weights", shape=(n,), initializer=ones, trainable=False,
-                                               aggregation="only_first_replica")
-        self.previous_mean_losses = self.add_weight(name="previous_mean_losses", shape=(2, n), initializer=ones,
-                                                    trainable=False, aggregation="only_first_replica")
+        self.current_weights = self._state_variable("task_weights", (n,), ones)
+        self.previous_mean_losses = self._state_variable("previous_mean_losses", (2, n), ones)
         self.built = True
 
     @staticmethod
@@ -253,11 +237,8 @@ class DWAWeighting(EpochStatisticsWeighting):
             self.current_weights.assign(
                 self.weights_from_losses(history[1], history[0], self.temperature).astype(keras.config.floatx()))
 
-    def weighted_total(self, task_losses):
-        return sum(self.current_weights[i] * task_losses[t] for i, t in enumerate(self.tasks))
-
-    def task_weights(self):
-        return {t: self.current_weights[i] for i, t in enumerate(self.tasks)}
+    def weight_vector(self):
+        return self.current_weights
 
     def get_config(self):
         return {**super().get_config(), "temperature": self.temperature}
@@ -265,22 +246,12 @@ class DWAWeighting(EpochStatisticsWeighting):
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
 class MTUNetWeighting(EpochStatisticsWeighting):
-    """The learned, variance-normalised weighting of MT-UNet (Eq. 5).
+    """MT-UNet's learned, variance-normalised weighting (Eq. 5): ``p_i = W_i a_i / sum_j W_j a_j``,
+    ``a_i = (sigma_i(t-1) + eps) / (sigma_i(t-2) + eps)``.
 
-    ``L = sum_i p_i L_i`` with ``p_i = W_i a_i / sum_j W_j a_j`` and ``a_i = (sigma_i(t-1) + eps) /
-    (sigma_i(t-2) + eps)``. Where the paper is vague we chose:
-
-    * ``sigma_i(t)``: the variance of task i's per-step training losses within epoch t, averaged over the last
-      ``window`` epochs ("the average variance of L_i over a fixed number of previous epochs"); ``a_i = 1`` until two
-      epochs have ended.
-    * ``W_i = exp(omega_i) > 0`` (the paper only says "learnable"; the exponential keeps the normalisation valid).
-    * The paper updates W "considering the loss measures fixed but with a different learning rate" (1e-3), in
-      alternation with the network. We do exactly that inside each training step: plain gradient descent on
-      ``omega`` with the losses held constant, ``omega_i -= lr * dL/domega_i = lr * p_i (L_i - L)``, with
-      ``weight_learning_rate`` (1e-3). omega is therefore not touched by the model's optimiser.
-    * Like any minimiser of L over the weights, this moves weight towards the tasks with the smaller loss; with the
-      paper's small rate the drift is slow. The logged ``{task}_weight`` is ``p_i`` (which sums to 1; the paper's
-      Eq. 5 form).
+    Where the paper is vague: ``sigma_i(t)`` is the variance of the step losses in epoch t averaged over ``window``
+    epochs (``a = 1`` for two epochs); ``W = exp(omega)``; ``omega`` takes a plain gradient step at the paper's
+    separate rate (1e-3) each training step with the losses held fixed, outside the model's optimiser.
     """
 
     def __init__(self, tasks, weight_learning_rate=1e-3, window=3, epsilon=1e-8, **kwargs):
@@ -290,13 +261,9 @@ class MTUNetWeighting(EpochStatisticsWeighting):
         self.epsilon = float(epsilon)
         n = len(self.tasks)
         zeros, ones = keras.initializers.Zeros(), keras.initializers.Ones()
-        self.log_w = self.add_weight(name="log_w", shape=(n,), initializer=zeros, trainable=False,
-                                     aggregation="only_first_replica")
-        self.alpha = self.add_weight(name="alpha", shape=(n,), initializer=ones, trainable=False,
-                                     aggregation="only_first_replica")
-        self.variance_history = self.add_weight(name="variance_history", shape=(self.window + 1, n),
-                                                initializer=zeros, trainable=False,
-                                                aggregation="only_first_replica")
+        self.log_w = self._state_variable("log_w", (n,), zeros)
+        self.alpha = self._state_variable("alpha", (n,), ones)
+        self.variance_history = self._state_variable("variance_history", (self.window + 1, n), zeros)
         self.built = True
 
     def normalised_weights(self):
@@ -322,8 +289,7 @@ class MTUNetWeighting(EpochStatisticsWeighting):
 
     @staticmethod
     def alpha_from_variances(history, epochs_seen, window, epsilon):
-        """a_i = (sigma_i(t-1) + eps) / (sigma_i(t-2) + eps), sigma(t) the mean variance over the last ``window``
-        epochs up to t (fewer at the start). ``history``: (window + 1, tasks), newest row last."""
+        """``a_i`` from ``history`` (window + 1, tasks) of epoch variances, newest last (fewer epochs at the start)."""
         history = np.asarray(history, "float64")
         available = min(epochs_seen, window + 1)
         rows = history[len(history) - available:]
@@ -332,13 +298,8 @@ class MTUNetWeighting(EpochStatisticsWeighting):
         sigma_before = previous[-min(window, len(previous)):].mean(axis=0)
         return (sigma_last + epsilon) / (sigma_before + epsilon)
 
-    def weighted_total(self, task_losses):
-        p = self.normalised_weights()
-        return sum(p[i] * task_losses[t] for i, t in enumerate(self.tasks))
-
-    def task_weights(self):
-        p = self.normalised_weights()
-        return {t: p[i] for i, t in enumerate(self.tasks)}
+    def weight_vector(self):
+        return self.normalised_weights()
 
     def get_config(self):
         return {**super().get_config(), "weight_learning_rate": self.weight_learning_rate, "window": self.window,
@@ -347,17 +308,9 @@ class MTUNetWeighting(EpochStatisticsWeighting):
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
 class GradientWeighting(LossWeighting):
-    """A weighting that sees the per-task gradients: one of ``mtl_keras.gradient_methods`` (PCGrad, MGDA, Nash-MTL,
-    CAGrad, UPGrad, ConFIG, ... and the loss-only GLS, RLW, STCH, FAMO).
-
-    ``MultiTaskTrainer`` computes, each step, the gradients of every task loss with respect to the shared parameters
-    (or, with ``rep_grad=True``, the shared representation; LibMTL's cheaper variant), all-reduced over replicas;
-    :meth:`direction` turns them into the shared parameters' update direction. Each task's own parameters (its
-    decoder) get that task's gradient, as in LibMTL. The method's state (and the step counter that seeds its
-    randomness) lives in non-trainable variables of this layer: checkpointed, resumed bit for bit, identical on every
-    replica. ``task_weights()`` are the weights of the last step where the method defines them (else 1).
-
-    Called on losses (evaluation), the total is ``sum_k w_k L_k`` with the last weights.
+    """A method of ``mtl_keras.gradient_methods`` for the trainer (``mtl_keras.gradient_training``): the method's
+    state and the step counter that seeds its randomness live in this layer's variables (checkpointed, identical on
+    every replica). Called on losses (evaluation), the total is ``sum_k w_k L_k`` with the last step's weights.
     """
 
     def __init__(self, tasks, method="pcgrad", rep_grad=False, seed=0, options=None, **kwargs):
@@ -370,10 +323,8 @@ class GradientWeighting(LossWeighting):
         if self.rep_grad and not self.method.supports_rep_grad:
             raise ValueError(f"Weighting {self.method_name!r} is defined on parameter gradients only; drop --rep_grad.")
         n = len(self.tasks)
-        self.step = self.add_weight(name="step", shape=(), initializer="zeros", dtype="int32", trainable=False,
-                                    aggregation="only_first_replica")
-        self.last_weights = self.add_weight(name="last_weights", shape=(n,), initializer="ones", trainable=False,
-                                            aggregation="only_first_replica")
+        self.step = self._state_variable("step", (), "zeros", dtype="int32")
+        self.last_weights = self._state_variable("last_weights", (n,), "ones")
         self.state_variables = {}
         self.num_params = None
         self.built = True
@@ -388,20 +339,18 @@ class GradientWeighting(LossWeighting):
         self.num_params = int(num_params)
         for name, value in self.method.initial_state(self.num_params).items():
             value = np.asarray(value)
-            self.state_variables[name] = self.add_weight(
-                name=f"state_{name}", shape=value.shape, dtype=str(value.dtype), trainable=False,
-                initializer=keras.initializers.Constant(value) if value.ndim == 0 else _ArrayInitializer(value),
-                aggregation="only_first_replica")
+            initializer = keras.initializers.Constant(value) if value.ndim == 0 else _ArrayInitializer(value)
+            self.state_variables[name] = self._state_variable(f"state_{name}", value.shape, initializer,
+                                                              dtype=str(value.dtype))
 
     def _state(self):
         return {k: v.value for k, v in self.state_variables.items()}
 
     def direction(self, gradients, losses):
-        """The update direction (P,) from ``gradients`` (K, P) (or (S, K, P)) and ``losses`` (K,); advances the state.
+        """The direction (P,) from ``gradients`` (K, P) (or (S, K, P)) and ``losses`` (K,); advances the state.
 
-        A step whose gradients or losses are not finite (a float16 overflow under dynamic loss scaling, which the
-        ``LossScaleOptimizer`` then skips) leaves the state, the weights and the step counter as they were and
-        returns a non-finite direction, so that the optimiser sees the overflow whatever the method would make of it.
+        A non-finite step (a float16 overflow, which ``LossScaleOptimizer`` skips) leaves the state as it was and
+        returns NaN, so that the optimiser sees the overflow whatever the method would make of it.
         """
         gradients = ops.convert_to_tensor(gradients)
         losses = ops.cast(losses, gradients.dtype)
@@ -414,17 +363,19 @@ class GradientWeighting(LossWeighting):
         return ops.where(finite, direction, ops.full_like(direction, float("nan")))
 
     def loss_weights(self, losses):
-        """Loss-only methods (``method.uses_gradients`` False): the weights (K,) of this step; advances the state
-        (not on a step with non-finite losses)."""
+        """Loss-only methods: this step's weights (K,); advances the state (not on non-finite losses)."""
         finite = ops.all(ops.isfinite(losses))
         weights, state = self.method.loss_weights(ops.where(finite, losses, ops.ones_like(losses)), self._state(),
                                                   self.step.value, self.seed)
         self._after_aggregate(weights, state, finite)
         return weights
 
-    def _after_aggregate(self, weights, state, finite):
+    def _assign_state(self, state, finite):
         for k, v in self.state_variables.items():
             v.assign(ops.where(finite, ops.cast(state[k], v.dtype), v.value))
+
+    def _after_aggregate(self, weights, state, finite):
+        self._assign_state(state, finite)
         if weights is not None:
             self.last_weights.assign(ops.where(finite, ops.cast(weights, self.last_weights.dtype),
                                                self.last_weights.value))
@@ -435,14 +386,10 @@ class GradientWeighting(LossWeighting):
         finite = ops.logical_and(ops.all(ops.isfinite(losses_before)), ops.all(ops.isfinite(losses_after)))
         state = self.method.after_step(losses_before, ops.where(finite, losses_after, losses_before), self._state(),
                                        self.step.value)
-        for k, v in self.state_variables.items():
-            v.assign(ops.where(finite, ops.cast(state[k], v.dtype), v.value))
+        self._assign_state(state, finite)
 
-    def weighted_total(self, task_losses):
-        return sum(self.last_weights[i] * task_losses[t] for i, t in enumerate(self.tasks))
-
-    def task_weights(self):
-        return {t: self.last_weights[i] for i, t in enumerate(self.tasks)}
+    def weight_vector(self):
+        return self.last_weights
 
     def get_config(self):
         return {**super().get_config(), "method": self.method_name, "rep_grad": self.rep_grad, "seed": self.seed,

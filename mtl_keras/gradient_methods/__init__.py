@@ -1,12 +1,8 @@
 """Gradient-based loss weightings (LibMTL's family and beyond), as pure ``keras.ops`` functions.
 
-``aggregate(name, gradients, **options)`` turns ``(K, P)`` per-task gradients into the ``(P,)`` update direction of
-the shared parameters. ``mtl_keras.weighting.GradientWeighting`` wraps a method for training (state in variables,
-selected by ``--weighting NAME``); ``mtl_keras.training.MultiTaskTrainer`` computes the per-task gradients.
-
-Modules: ``base`` (interface, shared numerics, stateless randomness), ``projection`` (PCGrad, GradVac, GradDrop,
-CAGrad, Aligned-MTL, ConFIG), ``solvers`` (MGDA, Nash-MTL, IMTL, FairGrad, UPGrad, DualProj), ``stochastic``
-(GradNorm, MoCo, MoDo, SDMGrad, DB-MTL, ExcessMTL), ``loss_based`` (equal, GLS, RLW, STCH, FAMO).
+``aggregate(name, gradients, **options)`` turns ``(K, P)`` per-task gradients into the ``(P,)`` update direction;
+``mtl_keras.weighting.GradientWeighting`` wraps a method for training. The methods by module are listed in the
+README's "Gradient weightings" table.
 """
 
 import numpy as np
@@ -33,11 +29,8 @@ def build_gradient_method(name, num_tasks, **options):
 
 
 def aggregate(name, gradients, losses=None, state=None, step=0, seed=0, return_details=False, **options):
-    """The update direction of method ``name`` for ``gradients`` (K, P): a (P,) tensor.
-
-    ``losses`` (K,) are required by the methods that read them (GLS, DB-MTL, GradNorm, ...). Stateful methods start
-    from ``state`` (default: their initial state, i.e. the first training step). With ``return_details=True`` the
-    result is ``(direction, weights or None, new_state)``.
+    """The (P,) update direction of method ``name`` for ``gradients`` (K, P); ``losses`` (K,) where the method
+    reads them; ``state`` defaults to the initial one. ``return_details``: ``(direction, weights or None, state)``.
     """
     gradients = ops.convert_to_tensor(gradients)
     method = build_gradient_method(name, gradients.shape[-2], **options)

@@ -1,16 +1,9 @@
 """The interface of a gradient-based weighting and the numerics several methods share.
 
-A :class:`GradientMethod` turns the per-task gradients of the shared parameters, a ``(K, P)`` matrix ``G`` (row k:
-the gradient of task k's loss), into the update direction ``d`` (shape ``(P,)``) that the optimiser applies as the
-shared parameters' gradient. It is written in ``keras.ops`` only, with every loop of fixed length
-(``ops.fori_loop``), so one implementation runs eagerly, inside ``tf.function`` / XLA and under ``jax.jit`` on every
-backend. Methods that keep state between steps (GradNorm's weights, GradVac's targets, MoCo's tracked gradients,
-FAMO's logits, Nash-MTL's previous solution, ...) receive it as a dict of tensors and return the new dict: the
-caller (``mtl_keras.weighting.GradientWeighting``) keeps it in variables, so it is checkpointed, resumed bit for bit
-and identical on every replica.
-
-Randomness (GradDrop, RLW, PCGrad's task order) is stateless in ``(seed, step)``: the same seed and step give the
-same draw on every replica and after a resume.
+A :class:`GradientMethod` turns the ``(K, P)`` per-task gradients of the shared parameters into the ``(P,)`` update
+direction, in ``keras.ops`` with fixed-length loops (``ops.fori_loop``) so that it runs eagerly, under
+``tf.function`` / XLA and ``jax.jit``. State is a dict of tensors in and out: ``mtl_keras.weighting.GradientWeighting``
+keeps it in variables (checkpointed, identical on every replica). Randomness is stateless in ``(seed, step)``.
 """
 
 import keras
@@ -32,18 +25,13 @@ class GradientMethod:
     """Base class. Subclasses set the class attributes and implement ``aggregate`` (or ``loss_weights``).
 
     Class attributes:
-        name: the registry and ``--weighting`` name (lower case, e.g. ``"pcgrad"``).
-        defaults: ``{option: value}``, the paper's default hyper-parameters; the only accepted options.
-        uses_gradients: False for methods whose weights depend on the losses only (GLS, RLW, STCH, FAMO): the
-            trainer then takes one backward pass of ``sum_k w_k L_k`` instead of K.
-        needs_losses: the method reads the task losses (then ``aggregate(..., losses=None)`` is an error).
-        supports_rep_grad: the method is defined on the gradients of the shared representation (LibMTL's
-            ``rep_grad=True``) as well as of the shared parameters. False where the state or the definition is per
-            parameter (MoCo, GradNorm, ExcessMTL, ...).
-        gradient_samples: independent gradient estimates the method needs per step (MoDo and SDMGrad: 3); the trainer
-            splits each batch into that many parts and passes ``(S, K, P)``.
-        needs_losses_after_step: FAMO: the trainer evaluates the losses again after the update and calls
-            ``after_step``.
+        name: the registry and ``--weighting`` name.
+        defaults: ``{option: value}``, the paper's hyper-parameters; the only accepted options.
+        uses_gradients: False for loss-only methods: the trainer takes one backward pass of ``sum_k w_k L_k``.
+        needs_losses: the method reads the task losses.
+        supports_rep_grad: also defined on the shared representation's gradients (LibMTL's ``rep_grad``).
+        gradient_samples: independent gradient estimates per step (MoDo, SDMGrad: 3; then ``(S, K, P)``).
+        needs_losses_after_step: the trainer calls ``after_step`` with the losses after the update (FAMO).
     """
 
     name = None
@@ -66,27 +54,20 @@ class GradientMethod:
         for key, value in self.options.items():
             setattr(self, key, value)
 
-    # ---------------------------------------------------------------------------------------------- state
     def initial_state(self, num_params):
         """``{name: numpy array}``: the state before the first step (``num_params``: P)."""
         return {}
 
-    # ---------------------------------------------------------------------------------------------- the method
     def aggregate(self, gradients, losses, state, step, seed):
         """One step: ``(direction (P,), weights (K,) or None, new_state)``.
 
-        Args:
-            gradients: ``(K, P)`` per-task gradients (``(S, K, P)`` when ``gradient_samples > 1``).
-            losses: ``(K,)`` task losses (no gradient), or None when the caller has none and ``needs_losses`` is
-                False.
-            state: ``{name: tensor}`` as ``initial_state`` describes.
-            step: scalar int tensor, the number of updates made before this one (0 at the first step).
-            seed: python int; with ``step`` it determines every random draw (see :func:`stateless_uniform`).
-        The default, for loss-only methods: ``d = sum_k w_k g_k`` with ``w = loss_weights(...)``.
+        ``gradients`` (K, P) (or (S, K, P)); ``losses`` (K,) or None; ``state`` as ``initial_state``; ``step`` the
+        number of updates before this one (int tensor); ``seed`` a python int. The default is for loss-only methods.
         """
-        weights, state = self.loss_weights(losses, state, step, seed)
         gradients = ops.convert_to_tensor(gradients)
-        return ops.matmul(ops.cast(weights, gradients.dtype), gradients), weights, state
+        weights, state = self.loss_weights(losses, state, step, seed)
+        weights = ops.cast(weights, gradients.dtype)
+        return ops.matmul(weights, gradients), weights, state
 
     def loss_weights(self, losses, state, step, seed):
         """Loss-only methods: ``(weights (K,), new_state)``; the direction is ``sum_k w_k g_k``."""
@@ -100,7 +81,6 @@ class GradientMethod:
         return dict(self.options)
 
 
-# -------------------------------------------------------------------------------------------- shared numerics
 def dtype_name(x):
     """The standard name ("float32", ...) of a tensor's dtype."""
     return keras.backend.standardize_dtype(x.dtype)
@@ -132,12 +112,8 @@ def project_to_simplex(v):
 
 
 def min_norm_weights(gram_matrix, iterations=250, tolerance=1e-6):
-    """The simplex weights ``w`` minimising ``||sum_k w_k g_k||^2 = w^T M w`` (MGDA's min-norm point).
-
-    Frank-Wolfe with exact line search on ``M = G G^T`` (Sener & Koltun 2018, Alg. 2), ``iterations`` steps, no
-    early exit (so the loop compiles to a fixed trip count; steps after convergence do not move ``w``). Starts from
-    the uniform weights. For K = 2 the first step is already the exact solution of Sener & Koltun's Alg. 1.
-    """
+    """The simplex weights minimising ``w^T M w`` (MGDA's min-norm point): Frank-Wolfe with exact line search
+    (Sener & Koltun 2018, Alg. 2) from the uniform weights, a fixed ``iterations`` (no early exit: compiles)."""
     m = ops.convert_to_tensor(gram_matrix)
     k = m.shape[0]
     dtype = m.dtype
@@ -147,8 +123,7 @@ def min_norm_weights(gram_matrix, iterations=250, tolerance=1e-6):
         mw = ops.matmul(m, w)
         t = ops.argmin(mw)
         e_t = ops.one_hot(t, k, dtype=dtype)
-        # minimise over gamma in [0, 1] the norm of (1 - gamma) w + gamma e_t:
-        # ||v1||^2 = w^T M w, ||v2||^2 = M_tt, <v1, v2> = (M w)_t
+        # line search over gamma in [0, 1] on the norm of (1 - gamma) w + gamma e_t
         v1v1 = ops.sum(w * mw)
         v1v2 = ops.sum(e_t * mw)
         v2v2 = ops.sum(e_t * ops.matmul(m, e_t))
@@ -162,36 +137,30 @@ def min_norm_weights(gram_matrix, iterations=250, tolerance=1e-6):
     return ops.fori_loop(0, int(iterations), body, w0)
 
 
-# -------------------------------------------------------------------------------------------- stateless random
-def _seed_pair(seed, step, stream):
-    return int(seed) * 1_000_003 + int(stream) * 7919, step
-
-
 def stateless_uniform(shape, seed, step, stream=0, dtype="float32"):
-    """Uniform [0, 1) numbers determined by ``(seed, step, stream)`` only: no generator state, so identical on every
-    replica, after a resume and inside compiled steps (``step`` may be a traced tensor). ``stream`` separates the
-    draws of one method within a step."""
+    """Uniform [0, 1) numbers determined by ``(seed, step, stream)`` only (``step`` may be traced): identical on
+    every replica and after a resume. ``stream`` separates the draws of one method within a step."""
     backend = keras.config.backend()
-    base, step = _seed_pair(seed, step, stream)
+    base = (int(seed) * 1_000_003 + int(stream) * 7919) % (2 ** 31 - 1)
     if backend == "tensorflow":
         import tensorflow as tf
 
-        pair = tf.stack([tf.constant(base % (2 ** 31 - 1), tf.int64), tf.cast(step, tf.int64)])
+        pair = tf.stack([tf.constant(base, tf.int64), tf.cast(step, tf.int64)])
         # philox named: the default algorithm differs under XLA, which would change the draws with jit_compile
         return tf.random.stateless_uniform(tuple(shape), seed=pair, dtype=dtype, alg="philox")
     if backend == "jax":
         import jax
 
-        key = jax.random.fold_in(jax.random.PRNGKey(base % (2 ** 31 - 1)), ops.cast(step, "int32"))
+        key = jax.random.fold_in(jax.random.PRNGKey(base), ops.cast(step, "int32"))
         return jax.random.uniform(key, tuple(shape), dtype=dtype)
     if backend == "torch":
         import torch
 
-        generator = torch.Generator().manual_seed(base % (2 ** 31 - 1) * 1_000_033 + int(step))
+        generator = torch.Generator().manual_seed(base * 1_000_033 + int(step))
         values = torch.rand(tuple(shape), generator=generator, dtype=getattr(torch, dtype))
         return ops.convert_to_tensor(values)
     # numpy backend
-    rng = np.random.default_rng([base % (2 ** 31 - 1), int(step)])
+    rng = np.random.default_rng([base, int(step)])
     return rng.random(tuple(shape)).astype(dtype)
 
 

@@ -1,20 +1,8 @@
 """Gradient-surgery weightings: the per-task gradients are projected, dropped or re-combined before summing.
 
-Methods: ``pcgrad`` (projecting conflicting gradients), ``gradvac`` (gradient vaccine), ``graddrop`` (gradient
-sign dropout), ``cagrad`` (conflict-averse gradient descent), ``aligned_mtl`` (independent component alignment) and
-``config`` (conflict-free inverse gradients).
-
-Every method except GradDrop is a function of the Gram matrix ``M = G G^T`` (K x K) only: the result is
-``d = sum_k w_k g_k`` with weights computed from ``M``, so the work per step is one ``(K, P) x (P, K)`` product and
-one ``(K,) x (K, P)`` product, whatever the solver does in between, and the weights are returned for logging.
-GradDrop is per coordinate and returns no weights.
-
-Randomness (PCGrad's and GradVac's task orders, GradDrop's thresholds) comes only from
-:func:`~mtl_keras.gradient_methods.base.stateless_permutation` / ``stateless_uniform``: determined by
-``(seed, step)``, identical on every replica and after a resume.
-
-Numerics: everything is computed in the gradients' dtype; GradVac's state is kept in float32 and cast back. Every
-division is guarded, so zero gradients give a finite (normally zero) direction.
+Every method but GradDrop is a function of the Gram matrix ``M = G G^T``: ``d = sum_k w_k g_k`` with ``w`` from
+``M`` (the P-sized work is two products), and ``w`` is returned. GradDrop works per coordinate and returns no
+weights. Computed in the gradients' dtype; every division is guarded, so zero gradients give a finite direction.
 """
 
 import numpy as np
@@ -23,11 +11,10 @@ from keras import ops
 from mtl_keras.gradient_methods.base import (GradientMethod, dtype_name, gram, register_gradient_method, safe_divide,
                                              stateless_permutation, stateless_uniform)
 
-# The eigenvalue cut-off of Aligned-MTL's official code (and LibMTL's): lambda > lambda_max * K * eps, with the eps of
-# float32 (``torch.finfo()``) whatever the gradients' dtype; also used for ConFIG's pseudo-inverse (see there).
+# Aligned-MTL's official eigenvalue cut-off lambda > lambda_max K eps uses float32's eps (``torch.finfo()``) for any
+# dtype; ConFIG's pseudo-inverse uses it too.
 _FLOAT32_EPS = float(np.finfo(np.float32).eps)
-# Floors that only act on degenerate inputs (a zero or an exactly collinear gradient).
-_TINY = 1e-30
+_TINY = 1e-30  # a floor that acts on degenerate inputs only
 
 
 def _check_gradients(method, gradients):
@@ -45,19 +32,9 @@ def _task_orders(num_tasks, seed, step):
     return ops.stack([stateless_permutation(num_tasks, seed, step, stream=i) for i in range(num_tasks)])
 
 
-def _combine(weights, gradients):
-    return ops.matmul(weights, gradients)
-
-
-# --------------------------------------------------------------------------------------------------- PCGrad
 def pcgrad_weights(gram_matrix, orders):
-    """PCGrad's direction as ``sum_k w_k g_k``: the weights ``w`` (K,) from the Gram matrix and the task orders.
-
-    ``g_i^PC = sum_k c_ik g_k`` starts at ``e_i``; for each ``j != i`` in the order ``orders[i]``, if
-    ``g_i^PC . g_j < 0`` then ``c_i -= (g_i^PC . g_j) / ||g_j||^2 e_j`` (the projection of ``g_i^PC`` onto the
-    normal plane of the original ``g_j``). Inner products come from ``M``: ``g_i^PC . g_j = (M c_i)_j``. Returns
-    ``sum_i c_i``.
-    """
+    """PCGrad's weights ``w`` (K,): each ``g_i^PC`` is kept as coefficients ``c_i`` of the task gradients, projected
+    in the order ``orders[i]``, with inner products ``g_i^PC . g_j = (M c_i)_j``; ``w = sum_i c_i``."""
     m = ops.convert_to_tensor(gram_matrix)
     k = m.shape[0]
     dtype = m.dtype
@@ -82,45 +59,24 @@ def pcgrad_weights(gram_matrix, orders):
 
 @register_gradient_method
 class PCGrad(GradientMethod):
-    """PCGrad: Yu, Kumar, Gupta, Levine, Hausman, Finn, "Gradient Surgery for Multi-Task Learning", NeurIPS 2020.
+    """PCGrad (Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020, Alg. 1), summed as the paper.
 
-    Algorithm 1: for every task i, ``g_i^PC = g_i``; for every other task j in a random order, if
-    ``g_i^PC . g_j < 0``, ``g_i^PC <- g_i^PC - (g_i^PC . g_j) / ||g_j||^2 g_j`` (projection onto the normal plane of
-    the original ``g_j``); the update is ``sum_i g_i^PC`` (the sum, as in the paper and LibMTL).
-
-    Choices:
-        * The projections are carried out on the coefficients of the task gradients, from the Gram matrix only
-          (as torchjd does): the same result as projecting P-vectors; the loops work on K-vectors (O(K^4)) and
-          the P-sized work is the Gram product and ``w^T G``. The weights ``w`` with ``d = sum_k w_k g_k`` are
-          returned (LibMTL's ``batch_weight``).
-        * The order of the other tasks is random per step and per task i (``stateless_permutation`` with stream i),
-          deterministic in ``(seed, step)``.
-        * ``j = i`` is skipped (the paper's ``g_j ~ B \\ g_i``); LibMTL's loop also visits ``j = i``, which only acts
-          when ``g_i^PC . g_i < 0`` after earlier projections.
-        * A zero ``g_j`` is never projected on (LibMTL adds 1e-8 to ``||g_j||^2`` instead).
-        * ``supports_rep_grad``: the definition is on any gradient vectors, so it applies to representation
-          gradients as well (LibMTL refuses ``rep_grad`` for PCGrad).
+    Differences from LibMTL: ``j = i`` is skipped (the paper's ``g_j ~ B \\ g_i``); a zero ``g_j`` is never projected
+    on (LibMTL adds 1e-8); representation gradients are allowed. Task orders: random per step and per task.
     """
 
     name = "pcgrad"
-    defaults = {}
 
     def aggregate(self, gradients, losses, state, step, seed):
         gradients = _check_gradients(self, gradients)
         orders = _task_orders(self.num_tasks, seed, step)
         weights = pcgrad_weights(gram(gradients), orders)
-        return _combine(weights, gradients), weights, state
+        return ops.matmul(weights, gradients), weights, state
 
 
-# --------------------------------------------------------------------------------------------------- GradVac
 def gradvac_weights(gram_matrix, targets, orders, beta):
-    """GradVac's direction ``sum_k w_k g_k`` and the new targets: ``(w (K,), targets (K, K))``.
-
-    As :func:`pcgrad_weights`, with the adjustment of Wang et al. (2021), Eq. 5/Alg. 1: with
-    ``phi = cos(g_i^PC, g_j)`` and the target ``t = targets[i, j]``, if ``phi < t``,
-    ``g_i^PC += ||g_i^PC|| (t sqrt(1 - phi^2) - phi sqrt(1 - t^2)) / (||g_j|| sqrt(1 - t^2)) g_j``; then
-    ``targets[i, j] <- (1 - beta) targets[i, j] + beta phi`` (with the cosine before the adjustment).
-    """
+    """``(w (K,), new targets (K, K))``: as :func:`pcgrad_weights` with GradVac's adjustment (Eq. 5) towards the
+    target cosine, and the targets' EMA of the cosine before the adjustment."""
     m = ops.convert_to_tensor(gram_matrix)
     k = m.shape[0]
     dtype = m.dtype
@@ -161,26 +117,11 @@ def gradvac_weights(gram_matrix, targets, orders, beta):
 
 @register_gradient_method
 class GradVac(GradientMethod):
-    """Gradient Vaccine: Wang, Tsvetkov, Firat, Cao, "Gradient Vaccine: Investigating and Improving Multi-task
-    Optimization in Massively Multilingual Models", ICLR 2021.
+    """Gradient Vaccine (Wang et al., ICLR 2021): PCGrad raised to EMA target cosines ``phi_hat`` (zero at first).
 
-    PCGrad generalised to a target similarity: for every task i and every other task j (random order, as PCGrad),
-    with ``phi_ij = cos(g_i^PC, g_j)`` and the EMA target ``phi_hat_ij``, if ``phi_ij < phi_hat_ij`` then
-    ``g_i^PC`` gets the multiple of ``g_j`` that raises the cosine to exactly ``phi_hat_ij`` (Eq. 5); then
-    ``phi_hat_ij <- (1 - beta) phi_hat_ij + beta phi_ij``. The update is ``sum_i g_i^PC``; the weights of
-    ``d = sum_k w_k g_k`` are returned. State ``phi_hat`` (K, K), zero at the start (the paper's initialisation,
-    so the first step adjusts exactly the conflicting pairs, like PCGrad with a rescaled projection).
-
-    Choices:
-        * ``beta = 0.01``, the paper's value (Sec. 3/4: "beta = 1e-2"); LibMTL's default is 0.5 (``GradVac_beta``),
-          pass ``beta=0.5`` to match it. The paper's value is kept per the project's rule (paper defaults first);
-          with it the targets follow the cosine over about 100 steps, as in the paper's long NMT runs.
-        * One group for the whole gradient (LibMTL's ``GradVac_group_type=0``, "whole_model"); the paper's per-layer
-          or per-matrix groups would need the parameter layout, which a (K, P) matrix does not carry.
-        * Order, ``j != i``, Gram-matrix arithmetic and zero-gradient guards as :class:`PCGrad`; the target's
-          ``sqrt(1 - phi_hat^2)`` is never zero in practice (``|phi_hat| = 1`` needs identical directions, which are
-          then never adjusted) and a zero one gives no adjustment instead of LibMTL's division by 1e-8.
-        * ``supports_rep_grad = False``, as LibMTL: the targets are similarities of the parameter gradients.
+    ``beta = 0.01`` is the paper's (LibMTL: 0.5). One group for the whole gradient (LibMTL's ``whole_model``: a
+    (K, P) matrix has no layers). Order and guards as :class:`PCGrad`; a zero ``sqrt(1 - phi_hat^2)`` gives no
+    adjustment (LibMTL divides by 1e-8).
     """
 
     name = "gradvac"
@@ -195,29 +136,16 @@ class GradVac(GradientMethod):
         phi_hat = ops.convert_to_tensor(state["phi_hat"])
         orders = _task_orders(self.num_tasks, seed, step)
         weights, new_phi_hat = gradvac_weights(gram(gradients), phi_hat, orders, self.beta)
-        return _combine(weights, gradients), weights, {"phi_hat": ops.cast(new_phi_hat, phi_hat.dtype)}
+        return ops.matmul(weights, gradients), weights, {"phi_hat": ops.cast(new_phi_hat, phi_hat.dtype)}
 
 
-# --------------------------------------------------------------------------------------------------- GradDrop
 @register_gradient_method
 class GradDrop(GradientMethod):
-    """GradDrop: Chen, Ngiam, Huang, Luong, Kretzschmar, Chai, Anguelov, "Just Pick a Sign: Optimizing Deep
-    Multitask Models with Gradient Sign Dropout", NeurIPS 2020.
+    """GradDrop (Chen et al., "Just Pick a Sign", NeurIPS 2020, Alg. 1 with ``f`` the identity, as LibMTL).
 
-    Per coordinate: the positive sign purity ``P = 0.5 (1 + sum_i g_i / sum_i |g_i|)``, a uniform ``U``; task i keeps
-    its coordinate if it is positive and ``P > U``, or negative and ``P < U`` (mask ``M_i``); the update is
-    ``sum_i (leak + (1 - leak) M_i) g_i`` (Alg. 1 with ``f`` the identity and one leak for every task, as LibMTL).
-
-    Choices:
-        * Works on whatever (K, P) gradients it gets, per coordinate: parameter gradients (LibMTL refuses these)
-          as well as representation gradients. The paper (and LibMTL with ``rep_grad``) first multiplies
-          activation gradients by the sign of the inputs and sums them over the batch before computing ``P``; a
-          flat ``(K, P)`` matrix carries neither, so ``P`` is computed on the given coordinates as they are.
-        * ``U`` is ``stateless_uniform`` (float32, cast): deterministic in ``(seed, step)``.
-        * A coordinate that is zero for every task gets ``P = 0.5`` (LibMTL adds 1e-7 to the denominator); its
-          output is zero either way.
-        * The sum of the masked gradients, as LibMTL and the paper (the CAGrad authors' re-implementation takes
-          the mean). No weights are returned (the direction is not a combination of whole task gradients).
+    Differences from LibMTL: parameter gradients are allowed, and the sign purity is computed on the given
+    coordinates (a flat (K, P) matrix has no inputs' signs nor batch to sum over); an all-zero coordinate gets
+    ``P = 0.5`` (LibMTL adds 1e-7).
     """
 
     name = "graddrop"
@@ -236,13 +164,9 @@ class GradDrop(GradientMethod):
         return ops.sum(mask * gradients, axis=0), None, state
 
 
-# --------------------------------------------------------------------------------------------------- CAGrad
 def _weighted_simplex_projection(z, scale):
-    """``argmin_{w in simplex} sum_k (w_k - z_k)^2 / scale_k`` (the projection in the metric ``diag(1/scale)``).
-
-    ``w_k = scale_k max(z_k / scale_k - theta, 0)`` with ``theta`` such that ``sum w = 1``: the sort-based
-    algorithm of Duchi et al. (2008) with weights.
-    """
+    """``argmin_{w in simplex} sum_k (w_k - z_k)^2 / scale_k``: Duchi et al. (2008)'s sort-based projection,
+    weighted."""
     k = z.shape[0]
     y = z / scale
     order = ops.flip(ops.argsort(y), axis=0)
@@ -256,16 +180,11 @@ def _weighted_simplex_projection(z, scale):
 
 
 def cagrad_inner_weights(gram_matrix, c, iterations=250):
-    """The simplex weights ``w`` minimising ``F(w) = g_w . g_0 + c ||g_0|| ||g_w||`` (CAGrad's dual problem).
+    """The simplex weights minimising CAGrad's dual ``g_w . g_0 + c ||g_0|| ||g_w||`` from ``M``.
 
-    ``g_w = sum_k w_k g_k``, ``g_0`` the mean gradient; with ``M = G G^T``: ``g_w . g_0 = w^T M 1 / K``,
-    ``||g_w||^2 = w^T M w``, ``||g_0||^2 = mean(M)``. ``F`` is convex; it is minimised by ``iterations`` steps of
-    accelerated projected gradient (FISTA with function-value restart, O'Donoghue & Candes 2015) where each step
-    minimises the quadratic majoriser of ``F`` at the current point (``sqrt`` is concave, so
-    ``||g_w|| <= r + (||g_w||^2 - r^2) / (2 r)`` with ``r = ||g_y||``), with the diagonal bound
-    ``M <= N diag(sum_j |C_ij|) N`` (``N = diag(||g_k||)``, ``C`` the cosines) as metric, so the step adapts to
-    the curvature ``c ||g_0|| M / r`` and to gradients of very different norms. No early exit (a fixed trip count
-    for compilation).
+    ``iterations`` steps of FISTA with function-value restart (O'Donoghue & Candes 2015) on the quadratic majoriser
+    of the square root at the current point, in the diagonal metric ``M <= N diag(sum_j |C_ij|) N`` (``N`` the
+    norms, ``C`` the cosines), so the step adapts to gradients of very different norms.
     """
     m = ops.convert_to_tensor(gram_matrix)
     k = m.shape[0]
@@ -304,26 +223,12 @@ def cagrad_inner_weights(gram_matrix, c, iterations=250):
 
 @register_gradient_method
 class CAGrad(GradientMethod):
-    """CAGrad: Liu, Liu, Jin, Stone, Liu, "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS 2021.
+    """CAGrad (Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS 2021, Alg. 1).
 
-    The update maximises the worst task's improvement within a ball around the mean gradient ``g_0``:
-    ``max_d min_i g_i . d`` s.t. ``||d - g_0|| <= c ||g_0||``. Through its dual: ``w`` minimises
-    ``g_w . g_0 + sqrt(phi) ||g_w||`` on the simplex, ``phi = c^2 ||g_0||^2``, and
-    ``d = g_0 + sqrt(phi) / ||g_w|| g_w`` (Alg. 1), here divided by ``1 + c^2`` (``rescale=1``).
-
-    Choices:
-        * ``c = 0.4``: the value of the paper's NYU-v2 and Cityscapes experiments (the official ``run.sh``:
-          ``--alpha 0.4``); LibMTL's default ``calpha`` is 0.5 (the official scripts' argparse default).
-        * ``rescale=1``: ``d / (1 + c^2)``, as the official code (and LibMTL's default); ``0``: no rescaling (the
-          paper's Alg. 1 as written), ``2``: ``d / (1 + c)``.
-        * The inner problem is solved on the device by ``solver_iterations`` steps of a preconditioned accelerated
-          projected-gradient method on the K-simplex from the Gram matrix only (:func:`cagrad_inner_weights`),
-          instead of the official scipy SLSQP (whose own tolerance is about 1e-6 on the objective); no ``1e-8``
-          terms inside the square roots.
-        * ``||g_w|| = 0`` (the mean gradient or the min-norm point is zero) gives ``d = g_0`` (rescaled), where
-          LibMTL divides by ``1e-8``; zero gradients give a zero direction.
-        * Returns the weights ``(1/K + sqrt(phi) w / ||g_w||) / (1 + c^2)`` of ``d = sum_k weights_k g_k``.
-        * ``supports_rep_grad``: a function of the gradient vectors only (LibMTL refuses ``rep_grad`` for CAGrad).
+    ``c = 0.4`` is the paper's NYU-v2 / Cityscapes value (LibMTL: 0.5); ``rescale`` 1 divides by ``1 + c^2`` (the
+    official code), 0 not at all, 2 by ``1 + c``. The dual is solved on the device (:func:`cagrad_inner_weights`)
+    instead of scipy's SLSQP, without 1e-8 terms; ``||g_w|| = 0`` gives ``d = g_0``. Representation gradients are
+    allowed (LibMTL refuses them).
     """
 
     name = "cagrad"
@@ -349,10 +254,9 @@ class CAGrad(GradientMethod):
             weights = weights / (1.0 + self.c ** 2)
         elif self.rescale == 2:
             weights = weights / (1.0 + self.c)
-        return _combine(weights, gradients), weights, state
+        return ops.matmul(weights, gradients), weights, state
 
 
-# --------------------------------------------------------------------------------------------------- Aligned-MTL
 def _valid_eigen(m):
     """``(eigenvalues, eigenvectors, valid)`` of the symmetric ``m``, ``valid``: above the official cut-off."""
     eigenvalues, eigenvectors = ops.eigh(m)
@@ -363,12 +267,8 @@ def _valid_eigen(m):
 
 
 def aligned_mtl_transform(gram_matrix, scale_mode="min"):
-    """Aligned-MTL's balance transformation ``B = sqrt(sigma) V Lambda^-1/2 V^T`` (K x K, symmetric).
-
-    ``M = V Lambda V^T``; only eigenvalues above ``lambda_max K eps_float32`` count (the rank); ``sigma`` is the
-    smallest of them (``"min"``), their lower median (``"median"``) or their mean (``"rmse"``). The aligned
-    gradients ``B G`` have the Gram matrix ``sigma`` times the projector on the valid eigenvectors.
-    """
+    """Aligned-MTL's ``B = sqrt(sigma) V Lambda^-1/2 V^T`` from ``M = V Lambda V^T`` (eigenvalues above the cut-off);
+    ``sigma``: their smallest (``"min"``), lower median (``"median"``) or mean (``"rmse"``)."""
     m = ops.convert_to_tensor(gram_matrix)
     k = m.shape[0]
     eigenvalues, eigenvectors, valid = _valid_eigen(m)
@@ -391,24 +291,11 @@ def aligned_mtl_transform(gram_matrix, scale_mode="min"):
 
 @register_gradient_method
 class AlignedMTL(GradientMethod):
-    """Aligned-MTL: Senushkin, Patakin, Kuznetsov, Konushin, "Independent Component Alignment for Multi-Task
-    Learning", CVPR 2023.
+    """Aligned-MTL (Senushkin et al., "Independent Component Alignment for Multi-Task Learning", CVPR 2023): the
+    sum of the aligned gradients ``B G``, as the official code and LibMTL (torchjd: the mean).
 
-    The gradient system ``G`` (K x P) is replaced by the closest one with condition number 1 (orthogonal rows of
-    equal norm, Procrustes): with ``G G^T = V Lambda V^T``, ``B = sqrt(lambda_min) V Lambda^-1/2 V^T`` and the
-    aligned gradients ``B G = sqrt(lambda_min) V U^T`` (``U`` the right singular vectors), whose rows are
-    orthogonal with norm ``sqrt(lambda_min)``. The update is ``sum_i (B G)_i = (B 1)^T G``; the weights ``B 1``
-    are returned.
-
-    Choices:
-        * Task weights ``w = 1`` (the sum of the aligned gradients), as the official code
-          (``grads[0].sum(-1)``) and LibMTL (``B.sum(0)``); torchjd uses ``1/K`` (the same direction, K times
-          shorter). The paper's Alg. 1 takes the pre-defined task weights, equal in its experiments.
-        * Eigenvalues at or below ``lambda_max K eps_float32`` are dropped (the rank), as the official code; the
-          eps is float32's also for float64 gradients (the official ``torch.finfo()``), so nearly dependent
-          gradients do not make ``lambda_min`` vanish.
-        * ``scale_mode``: ``"min"`` (the paper), ``"median"`` or ``"rmse"`` (mean eigenvalue), the official code's
-          options. Zero gradients give ``B = 0`` (torchjd: the identity; the direction is zero either way).
+    The eigenvalue cut-off and its float32 eps are the official code's; ``scale_mode`` ``"min"`` is the paper's.
+    Zero gradients give ``B = 0`` (torchjd: the identity; the direction is zero either way).
     """
 
     name = "aligned_mtl"
@@ -423,34 +310,20 @@ class AlignedMTL(GradientMethod):
         gradients = _check_gradients(self, gradients)
         transform = aligned_mtl_transform(gram(gradients), self.scale_mode)
         weights = ops.sum(transform, axis=1)
-        return _combine(weights, gradients), weights, state
+        return ops.matmul(weights, gradients), weights, state
 
 
-# --------------------------------------------------------------------------------------------------- ConFIG
 @register_gradient_method
 class ConFIG(GradientMethod):
-    """ConFIG: Liu, Chu, Thuerey, "ConFIG: Towards Conflict-free Training of Physics Informed Neural Networks",
-    ICLR 2025.
+    """ConFIG (Liu et al., "ConFIG: Towards Conflict-free Training of Physics Informed Neural Networks", ICLR 2025):
+    ``d = (sum_i g_i . e) e`` with ``e`` the unit of ``pinv(U) 1`` (``U`` the unit gradients), from the cosines.
 
-    With the unit gradients ``U`` (rows ``g_i / ||g_i||``): the direction ``g_c = pinv(U) 1_K``, the minimum-norm
-    vector with ``u_i . g_c = 1`` for every task (the same cosine with every gradient, Eq. 2), normalised, times
-    the length ``sum_i g_i . unit(g_c)`` (the official ``ProjectionLength``): ``d = (sum_i g_i . e) e``,
-    ``e = unit(g_c)``.
-
-    Choices:
-        * From the Gram matrix: ``g_c = U^T a`` with ``a = C^+ 1`` (``C = U U^T`` the cosines, ``C^+`` by ``ops.eigh``),
-          ``||g_c||^2 = a^T C a``, ``g_i . g_c = ||g_i|| (C a)_i``; the weights ``length a_k / (||g_k|| ||g_c||)`` of
-          ``d = sum_k w_k g_k`` are returned.
-        * The pseudo-inverse drops eigenvalues of ``C`` at or below ``lambda_max K eps_float32`` (relative singular
-          values below about ``sqrt(K eps)``; torch's ``pinv``, used by torchjd, cuts singular values at
-          ``K eps sigma_max``), so nearly duplicate gradients are treated as duplicates instead of amplifying
-          rounding noise. The official default ``lstsq`` and ``pinv`` agree with this for full-rank ``U``.
-        * Equal weights (the official ``EqualWeight``); no hyper-parameters. Zero gradients are left out (their
-          unit vector is zero, as the official ``nan_to_num``); all zero gives a zero direction.
+    The pseudo-inverse drops eigenvalues of the cosine matrix at or below ``lambda_max K eps_float32`` (torch's
+    ``pinv``: singular values), so nearly duplicate gradients count as duplicates; the official ``lstsq`` agrees
+    for full rank. Zero gradients are left out (the official ``nan_to_num``).
     """
 
     name = "config"
-    defaults = {}
 
     def aggregate(self, gradients, losses, state, step, seed):
         gradients = _check_gradients(self, gradients)
@@ -466,4 +339,4 @@ class ConFIG(GradientMethod):
         direction_norm = ops.sqrt(ops.maximum(ops.sum(a * ca), 0.0))
         length = safe_divide(ops.sum(norms * ca), direction_norm)
         weights = safe_divide(length * a, norms * direction_norm)
-        return _combine(weights, gradients), weights, state
+        return ops.matmul(weights, gradients), weights, state

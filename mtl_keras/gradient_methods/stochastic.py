@@ -1,18 +1,9 @@
 """Stateful and stochastic gradient weightings: GradNorm, MoCo, MoDo, SDMGrad, DB-MTL and ExcessMTL.
 
-Each method reads the per-task gradients and keeps state between steps (GradNorm's weights and initial losses,
-MoCo's tracked gradients, MoDo's and SDMGrad's simplex weights, DB-MTL's gradient averages, ExcessMTL's squared
-gradient sums). The state is a dict of tensors that ``aggregate`` returns updated, with the keys, shapes and dtypes
-of ``initial_state`` (float32; the arithmetic runs in the dtype of the gradients and the result is cast back).
-
-Step counts: ``step`` is the number of updates made before this one (0 at the first step); the decaying step sizes
-of MoCo and DB-MTL use ``t = step + 1``, LibMTL's call counter. GradNorm records ``L(0)`` at ``step == 0`` and
-ExcessMTL its baseline excess risks during its warm-up steps; both also record when their state has not recorded
-anything yet (all zeros), so a fresh state initialises when the caller starts counting elsewhere.
-
-MoDo and SDMGrad need independent gradient estimates (``gradient_samples = 3``): the trainer splits the batch into
-three parts and passes ``(3, K, P)``. Given a ``(K, P)`` matrix instead, they use it for all three samples, i.e. the
-deterministic (full-batch) form of the algorithm.
+The state is float32 (the arithmetic runs in the gradients' dtype and is cast back). ``step`` counts the updates
+before this one; decaying step sizes use LibMTL's counter ``t = step + 1``. GradNorm and ExcessMTL also record their
+baseline when their state is still all zeros, so a fresh state initialises whatever the step. MoDo and SDMGrad take
+three independent estimates ``(3, K, P)``; a ``(K, P)`` input serves as all three (the full-batch algorithm).
 """
 
 import numpy as np
@@ -22,7 +13,6 @@ from mtl_keras.gradient_methods.base import (GradientMethod, dtype_name, project
                                              safe_divide)
 
 
-# ------------------------------------------------------------------------------------------------- helpers
 def _cast_back(new_state, old_state):
     """``new_state`` with every value in the dtype of the same key of ``old_state``."""
     return {key: ops.cast(value, dtype_name(old_state[key])) for key, value in new_state.items()}
@@ -59,43 +49,20 @@ def _check_choice(method, option, choices):
         raise ValueError(f"Weighting {method.name!r}: {option} must be one of {choices}, got {value!r}.")
 
 
-# ------------------------------------------------------------------------------------------------- GradNorm
 @register_gradient_method
 class GradNorm(GradientMethod):
-    """GradNorm (Chen, Badrinarayanan, Lee and Rabinovich, "GradNorm: Gradient Normalization for Adaptive Loss
-    Balancing in Deep Multitask Networks", ICML 2018).
+    """GradNorm (Chen et al., "GradNorm: Gradient Normalization for Adaptive Loss Balancing", ICML 2018, Alg. 1):
+    weights summing to K, stepped so that ``||w_i g_i||`` approach ``mean(G) r_i^alpha``; ``L(0)`` is the first step's.
 
-    Task weights ``w`` (state, initially 1, summing to K) are trained so that the weighted gradient norms
-    ``G_i = ||w_i g_i||`` approach the common target ``mean(G) * r_i^alpha``, where ``r_i = L~_i / mean(L~)`` is the
-    relative inverse training rate and ``L~_i = L_i(t) / L_i(0)`` the loss ratio to the initial loss (``L(0)``:
-    state, recorded at the first step). With the target held constant (as the paper prescribes) the gradient of the
-    GradNorm loss ``L_grad = sum_i |G_i - mean(G) r_i^alpha|`` with respect to ``w_i`` is
-    ``sign(G_i - target_i) * ||g_i||``. Each step (paper, Algorithm 1):
-
-    * direction ``d = sum_i w_i(t) g_i`` with the weights before the update (returned as the weights);
-    * ``w(t+1) = w(t) - weight_learning_rate * dL_grad/dw``, then renormalised to ``sum_i w_i = K``.
-
-    Defaults: ``alpha = 1.5`` (LibMTL's default; the paper tunes alpha per data set),
-    ``weight_learning_rate = 0.025`` (ours: the paper has no separate rate for ``w``). Choices and differences:
-
-    * The paper trains ``w`` with the network's optimiser; we take a plain SGD step with ``weight_learning_rate`` on
-      ``dL_grad/dw`` divided by the mean gradient norm ``mean_j ||g_j||``. Undivided, the step is in units of
-      gradient norms: on the slim model (norms ~10) a rate of 0.025 drove a task's weight to 0 within 6 steps; divided,
-      a weight moves by about the rate per step whatever the model's gradient scale (as the network's Adam would
-      move it in the paper). Weights that the step would make negative are clipped to 0 before the renormalisation (the paper does
-      not say; a weight at 0 has ``G_i = 0`` below its target and grows again at the next step).
-    * The norms are taken over the gradients we are given (all shared parameters, as LibMTL does, or the shared
-      representation with ``rep_grad``; the paper uses the last shared layer).
-    * LibMTL parametrises ``w = K softmax(logits)``, trains the logits with the model's optimiser and uses equal
-      weights during the first epoch (``L(0)`` = the first epoch's mean loss); we follow the paper: ``L(0)`` is the
-      loss at the first step, and the weights adapt from the first step.
-    * Guards: a task whose ``L(0)`` is 0 gets ``L~_i = 1``; negative loss ratios count as 0.
+    ``w`` takes a plain SGD step (the paper: the network's optimiser) on ``dL_grad/dw`` divided by the mean gradient
+    norm, so a weight moves by about ``weight_learning_rate`` whatever the gradients' scale (undivided, 0.025 drove a
+    weight to 0 in 6 steps on the slim model); negative weights are clipped to 0. LibMTL instead trains
+    ``K softmax(logits)`` and uses equal weights for the first epoch. ``alpha = 1.5`` is LibMTL's.
     """
 
     name = "gradnorm"
     defaults = {"alpha": 1.5, "weight_learning_rate": 0.025}
     needs_losses = True
-    supports_rep_grad = True  # the state is per task, so the representation's gradients work as well (LibMTL too)
 
     def initial_state(self, num_params):
         k = self.num_tasks
@@ -122,7 +89,6 @@ class GradNorm(GradientMethod):
         mean_ratio = ops.mean(loss_ratio)
         inverse_rate = ops.where(mean_ratio > 0, safe_divide(loss_ratio, mean_ratio), ops.ones_like(loss_ratio))
         target = ops.mean(weighted_norms) * ops.power(inverse_rate, float(self.alpha))
-        # in units of the weights: divided by the mean gradient norm (see the docstring)
         weight_gradient = ops.sign(weighted_norms - target) * safe_divide(norms, ops.mean(norms))
 
         new_weights = ops.maximum(weights - float(self.weight_learning_rate) * weight_gradient, 0.0)
@@ -133,32 +99,14 @@ class GradNorm(GradientMethod):
         return direction, weights, new_state
 
 
-# ------------------------------------------------------------------------------------------------- MoCo
 @register_gradient_method
 class MoCo(GradientMethod):
-    """MoCo (Fernando, Shen, Liu, Chaudhury, Murugesan and Chen, "Mitigating Gradient Bias in Multi-objective
-    Learning: A Provably Convergent Approach", ICLR 2023).
+    """MoCo (Fernando et al., "Mitigating Gradient Bias in Multi-objective Learning", ICLR 2023, Alg. 1): MGDA on
+    tracked gradients ``y``; the direction combines ``y``, so no weights are returned. LibMTL's step sizes.
 
-    Corrects the bias of stochastic MGDA by tracking the task gradients. With ``t = step + 1``,
-    ``beta_t = beta / t^beta_sigma`` and ``gamma_t = gamma / t^gamma_sigma`` (paper, Algorithm 1):
-
-    * tracked gradients (state ``y``, (K, P), initially 0): ``y <- y - beta_t (y - g)``;
-    * simplex weights (state ``lambda``, initially uniform):
-      ``lambda <- Proj_simplex(lambda - gamma_t (y y^T + rho I) lambda)`` (with the new ``y``);
-    * direction ``d = y^T lambda`` (a combination of the tracked, not the current, gradients, so no weights are
-      returned; ``lambda`` is in the state).
-
-    Defaults from LibMTL (its implementation follows the authors' code): ``beta = 0.5``, ``beta_sigma = 0.5``,
-    ``gamma = 0.1``, ``gamma_sigma = 0.5``, ``rho = 0`` (the paper's analysis prescribes decaying step sizes; its
-    experiments tune them). Differences:
-
-    * LibMTL (from the authors' code) replaces the simplex projection by ``softmax(lambda - gamma_t (...) lambda)``
-      and tracks ``g_i / ||g_i|| * L_i`` instead of ``g_i``. Both are options: ``lambda_update="softmax"`` and
-      ``gradient_normalization="loss"`` (then the method needs the losses) give LibMTL's MoCo; the defaults
-      (``"projection"``, ``"none"``) are the paper's algorithm.
-    * The paper's projection of each ``y_i`` onto a bounded set (a device of the analysis, with an unspecified
-      radius) is left out, as in LibMTL.
-    * Not defined on representation gradients (LibMTL refuses ``rep_grad``): ``y`` is per parameter.
+    The defaults are the paper's simplex projection on raw gradients; ``lambda_update="softmax"`` with
+    ``gradient_normalization="loss"`` is LibMTL's (authors' code) variant. The paper's bounded-set projection of
+    ``y`` is left out, as in LibMTL.
     """
 
     name = "moco"
@@ -199,26 +147,10 @@ class MoCo(GradientMethod):
         return direction, None, _cast_back({"tracked_gradients": y, "lambda": lam}, state)
 
 
-# ------------------------------------------------------------------------------------------------- MoDo
 @register_gradient_method
 class MoDo(GradientMethod):
-    """MoDo, multi-objective gradient with double sampling (Chen, Fernando, Ying and Chen, "Three-Way Trade-Off in
-    Multi-Objective Learning: Optimization, Generalization and Conflict-Avoidance", NeurIPS 2023).
-
-    Three independent gradient estimates ``G1, G2, G3`` (``gradient_samples = 3``, each (K, P)) per step; the
-    simplex weights ``lambda`` (state, initially uniform) take one projected stochastic gradient step on MGDA's
-    regularised objective ``1/2 ||G^T lambda||^2 + rho/2 ||lambda||^2``, whose gradient is estimated without bias by
-    double sampling (paper, Algorithm 1; LibMTL's ``MoDo.py``):
-
-    * ``lambda <- Proj_simplex(lambda - gamma (G1 G2^T lambda + rho lambda))``;
-    * direction ``d = G3^T lambda`` with the new ``lambda`` (returned as the weights, of the third sample's
-      gradients).
-
-    Defaults (LibMTL's; the paper tunes ``gamma`` and ``rho`` per experiment): ``gamma = 1e-3``, ``rho = 0.1``.
-    The trainer should average the task-specific parameters' gradients over the three samples (LibMTL divides the
-    decoders' summed gradients by 3). Not for representation gradients (LibMTL refuses ``rep_grad``: the three
-    samples have different representations).
-    """
+    """MoDo (Chen et al., "Three-Way Trade-Off in Multi-Objective Learning", NeurIPS 2023, Alg. 1; LibMTL's
+    defaults): one projected step of ``lambda`` on ``G1 G2^T lambda + rho lambda``, direction ``G3^T lambda``."""
 
     name = "modo"
     defaults = {"gamma": 1e-3, "rho": 0.1}
@@ -239,35 +171,14 @@ class MoDo(GradientMethod):
         return direction, lam, _cast_back({"lambda": lam}, state)
 
 
-# ------------------------------------------------------------------------------------------------- SDMGrad
 @register_gradient_method
 class SDMGrad(GradientMethod):
-    """SDMGrad, stochastic direction-oriented multi-objective gradient descent (Xiao, Ban and Ji, "Direction-oriented
-    Multi-objective Learning: Simple and Provable Stochastic Algorithms", NeurIPS 2023).
+    """SDMGrad (Xiao et al., "Direction-oriented Multi-objective Learning", NeurIPS 2023, Alg. 1): ``niter`` momentum
+    SGD steps on the scaled dual, ``d = (G_zeta^T w + lmbd g0) / (1 + lmbd)``; LibMTL's (authors' code) defaults.
 
-    The direction-oriented problem keeps the common descent direction near the average gradient
-    ``g0 = mean_i g_i``; its dual is ``min_{w in simplex} 1/2 ||G^T w||^2 + lmbd <G^T w, g0>``, and the direction is
-    ``d = (G^T w + lmbd g0) / (1 + lmbd)``. Three independent gradient estimates ``zeta, xi, xi'``
-    (``gradient_samples = 3``; sample 0 is ``zeta``, as in LibMTL) per step (paper, Algorithm 1):
-
-    * ``M = G_xi G_xi'^T``, scaled by ``1 / mean_i(sqrt(M_ii))^2`` (official code and LibMTL: makes the inner step
-      size independent of the gradients' scale; the minimiser does not change);
-    * ``niter`` projected SGD steps from the previous ``w`` (state, initially uniform):
-      ``w <- Proj_simplex(w - inner_learning_rate * b)`` with the momentum buffer ``b <- inner_momentum b +
-      (M w + lmbd M 1/K)`` (reset to 0 every step, like the fresh ``torch.optim.SGD`` of the official code);
-    * direction ``d = (G_zeta^T w + lmbd mean_i g_zeta,i) / (1 + lmbd)``, i.e. weights ``(w + lmbd/K)/(1+lmbd)``
-      (returned).
-
-    Defaults (LibMTL's, from the authors' code; the paper's Algorithm 1 has a plain projected SGD inner loop with
-    unspecified step sizes, ``inner_momentum = 0``): ``lmbd = 0.3``, ``niter = 20``, ``inner_learning_rate = 5``,
-    ``inner_momentum = 0.5``. Note: after the scaling the subproblem's curvature is of order 1, so for weakly
-    correlated task gradients the step 5 is beyond the inner SGD's stability bound and ``w`` does not settle at the
-    subproblem's minimiser but jumps between faces of the simplex (so does LibMTL's; strongly correlated gradients
-    converge); a smaller ``inner_learning_rate`` (e.g. 0.4, ``inner_momentum = 0``) with more ``niter`` solves the
-    subproblem (tested against SLSQP). LibMTL divides by ``scale^2 + 1e-8``; we divide by ``scale^2`` exactly, and
-    when every ``M_ii <= 0`` (scale 0: zero or anti-correlated samples) ``w`` stays where it is (LibMTL would
-    multiply ``M`` by 1e8). The authors' NYUv2 script also multiplies the direction by K; LibMTL and we do not.
-    Not for representation gradients (LibMTL refuses ``rep_grad``).
+    With those, weakly correlated gradients make the inner step 5 unstable and ``w`` jumps between faces (as in
+    LibMTL); a step of 0.4 without momentum solves the subproblem. We scale by ``1 / scale^2`` exactly (LibMTL adds
+    1e-8) and keep ``w`` when the scale is 0; no factor K (the authors' NYUv2 script has one, LibMTL not).
     """
 
     name = "sdmgrad"
@@ -302,25 +213,11 @@ class SDMGrad(GradientMethod):
         return direction, weights, _cast_back({"w": w}, state)
 
 
-# ------------------------------------------------------------------------------------------------- DB-MTL
 @register_gradient_method
 class DBMTL(GradientMethod):
-    """DB-MTL, dual balancing (Lin, Jiang, Ye, Zhang, Chen, Chen, Liu and Kwok, "Dual-Balancing for Multi-Task
-    Learning", arXiv 2308.12029, 2023).
-
-    * Loss-scale balancing: each task contributes the gradient of ``log(L_i + 1e-8)``, ``g_i / (L_i + 1e-8)``
-      (invariant to a rescaling of the task's loss; needs positive losses);
-    * an exponential moving average ``m_i`` of it (state, (K, P), initially 0, no bias correction):
-      ``m <- beta_t m + (1 - beta_t) g / (L + 1e-8)`` with ``beta_t = beta / t^beta_sigma``, ``t = step + 1``;
-    * gradient-magnitude balancing: every ``m_i`` is scaled to the largest norm,
-      ``d = sum_i (max_j ||m_j|| / ||m_i||) m_i`` (no weights returned: a combination of the averages, not of the
-      current gradients).
-
-    Defaults (LibMTL's, the authors' own implementation): ``beta = 0.9``, ``beta_sigma = 0`` (a constant
-    ``beta``). LibMTL divides by ``||m_i|| + 1e-8``; we divide exactly and give a task with ``m_i = 0`` the factor 0
-    (the same except for norms near 1e-8). Not for representation gradients (LibMTL refuses ``rep_grad``; the
-    average is per parameter).
-    """
+    """DB-MTL (Lin et al., "Dual-Balancing for Multi-Task Learning", arXiv 2308.12029): an EMA of the gradients of
+    ``log(L_i + 1e-8)``, each scaled to the largest norm; LibMTL's (the authors') defaults. No weights returned.
+    LibMTL divides by ``||m_i|| + 1e-8``; we divide exactly, and ``m_i = 0`` gets the factor 0."""
 
     name = "db_mtl"
     defaults = {"beta": 0.9, "beta_sigma": 0.0}
@@ -344,32 +241,14 @@ class DBMTL(GradientMethod):
         return direction, None, _cast_back({"gradient_average": average}, state)
 
 
-# ------------------------------------------------------------------------------------------------- ExcessMTL
 @register_gradient_method
 class ExcessMTL(GradientMethod):
-    """ExcessMTL (He, Zhou, Zhang, Yun, Xu, Zeng, Chilimbi and Zhao, "Robust Multi-Task Learning with Excess Risks",
-    ICML 2024).
+    """ExcessMTL (He et al., "Robust Multi-Task Learning with Excess Risks", ICML 2024), as the authors' code and
+    LibMTL: AdaGrad-style excess-risk estimates, relative to the mean of the first ``warmup_steps``, drive an
+    exponentiated-gradient update of weights summing to K (the paper: 1, i.e. the direction over K).
 
-    Weights the tasks by their estimated excess risk ``L_i(theta) - L_i*`` ~ ``g_i^T H_i^-1 g_i`` with a diagonal
-    AdaGrad-style Hessian approximation ``H_i = diag(sqrt(sum_s g_i(s)^2 + 1e-7))`` (the running sum of squared
-    gradients is state, (K, P)). Each step (as in the authors' code, which LibMTL copies):
-
-    * ``S_i <- S_i + g_i^2``; ``e_i = sum_p g_ip^2 / sqrt(S_ip + 1e-7)``;
-    * during the first ``warmup_steps`` steps the weights stay at 1 and the baseline ``e_i(0)`` (state) is the mean
-      of the ``e_i`` of those steps;
-    * afterwards ``w_i <- w_i exp(robust_step_size * e_i / e_i(0))`` (exponentiated gradient ascent on the robust
-      objective, the baseline making the tasks' risks comparable), renormalised to ``sum_i w_i = K``;
-    * direction ``d = sum_i w_i g_i`` with the updated weights (returned).
-
-    Defaults: ``robust_step_size = 1e-2`` (LibMTL's and the authors' code), ``warmup_steps = 1`` (the authors' code
-    and LibMTL: the first step's risks are the baseline; the paper's Appendix C.1 collects them over 3 epochs, i.e.
-    ``warmup_steps = 3 * steps_per_epoch``). The paper keeps the weights on the simplex (sum 1); the authors' code
-    and we use sum K, which only scales the direction by K (the multiplicative update is the same). Guards: a task
-    with ``e_i(0) = 0`` gets the ratio 0 (no push); a state whose baseline is still all zero after the warm-up (e.g.
-    zero gradients so far, or a fresh state at a later step) records the current risks instead of updating; the
-    exponentials are taken relative to the largest, which leaves the normalised weights unchanged and cannot
-    overflow. Not for representation gradients here (LibMTL sums the per-sample representation gradients over the
-    batch to get a fixed-size vector; our rep_grad interface gives no such per-coordinate identity across steps).
+    The paper's warm-up is 3 epochs (``warmup_steps = 3 * steps_per_epoch``). Not on representation gradients
+    (LibMTL sums per-sample ones over the batch; ours have no fixed coordinates across steps).
     """
 
     name = "excess_mtl"
