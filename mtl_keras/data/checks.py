@@ -1,9 +1,6 @@
-"""Cheap up-front checks of input files (PNG and .npy headers), the argument checks of every reader, and the
-per-split report of ``experiments/prepare_data.py --check`` that each reader's ``validate_split`` fills.
-
-Every error names the file and says what was expected. The header checks read a few dozen bytes per file (no
-decoding), so a loader can run them on a whole split before training starts.
-"""
+"""What every reader checks with: PNG and ``.npy`` headers (a few dozen bytes per file, so a whole split is checked
+before training), the pairing of images with their files, argument checks, and the ``--check`` report of a split.
+Every error names the file and says what was expected."""
 
 from __future__ import annotations
 
@@ -13,6 +10,7 @@ import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 
+import cv2
 import numpy as np
 
 from mtl_keras.tasks import TASK_NAMES, TASKS
@@ -38,11 +36,7 @@ NpyInfo = collections.namedtuple("NpyInfo", "shape dtype fortran_order offset")
 
 
 def png_info(path) -> PngInfo:
-    """Reads the PNG signature, the IHDR chunk and the final IEND chunk of ``path`` (45 bytes).
-
-    Raises :class:`DataError` naming the file when it is empty, not a PNG, or truncated (no IEND at its end), and
-    ``FileNotFoundError`` when it does not exist.
-    """
+    """The PNG signature, IHDR and final IEND chunk of ``path`` (45 bytes); DataError if not a PNG or truncated."""
     path = os.fspath(path)
     with open(path, "rb") as f:
         head = f.read(33)
@@ -80,8 +74,8 @@ def check_png(path, what, bit_depth=None, grey=False, size=None) -> PngInfo:
 
 
 def decode_png_file(path, dtype="uint8"):
-    """Fully decodes a PNG with TensorFlow (as the pipeline does); :class:`DataError` naming the file on failure."""
-    import tensorflow as tf  # TensorFlow decodes as the pipeline does
+    """Decodes a PNG with TensorFlow, as the pipeline does; :class:`DataError` naming the file on failure."""
+    import tensorflow as tf
 
     try:
         return tf.io.decode_png(tf.io.read_file(os.fspath(path)), dtype=getattr(tf, dtype)).numpy()
@@ -90,12 +84,32 @@ def decode_png_file(path, dtype="uint8"):
                         f"corrupt: re-extract or re-download it") from None
 
 
-def npy_info(path) -> NpyInfo:
-    """The header of a ``.npy`` file, checked against the file size.
+def imread_png(path, flags=cv2.IMREAD_UNCHANGED):
+    """A whole PNG decoded with OpenCV (no TensorFlow); DataError naming the file when truncated or corrupt."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 45 or data[-12:] != PNG_IEND:
+        raise DataError(f"{path} is a truncated or corrupt PNG: it does not end with the IEND chunk "
+                        f"({len(data)} bytes; re-extract or re-download it)")
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if array is None:
+        raise DataError(f"{path}: OpenCV cannot decode the PNG; the file is corrupt: re-extract or re-download it")
+    return array
 
-    Raises :class:`DataError` naming the file when it is not a ``.npy`` file, holds objects / structured data, or is
-    shorter than its header says (truncated).
-    """
+
+def imread_label(path, what, bit_depth, size=None):
+    """A single-channel ``bit_depth``-bit label PNG (:func:`imread_png`) of ``size`` (width, height) if given."""
+    array = imread_png(path)
+    if array.dtype != (np.uint8 if bit_depth == 8 else np.uint16) or array.ndim != 2:
+        raise DataError(f"{path}: expected a single-channel {bit_depth}-bit {what} PNG, got {array.dtype} with shape "
+                        f"{array.shape}")
+    if size is not None and array.shape[::-1] != tuple(size):
+        raise DataError(f"{path}: {what} is {array.shape[1]}x{array.shape[0]} but its image is {size[0]}x{size[1]}")
+    return array
+
+
+def npy_info(path) -> NpyInfo:
+    """The header of a numeric ``.npy`` file, checked against the file size (DataError if truncated)."""
     path = os.fspath(path)
     with open(path, "rb") as f:
         try:
@@ -144,8 +158,9 @@ def check_tasks(tasks, available, dataset):
         raise ValueError(f"tasks must be a non-empty subset of {available} for {dataset}, got {tasks!r}")
     missing = [t for t in tasks if t not in available]
     if missing:
+        example = ",".join(t for t in tasks if t in available) or available[0]
         raise ValueError(f"{dataset} has no {', '.join(missing)} targets: its tasks are {', '.join(available)} "
-                         f"(got tasks={tasks!r}; e.g. --tasks {','.join(t for t in tasks if t in available) or available[0]})")
+                         f"(got tasks={tasks!r}; e.g. --tasks {example})")
     return tasks
 
 
@@ -155,13 +170,33 @@ def check_num_classes(num_classes, valid, dataset):
     return int(num_classes)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The report of one split (prepare_data.py --check)
-# ----------------------------------------------------------------------------------------------------------------
+def _problem(problems, path, message):
+    if problems is None:
+        raise FileNotFoundError(message)
+    problems.append((path, message))
+
+
+def pair_files(images, found, expected, expected_image, problems=None):
+    """The keys of ``images`` (``{key: image path}``) that have a file in every ``found[field]`` (``{key: path}``),
+    sorted. An image without its file (``expected(field, key)``) or a file without its image
+    (``expected_image(key)``) raises FileNotFoundError naming both, or is collected in ``problems`` as
+    ``(path, message)``."""
+    incomplete = set()
+    for field, files in found.items():
+        for key in sorted(set(images) - set(files)):
+            path = expected(field, key)
+            _problem(problems, path, f"{path}: missing {field} file (image {images[key]} has no {field} file)")
+            incomplete.add(key)
+        for key in sorted(set(files) - set(images)):
+            _problem(problems, files[key], f"{files[key]}: {field} file without an image (it has no image at "
+                                           f"{expected_image(key)})")
+    return sorted(set(images) - incomplete)
 
 
 @dataclasses.dataclass
 class SplitReport:
+    """What ``validate_split`` found in one split (``prepare_data.py --check``)."""
+
     split: str
     examples: int = 0
     sizes: dict = dataclasses.field(default_factory=dict)  # "WxH" -> count
@@ -187,7 +222,7 @@ class SplitReport:
         self.sizes[key] = self.sizes.get(key, 0) + 1
 
     def add(self, counts):
-        """Adds one example's ``counts`` (``size`` (w, h) and any of the pixel / instance counters)."""
+        """Adds one example's ``counts``: ``size`` (w, h) and any of the counters above."""
         for key, value in counts.items():
             if key == "size":
                 if value:
@@ -201,8 +236,8 @@ def error_message(e):
 
 
 def check_rows(report, rows, check, workers=4, max_errors=20):
-    """Runs ``check(row) -> (counts, [(path, message)])`` on every row in threads, into ``report``; stops after
-    ``max_errors``. Returns the counts of each row examined."""
+    """Runs ``check(row) -> (counts, [(path, message)])`` on every row in threads into ``report``, up to
+    ``max_errors``; returns the counts of each row examined."""
     report.examples = len(rows)
     seen = []
     with ThreadPoolExecutor(max(1, int(workers))) as pool:

@@ -1,18 +1,7 @@
-"""The CityScapes raw layout (real CityScapes and the synthetic set): listing, header checks, the tf.data decode
-step, and ``--check``.
-
-Layout: ``{root}/{type}/{split}/{city}/{city}_{seq:06d}_{frame:06d}_{suffix}`` with
-
-* ``leftImg8bit/..._leftImg8bit.png``: RGB 8-bit;
-* ``gtFine/..._gtFine_labelIds.png``: 8-bit labelIds;
-* ``gtFine/..._gtFine_instanceIds.png``: 16-bit, ``labelId * 1000 + k`` on instance pixels, plain labelId elsewhere;
-* ``disparity/..._disparity.png``: 16-bit, ``p > 0`` -> ``d = (p - 1) / 256`` px, ``p == 0`` invalid;
-* ``camera/..._camera.json``: baseline and intrinsics.
-
-Everything runs in TF ops (no ``py_function``), so the pipeline is deterministic under ``seed``. The **test split**
-of the real release has no public labels: its ``gtFine`` files hold only void ids (semantic 255, no instance pixel),
-and when ``gtFine/test`` (or ``disparity/test``) is absent the test split still loads, every target masked out.
-"""
+"""The CityScapes raw layout (real CityScapes and the synthetic set; ``datasets/cityscapes.md``): listing, header
+checks, the tf.data decode step (TF ops only, so the pipeline is deterministic under ``seed``) and ``--check``. The
+test split's labels are withheld: its void ``gtFine`` files load as "ignore everywhere", and absent ``gtFine/test``
+or ``disparity/test`` folders mask those targets out."""
 
 from __future__ import annotations
 
@@ -23,9 +12,9 @@ import os
 
 import numpy as np
 
-from mtl_keras.data.checks import (PNG_IEND, DataError, SplitReport, check_png, check_rows, decode_png_file,
-                                   error_message)
-from mtl_keras.data.pipeline import Source, check_image_size, check_tasks, resize_image
+from mtl_keras.data.checks import (PNG_IEND, DataError, SplitReport, check_image_size, check_png, check_rows,
+                                   check_tasks, decode_png_file, error_message, pair_files)
+from mtl_keras.data.pipeline import Source, resize_image, resize_nearest
 from mtl_keras.labels import known_label_mask, label_lookup_table
 from mtl_keras.tasks import IGNORE_LABEL
 
@@ -42,14 +31,12 @@ FILE_TYPES = {
     "camera": ("camera", "camera.json"),
 }
 _ALL_KEYS = tuple(FILE_TYPES)
-# What each PNG must be: (description, bit depth, single channel)
-_PNG_EXPECT = {
-    "label_ids": ("labelIds", 8, True),
-    "instance_ids": ("instanceIds", 16, True),
-    "disparity": ("disparity", 16, True),
-}
-# Folders that may be absent for the test split, whose labels CityScapes withholds.
+# what each label PNG must be (single-channel): (description, bit depth)
+_PNG_EXPECT = {"label_ids": ("labelIds", 8), "instance_ids": ("instanceIds", 16), "disparity": ("disparity", 16)}
+# folders that may be absent for the test split, whose labels CityScapes withholds
 _WITHHELD_ON_TEST = ("label_ids", "instance_ids", "disparity", "camera")
+# the file of each task's target (metric depth needs "camera" as well)
+_TASK_FILES = {"semantic": "label_ids", "instance": "instance_ids", "depth": "disparity"}
 
 
 def _stem(path: str, suffix: str) -> str:
@@ -74,13 +61,10 @@ def _scan(data_dir: str, split: str, key: str) -> dict:
 
 def list_cityscapes_files(data_dir, split: str = "train", require=_ALL_KEYS, check: bool = False,
                           optional=(), problems=None) -> list[dict]:
-    """The samples of a split, sorted by (city, stem): dicts with ``"id"`` (``city_seq_frame``), ``"city"`` and one
-    path per key in ``require`` (keys of ``FILE_TYPES``; ``"image"`` always).
-
-    Errors name the missing folder or file. ``optional``: keys whose whole ``{type}/{split}`` folder may be absent
-    (then left out). ``check``: also read every PNG's header. ``problems``: a list that collects every missing or
-    orphan file as ``(path, message)`` instead of raising at the first (``prepare_data.py --check``).
-    """
+    """The samples of a split sorted by (city, stem): dicts with ``"id"`` (``city_seq_frame``), ``"city"`` and a path
+    per key of ``require`` (keys of ``FILE_TYPES``; ``"image"`` always). ``optional``: keys whose whole
+    ``{type}/{split}`` folder may be absent (then left out). ``check``: also read every PNG's header. ``problems``:
+    see ``checks.pair_files``."""
     data_dir = os.fspath(data_dir)
     require = tuple(dict.fromkeys(("image",) + tuple(require)))
     unknown = [k for k in require if k not in FILE_TYPES]
@@ -90,44 +74,36 @@ def list_cityscapes_files(data_dir, split: str = "train", require=_ALL_KEYS, che
         raise FileNotFoundError(f"CityScapes root folder {data_dir} does not exist")
     images = _scan(data_dir, split, "image")
     if not images:
-        folder = os.path.join(data_dir, FILE_TYPES["image"][0], split)
-        raise ValueError(
-            f"empty split {split!r}: no *_{FILE_TYPES['image'][1]} files in the city folders "
-            f"of {folder}")
-    require = tuple(k for k in require
-                    if not (k in optional and not os.path.isdir(_split_dir(data_dir, split, k))))
-    found = {"image": images}
-    found.update({k: _scan(data_dir, split, k) for k in require[1:]})
-    incomplete = set()
-    for key in require[1:]:
+        raise ValueError(f"empty split {split!r}: no *_{FILE_TYPES['image'][1]} files in the city folders of "
+                         f"{_split_dir(data_dir, split, 'image')}")
+    found = {k: _scan(data_dir, split, k) for k in require[1:]
+             if not (k in optional and not os.path.isdir(_split_dir(data_dir, split, k)))}
+
+    def expected(key, city_stem):
         folder, suffix = FILE_TYPES[key]
-        missing = sorted(set(images) - set(found[key]))
-        for city, stem in missing:
-            expected = os.path.join(data_dir, folder, split, city, f"{stem}_{suffix}")
-            message = (f"image {images[(city, stem)]} has no {key} file: expected {expected} "
-                       f"({len(missing)} image(s) of split {split!r} lack their {suffix})")
-            if problems is None:
-                raise FileNotFoundError(message)
-            problems.append((expected, f"{expected}: missing {key} file (its image: {images[(city, stem)]})"))
-            incomplete.add((city, stem))
-        orphans = sorted(set(found[key]) - set(images))
-        for city, stem in orphans:
-            expected = os.path.join(data_dir, FILE_TYPES["image"][0], split, city,
-                                    f"{stem}_{FILE_TYPES['image'][1]}")
-            message = (f"{key} file {found[key][(city, stem)]} has no image: expected {expected} "
-                       f"({len(orphans)} {suffix} file(s) of split {split!r} without an image)")
-            if problems is None:
-                raise FileNotFoundError(message)
-            problems.append((found[key][(city, stem)],
-                             f"{found[key][(city, stem)]}: {key} file without an image (expected {expected})"))
-    out = []
-    for city_stem in sorted(set(images) - incomplete):
-        entry = {"id": city_stem[1], "city": city_stem[0]}
-        entry.update({k: found[k][city_stem] for k in require})
-        out.append(entry)
+        return os.path.join(data_dir, folder, split, city_stem[0], f"{city_stem[1]}_{suffix}")
+
+    keys = pair_files(images, found, expected, lambda city_stem: expected("image", city_stem), problems)
+    out = [dict({"id": k[1], "city": k[0], "image": images[k]}, **{key: v[k] for key, v in found.items()})
+           for k in keys]
     if check:
         check_cityscapes_files(out)
     return out
+
+
+def list_task_files(data_dir, split, tasks, check_files, metric_depth=False):
+    """The samples of a split with the files of ``tasks``; the test split's withheld label folders may be absent
+    (their targets are then masked out, with a warning)."""
+    require = ["image"] + [_TASK_FILES[t] for t in TASKS if t in tasks]
+    if metric_depth and "depth" in tasks:
+        require.append("camera")
+    files = list_cityscapes_files(data_dir, split, require, check_files, _WITHHELD_ON_TEST if split == "test" else ())
+    withheld = [k for k in require if k not in files[0]]
+    if withheld:
+        log.warning("CityScapes %s: no %s folder(s) for the test split (CityScapes withholds test labels): "
+                    "those targets are masked out everywhere", data_dir,
+                    ", ".join(os.path.join(FILE_TYPES[k][0], split) for k in withheld))
+    return files
 
 
 def check_cityscapes_files(files) -> dict:
@@ -138,9 +114,9 @@ def check_cityscapes_files(files) -> dict:
         info = check_png(entry["image"], "image")
         size = (info.width, info.height)
         sizes[size] = sizes.get(size, 0) + 1
-        for key, (what, depth, grey) in _PNG_EXPECT.items():
+        for key, (what, depth) in _PNG_EXPECT.items():
             if key in entry:
-                check_png(entry[key], what, bit_depth=depth, grey=grey, size=size)
+                check_png(entry[key], what, bit_depth=depth, grey=True, size=size)
     return sizes
 
 
@@ -155,12 +131,8 @@ def _read_baseline_fx(camera_path: str) -> float:
             f"camera.json: {{\"extrinsic\": {{\"baseline\", ...}}, \"intrinsic\": {{\"fx\", ...}}}}): {e}") from e
 
 
-# The files each task of this reader needs (its targets come from them); metric depth needs "camera" as well.
-_TASK_FILES = {"semantic": ("label_ids",), "instance": ("instance_ids",), "depth": ("disparity",)}
-
-
 def read_png(path, what, bit_depth=None):
-    """read_file + in-graph checks that name the file: complete PNG (IEND at the end), bit depth."""
+    """The bytes of a PNG, with in-graph checks that name the file: complete (IEND at its end), bit depth."""
     import tensorflow as tf
 
     contents = tf.io.read_file(path)
@@ -179,7 +151,7 @@ def read_png(path, what, bit_depth=None):
 
 
 def _decode_stage(tasks, image_size, num_classes, depth_target, present):
-    """Decoding + resizing + label mapping -> a prepared example (see ``mtl_keras.data.pipeline``)."""
+    """Decoding, resizing and label mapping -> a prepared example (``mtl_keras.data.pipeline``)."""
     import tensorflow as tf
 
     h, w = image_size
@@ -188,9 +160,6 @@ def _decode_stage(tasks, image_size, num_classes, depth_target, present):
     max_known = int(np.nonzero(known_np)[0].max())
     assert known_np[: max_known + 1].all(), "the fast label check assumes contiguous known ids"
     known = tf.constant(known_np)
-
-    def resize_nearest(x):
-        return tf.image.resize(x, (h, w), method="nearest")
 
     def fn(elem):
         out = {}
@@ -214,7 +183,7 @@ def _decode_stage(tasks, image_size, num_classes, depth_target, present):
                      "file", path, "unknown ids:", bad], summarize=20)
                 with tf.control_dependencies([check]):
                     ids = tf.identity(ids)
-                sem = tf.gather(lut, tf.cast(resize_nearest(ids)[..., 0], tf.int32))
+                sem = tf.gather(lut, tf.cast(resize_nearest(ids, (h, w))[..., 0], tf.int32))
             else:  # withheld test labels: ignore everywhere
                 sem = tf.fill((h, w), tf.constant(IGNORE_LABEL, tf.uint8))
             out["semantic"] = tf.ensure_shape(sem, (h, w))
@@ -222,7 +191,7 @@ def _decode_stage(tasks, image_size, num_classes, depth_target, present):
             if "instance_ids" in present:
                 inst = tf.io.decode_png(read_png(elem["instance_ids"], "instanceIds", 16), channels=1,
                                         dtype=tf.uint16)
-                inst = tf.cast(resize_nearest(inst)[..., 0], tf.int32)
+                inst = tf.cast(resize_nearest(inst, (h, w))[..., 0], tf.int32)
                 inst = tf.where(inst >= 1000, inst, 0)  # plain labelIds (incl. groups) are no instance
             else:
                 inst = tf.zeros((h, w), tf.int32)
@@ -246,7 +215,7 @@ def disparity_depth(raw, image_size, baseline_fx=None):
 
     h, w = image_size
     png_width = tf.cast(tf.shape(raw)[1], tf.float32)
-    p = tf.cast(tf.image.resize(raw, (h, w), method="nearest"), tf.float32)
+    p = tf.cast(resize_nearest(raw, (h, w)), tf.float32)
     d = (p - 1.0) / 256.0  # disparity in px at the PNG's (full) resolution
     if baseline_fx is None:
         valid = p > 0
@@ -267,26 +236,14 @@ def cityscapes_source(data_dir, split="train", image_size=(128, 256), num_classe
     label_lookup_table(num_classes)  # validates num_classes
     h, w = check_image_size(image_size)
 
-    require = ["image"] + [key for task in TASKS if task in tasks for key in _TASK_FILES[task]]
-    if depth_target == "metric" and "depth" in tasks:
-        require.append("camera")
-    optional = _WITHHELD_ON_TEST if split == "test" else ()
-    files = list_cityscapes_files(data_dir, split, require=require, check=check_files, optional=optional)
+    files = list_task_files(data_dir, split, tasks, check_files, metric_depth=depth_target == "metric")
     present = set(files[0])
-    withheld = [k for k in require if k not in present]
-    if withheld:
-        log.warning("CityScapes %s: no %s folder(s) for the test split (CityScapes withholds test labels): "
-                    "those targets are masked out everywhere", data_dir,
-                    ", ".join(os.path.join(FILE_TYPES[k][0], split) for k in withheld))
-
-    columns = {k: [f[k] for f in files] for k in require if k in present and k != "camera"}
+    columns = {k: [f[k] for f in files] for k in files[0] if k not in ("id", "city", "camera")}
     if depth_target == "metric" and "depth" in tasks and "camera" in present:
         columns["baseline_fx"] = np.array([_read_baseline_fx(f["camera"]) for f in files], np.float32)
     return Source(columns=columns, decode=_decode_stage(tasks, (h, w), num_classes, depth_target, present),
                   num_examples=len(files), tasks=tasks, image_size=(h, w),
                   depth_scales_with_zoom=depth_target == "inverse")
-
-
 
 
 def _check_cityscapes_entry(entry, num_classes):
@@ -302,8 +259,7 @@ def _check_cityscapes_entry(entry, num_classes):
         return out, [(entry["image"], error_message(e))]
     known = known_label_mask()
     lab = None
-    for key, what, depth in (("label_ids", "labelIds", 8), ("instance_ids", "instanceIds", 16),
-                             ("disparity", "disparity", 16)):
+    for key, (what, depth) in _PNG_EXPECT.items():
         if key not in entry:
             continue
         path = entry[key]
@@ -355,9 +311,8 @@ def validate_split(data_dir, split, num_classes, tasks, workers=4, max_errors=20
     if not os.path.isdir(_split_dir(data_dir, split, "image")):
         report.missing = True
         return report
-    # the reader's files of each task, plus the labelIds that instanceIds are checked against and the disparity's
-    # camera files
-    require = ["image"] + [k for t in TASKS if t in tasks for k in _TASK_FILES.get(t, ())]
+    # the files of each task, the labelIds that instanceIds are checked against, and the disparity's camera files
+    require = ["image"] + [_TASK_FILES[t] for t in TASKS if t in tasks]
     if "instance_ids" in require and "label_ids" not in require:
         require.insert(require.index("instance_ids"), "label_ids")
     if "disparity" in require:

@@ -1,17 +1,7 @@
-"""A user's own data in plain folders (``--dataset folder``); see ``datasets/folder.md``.
-
-    DIR/classes.json (or classes.csv)    class names, colours, which classes have instances, the ignore label
-    DIR/{train,val}/images/STEM.png|jpg  RGB
-    DIR/{split}/semantic/STEM.png        uint8 class ids 0..C-1, the ignore label elsewhere
-    DIR/{split}/instance/STEM.png        optional: uint16 instance ids, 0 = no instance
-    DIR/{split}/depth/STEM.png           optional: uint16 disparity p, d = (p - 1) / 256 px, 0 = invalid
-                                         (CityScapes' encoding; inverse depth in px at the training width)
-
-The tasks a folder supplies are the subfolders present in ``train/`` (``semantic`` -> semantic, ``instance`` ->
-instance, ``depth`` -> depth). ``classes.json``: ``{"classes": [{"name": "road", "color": [128, 64, 128],
-"instances": false}, ...], "ignore_label": 255}``; ``classes.csv``: a header ``name,r,g,b,instances`` and one row per
-class (``instances`` 0/1), ignore label 255.
-"""
+"""A user's own data in plain folders (``--dataset folder``; layout and classes file in ``datasets/folder.md``):
+``DIR/classes.json`` (or ``classes.csv``) and ``DIR/{split}/images/STEM.png|jpg`` with, per task present,
+``semantic/STEM.png`` (uint8 class ids), ``instance/STEM.png`` (uint16 ids, 0 = none) and ``depth/STEM.png``
+(CityScapes' uint16 disparity encoding)."""
 
 from __future__ import annotations
 
@@ -23,9 +13,10 @@ import os
 import cv2
 import numpy as np
 
-from mtl_keras.data.checks import DataError, SplitReport, check_png, check_rows, check_tasks, error_message
+from mtl_keras.data.checks import (DataError, SplitReport, check_image_size, check_png, check_rows, check_tasks,
+                                   error_message, imread_label, pair_files)
 from mtl_keras.data.cityscapes import disparity_depth, read_png
-from mtl_keras.data.pipeline import Source, check_image_size, resize_image
+from mtl_keras.data.pipeline import Source, resize_image, resize_nearest
 from mtl_keras.labels import IGNORE_INDEX
 
 TASKS = ("semantic", "instance", "depth")
@@ -97,15 +88,8 @@ def folder_tasks(data_dir, split="train"):
     return tuple(t for t in TASKS if os.path.isdir(os.path.join(os.fspath(data_dir), split, FOLDERS[t][0])))
 
 
-def _problem(problems, path, message):
-    if problems is None:
-        raise FileNotFoundError(message)
-    problems.append((path, message))
-
-
 def list_folder_files(data_dir, split="train", tasks=TASKS, problems=None, check=False):
-    """``[{"id": stem, "image": path, task: path, ...}]`` sorted by stem; an image without one of its files (or a file
-    without its image) raises FileNotFoundError naming it, or is collected in ``problems`` as ``(path, message)``.
+    """``[{"id": stem, "image": path, task: path, ...}]`` sorted by stem (``problems``: ``checks.pair_files``).
     ``check``: also read the label PNGs' headers (complete, bit depth, grey, the image's size)."""
     split_dir = os.path.join(os.fspath(data_dir), split)
     image_dir = os.path.join(split_dir, "images")
@@ -120,21 +104,13 @@ def list_folder_files(data_dir, split="train", tasks=TASKS, problems=None, check
     for task in tasks:
         folder = os.path.join(split_dir, FOLDERS[task][0])
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"missing folder {folder}: the {task} task needs {split}/{FOLDERS[task][0]}/STEM.png "
-                                    f"for each image")
+            raise FileNotFoundError(f"missing folder {folder}: the {task} task needs "
+                                    f"{split}/{FOLDERS[task][0]}/STEM.png for each image")
         found[task] = {os.path.splitext(n)[0]: os.path.join(folder, n) for n in os.listdir(folder)
                        if n.lower().endswith(".png")}
-    incomplete = set()
-    for task, files in found.items():
-        for stem in sorted(set(images) - set(files)):
-            path = os.path.join(split_dir, FOLDERS[task][0], stem + ".png")
-            _problem(problems, path, f"{path}: missing {task} file (its image: {images[stem]})")
-            incomplete.add(stem)
-        for stem in sorted(set(files) - set(images)):
-            _problem(problems, files[stem], f"{files[stem]}: {task} file without an image (expected "
-                                            f"{os.path.join(image_dir, stem)}.png or .jpg)")
-    files = [dict({"id": s, "image": images[s]}, **{t: found[t][s] for t in tasks})
-             for s in sorted(set(images) - incomplete)]
+    stems = pair_files(images, found, lambda task, stem: os.path.join(split_dir, FOLDERS[task][0], stem + ".png"),
+                       lambda stem: f"{os.path.join(image_dir, stem)}.png or .jpg", problems)
+    files = [dict({"id": s, "image": images[s]}, **{t: found[t][s] for t in tasks}) for s in stems]
     if check:
         _check_headers(files)
     return files
@@ -154,7 +130,7 @@ def _check_headers(files):
 
 
 def label_table(classes):
-    """(uint8 lookup table: class ids stay, all else -> 255; bool table of the valid values: ids and the ignore label)."""
+    """(uint8 lookup table: class ids stay, all else -> 255; bool table of the valid values: ids, ignore label)."""
     lut = np.full(256, IGNORE_INDEX, np.uint8)
     lut[: len(classes.names)] = np.arange(len(classes.names))
     valid = np.zeros(256, bool)
@@ -174,9 +150,6 @@ def _decode_stage(tasks, image_size, classes):
         with tf.control_dependencies([check]):
             return tf.identity(x)
 
-    def nearest(x):
-        return tf.image.resize(x, (h, w), method="nearest")[..., 0]
-
     def fn(row):
         image = tf.io.decode_image(tf.io.read_file(row["image"]), channels=3, expand_animations=False)
         out = {"image": resize_image(image, (h, w))}
@@ -187,11 +160,11 @@ def _decode_stage(tasks, image_size, classes):
                 f"semantic label values outside 0..{len(classes.names) - 1} and the ignore label "
                 f"{classes.ignore_label} in", row["semantic"], "values:", bad], summarize=10)
             with tf.control_dependencies([check]):
-                lab = nearest(same_size(lab, image, row["semantic"], "semantic label"))
+                lab = resize_nearest(same_size(lab, image, row["semantic"], "semantic label"), (h, w))[..., 0]
             out["semantic"] = tf.ensure_shape(tf.gather(lut, tf.cast(lab, tf.int32)), (h, w))
         if "instance" in tasks:
             inst = tf.io.decode_png(read_png(row["instance"], "instance id", 16), channels=1, dtype=tf.uint16)
-            inst = nearest(same_size(inst, image, row["instance"], "instance id"))
+            inst = resize_nearest(same_size(inst, image, row["instance"], "instance id"), (h, w))[..., 0]
             out["instance_ids"] = tf.ensure_shape(tf.cast(inst, tf.int32), (h, w))
         if "depth" in tasks:
             disp = tf.io.decode_png(read_png(row["depth"], "disparity", 16), channels=1, dtype=tf.uint16)
@@ -200,6 +173,14 @@ def _decode_stage(tasks, image_size, classes):
         return out
 
     return fn
+
+
+def read_image(path):
+    """An RGB PNG or JPG as uint8 HxWx3 BGR (OpenCV's order)."""
+    image = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None:
+        raise DataError(f"{path}: cannot decode the image (expected an RGB PNG or JPG)")
+    return image
 
 
 def checked_num_classes(data_dir, classes, num_classes):
@@ -232,35 +213,19 @@ def count(data_dir, split="train"):
     return len(list_folder_files(data_dir, split, ()))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# --check
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _read_for_check(path, what, dtype, size):
-    array = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if array is None:
-        raise DataError(f"{path}: cannot decode the {what} PNG; the file is corrupt or not a PNG")
-    if array.dtype != dtype or array.ndim != 2:
-        raise DataError(f"{path}: expected a single-channel {np.dtype(dtype).itemsize * 8}-bit {what} PNG, got "
-                        f"{array.dtype} with shape {array.shape}")
-    if array.shape[::-1] != size:
-        raise DataError(f"{path}: {what} is {array.shape[1]}x{array.shape[0]} but its image is {size[0]}x{size[1]}")
-    return array
-
-
 def _check_example(entry, classes):
     out, errors = {"size": None}, []
-    image = cv2.imread(entry["image"], cv2.IMREAD_COLOR)
-    if image is None:
-        return out, [(entry["image"], f"{entry['image']}: cannot decode the image (expected an RGB PNG or JPG)")]
+    try:
+        image = read_image(entry["image"])
+    except DataError as e:
+        return out, [(entry["image"], str(e))]
     out["size"] = size = (image.shape[1], image.shape[0])
     c = len(classes.names)
-    for task, dtype in (("semantic", np.uint8), ("instance", np.uint16), ("depth", np.uint16)):
+    for task in TASKS:
         if task not in entry:
             continue
         try:
-            a = _read_for_check(entry[task], FOLDERS[task][1], dtype, size)
+            a = imread_label(entry[task], FOLDERS[task][1], FOLDERS[task][2], size)
         except (DataError, OSError) as e:
             errors.append((entry[task], error_message(e)))
             continue

@@ -1,29 +1,8 @@
-"""tf.data loaders for the pre-processed ``.npy`` release of CityScapes and NYUv2 (used by MTAN, LibMTL, ...).
-
-Layout: ``{root}/{train,val}/{image,label,depth[,normal]}/{i}.npy``, one array per file:
-
-============ ========== ========================= =============================== ================================ =====
-dataset      size       image                     label                           depth                            normal
-============ ========== ========================= =============================== ================================ =====
-NYUv2        288x384    HxWx3 float in [0, 1]     HxW, 13 classes 0..12, -1 ignore HxWx1 metres, 0 invalid         HxWx3 in [-1, 1], all-zero invalid
-CityScapes   128x256    HxWx3 float in [0, 1]     HxW, -1 ignore; ``label_7`` /    HxWx1 inverse depth (0..~0.49),  -
-                                                  ``label_19`` (or ``label``: 7)   0 invalid
-============ ========== ========================= =============================== ================================ =====
-
-Dtypes are not documented, so any bool / int / float dtype (either byte order, C or Fortran order) is accepted:
-the header of every file is read up front (shape, dtype, size: a truncated file is reported by name before
-training), and the values are checked as they load, each failure naming the file: a float image must lie in
-[0, 1] (an integer image in 0..255), labels must be whole numbers in 0..C-1 or the ignore value -1 (255 is also
-read as ignore), depth must not be negative (0, NaN and inf are invalid), normals must lie in [-1, 1] (all-zero
-or NaN = invalid). Files may have any size (each is resized to ``image_size``: bilinear for the image, nearest
-for the rest); a label of another size than its image is an error.
-
-Depth units: NYUv2 metres (``depth_target="metric"``) or 1/m (``"inverse"``), unchanged by random scaling;
-CityScapes the release's inverse depth as stored (it appears to be the 16-bit disparity PNG value / 65536, i.e.
-about disparity in px at 2048 wide / 256; MTAN-style tables report errors in this unit), which is a disparity and
-is multiplied by the scale factor under random scaling (``mtl_keras.data.augment``).
-
-NYUv2 has no separate validation split: ``val`` is the standard 654-image test split (``split="test"`` is an alias).
+"""tf.data loaders of the pre-processed ``.npy`` releases of CityScapes and NYUv2 (MTAN, LibMTL, ...):
+``{root}/{train,val}/{image,label,depth[,normal]}/{i}.npy``; formats, value checks and depth units in
+``datasets/cityscapes_npy.md`` and ``datasets/nyuv2_npy.md``. Dtypes are not documented, so any numeric dtype, byte
+order and memory order is read: every header is read up front (a truncated file is named before training) and the
+values are checked in the graph as they load, each failure naming the file.
 """
 
 from __future__ import annotations
@@ -34,30 +13,25 @@ import re
 
 import numpy as np
 
-from mtl_keras.data.checks import DataError, SplitReport, check_num_classes, check_rows, error_message, npy_info
-from mtl_keras.data.pipeline import Source, check_image_size, check_tasks, resize_image
+from mtl_keras.data.checks import (DataError, SplitReport, check_image_size, check_num_classes, check_rows,
+                                   check_tasks, error_message, npy_info, pair_files)
+from mtl_keras.data.pipeline import Source, metric_depth, resize_image, resize_nearest
 
 
 @dataclasses.dataclass(frozen=True)
 class NpyRelease:
-    name: str
     tasks: tuple
     label_folders: dict  # num_classes -> candidate folder names, first found wins
     native_size: tuple
-    splits: dict  # requested split -> folder
-    depth_targets: tuple  # first = default
-    depth_note: str
+    splits: dict  # requested split -> folder (NYUv2's val is its test split)
+    depth_targets: tuple  # first = default: CityScapes' inverse depth as stored; NYUv2's metres or 1/m
 
 
 NPY_RELEASES = {
-    "cityscapes_npy": NpyRelease(
-        "cityscapes_npy", ("semantic", "depth"), {19: ("label_19",), 7: ("label_7", "label")}, (128, 256),
-        {"train": "train", "val": "val"}, ("inverse",),
-        "the release's inverse depth as stored"),
-    "nyuv2_npy": NpyRelease(
-        "nyuv2_npy", ("semantic", "depth", "normals"), {13: ("label",)}, (288, 384),
-        {"train": "train", "val": "val", "test": "val"}, ("metric", "inverse"),
-        "metres (metric) or 1/m (inverse)"),
+    "cityscapes_npy": NpyRelease(("semantic", "depth"), {19: ("label_19",), 7: ("label_7", "label")}, (128, 256),
+                                 {"train": "train", "val": "val"}, ("inverse",)),
+    "nyuv2_npy": NpyRelease(("semantic", "depth", "normals"), {13: ("label",)}, (288, 384),
+                            {"train": "train", "val": "val", "test": "val"}, ("metric", "inverse")),
 }
 
 _FIELD_OF_TASK = {"semantic": "label", "depth": "depth", "normals": "normal"}
@@ -70,26 +44,17 @@ def _release(name) -> NpyRelease:
     return NPY_RELEASES[name]
 
 
-def _split_folder(release, data_dir, split):
-    if split not in release.splits:
-        raise ValueError(f"{release.name} has the splits {', '.join(release.splits)}, got split={split!r}")
-    data_dir = os.fspath(data_dir)
-    if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"{release.name} root folder {data_dir} does not exist")
-    return os.path.join(data_dir, release.splits[split])
+def _check_num_classes(name, num_classes):
+    return check_num_classes(num_classes, tuple(_release(name).label_folders), name)
 
 
-def _check_num_classes(release, num_classes):
-    return check_num_classes(num_classes, tuple(release.label_folders), release.name)
-
-
-def _label_folder(release, split_dir, num_classes):
-    candidates = release.label_folders[_check_num_classes(release, num_classes)]
+def _label_folder(name, split_dir, num_classes):
+    candidates = _release(name).label_folders[_check_num_classes(name, num_classes)]
     for folder in candidates:
         if os.path.isdir(os.path.join(split_dir, folder)):
             return folder
     raise FileNotFoundError(
-        f"missing folder {os.path.join(split_dir, candidates[0])}: {release.name} with num_classes={num_classes} "
+        f"missing folder {os.path.join(split_dir, candidates[0])}: {name} with num_classes={num_classes} "
         f"reads its labels from {' or '.join(os.path.join(split_dir, c) for c in candidates)}")
 
 
@@ -105,53 +70,35 @@ def _scan(folder):
 
 
 def list_npy_release(name, data_dir, split="train", fields=("image",), num_classes=None):
-    """``{field: [path, ...]}`` (sorted by index) of a split of a ``.npy`` release; ``fields`` among ``image``,
-    ``label``, ``depth``, ``normal`` (``label`` resolves to the folder of ``num_classes``).
-
-    Errors name the folder or file: a missing folder, an empty split, an image without one of its files or a file
-    without its image.
-    """
+    """``{field: [path, ...]}`` (sorted by index) of a split; ``fields`` among ``image``, ``label`` (the folder of
+    ``num_classes``), ``depth``, ``normal``. Errors name the missing folder or file."""
     release = _release(name)
-    split_dir = _split_folder(release, data_dir, split)
+    if split not in release.splits:
+        raise ValueError(f"{name} has the splits {', '.join(release.splits)}, got split={split!r}")
+    data_dir = os.fspath(data_dir)
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"{name} root folder {data_dir} does not exist")
+    split_dir = os.path.join(data_dir, release.splits[split])
     fields = tuple(dict.fromkeys(("image",) + tuple(fields)))
     if not os.path.isdir(split_dir):
         raise FileNotFoundError(
             f"missing folder {split_dir}: expected the folders "
-            f"{', '.join(os.path.join(split_dir, f) for f in fields)} of {{i}}.npy files in the {release.name} root "
+            f"{', '.join(os.path.join(split_dir, f) for f in fields)} of {{i}}.npy files in the {name} root "
             f"{data_dir}")
-    _scan(os.path.join(split_dir, "image"))  # the image folder first: the most telling error
-    folders = {}
-    for field in fields:
-        folders[field] = _label_folder(release, split_dir, num_classes) if field == "label" else field
+    images = _scan(os.path.join(split_dir, "image"))  # the image folder first: the most telling error
+    folders = {f: _label_folder(name, split_dir, num_classes) if f == "label" else f for f in fields[1:]}
     found = {f: _scan(os.path.join(split_dir, folder)) for f, folder in folders.items()}
-    images = found["image"]
     if not images:
-        raise ValueError(f"empty split {split!r} of {release.name}: no {{i}}.npy files in "
+        raise ValueError(f"empty split {split!r} of {name}: no {{i}}.npy files in "
                          f"{os.path.join(split_dir, 'image')}")
-    for field, files in found.items():
-        missing = sorted(set(images) - set(files))
-        if missing:
-            i = missing[0]
-            raise FileNotFoundError(
-                f"image {images[i]} has no {field} file: expected {os.path.join(split_dir, folders[field], f'{i}.npy')}"
-                f" ({len(missing)} image(s) of split {split!r} lack their {folders[field]}/ file)")
-        orphans = sorted(set(files) - set(images))
-        if orphans:
-            i = orphans[0]
-            raise FileNotFoundError(
-                f"{folders[field]} file {files[i]} has no image: expected {os.path.join(split_dir, 'image', f'{i}.npy')}"
-                f" ({len(orphans)} {folders[field]}/ file(s) of split {split!r} without an image)")
-    order = sorted(images)
-    return {field: [found[field][i] for i in order] for field in found}
+    order = pair_files(images, found, lambda f, i: os.path.join(split_dir, folders[f], f"{i}.npy"),
+                       lambda i: os.path.join(split_dir, "image", f"{i}.npy"))
+    return {f: [files[i] for i in order] for f, files in dict(image=images, **found).items()}
 
 
 def count(name, data_dir, split="train"):
     return len(list_npy_release(name, data_dir, split)["image"])
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# headers -> columns; decoding in TF
-# ----------------------------------------------------------------------------------------------------------------
 
 _EXPECTED = {  # field -> (allowed shapes as a text, channels)
     "image": ("HxWx3", 3),
@@ -171,21 +118,17 @@ def _shape3(path, field, shape):
 
 
 def _dtype_variant(dtype):
-    """(tf decode dtype, little_endian, bitcast-to dtype or None) of a numpy dtype."""
+    """(tf decode dtype, little_endian, bitcast-to dtype or None) of a numpy dtype; KeyError if TF has none."""
     import tensorflow as tf
 
     little = dtype.byteorder == "<" or dtype.byteorder == "|" or (dtype.byteorder == "=" and np.little_endian)
+    little = bool(little) if dtype.itemsize > 1 else True
     base = dtype.newbyteorder("=")
-    mapping = {np.dtype(np.bool_): (tf.bool, None), np.dtype(np.uint8): (tf.uint8, None),
-               np.dtype(np.int8): (tf.int8, None), np.dtype(np.uint16): (tf.uint16, None),
-               np.dtype(np.int16): (tf.int16, None), np.dtype(np.int32): (tf.int32, None),
-               np.dtype(np.uint32): (tf.int32, tf.uint32), np.dtype(np.int64): (tf.int64, None),
-               np.dtype(np.uint64): (tf.int64, tf.uint64), np.dtype(np.float16): (tf.float16, None),
-               np.dtype(np.float32): (tf.float32, None), np.dtype(np.float64): (tf.float64, None)}
-    if base not in mapping:
+    if base.kind not in "biuf" or base.itemsize > 8:
         raise KeyError(dtype)
-    tf_dtype, bitcast = mapping[base]
-    return tf_dtype, bool(little) if dtype.itemsize > 1 else True, bitcast
+    if base.kind == "u" and base.itemsize >= 4:  # decode_raw reads no uint32 / uint64: their bits as signed ints
+        return {4: tf.int32, 8: tf.int64}[base.itemsize], little, tf.as_dtype(base)
+    return tf.as_dtype(base), little, None
 
 
 def _field_columns(field, paths):
@@ -245,9 +188,6 @@ def _decode_stage(variants, tasks, image_size, num_classes, inverse_metric_depth
 
     h, w = image_size
 
-    def nearest(x):
-        return tf.image.resize(x, (h, w), method="nearest")
-
     def fn(row):
         out = {}
         col = row["image"]
@@ -274,20 +214,16 @@ def _decode_stage(variants, tasks, image_size, num_classes, inverse_metric_depth
                 f"num_classes={num_classes}:", col["path"], "bad values:", bad[:10]], summarize=10)
             with tf.control_dependencies([check]):
                 lab = tf.where(ignore | tf.logical_not(ok), 255.0, lab)
-            out["semantic"] = tf.ensure_shape(tf.cast(nearest(lab)[..., 0], tf.uint8), (h, w))
+            out["semantic"] = tf.ensure_shape(tf.cast(resize_nearest(lab, (h, w))[..., 0], tf.uint8), (h, w))
         if "depth" in tasks:
             col = row["depth"]
             d = _decode_array(col, variants["depth"])
-            # NaN is invalid (masked below), not negative: "d < 0 or NaN is fine" written as not(d < 0) is rewritten
-            # by TF's graph optimiser into d >= 0, which is False for NaN; so test NaN explicitly.
+            # NaN is invalid, not negative; TF's graph optimiser rewrites not(d < 0) into d >= 0, False for NaN
             check = tf.debugging.Assert(tf.reduce_all((d >= 0.0) | tf.math.is_nan(d)), [
                 "negative depth values (expected >= 0, 0 = invalid):", col["path"], "min", tf.reduce_min(d)])
             with tf.control_dependencies([check]):
-                valid = tf.logical_and(tf.math.is_finite(d), d > 0.0)
-            if inverse_metric_depth:  # metres -> 1/m
-                d = 1.0 / tf.where(valid, d, 1.0)
-            d = tf.where(valid, d, float("nan"))
-            out["depth"] = tf.ensure_shape(nearest(d), (h, w, 1))
+                d = metric_depth(d, inverse_metric_depth)
+            out["depth"] = tf.ensure_shape(resize_nearest(d, (h, w)), (h, w, 1))
         if "normals" in tasks:
             col = row["normal"]
             n = _decode_array(col, variants["normal"])
@@ -298,7 +234,7 @@ def _decode_stage(variants, tasks, image_size, num_classes, inverse_metric_depth
             with tf.control_dependencies([check]):
                 valid = tf.logical_and(finite, tf.reduce_any(tf.not_equal(n0, 0.0), axis=-1, keepdims=True))
             n = tf.where(valid, n0, float("nan"))
-            out["normals"] = tf.ensure_shape(nearest(n), (h, w, 3))
+            out["normals"] = tf.ensure_shape(resize_nearest(n, (h, w)), (h, w, 3))
         return out
 
     return fn
@@ -306,11 +242,8 @@ def _decode_stage(variants, tasks, image_size, num_classes, inverse_metric_depth
 
 def npy_release_source(name, data_dir, split="train", image_size=None, num_classes=None, tasks=None,
                        depth_target=None, check_files=True) -> Source:
-    """The rows and decode function of a split of a ``.npy`` release (``mtl_keras.data.pipeline.Source``).
-
-    The header of every file is always read (it gives the dtype, shape and data offset); ``check_files`` is
-    accepted for symmetry with the other loaders.
-    """
+    """The ``pipeline.Source`` of a split of a ``.npy`` release. Every header is read (it gives the dtype, shape and
+    data offset), whatever ``check_files``."""
     del check_files
     release = _release(name)
     tasks = check_tasks(release.tasks if tasks is None else tasks, release.tasks, name)
@@ -319,10 +252,9 @@ def npy_release_source(name, data_dir, split="train", image_size=None, num_class
     if depth_target is None:
         depth_target = release.depth_targets[0]
     if depth_target not in release.depth_targets:
-        raise ValueError(f"{name}: depth_target must be one of {release.depth_targets} ({release.depth_note}), "
-                         f"got {depth_target!r}")
+        raise ValueError(f"{name}: depth_target must be one of {release.depth_targets}, got {depth_target!r}")
     h, w = check_image_size(release.native_size if image_size is None else image_size)
-    num_classes = _check_num_classes(release, num_classes)
+    num_classes = _check_num_classes(name, num_classes)
     fields = ["image"] + [_FIELD_OF_TASK[t] for t in tasks]
     paths = list_npy_release(name, data_dir, split, fields, num_classes)
     columns, variants = {}, {}

@@ -1,39 +1,26 @@
-"""TensorFlow-free loaders (``keras.utils.PyDataset``) of the CityScapes raw layout and of folder datasets, for
-training and evaluation on the JAX and PyTorch backends without TensorFlow (numpy, OpenCV and Keras only).
+"""TensorFlow-free loaders (``keras.utils.PyDataset``: numpy, OpenCV and Keras only) of the CityScapes raw layout
+and of folder datasets, for the JAX and PyTorch backends without TensorFlow.
 
-**Same values as the tf.data loader.** Without augmentation the batches equal ``load_dataset``'s bit for bit: the
-image resize re-implements ``tf.image.resize(method="bilinear", antialias=True)`` (TF's ``ScaleAndTranslate`` with
-the triangle kernel: the same float32 span weights, rows then columns, then round-half-to-even), and label maps use
-TF's half-pixel-centre nearest-neighbour indices. OpenCV's resizes differ from TF's by up to 28 grey levels
-(``INTER_AREA`` / ``INTER_LINEAR``) or pick other pixels (``INTER_NEAREST``, ``INTER_NEAREST_EXACT``).
+Without augmentation the batches equal ``load_dataset``'s bit for bit: the image resize re-implements
+``tf.image.resize(method="bilinear", antialias=True)`` (TF's ``ScaleAndTranslate``, triangle kernel: the same
+float32 span weights, rows then columns, round half to even) and label maps use TF's half-pixel-centre nearest
+indices; OpenCV's resizes differ by up to 28 grey levels or pick other pixels.
 
-**Order and flips**: examples sorted by file name; with ``shuffle`` data epoch ``e`` is in the order
-``np.random.default_rng([seed, e]).permutation(n)``; example ``k`` of epoch ``e`` is mirrored when
-``np.random.default_rng([seed, e, k, 1]).random() < 0.5`` (the trailing 1 keeps that stream apart from the
-permutation's: numpy's seed sequences ignore trailing zeros). Every batch is a pure function of
-``(seed, epoch, index)``, so worker threads or processes cannot change it.
-
-**Epochs.** ``epoch`` advances in ``on_epoch_end``. Keras 3.15's ``fit`` also calls it once before the first epoch
-(after building the model), so Keras epoch ``i`` of ``fit`` reads data epoch ``initial_epoch + i + 1``: a run resumed
-with ``fit(initial_epoch=k)`` on a dataset made with ``initial_epoch=k`` reads the same data as the uninterrupted
-run. Pass ``shuffle=False`` to ``fit`` (it would permute the batch indices with Python's ``random``).
-
-**steps_per_epoch.** Keras 3.15 cannot draw more than ``len(ds)`` batches from a finite PyDataset in one epoch, and
-an infinite one never ends a plain ``for`` loop. So with ``steps_per_epoch=S`` the dataset stays finite,
-``len(ds) == S``, and serves an endless stream of passes cut into full batches (as ``repeat()`` before ``batch()``):
-batch ``i`` of epoch ``e`` holds stream elements ``(e S + i) B ... (e S + i + 1) B - 1``, element ``q`` being example
-``order(q // n)[q % n]`` of pass ``q // n``.
-
-**workers > 1**: Keras 3.15 keeps the batches it prefetched while ``fit`` builds the model, so the first epoch then
-depends on timing; keep ``workers=1`` where a run must be reproducible batch for batch.
-
-Not supported (use the tf.data loaders): metric depth, random scale and crop, caching, sharding over replicas.
+Every batch is a pure function of ``(seed, epoch, index)``: data epoch ``e`` is in the order
+``default_rng([seed, e]).permutation(n)`` and example ``k`` is mirrored when ``default_rng([seed, e, k, 1]).random()
+< 0.5`` (the trailing 1 keeps the streams apart: seed sequences ignore trailing zeros). ``on_epoch_end`` advances the
+epoch, and Keras 3.15's ``fit`` also calls it once before the first epoch, so a run resumed with
+``fit(initial_epoch=k)`` on a dataset made with ``initial_epoch=k`` reads the data of the uninterrupted run (pass
+``shuffle=False`` to ``fit``). Keras draws at most ``len(ds)`` batches of a finite PyDataset per epoch, so
+``steps_per_epoch=S`` gives ``len(ds) == S`` full batches cut from an endless stream of passes (``repeat()`` before
+``batch()``). Keep ``workers=1`` where a run must be reproducible batch for batch: Keras keeps the batches it
+prefetched while ``fit`` builds the model. Not supported (use tf.data): metric depth, random scale and crop, caching,
+sharding.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import os
 
 import cv2
@@ -41,37 +28,18 @@ import keras
 import numpy as np
 
 import mtl_keras.data.folder as folder
-from mtl_keras.data.checks import PNG_IEND, DataError, check_image_size, check_tasks
-from mtl_keras.data.cityscapes import (
-    _PNG_EXPECT,
-    _WITHHELD_ON_TEST,
-    FILE_TYPES,
-    TASKS,
-    check_cityscapes_files,
-    list_cityscapes_files,
-)
+from mtl_keras.data.checks import DataError, check_image_size, check_tasks, imread_label, imread_png
+from mtl_keras.data.cityscapes import _PNG_EXPECT, TASKS, list_task_files
 from mtl_keras.labels import IGNORE_INDEX, known_label_mask, label_lookup_table
 
-log = logging.getLogger("mtl_keras")
-
-_TASK_FILES = {"semantic": "label_ids", "instance": "instance_ids", "depth": "disparity"}
 _FLIP_STREAM = 1  # last word of the flip seeds (non-zero: see the module docstring)
-
 _F32 = np.float32
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Resizing as TensorFlow does it
-# ----------------------------------------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=64)
 def _triangle_spans(out_size: int, in_size: int):
-    """TF's ``ScaleAndTranslate`` spans (triangle kernel, antialias, no translation) of one axis, in float32.
-
-    Returns ``(indices int (out_size, span), weights float32 (out_size, span))``; taps past the end of the input have
-    weight 0 (their index is clamped to stay valid).
-    """
+    """TF's ``ScaleAndTranslate`` spans of one axis (triangle kernel, antialias, no translation) in float32:
+    ``(indices int (out_size, span), weights float32 (out_size, span))``; taps past the input's end weigh 0."""
     scale = _F32(out_size) / _F32(in_size)  # tf.image.resize: float32 new_size / old_size
     inv_scale = _F32(1.0 / np.float64(scale))  # the kernel: const float inv_scale = 1.0 / scale
     kernel_scale = max(inv_scale, _F32(1.0))  # antialias: widen the kernel when downsampling
@@ -121,8 +89,7 @@ def _resize_triangle(image, out_h: int, out_w: int):
 
 
 def resize_image_numpy(image, image_size):
-    """Any HxWx3 image (0..255) -> uint8 ``image_size`` x 3, as ``pipeline.resize_image``: TF's antialiased
-    bilinear (triangle) resize, rounded half to even, clipped."""
+    """``pipeline.resize_image`` in numpy: any HxWx3 image (0..255) -> uint8 ``image_size`` x 3."""
     h, w = (int(v) for v in image_size)
     out = _resize_triangle(image, h, w)
     return np.clip(np.rint(out), 0.0, 255.0).astype(np.uint8)
@@ -130,8 +97,8 @@ def resize_image_numpy(image, image_size):
 
 @functools.lru_cache(maxsize=64)
 def nearest_indices(out_size: int, in_size: int):
-    """Source index of each output index of ``tf.image.resize(method="nearest")`` along one axis:
-    ``min(floor((i + 0.5) * (in / out)), in - 1)`` in float32 (TF's half-pixel-centre nearest neighbour)."""
+    """The source index of each output index of ``tf.image.resize(method="nearest")`` along one axis:
+    ``min(floor((i + 0.5) * (in / out)), in - 1)`` in float32."""
     scale = _F32(in_size) / _F32(out_size)
     idx = np.floor((np.arange(out_size, dtype=_F32) + _F32(0.5)) * scale).astype(np.int64)
     idx = np.minimum(idx, in_size - 1)
@@ -147,12 +114,7 @@ def resize_nearest_numpy(array, image_size):
 
 
 def centroid_vectors_numpy(segment_ids):
-    """(dy, dx) from each pixel to the centroid of its segment, and the mask of segment pixels (numpy version of
-    ``pipeline.centroid_vectors``).
-
-    ``segment_ids``: int HxW, ``0`` = no instance, any other value = one instance. Returns (vectors float32 HxWx2,
-    mask float32 HxWx1); vectors are 0 outside instances. Centroids are means of pixel indices (float64).
-    """
+    """``pipeline.centroid_vectors`` in numpy."""
     ids = np.asarray(segment_ids)
     h, w = ids.shape
     mask = ids != 0
@@ -170,33 +132,6 @@ def centroid_vectors_numpy(segment_ids):
     return vec, mask[..., None].astype(_F32)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Files
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _read_png(path, flags):
-    with open(path, "rb") as f:
-        data = f.read()
-    if len(data) < 45 or data[-12:] != PNG_IEND:
-        raise DataError(f"{path} is a truncated or corrupt PNG: it does not end with the IEND chunk "
-                        f"({len(data)} bytes; re-extract or re-download it)")
-    array = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    if array is None:
-        raise DataError(f"{path}: OpenCV cannot decode the PNG; the file is corrupt: re-extract or re-download it")
-    return array
-
-
-def _read_label_png(path, key, expect=_PNG_EXPECT):
-    what, depth = expect[key][:2]
-    dtype = np.uint8 if depth == 8 else np.uint16
-    array = _read_png(path, cv2.IMREAD_UNCHANGED)
-    if array.dtype != dtype or array.ndim != 2:
-        raise DataError(f"{path}: expected a single-channel {depth}-bit {what} PNG, got {array.dtype} with shape "
-                        f"{array.shape}")
-    return array
-
-
 def _disparity_depth(raw, image_size):
     """``cityscapes.disparity_depth`` (inverse depth) in numpy."""
     h, w = image_size
@@ -206,11 +141,6 @@ def _disparity_depth(raw, image_size):
     return np.where(p > 0, value, _F32(np.nan)).astype(_F32)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The dataset
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def _check_int(value, name, minimum):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -218,20 +148,12 @@ def _check_int(value, name, minimum):
 
 
 class CityscapesPyDataset(keras.utils.PyDataset):
-    """``(image, targets)`` batches of a CityScapes-layout split, without TensorFlow (see the module docstring).
+    """``(image, targets)`` batches of a CityScapes-layout split (the arguments of ``load_dataset``).
 
-    ``data_dir``: the CityScapes root (``leftImg8bit/``, ``gtFine/``, ``disparity/``). ``image_size``: (H, W) every
-    file is resized to. ``tasks``: any of ``"semantic"``, ``"instance"``, ``"depth"`` (a comma-separated string is
-    accepted). ``num_classes``: 19 (trainIds) or 7 (categories). ``shuffle``, ``flip`` and ``drop_remainder`` default
-    to ``split == "train"``. ``seed``: non-negative int; the order and the flips are functions of
-    ``(seed, epoch, index)``. ``steps_per_epoch``: batches per epoch drawn from an endless stream of passes (see
-    "More steps per epoch than one pass"); ``None``: one pass per epoch. ``initial_epoch``: the first data epoch (set
-    it to ``fit``'s ``initial_epoch`` when resuming). ``depth_target``: only ``"inverse"``. ``check_files``: read
-    every PNG header up front (complete file, bit depth, size) so that a broken file is named before training.
-    ``**kwargs``: ``workers``, ``use_multiprocessing``, ``max_queue_size`` of ``keras.utils.PyDataset``.
-
-    ``len(ds)``: batches per epoch; ``ds[i]``: batch ``i`` of the current ``ds.epoch``; iterating yields ``len(ds)``
-    batches; ``ds.on_epoch_end()`` moves to the next epoch.
+    ``shuffle``, ``flip`` and ``drop_remainder`` default to ``split == "train"``. ``steps_per_epoch``: batches per
+    epoch from an endless stream of passes (None: one pass). ``initial_epoch``: the first data epoch (``fit``'s when
+    resuming). ``check_files``: read every PNG header up front. ``**kwargs``: ``keras.utils.PyDataset``'s
+    (``workers``, ...). ``ds[i]`` is batch ``i`` of the current ``ds.epoch``.
     """
 
     def __init__(self, data_dir, split="train", image_size=(128, 256), batch_size=8, num_classes=19,
@@ -239,12 +161,8 @@ class CityscapesPyDataset(keras.utils.PyDataset):
                  initial_epoch=0, depth_target="inverse", check_files=True, **kwargs):
         super().__init__(**kwargs)
         if depth_target != "inverse":
-            if depth_target == "metric":
-                raise ValueError("depth_target='metric' is not supported by the TensorFlow-free loader "
-                                 "(mtl_keras.data.numpy_loader); use the tf.data loader "
-                                 "mtl_keras.data.load_cityscapes(..., depth_target='metric')")
-            raise ValueError(f"depth_target must be 'inverse' (or 'metric' with the tf.data loader), "
-                             f"got {depth_target!r}")
+            raise ValueError(f"depth_target must be 'inverse' in the TensorFlow-free loader, got {depth_target!r} "
+                             f"(metric depth: the tf.data loader mtl_keras.data.load_cityscapes)")
         self.data_dir = os.fspath(data_dir)
         self.tasks, self.num_classes = self._check_data(tasks, num_classes)
         self.image_size = check_image_size(image_size)
@@ -274,20 +192,9 @@ class CityscapesPyDataset(keras.utils.PyDataset):
         return tasks, num_classes
 
     def _list_files(self, split, check_files):
-        require = [_TASK_FILES[t] for t in TASKS if t in self.tasks]
-        optional = _WITHHELD_ON_TEST if split == "test" else ()
-        files = list_cityscapes_files(self.data_dir, split, require=require, optional=optional)
+        files = list_task_files(self.data_dir, split, self.tasks, check_files)
         self._present = set(files[0])
-        withheld = [k for k in require if k not in self._present]
-        if withheld:
-            log.warning("CityScapes %s: no %s folder(s) for the test split (CityScapes withholds test labels): "
-                        "those targets are masked out everywhere", self.data_dir,
-                        ", ".join(os.path.join(FILE_TYPES[k][0], split) for k in withheld))
-        if check_files:
-            check_cityscapes_files(files)
         return files
-
-    # ---- order and augmentation: pure functions of (seed, epoch, index) ----
 
     def order(self, epoch):
         """The example indices of data epoch ``epoch`` in the order they are served."""
@@ -320,8 +227,6 @@ class CityscapesPyDataset(keras.utils.PyDataset):
             out.append((p, int(orders[p][q % n])))
         return out
 
-    # ---- PyDataset ----
-
     def __len__(self):
         if self.steps_per_epoch is not None:
             return self.steps_per_epoch
@@ -341,19 +246,16 @@ class CityscapesPyDataset(keras.utils.PyDataset):
     def on_epoch_end(self):
         self.epoch += 1
 
-    # ---- one example ----
-
     def prepared(self, example):
-        """Example ``example`` (index into ``files``) at the training size, before flips and targets: ``"image"``
-        uint8 HxWx3, ``"semantic"`` uint8 HxW, ``"instance_ids"`` int32 HxW (ids >= 1000, else 0), ``"depth"`` float32
-        HxWx1 inverse depth, NaN = invalid (the prepared example of ``mtl_keras.data.pipeline``)."""
+        """Example ``example`` (index into ``files``) at the training size before flips and targets (the prepared
+        example of ``mtl_keras.data.pipeline``)."""
         entry = self.files[example]
         h, w = self.image_size
-        image = _read_png(entry["image"], cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        image = imread_png(entry["image"], cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         out = {"image": resize_image_numpy(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), (h, w))}
         if "semantic" in self.tasks:
             if "label_ids" in self._present:
-                ids = _read_label_png(entry["label_ids"], "label_ids")
+                ids = imread_label(entry["label_ids"], *_PNG_EXPECT["label_ids"])
                 if int(ids.max()) > self._max_known:  # known ids are 0..33: one max tells whether the file is clean
                     hist = np.bincount(ids.reshape(-1), minlength=256)
                     bad = np.nonzero((hist > 0) & ~self._known)[0]
@@ -364,14 +266,14 @@ class CityscapesPyDataset(keras.utils.PyDataset):
                 out["semantic"] = np.full((h, w), IGNORE_INDEX, np.uint8)
         if "instance" in self.tasks:
             if "instance_ids" in self._present:
-                inst = resize_nearest_numpy(_read_label_png(entry["instance_ids"], "instance_ids"), (h, w))
-                inst = inst.astype(np.int32)
+                inst = imread_label(entry["instance_ids"], *_PNG_EXPECT["instance_ids"])
+                inst = resize_nearest_numpy(inst, (h, w)).astype(np.int32)
                 out["instance_ids"] = np.where(inst >= 1000, inst, 0)  # plain labelIds (incl. groups): no instance
             else:
                 out["instance_ids"] = np.zeros((h, w), np.int32)
         if "depth" in self.tasks:
             if "disparity" in self._present:
-                out["depth"] = _disparity_depth(_read_label_png(entry["disparity"], "disparity"), (h, w))
+                out["depth"] = _disparity_depth(imread_label(entry["disparity"], *_PNG_EXPECT["disparity"]), (h, w))
             else:
                 out["depth"] = np.full((h, w, 1), np.nan, _F32)
         return out
@@ -392,21 +294,14 @@ class CityscapesPyDataset(keras.utils.PyDataset):
             targets["depth_mask"] = valid.astype(_F32)
         return prep["image"].astype(_F32), targets
 
-    def __repr__(self):
-        return (f"CityscapesPyDataset({self.data_dir!r}, split={self.split!r}, image_size={self.image_size}, "
-                f"batch_size={self.batch_size}, tasks={self.tasks}, examples={self.num_examples}, "
-                f"batches={len(self)}, epoch={self.epoch})")
-
 
 def load_cityscapes_numpy(data_dir, split="train", **kwargs) -> CityscapesPyDataset:
     return CityscapesPyDataset(data_dir, split, **kwargs)
 
 
 class FolderPyDataset(CityscapesPyDataset):
-    """The TensorFlow-free loader of a folder dataset (``mtl_keras.data.folder``): the batches of
-    ``load_dataset("folder", ...)`` without augmentation, the order, flips and epochs of :class:`CityscapesPyDataset`."""
-
-    _EXPECT = {task: (what, depth) for task, (_, what, depth) in folder.FOLDERS.items()}
+    """The batches of ``load_dataset("folder", ...)`` without augmentation, with the order, flips and epochs of
+    :class:`CityscapesPyDataset`."""
 
     def __init__(self, data_dir, split="train", image_size=(128, 256), batch_size=8, num_classes=None, tasks=None,
                  **kwargs):
@@ -415,7 +310,7 @@ class FolderPyDataset(CityscapesPyDataset):
     def _check_data(self, tasks, num_classes):
         self.classes = folder.read_classes(self.data_dir)
         num_classes = folder.checked_num_classes(self.data_dir, self.classes, num_classes)
-        self._lut = folder.label_table(self.classes)[0]
+        self._lut, self._valid = folder.label_table(self.classes)
         present = folder.folder_tasks(self.data_dir)
         return check_tasks(present if tasks is None else tasks, present, f"the folder dataset {self.data_dir}"), \
             num_classes
@@ -426,17 +321,11 @@ class FolderPyDataset(CityscapesPyDataset):
     def prepared(self, example):
         entry = self.files[example]
         h, w = self.image_size
-        image = cv2.imread(entry["image"], cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-        if image is None:
-            raise DataError(f"{entry['image']}: cannot decode the image (expected an RGB PNG or JPG)")
+        image = folder.read_image(entry["image"])
         out = {"image": resize_image_numpy(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), (h, w))}
-        maps = {t: _read_label_png(entry[t], t, self._EXPECT) for t in self.tasks}
-        for task, array in maps.items():
-            if array.shape != image.shape[:2]:
-                raise DataError(f"{entry[task]}: {self._EXPECT[task][0]} is {array.shape[1]}x{array.shape[0]} but its "
-                                f"image is {image.shape[1]}x{image.shape[0]}")
+        maps = {t: imread_label(entry[t], *folder.FOLDERS[t][1:], size=image.shape[1::-1]) for t in self.tasks}
         if "semantic" in maps:
-            bad = np.unique(maps["semantic"][~folder.label_table(self.classes)[1][maps["semantic"]]])
+            bad = np.unique(maps["semantic"][~self._valid[maps["semantic"]]])
             if bad.size:
                 raise DataError(f"{entry['semantic']}: label values {bad[:10].tolist()} are neither class ids nor the "
                                 f"ignore label {self.classes.ignore_label}")

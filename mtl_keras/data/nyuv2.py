@@ -29,8 +29,9 @@ import os
 
 import numpy as np
 
-from mtl_keras.data.checks import DataError, SplitReport, check_num_classes, error_message
-from mtl_keras.data.pipeline import Source, check_image_size, check_tasks, resize_image
+from mtl_keras.data.checks import (DataError, SplitReport, check_image_size, check_num_classes, check_tasks,
+                                   error_message)
+from mtl_keras.data.pipeline import Source, resize_image, resize_nearest
 from mtl_keras.labels import IGNORE_INDEX, NYUV2_NUM_CLASSES
 
 TASKS = ("semantic", "instance", "depth")

@@ -1,23 +1,14 @@
 """The tf.data pipeline shared by every dataset format.
 
-A format supplies a :class:`Source`: a table of per-example columns (file names, indices, scalars) and a ``decode``
-function (TF ops) that turns one row into a *prepared example* at the training resolution, in compact dtypes:
+A format supplies a :class:`Source`: per-example columns and a ``decode`` (TF ops) from a row to a *prepared
+example* at the training size, in compact dtypes: ``"image"`` uint8 HxWx3 RGB, ``"semantic"`` uint8 HxW (255 =
+ignore), ``"instance_ids"`` int32 HxW (0 = none), ``"depth"`` float32 HxWx1 and ``"normals"`` float32 HxWx3 (NaN =
+invalid). A prepared cache (``mtl_keras.data.prepared``) stores these and enters after the decode step.
+:func:`load_source` then runs: shard, shuffle rows, decode, cache, shuffle, repeat, targets + augmentation, batch.
 
-* ``"image"``: uint8 HxWx3 RGB;
-* ``"semantic"``: uint8 HxW training ids, 255 = ignore;
-* ``"instance_ids"``: int32 HxW, one positive id per instance, 0 = no instance;
-* ``"depth"``: float32 HxWx1 in the format's depth unit, NaN = invalid;
-* ``"normals"``: float32 HxWx3 unit vectors (x right, y, z), NaN = invalid.
-
-:func:`build_dataset` then runs: (shard the rows) -> (shuffle the rows) -> decode (parallel map) -> (cache: memory
-or file) -> (shuffle decoded examples when cached) -> (repeat) -> number each example -> targets + augmentation
-(parallel map) -> batch -> prefetch. The prepared examples are what ``experiments/prepare_data.py`` stores, so a
-prepared cache (``mtl_keras.data.prepared``) enters the same pipeline after the decode step.
-
-What comes out is the contract of every loader: ``(image float32 (B,H,W,3) RGB 0..255, targets)`` with, for the
-requested tasks only, ``"semantic"`` int32 (B,H,W) (255 ignore), ``"instance"`` float32 (B,H,W,2) (dy, dx) to the
-instance centroid in px + ``"instance_mask"`` (B,H,W,1), ``"depth"`` float32 (B,H,W,1) (0 where invalid) +
-``"depth_mask"`` (B,H,W,1), ``"normals"`` float32 (B,H,W,3) (0 where invalid) + ``"normals_mask"`` (B,H,W,1).
+The batches are the contract of every loader: ``(image float32 (B,H,W,3) RGB 0..255, targets)`` with, for the
+requested tasks, ``"semantic"`` int32 (B,H,W), ``"instance"`` (dy, dx) to the instance centroid in px, ``"depth"``,
+``"normals"``, each regression target 0 where invalid with its ``"*_mask"`` (B,H,W,1) (``mtl_keras.tasks``).
 """
 
 from __future__ import annotations
@@ -27,17 +18,13 @@ import os
 from typing import Callable
 
 from mtl_keras.data.augment import AugmentConfig, augment_example
-from mtl_keras.data.checks import check_image_size, check_tasks  # noqa: F401  (the readers' argument checks)
 from mtl_keras.tasks import TARGET_RULES, TASKS
 
 
 @dataclasses.dataclass
 class Source:
-    """What a format hands to :func:`build_dataset`.
-
-    ``columns``: dict of equal-length lists / arrays, one row per example; ``decode(row) -> prepared example``;
-    ``depth_scales_with_zoom``: whether ``depth`` is a disparity (scales with the image under random scale).
-    """
+    """What a format hands to :func:`load_source`: ``columns`` (equal-length lists, one row per example),
+    ``decode(row) -> prepared example``; ``depth_scales_with_zoom``: ``depth`` is a disparity (scales under zoom)."""
 
     columns: dict
     decode: Callable
@@ -48,11 +35,8 @@ class Source:
 
 
 def centroid_vectors(segment_ids):
-    """(dy, dx) from each pixel to the centroid of its segment, and the mask of segment pixels.
-
-    ``segment_ids``: int HxW, ``0`` = no instance, any other value = one instance. Returns (vectors float32 HxWx2,
-    mask float32 HxWx1); vectors are 0 outside instances. Centroids are means of pixel indices (float64).
-    """
+    """``segment_ids`` int HxW (0 = none) -> (float32 HxWx2 (dy, dx) from each pixel to its segment's centroid, 0
+    outside segments; float32 HxWx1 mask). Centroids are means of pixel indices in float64."""
     import tensorflow as tf
 
     ids = tf.cast(segment_ids, tf.int64)
@@ -116,22 +100,14 @@ def prepared_to_targets(example, tasks):
     return tf.ensure_shape(image, (h, w, 3)), targets
 
 
-def _shard_info(input_context):
-    if input_context is None:
-        return 0, 1
-    return int(input_context.input_pipeline_id), int(input_context.num_input_pipelines)
-
-
 def shuffled_epochs(ds, num_elements, seed, repeat):
-    """``ds`` (``num_elements`` long) in a new random order each epoch, repeated forever when ``repeat``; epoch
-    ``e``'s order is a stateless function of ``(seed, e)``.
+    """``ds`` (``num_elements`` long) in a new order each epoch (repeated forever when ``repeat``), epoch ``e``'s a
+    stateless function of ``(seed, e)``.
 
-    ``shuffle(reshuffle_each_iteration=True)`` draws each *iterator's* order from a generator shared by all the
-    iterators of a dataset object, so the stream depends on how many iterators were made before. Keras' ``fit`` makes
-    one to build the model from the first batch and another to train, while a resumed (already built) model trains on
-    the first: a resumed run saw other batches than an uninterrupted one. Here every iterator sees the same stream,
-    which ``skip`` fast-forwards exactly. Each epoch is gathered whole (what a full shuffle buffer holds anyway) and
-    permuted, so the elements need one shape (rows of file names, or prepared examples at the training size).
+    Why not ``shuffle(reshuffle_each_iteration=True)``: it draws each iterator's order from a generator shared by the
+    dataset's iterators, and Keras' ``fit`` makes one more (to build the model) in a fresh run than in a resumed one,
+    so a resumed run would see other batches. Each epoch is gathered whole (as a full shuffle buffer) and permuted,
+    so the elements need one shape.
     """
     import tensorflow as tf
 
@@ -150,42 +126,41 @@ def shuffled_epochs(ds, num_elements, seed, repeat):
     return epochs.flat_map(permuted)
 
 
-def build_dataset(source: Source, *, batch_size=8, shuffle=False, seed=0, repeat=False, drop_remainder=False,
-                  cache=False, num_parallel_calls=None, input_context=None, augment: AugmentConfig | None = None,
-                  prepared_dataset=None):
-    """The ``(image, targets)`` batches of ``source`` (see the module docstring).
-
-    ``prepared_dataset``: a dataset of prepared examples that replaces the rows + decode steps (a prepared cache);
-    it is sharded the same way. ``cache``: False, True (memory) or a file name prefix (``tf.data`` cache files).
-    With ``input_context`` the rows are sharded (``num_input_pipelines``, ``input_pipeline_id``) before anything
-    else and ``batch_size`` is the per-replica batch size. ``num_parallel_calls``: None = ``tf.data.AUTOTUNE``.
-    """
+def load_source(source: Source, split, batch_size=8, shuffle=None, seed=0, flip=None, repeat=False,
+                drop_remainder=None, cache=False, num_parallel_calls=None, input_context=None,
+                scale_range=(1.0, 1.0), crop_size=None, random_crop=None):
+    """The ``(image, targets)`` batches of ``source``. Shuffling, flips, random crop positions and dropping the last
+    partial batch default to on for the ``train`` split only. ``cache``: False, True (memory) or a file prefix.
+    ``input_context``: shard the rows first; ``batch_size`` is then per replica. ``num_parallel_calls``: None =
+    ``tf.data.AUTOTUNE``."""
     import tensorflow as tf
 
+    is_train = split == "train"
+    augment = AugmentConfig(flip=is_train if flip is None else bool(flip),
+                            scale_range=(1.0, 1.0) if scale_range is None else scale_range, crop_size=crop_size,
+                            random_crop=is_train if random_crop is None else bool(random_crop),
+                            depth_scales_with_zoom=source.depth_scales_with_zoom)
+    shuffle = is_train if shuffle is None else bool(shuffle)
+    drop_remainder = is_train if drop_remainder is None else bool(drop_remainder)
     num_parallel_calls = tf.data.AUTOTUNE if num_parallel_calls is None else num_parallel_calls
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     tasks = source.tasks
-    augment = augment or AugmentConfig()
-    shard_id, num_shards = _shard_info(input_context)
+    shard_id, num_shards = (0, 1) if input_context is None else (int(input_context.input_pipeline_id),
+                                                                 int(input_context.num_input_pipelines))
     n = max(1, -(-int(source.num_examples) // num_shards))
     shuffle_seed = int(seed) * 1009 + shard_id
-    repeated = False
-    if prepared_dataset is None:
-        ds = tf.data.Dataset.from_tensor_slices(source.columns)
-        if num_shards > 1:
-            ds = ds.shard(num_shards, shard_id)
-        if shuffle and not cache:  # shuffle the (cheap) rows before decoding
-            ds, repeated = shuffled_epochs(ds, n, shuffle_seed, repeat), True
-        ds = ds.map(source.decode, num_parallel_calls=num_parallel_calls)
-    else:
-        ds = prepared_dataset
-        if num_shards > 1:
-            ds = ds.shard(num_shards, shard_id)
+    ds = tf.data.Dataset.from_tensor_slices(source.columns)
+    if num_shards > 1:
+        ds = ds.shard(num_shards, shard_id)
+    repeated = shuffle and not cache
+    if repeated:  # shuffle the (cheap) rows before decoding
+        ds = shuffled_epochs(ds, n, shuffle_seed, repeat)
+    ds = ds.map(source.decode, num_parallel_calls=num_parallel_calls)
     if cache:
         ds = ds.cache(os.fspath(cache) if isinstance(cache, (str, os.PathLike)) else "")
-    if shuffle and (cache or prepared_dataset is not None):
-        ds, repeated = shuffled_epochs(ds, n, shuffle_seed, repeat), True
+        if shuffle:
+            ds, repeated = shuffled_epochs(ds, n, shuffle_seed, repeat), True
     if repeat and not repeated:
         ds = ds.repeat()
     ds = ds.enumerate()
@@ -201,29 +176,6 @@ def build_dataset(source: Source, *, batch_size=8, shuffle=False, seed=0, repeat
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def make_augment(split, flip, scale_range, crop_size, random_crop, depth_scales_with_zoom):
-    """The augmentation of a split: flips and random crop positions default to on for ``train`` only."""
-    is_train = split == "train"
-    return AugmentConfig(flip=is_train if flip is None else bool(flip),
-                         scale_range=(1.0, 1.0) if scale_range is None else scale_range,
-                         crop_size=crop_size,
-                         random_crop=is_train if random_crop is None else bool(random_crop),
-                         depth_scales_with_zoom=depth_scales_with_zoom)
-
-
-def load_source(source: Source, split, batch_size=8, shuffle=None, seed=0, flip=None, repeat=False,
-                drop_remainder=None, cache=False, num_parallel_calls=None, input_context=None,
-                scale_range=(1.0, 1.0), crop_size=None, random_crop=None):
-    """:func:`build_dataset` with the loaders' defaults: shuffling, flips, random crop positions and dropping the
-    last partial batch are on for the ``train`` split only."""
-    is_train = split == "train"
-    augment = make_augment(split, flip, scale_range, crop_size, random_crop, source.depth_scales_with_zoom)
-    return build_dataset(
-        source, batch_size=batch_size, shuffle=is_train if shuffle is None else bool(shuffle), seed=seed,
-        repeat=repeat, drop_remainder=is_train if drop_remainder is None else bool(drop_remainder), cache=cache,
-        num_parallel_calls=num_parallel_calls, input_context=input_context, augment=augment)
-
-
 def resize_image(image, image_size):
     """Any HxWx3 image (0..255) -> uint8 ``image_size`` x 3: antialiased bilinear, rounded."""
     import tensorflow as tf
@@ -231,3 +183,20 @@ def resize_image(image, image_size):
     h, w = image_size
     image = tf.image.resize(image, (h, w), method="bilinear", antialias=True)
     return tf.ensure_shape(tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8), (h, w, 3))
+
+
+def metric_depth(depth, inverse=False):
+    """Depth in metres -> metres or (``inverse``) 1/m, NaN where not finite or <= 0."""
+    import tensorflow as tf
+
+    valid = tf.math.is_finite(depth) & (depth > 0.0)
+    if inverse:
+        depth = 1.0 / tf.where(valid, depth, 1.0)
+    return tf.where(valid, depth, float("nan"))
+
+
+def resize_nearest(x, image_size):
+    """An HxWxC map at ``image_size`` (nearest neighbour: labels, ids, depth)."""
+    import tensorflow as tf
+
+    return tf.image.resize(x, tuple(image_size), method="nearest")

@@ -22,8 +22,8 @@ import zlib
 
 import numpy as np
 
-from mtl_keras.data.checks import SplitReport, error_message
-from mtl_keras.data.pipeline import Source, check_image_size
+from mtl_keras.data.checks import SplitReport, check_image_size, error_message
+from mtl_keras.data.pipeline import Source
 from mtl_keras.tasks import TASKS
 
 MANIFEST = "prepared_manifest.json"

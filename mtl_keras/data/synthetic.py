@@ -1,25 +1,9 @@
-"""Synthetic street scenes written in the CityScapes raw layout.
+"""Synthetic street scenes in the CityScapes raw layout (``datasets/synthetic.md``).
 
-Every scene is rendered with a pinhole camera at a fixed height (1.22 m) looking along a
-straight street, with a z-buffer so that occlusions and the disparity map are exact:
-
-* sky (labelId 23) above everything else, disparity invalid (PNG value 0);
-* the ground plane: road (7) around the camera, sidewalks (8) on both sides, terrain (22)
-  beyond; disparity grows linearly with the row below the horizon;
-* building facades (11) along both sides (planes parallel to the street, so disparity
-  grows linearly with the column distance from the centre) and sometimes a fronto-parallel
-  building closing the street;
-* trees (21), poles (17), cars (26) and persons (24) as fronto-parallel objects standing on
-  the ground (constant disparity, size and bottom row consistent with their distance);
-  cars and persons are instances (instanceId = labelId * 1000 + k).
-
-Appearance: each class has its own colour family and texture, every instance its own
-colour, and an exponential haze makes brightness/contrast depend on distance.
-
-The intrinsics are CityScapes' scaled to the synthetic width (fx = 2262.52 * W / 2048,
-square pixels, principal point at the image centre column, horizon at row 0.42 * H,
-pitch 0) and the baseline is 0.209313 m, so ``depth = baseline * fx / disparity`` holds
-exactly as for real CityScapes.
+A pinhole camera 1.22 m above a straight street renders, with a z-buffer, exact labels, instances and disparity:
+ground (road, sidewalk, terrain), facades parallel to the street, and fronto-parallel trees, poles, cars and persons
+(the last two as instances). The intrinsics are CityScapes' scaled to the width and the baseline is CityScapes', so
+``depth = baseline * fx / disparity`` holds as for the real data.
 """
 
 from __future__ import annotations
@@ -27,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 
 import cv2
 import numpy as np
@@ -56,11 +39,6 @@ def camera_parameters(height: int, width: int) -> dict:
                       "yaw": 0.0, "z": CAM_HEIGHT},
         "intrinsic": {"fx": fx, "fy": fx, "u0": (width - 1) / 2.0, "v0": 0.42 * height},
     }
-
-
-# ----------------------------------------------------------------------------------------
-# rendering helpers
-# ----------------------------------------------------------------------------------------
 
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
@@ -275,7 +253,8 @@ def _person_shape(h, shirt_rgb, pants_rgb, skin_rgb, arms_out):
         head = xl ** 2 + (yl - (h - head_r)) ** 2 <= head_r ** 2
         neck = (ax < 0.05) & (yl > h - 2 * head_r - 0.06) & (yl <= h - head_r)
         torso = (yl >= 0.47 * h) & (yl < h - 2 * head_r - 0.03) & (ax <= 0.21)
-        arms = (yl >= 0.42 * h) & (yl < h - 2 * head_r - 0.06) & (ax > 0.21) & (ax <= 0.21 + 0.08 + arms_out * (h - 2 * head_r - yl))
+        arms = ((yl >= 0.42 * h) & (yl < h - 2 * head_r - 0.06) & (ax > 0.21)
+                & (ax <= 0.21 + 0.08 + arms_out * (h - 2 * head_r - yl)))
         legs = (yl < 0.47 * h) & (ax <= 0.17) & ~((ax < 0.035) & (yl < 0.43 * h))
         mask = head | neck | torso | arms | legs
         rgb = np.broadcast_to(pants_rgb, xl.shape + (3,)).copy()
@@ -403,7 +382,6 @@ def _draw_objects(cv: _Canvas, rng, objects):
                 k_inst[PERSON] += 1
 
 
-
 def _finish(cv: _Canvas, rng, sun, haze_dist):
     """Sky, haze, lighting and sensor noise; the four arrays of :func:`render_scene`."""
     sky = cv.label == SKY
@@ -426,11 +404,6 @@ def _finish(cv: _Canvas, rng, sun, haze_dist):
     valid = cv.disp > 0
     disp_png = np.where(valid, np.rint(cv.disp * 256.0) + 1, 0).clip(0, 65535).astype(np.uint16)
     return rgb, label, inst_ids, disp_png
-
-
-# ----------------------------------------------------------------------------------------
-# writing the set
-# ----------------------------------------------------------------------------------------
 
 
 def _paths(root: str, split: str, city: str, seq: int) -> dict:
@@ -457,43 +430,36 @@ def _manifest_params(num_train, num_val, height, width, seed):
             "cities": SYNTHETIC_CITIES}
 
 
-def _is_complete(root: str, params: dict) -> bool:
-    path = os.path.join(root, _MANIFEST)
-    if not os.path.isfile(path):
-        return False
+def _read_manifest(root):
     try:
-        with open(path) as f:
-            manifest = json.load(f)
+        with open(os.path.join(root, _MANIFEST)) as f:
+            return json.load(f)
     except (OSError, ValueError):
-        return False
-    if manifest.get("params") != json.loads(json.dumps(params)):
-        return False
-    return all(os.path.isfile(os.path.join(root, p)) for p in manifest.get("files", []))
+        return None
+
+
+def _is_complete(root, manifest, params):
+    return (manifest is not None and manifest.get("params") == params
+            and all(os.path.isfile(os.path.join(root, p)) for p in manifest.get("files", [])))
 
 
 def _grows(old, new):
     """Whether the set ``new`` (manifest params) only adds scenes to ``old``: same renderer, size and seed."""
-    same = {k: v for k, v in old.items() if k not in ("num_train", "num_val")} == \
-        {k: v for k, v in json.loads(json.dumps(new)).items() if k not in ("num_train", "num_val")}
-    return same and new["num_train"] >= old.get("num_train", 0) and new["num_val"] >= old.get("num_val", 0)
+    counts = ("num_train", "num_val")
+    return ({k: v for k, v in old.items() if k not in counts} == {k: v for k, v in new.items() if k not in counts}
+            and all(new[k] >= old.get(k, 0) for k in counts))
 
 
 def generate_synthetic_cityscapes(root, num_train: int = 200, num_val: int = 50,
                                   height: int = 256, width: int = 512, seed: int = 0,
-                                  overwrite: bool = False, verbose: bool = False) -> str:
-    """Writes a synthetic street-scene set in the CityScapes raw layout under ``root``.
+                                  overwrite: bool = False) -> str:
+    """Writes ``num_train`` + ``num_val`` scenes in the CityScapes raw layout under ``root`` (cities ``synthtown``
+    and ``synthville``; files in ``datasets/synthetic.md``); returns ``root``.
 
-    Files: ``{root}/leftImg8bit/{split}/{city}/{city}_{seq:06d}_000019_leftImg8bit.png``
-    (RGB), ``gtFine/..._gtFine_labelIds.png`` (8-bit), ``gtFine/..._gtFine_instanceIds.png``
-    (16-bit), ``disparity/..._disparity.png`` (16-bit, d = (p - 1) / 256 px, 0 = invalid)
-    and ``camera/..._camera.json``; cities ``synthtown`` (train) and ``synthville`` (val).
-
-    Deterministic: the same arguments give byte-identical files (each scene has its own
-    random stream seeded by ``(seed, split, index)``). If ``root`` already holds a complete
-    set generated with the same arguments (``synthetic_manifest.json``), nothing is done
-    unless ``overwrite``. A complete set of the same size and seed with fewer scenes is grown: its
-    scenes are kept (they are the first ones of the larger set) and only the others rendered. A
-    manifest with other arguments raises ``FileExistsError`` unless ``overwrite``. Returns ``root``.
+    Scene ``i`` of a split has its own random stream seeded by ``(seed, split, i)``: the same arguments give
+    byte-identical files, and a complete smaller set of the same size and seed is grown (its scenes kept). A complete
+    set with the same arguments (``synthetic_manifest.json``) is left as it is; one with other arguments raises
+    ``FileExistsError`` unless ``overwrite``.
     """
     root = os.fspath(root)
     for name, v in (("num_train", num_train), ("num_val", num_val)):
@@ -504,26 +470,19 @@ def generate_synthetic_cityscapes(root, num_train: int = 200, num_val: int = 50,
     params = _manifest_params(num_train, num_val, height, width, seed)
     manifest_path = os.path.join(root, _MANIFEST)
     keep = {"train": 0, "val": 0}  # scenes of an existing smaller set that are kept (grown, not rewritten)
-    if not overwrite:
-        if _is_complete(root, params):
+    manifest = None if overwrite else _read_manifest(root)
+    if manifest is not None:
+        old = manifest.get("params")
+        if _is_complete(root, manifest, params):
             return root
-        if os.path.isfile(manifest_path):
-            try:
-                with open(manifest_path) as f:
-                    old = json.load(f).get("params")
-            except (OSError, ValueError):
-                old = None
-            if old is not None and old != json.loads(json.dumps(params)):
-                if _grows(old, params) and _is_complete(root, old):
-                    # Scene i depends only on (seed, split, i): the existing scenes are the first ones of the
-                    # larger set, byte for byte; only the missing ones are rendered.
-                    keep = {"train": old["num_train"], "val": old["num_val"]}
-                else:
-                    raise FileExistsError(
-                        f"{root} already holds a synthetic set generated with {old}; pass "
-                        f"overwrite=True or another root to generate one with {params}")
+        if old is not None and old != params:
+            if _grows(old, params) and _is_complete(root, manifest, old):
+                keep = {"train": old["num_train"], "val": old["num_val"]}
+            else:
+                raise FileExistsError(
+                    f"{root} already holds a synthetic set generated with {old}; pass "
+                    f"overwrite=True or another root to generate one with {params}")
 
-    t0 = time.perf_counter()
     if os.path.isfile(manifest_path):
         os.remove(manifest_path)
     files = []
@@ -554,9 +513,6 @@ def generate_synthetic_cityscapes(root, num_train: int = 200, num_val: int = 50,
     with open(tmp, "w") as f:
         json.dump({"params": params, "files": files}, f, indent=1)
     os.replace(tmp, manifest_path)
-    if verbose:
-        print(f"wrote {num_train} + {num_val} synthetic scenes ({height}x{width}) to {root} "
-              f"in {time.perf_counter() - t0:.1f} s")
     return root
 
 
@@ -572,18 +528,3 @@ def generate_for_config(config):
     return generate_synthetic_cityscapes(data_dir, num_train=config.synthetic_num_train,
                                          num_val=config.synthetic_num_val, seed=0)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("root")
-    ap.add_argument("--num-train", type=int, default=200)
-    ap.add_argument("--num-val", type=int, default=50)
-    ap.add_argument("--height", type=int, default=256)
-    ap.add_argument("--width", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--overwrite", action="store_true")
-    a = ap.parse_args()
-    generate_synthetic_cityscapes(a.root, a.num_train, a.num_val, a.height, a.width, a.seed,
-                                  a.overwrite, verbose=True)
