@@ -14,7 +14,7 @@ model's predicted semantics and vectors instead). The noise, at 128x256 (lengths
 * 10 % shrinkage (regression to the mean) times a smooth relative error of 15 % (std), plus a smooth absolute error
   of 1.5 px and 0.7 px of per-pixel noise (smooth = Gaussian-filtered with a 4 px sigma).
 
-This gives a mean vector error of about 4 px, like the trained models of Kendall et al. (3.5-4.6 px, seed 004).
+This gives a mean vector error of about 4 px, like the trained models of Kendall et al. (3.5-4.6 px in Mehta's report).
 
 Quality: adjusted Rand index over the ground-truth instance pixels (predicted "no instance" is one more cluster),
 as the mean over images (``ARI/img``; degenerate for an image with one instance: any split gives 0) and over the

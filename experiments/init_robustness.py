@@ -1,4 +1,4 @@
-"""Robustness of uncertainty weighting to the initial log sigma^2 (seed 001, Fig. 6).
+"""Robustness of uncertainty weighting to the initial log sigma^2 (Kendall et al. 2018, Fig. 6).
 
 One training run of ``mtl_keras.experiment`` (its prepare and build steps: a Kendall et al. DeepLabV3 model,
 uncertainty weighting, the synthetic street scenes, three tasks) is fitted once per initial ``log sigma^2`` in
@@ -25,7 +25,7 @@ Choices (the paper is vague on them; the results fragment repeats them):
   w.r.t. ``s`` is at most 1/2, so with momentum 0.9 ``s`` falls by at most ``5 lr`` per step: 0.0125 at lr
   2.5e-3, some 400 steps from ``s0 = 5``. The log-variances therefore get their own constant learning rate
   (``--log_variance_learning_rate``, default 0.05; same Nesterov momentum, no weight decay, no schedule).
-* Network: seed 001's SGD at seed 001's lr 2.5e-3 (not the 1e-2 that ``experiments/train.py`` uses from scratch),
+* Network: the paper's SGD at its lr 2.5e-3 (not the 1e-2 that ``experiments/train.py`` uses from scratch),
   with a linear warm-up over the first quarter of the run (``--warmup_steps``). All tasks start at the same ``s0``,
   so in the first steps a run's network takes SGD steps ``exp(-s0)`` times the nominal size: 7.4x from -2, 0.007x
   from 5. In the paper those first ~100 steps are a sliver of 30,000+ from ImageNet weights; in a run of a few
@@ -82,7 +82,7 @@ flags.DEFINE_list("initial_log_variances", [f"{v:g}" for v in PAPER_INITS], "Ini
 flags.DEFINE_list("image_size", None, "Training height,width (default 64,128; quick: 32,64).")
 flags.DEFINE_integer("batch_size", None, "Batch size (default 8; quick: 4).")
 flags.DEFINE_boolean("narrow", True, f"The slim model with {NARROW_OVERRIDES} (--nonarrow: the slim model itself).")
-flags.DEFINE_float("learning_rate", 2.5e-3, "Network SGD learning rate (seed 001: 2.5e-3; poly decay 0.9 to 0).")
+flags.DEFINE_float("learning_rate", 2.5e-3, "Network SGD learning rate (Kendall et al.: 2.5e-3; poly decay 0.9 to 0).")
 flags.DEFINE_float("log_variance_learning_rate", 0.05, "Constant learning rate of the log sigma^2 (same momentum; "
                    "0: the network's).")
 flags.DEFINE_integer("warmup_steps", None, "Linear warm-up of the network's learning rate (default: steps // 4).")
@@ -278,7 +278,7 @@ def run(quick=False, steps=None, initial_log_variances=PAPER_INITS, image_size=N
                     log_variance_learning_rate=log_variance_learning_rate or learning_rate, seed=seed,
                     data_dir=os.path.relpath(data_dir, REPO) if os.path.isabs(data_dir) else data_dir,
                     tolerance=tolerance)
-    title = (f"seed 001 Fig. 6: log sigma^2 from {len(inits)} initialisations ({MODEL}"
+    title = (f"Kendall et al. Fig. 6: log sigma^2 from {len(inits)} initialisations ({MODEL}"
              f"{' narrow' if overrides else ''}, {image_size[0]}x{image_size[1]}, {steps} steps)")
     summary = {"settings": settings, "passed": passed, "seconds": seconds,
                "final": {str(k): v for k, v in final.items()}, "spread": spread, "settled_step": settled,
@@ -332,15 +332,15 @@ def write_markdown(path, png_name, command, settings, inits, final, spread, sett
     at = sorted({s for s in (25, 50, 100, 200, steps) if s <= steps})
     model = f"`{settings['model']}`" + (f" with `{settings['model_overrides']}`" if settings["model_overrides"] else "")
     lines = [
-        "## Initialisation robustness of the learned task uncertainty (seed 001, Fig. 6)",
+        "## Initialisation robustness of the learned task uncertainty (Kendall et al. 2018, Fig. 6)",
         "",
         f"Command: `{command}`. It took {timing}.",
         "",
         f"{model} ({settings['parameters']:,} parameters), synthetic street scenes (`{settings['data_dir']}`) at "
         f"{settings['image_size'][0]}x{settings['image_size'][1]}, batch {settings['batch_size']}, three tasks, "
         f"uncertainty weighting, {steps} steps per initial log sigma^2 (all tasks start at the same value), the same "
-        "network initialisation and the same batches for every run. Network: seed 001's SGD (Nesterov 0.9, poly "
-        f"decay 0.9, weight decay 1e-4) at seed 001's lr {settings['learning_rate']:g}, linear warm-up over the "
+        "network initialisation and the same batches for every run. Network: Kendall et al.'s SGD (Nesterov 0.9, poly "
+        f"decay 0.9, weight decay 1e-4) at Kendall et al.'s lr {settings['learning_rate']:g}, linear warm-up over the "
         f"first {settings['warmup_steps']} steps; log-variances: the same Nesterov SGD at a constant lr "
         f"{settings['log_variance_learning_rate']:g} (why: below).",
         "",
@@ -400,8 +400,8 @@ def write_markdown(path, png_name, command, settings, inits, final, spread, sett
         "| network lr | warm-up | spreads | max abs(final - own optimum) |",
         "| --- | --- | --- | --- |",
         "| 1e-2 (train.py's from-scratch default) | none | 0.264 / 1.034 / 0.248 | 0.024 / 0.045 / 0.018 |",
-        "| 2.5e-3 (seed 001) | none | 0.119 / 0.161 / 0.076 | 0.009 / 0.017 / 0.012 |",
-        "| 2.5e-3 (seed 001) | 100 steps | 0.027 / 0.073 / 0.044 | 0.006 / 0.023 / 0.010 |",
+        "| 2.5e-3 (Kendall et al.) | none | 0.119 / 0.161 / 0.076 | 0.009 / 0.017 / 0.012 |",
+        "| 2.5e-3 (Kendall et al.) | 100 steps | 0.027 / 0.073 / 0.044 | 0.006 / 0.023 / 0.010 |",
         "",
         "  With lr 1e-2 the run from -2 overshoots (log sigma^2 of instance up to ~13) and its network ends clearly "
         "worse on every task; the log-variances themselves converge in every setting.",

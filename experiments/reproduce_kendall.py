@@ -1,5 +1,5 @@
-"""Reproduce Kendall, Gal & Cipolla (CVPR 2018)'s Tiny CityScapes table (seed 001; numbers tabulated in seed 004):
-single-task models, the unweighted sum, the hand-tuned weights 0.89/0.01/0.1, and uncertainty weighting on each
+"""Reproduce Kendall, Gal & Cipolla (CVPR 2018)'s Tiny CityScapes table (as tabulated in Mehta's reproduction
+report): single-task models, the unweighted sum, the hand-tuned weights 0.89/0.01/0.1, and uncertainty weighting on each
 pair of tasks and on all three. Writes a markdown table with the paper's numbers beside ours, and a JSON of the raw
 results.
 
@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET = os.path.join(ROOT, "experiments", "presets", "kendall_tiny_cityscapes.json")
 ALL3 = ("semantic", "instance", "depth")
 
-# The paper's numbers as printed (seed 004's copy of the paper's Table: Tiny CityScapes 128x256, validation).
+# The paper's numbers as printed (the reproduction report's copy of its table: Tiny CityScapes 128x256, validation).
 VARIANTS = [
     Variant("single_semantic", "semantic only", dict(tasks=("semantic",), weighting="equal"),
             {"semantic_miou": "59.4%"}),
@@ -110,7 +110,7 @@ def remarks(config, records):
                    "0.5 exp(-s) L + s/2 is exp(s) = L), so the instance L1 loss of several px gives the instance task "
                    + (f"a weight of {min(weights):.2g}-{max(weights):.2g} here" if weights else "a small weight")
                    + " (the paper's full-size run also ends with a small one, 43 : 0.16 : 1 for sem : inst : depth "
-                   "in seed 001's appendix B, but after 100,000 steps); in a few dozen steps the instance head then "
+                   "in the paper's appendix B, but after 100,000 steps); in a few dozen steps the instance head then "
                    "hardly trains.")
         out.append("Errors in px are measured at the evaluated resolution; disparity and instance offsets scale with "
                    "the image width, so at 64x128 the same relative quality gives about half the px error of 128x256.")
@@ -132,8 +132,8 @@ def main(argv):
     reproduction.main(
         FLAGS, name="reproduce_kendall",
         heading=f"## Reproduction: Kendall et al. 2018, Tiny CityScapes table ({mode}, {data})",
-        paper="Kendall, Gal & Cipolla (CVPR 2018), Tiny CityScapes validation at 128x256 (seed 004's copy of the "
-              "table; `shared/reference/anchors.md`)",
+        paper="Kendall, Gal & Cipolla (CVPR 2018), Tiny CityScapes validation at 128x256 (Mehta's reproduction "
+              "report's copy of the table; `shared/reference/anchors.md`)",
         config=reproduction.base_config(FLAGS, QUICK, PRESET), variants=VARIANTS, metrics=METRICS,
         describe=describe, remarks=remarks)
 

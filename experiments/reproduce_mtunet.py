@@ -1,4 +1,4 @@
-"""Reproduce MT-UNet (seed 003): semantic segmentation + depth with the paper's decoder switches (attention,
+"""Reproduce MT-UNet: semantic segmentation + depth with the paper's decoder switches (attention,
 cross-talk; Table 3 ablates cross-talk) and loss weightings (equal, Eq. 4; fixed W1/W2 = 0.3/0.7 and 0.7/0.3,
 Fig. 4; the learned Eq. 5 weighting; plus uncertainty and DWA, which the paper compares against). Writes a markdown
 table with the paper's numbers beside ours ("-" where the paper reports none), and a JSON of the raw results.
@@ -161,7 +161,7 @@ def main(argv):
     preset = "mtunet_nyuv2_13" if FLAGS.dataset in NYUV2_DATASETS else "mtunet_cityscapes_7"
     reproduction.main(
         FLAGS, name="reproduce_mtunet", heading=f"## Reproduction: MT-UNet, semantic + depth ({mode}, {data})",
-        paper="MT-UNet (seed 003), Tables 1-3: CityScapes .npy release at 128x256 (7 and 19 classes), NYUv2 13 "
+        paper="MT-UNet, Tables 1-3: CityScapes .npy release at 128x256 (7 and 19 classes), NYUv2 13 "
               "classes; `shared/reference/anchors.md`",
         config=reproduction.base_config(FLAGS, QUICK, os.path.join(PRESET_DIR, f"{preset}.json")),
         variants=variants_for(FLAGS.dataset), metrics=METRICS, describe=describe, remarks=remarks)

@@ -78,7 +78,7 @@ flags.DEFINE_float("weight_learning_rate", _D.weight_learning_rate, "mtunet: lea
 flags.DEFINE_list("image_size", [str(v) for v in _D.image_size], "Training height,width.")
 flags.DEFINE_list("scale_range", [str(v) for v in _D.scale_range], "Random scale range min,max (1,1: none).")
 flags.DEFINE_list("crop_size", [], "Random crop height,width (padded with the ignore label); empty: none.")
-flags.DEFINE_string("depth_target", _D.depth_target, "Depth target: inverse (1/m or disparity px, as seed 001) or "
+flags.DEFINE_string("depth_target", _D.depth_target, "Depth target: inverse (1/m or disparity px, as the paper) or "
                     "metric (metres); empty: the dataset's default (CityScapes inverse, NYUv2 metric).")
 flags.DEFINE_boolean("flip", _D.flip, "Random horizontal flips.")
 flags.DEFINE_enum("cache", _D.cache, ["auto", "memory", "none"], "Keep the decoded training examples in memory: "
@@ -88,7 +88,7 @@ flags.DEFINE_integer("batch_size", _D.batch_size, "GLOBAL batch size, split even
 flags.DEFINE_integer("steps", _D.steps, f"Total training steps (0: use --epochs; synthetic default "
                      f"{DEFAULT_SYNTHETIC_STEPS}).")
 flags.DEFINE_integer("epochs", _D.epochs, "Passes over the training split when --steps is 0 (0: 10).")
-flags.DEFINE_enum("optimizer", _D.optimizer, ["adam", "sgd"], "sgd = seed 001 (Nesterov, poly decay, wd); adam.")
+flags.DEFINE_enum("optimizer", _D.optimizer, ["adam", "sgd"], "sgd = the paper's (Nesterov, poly decay, wd); adam.")
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Initial learning rate (polynomial decay to 0).")
 flags.DEFINE_float("lr_power", _D.lr_power, "Power of the polynomial decay (0: constant).")
 flags.DEFINE_float("momentum", _D.momentum, "sgd: Nesterov momentum.")

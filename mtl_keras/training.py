@@ -1,5 +1,5 @@
-"""The trainer (an inference model plus a loss weighting, trained with ``fit``), seed 001's optimiser and the run's
-callbacks.
+"""The trainer (an inference model plus a loss weighting, trained with ``fit``), Kendall et al.'s optimiser and the
+run's callbacks.
 
 ``MultiTaskTrainer(model, weighting).fit(ds)`` takes ``(images, {task: target, ...})`` batches (plus the masks
 ``instance_mask`` and ``depth_mask`` where the data has invalid pixels). The inference model stays a separate object
@@ -15,7 +15,7 @@ from mtl_keras.tasks import IGNORE_LABEL, validate_tasks
 from mtl_keras.weighting import GradientWeighting, LossWeighting
 
 JACOBIAN_MODES = ("loop", "batched")
-# Variables seed 001's SGD does not decay: batch norm, biases and the loss weights (decaying log sigma^2 towards 0
+# Variables Kendall et al.'s SGD does not decay: batch norm, biases and the loss weights (decaying log sigma^2 towards 0
 # would bias the learned task weights).
 NO_WEIGHT_DECAY = ["log_variance", "gamma", "beta", "moving_", "bias"]
 

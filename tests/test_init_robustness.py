@@ -1,5 +1,5 @@
-"""experiments/init_robustness.py (seed 001, Fig. 6) in its quick form: eight initial log sigma^2 in [-2, 5], the
-real trainer on a small synthetic set.
+"""experiments/init_robustness.py (Kendall et al. 2018, Fig. 6) in its quick form: eight initial log sigma^2 in
+[-2, 5], the real trainer on a small synthetic set.
 
 What 100 quick steps can show: every run's log sigma^2 reaches the optimum for its own network's losses (log 2L for
 semantic, log L for the regression tasks), and the spread over the initialisations shrinks from 7 to a fraction
