@@ -22,7 +22,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ORDER = ("benchmarks", "toy_uncertainty", "init_robustness", "reproduce_kendall", "reproduce_mtunet")
 # What writes each fragment of the fixed order (shown for the missing ones).
 PRODUCERS = {"benchmarks": "python benchmarks/run_all.py",
-             "toy_uncertainty": "python experiments/toy_uncertainty.py --write_docs"}
+             "toy_uncertainty": "python experiments/toy_uncertainty.py --write_docs",
+             "init_robustness": "python experiments/init_robustness.py --write_docs",
+             "reproduce_kendall": "python experiments/reproduce_kendall.py --write_docs",
+             "reproduce_mtunet": "python experiments/reproduce_mtunet.py --write_docs"}
 
 _LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s]+)((?:\s+\"[^\"]*\")?\))")
 _HTML_SRC = re.compile(r"""(<(?:img|a)\b[^>]*?\b(?:src|href)=["'])([^"']+)(["'])""", re.IGNORECASE)
