@@ -42,9 +42,9 @@ def format_report(name, data_dir, reports, max_listed=20):
             lines.append(f"| {r.split} | - | (absent) | | | | 0 |")
             continue
         sizes = ", ".join(f"{k} x{v}" for k, v in sorted(r.sizes.items(), key=lambda kv: -kv[1])[:3])
-        pct = (lambda v: "-" if v != v else f"{100 * v:.1f}%")
-        lines.append(f"| {r.split} | {r.examples} | {sizes or '-'} | {pct(r.labelled)} | {pct(r.depth_valid)} | "
-                     f"{r.instances or '-'} | {len(r.errors)} |")
+        pct = (lambda part, whole: f"{100 * part / whole:.1f}%" if whole else "-")
+        lines.append(f"| {r.split} | {r.examples} | {sizes or '-'} | {pct(r.labelled_pixels, r.pixels)} | "
+                     f"{pct(r.valid_depth_pixels, r.depth_pixels)} | {r.instances or '-'} | {len(r.errors)} |")
     lines += [f"note ({r.split}): {note}" for r in reports for note in r.notes]
     errors = [(r.split, m) for r in reports for _, m in r.errors]
     if not errors:

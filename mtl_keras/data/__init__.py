@@ -1,7 +1,6 @@
-"""Data: one registry of datasets (``datasets.DATASETS``: CityScapes raw layout, the synthetic set, NYUv2's labeled
-``.mat``, the ``.npy`` releases, prepared caches, a user's ``folder``), their readers, one tf.data pipeline
-(``pipeline``) and one joint augmentation (``augment``). TensorFlow is imported where a pipeline is built, so the
-registry and the readers' listing and checks import without it."""
+"""Data: the dataset registry (``datasets.DATASETS``), one reader per format, one tf.data pipeline (``pipeline``)
+and one joint augmentation (``augment``). TensorFlow is imported only where a pipeline is built, so the registry and
+the readers' listings and checks import without it."""
 
 from mtl_keras.data import augment, checks, cityscapes, folder, npy_release, nyuv2, pipeline, prepared, synthetic
 from mtl_keras.data.augment import AugmentConfig, augment_example
@@ -14,10 +13,3 @@ from mtl_keras.data.pipeline import centroid_vectors
 from mtl_keras.data.synthetic import generate_synthetic_cityscapes
 from mtl_keras.labels import (IGNORE_INDEX, class_colors, class_names, instance_label_ids, instance_train_ids,
                               label_lookup_table, train_id_to_label_id)
-
-__all__ = ["AugmentConfig", "DATASETS", "DataError", "IGNORE_INDEX", "augment", "augment_example", "centroid_vectors",
-           "checks", "cityscapes", "class_colors", "class_names", "count_examples", "dataset_entry", "folder",
-           "generate_synthetic_cityscapes", "instance_label_ids", "instance_train_ids",
-           "label_lookup_table", "list_cityscapes_files", "load_cityscapes", "load_cityscapes_npy", "load_dataset",
-           "load_folder", "load_nyuv2", "load_nyuv2_npy", "load_prepared", "npy_release", "nyuv2", "pipeline",
-           "prepared", "synthetic", "train_id_to_label_id", "write_prepared"]

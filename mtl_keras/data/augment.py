@@ -1,48 +1,21 @@
-"""Joint augmentation of an image and every dense target, in TensorFlow ops (runs inside ``tf.data``).
+"""Joint augmentation of an image and its dense targets in TF ops (inside ``tf.data``).
 
-One example is ``(image float32 HxWx3 in 0..255, targets)`` with any of the keys
+A random scale ``s`` in ``scale_range`` (the image becomes ``round(H s) x round(W s)``, exact factors ``sy``, ``sx``),
+a crop of ``crop_size`` at a random position or centred (an axis shorter than the crop is padded: image 0, each task
+its ``pad_value``, masks 0, so padded pixels count in no loss), then a horizontal flip with probability 1/2. The image
+is resized bilinearly, targets by nearest neighbour, and each task's row of ``mtl_keras.tasks.TASKS`` says how its
+values change (``zoom``, ``flip_signs``): instance vectors, computed before on the whole instance, become
+``(sy dy, sx dx)`` and a flip negates ``dx``.
 
-============== ============== =============== ======================= =================== =============
-key            shape          resize          random scale by s       horizontal flip     padding value
-============== ============== =============== ======================= =================== =============
-image          HxWx3 float    bilinear        resized                 mirrored            0
-semantic       HxW int        nearest         resized                 mirrored            255 (ignore)
-instance       HxWx2 (dy,dx)  nearest         dy * sy, dx * sx        mirrored, dx -> -dx 0
-depth          HxWx1          nearest         see below               mirrored            0
-normals        HxWx3 (x,y,z)  nearest         unchanged               mirrored, x -> -x   0
-``*_mask``     HxWx1          nearest         resized                 mirrored            0 (invalid)
-============== ============== =============== ======================= =================== =============
-
-A task's row of ``mtl_keras.tasks.TASKS`` says how its target is treated: ``pad_value``, ``zoom`` (values under
-random scale: ``"unchanged"``, ``"offsets"`` = (dy, dx) times (sy, sx), ``"depth"`` = see below), ``flip_signs``
-(per-channel factors under a flip) and, for a ``"labels"`` target, an HxW map without a channel axis. A key that
-is neither the image nor a task (the masks) pads with 0 and is only resampled and mirrored.
-
-The steps, all optional: **random scale** (one factor ``s`` drawn uniformly in ``scale_range``; the image becomes
-``round(H s) x round(W s)``, so the exact factors are ``sy = round(H s) / H`` and ``sx = round(W s) / W``), then a
-**crop** of ``crop_size`` (default: the input size) at a random position (``random_crop``) or in the centre, where
-an axis that is shorter than the crop is padded (image 0, semantic 255, every mask 0, so padded pixels count in no
-loss), then a **random horizontal flip** with probability 1/2.
-
-Instance vectors point from a pixel to its instance's centroid, computed before augmentation on the whole
-instance, so a crop that cuts an instance keeps vectors that point to the centroid of the whole (scaled) instance,
-possibly outside the crop; they scale with the image (``(dy, dx) -> (sy dy, sx dx)``) and a flip negates ``dx``.
-
-**Depth under random scale.** Scaling the image by ``s`` at a fixed output size is a zoom: the focal length in
-pixels becomes ``s f`` while the scene stays where it is. Stereo disparity ``d = B f / Z`` in pixels therefore
-becomes ``sx d`` (``depth_scales_with_zoom=True``: CityScapes' inverse depth in px and the disparity of the
-CityScapes ``.npy`` release), and metric depth ``Z`` (or ``1/Z`` in 1/m) does not change
-(``depth_scales_with_zoom=False``: CityScapes ``--depth_target metric``, NYUv2). This differs from the
-"camera moved closer" approximation of MTAN's ``RandomScaleCrop``, which divides metric depth by ``s``: that is not
-what a resize of a perspective image does (the relative depths of near and far objects would change). Surface
-normals are unchanged by a zoom.
-
-Every random draw is a stateless function of ``(seed, key)`` (``key`` = the element's position in the stream), so
-the augmented stream is the same on every run with the same seed, whatever the parallelism.
+Depth under random scale: a zoom multiplies the focal length in pixels, not the scene's distance, so a disparity
+``B f / Z`` becomes ``sx d`` (``depth_scales_with_zoom``) while metric depth stays. MTAN's ``RandomScaleCrop``
+divides metric depth by ``s`` ("camera moved closer"), which a resize does not do. Every draw is a stateless function
+of ``(seed, key)``, ``key`` being the element's position in the stream.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 from mtl_keras.data.checks import check_image_size
@@ -52,9 +25,8 @@ __all__ = ["AugmentConfig", "augment_example", "PAD_VALUES"]
 
 
 class _PadValues(Mapping):
-    """``{key: padding value}``: the image's 0 and each task's ``pad_value`` in ``mtl_keras.tasks.TASKS`` (read at
-    each access, so a task added to the table shows). Other keys (the masks) pad with 0: padded pixels are invalid
-    everywhere."""
+    """``{key: padding value}``: the image's 0 and each task's ``pad_value``, read from ``TASKS`` at each access.
+    Other keys (the masks) pad with 0."""
 
     def __getitem__(self, key):
         return 0.0 if key == "image" else TASKS[key].pad_value
@@ -66,39 +38,37 @@ class _PadValues(Mapping):
     def __len__(self):
         return 1 + len(TASKS)
 
-    def __repr__(self):
-        return repr(dict(self))
-
 
 PAD_VALUES = _PadValues()
 
 
+@dataclasses.dataclass
 class AugmentConfig:
-    """Validated augmentation settings.
+    """Validated augmentation settings. ``scale_range``: ``(min, max)`` of the random scale (``(1, 1)``: none);
+    ``crop_size``: ``(height, width)`` of the output, None = the input size; ``random_crop``: place the crop (and
+    padding) at random, else centred; ``depth_scales_with_zoom``: ``depth`` is a disparity, multiplied by ``sx``."""
 
-    ``flip``: random horizontal flips (p = 1/2). ``scale_range``: ``(min, max)`` of the random scale factor
-    (``(1, 1)``: none). ``crop_size``: ``(height, width)`` of the output, or ``None`` for the input size.
-    ``random_crop``: place the crop (and the padding, where the scaled image is smaller) at random, else centred.
-    ``depth_scales_with_zoom``: multiply ``depth`` by ``sx`` under random scale (disparity); else leave it.
-    """
+    flip: bool = False
+    scale_range: tuple = (1.0, 1.0)
+    crop_size: tuple | None = None
+    random_crop: bool = True
+    depth_scales_with_zoom: bool = True
 
-    def __init__(self, flip=False, scale_range=(1.0, 1.0), crop_size=None, random_crop=True,
-                 depth_scales_with_zoom=True):
-        self.flip = bool(flip)
+    def __post_init__(self):
+        self.flip = bool(self.flip)
         try:
-            lo, hi = (float(v) for v in scale_range)
+            lo, hi = (float(v) for v in self.scale_range)
         except (TypeError, ValueError):
-            raise ValueError(f"scale_range must be (min, max) with 0 < min <= max, got {scale_range!r}") from None
+            raise ValueError(f"scale_range must be (min, max) with 0 < min <= max, got {self.scale_range!r}") from None
         if not (0.0 < lo <= hi) or hi > 16.0:
-            raise ValueError(f"scale_range must be (min, max) with 0 < min <= max <= 16, got {scale_range!r}")
+            raise ValueError(f"scale_range must be (min, max) with 0 < min <= max <= 16, got {self.scale_range!r}")
         self.scale_range = (lo, hi)
-        if crop_size is not None and len(tuple(crop_size)) == 0:
-            crop_size = None
-        if crop_size is not None:
-            crop_size = check_image_size(crop_size, "crop_size")
-        self.crop_size = crop_size
-        self.random_crop = bool(random_crop)
-        self.depth_scales_with_zoom = bool(depth_scales_with_zoom)
+        if self.crop_size is not None and len(tuple(self.crop_size)) > 0:
+            self.crop_size = check_image_size(self.crop_size, "crop_size")
+        else:
+            self.crop_size = None
+        self.random_crop = bool(self.random_crop)
+        self.depth_scales_with_zoom = bool(self.depth_scales_with_zoom)
 
     def output_size(self, image_size):
         return tuple(self.crop_size) if self.crop_size is not None else tuple(image_size)
@@ -106,10 +76,6 @@ class AugmentConfig:
     def is_identity(self, image_size):
         return (not self.flip and self.scale_range == (1.0, 1.0)
                 and self.output_size(image_size) == tuple(image_size))
-
-    def __repr__(self):
-        return (f"AugmentConfig(flip={self.flip}, scale_range={self.scale_range}, crop_size={self.crop_size}, "
-                f"random_crop={self.random_crop}, depth_scales_with_zoom={self.depth_scales_with_zoom})")
 
 
 def _random_values(seed, key):
@@ -138,16 +104,9 @@ def _is_label_map(key):
     return key in TASKS and TASKS[key].target_rule == "labels"
 
 
-def _channels_last(key, x):
-    return x[..., None] if _is_label_map(key) else x
-
-
 def augment_example(image, targets, seed, key, config: AugmentConfig):
-    """Augments one example; returns ``(image, targets)`` with the output size of ``config``.
-
-    ``image``: float32 HxWx3 (static H, W); ``targets``: dict with any of the keys of the module docstring.
-    ``seed``: int; ``key``: int64 scalar tensor (e.g. the element's position in the stream).
-    """
+    """``(image float32 HxWx3 with static H, W, targets)`` augmented to the output size of ``config``; ``key``: an
+    int64 scalar tensor (the element's position in the stream)."""
     import tensorflow as tf
 
     h, w = (int(v) for v in image.shape[:2])
@@ -155,8 +114,7 @@ def augment_example(image, targets, seed, key, config: AugmentConfig):
     if config.is_identity((h, w)):
         return image, targets
     u = _random_values(seed, key)
-    fields = {"image": image}
-    fields.update({k: _channels_last(k, v) for k, v in targets.items()})
+    fields = {"image": image, **{k: v[..., None] if _is_label_map(k) else v for k, v in targets.items()}}
 
     if config.scale_range != (1.0, 1.0) or (oh, ow) != (h, w):
         lo, hi = config.scale_range

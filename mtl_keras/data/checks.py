@@ -35,6 +35,11 @@ class PngInfo(collections.namedtuple("PngInfo", "width height bit_depth color_ty
 NpyInfo = collections.namedtuple("NpyInfo", "shape dtype fortran_order offset")
 
 
+def _truncated_png(path, size):
+    return DataError(f"{path} is a truncated or corrupt PNG: it does not end with the IEND chunk ({size} bytes; "
+                     f"re-extract or re-download it)")
+
+
 def png_info(path) -> PngInfo:
     """The PNG signature, IHDR and final IEND chunk of ``path`` (45 bytes); DataError if not a PNG or truncated."""
     path = os.fspath(path)
@@ -50,8 +55,7 @@ def png_info(path) -> PngInfo:
                         f"{size} bytes)")
     width, height, bit_depth, color_type = struct.unpack(">IIBB", head[16:26])
     if tail != PNG_IEND:
-        raise DataError(f"{path} is a truncated or corrupt PNG: it does not end with the IEND chunk "
-                        f"({size} bytes; re-extract or re-download it)")
+        raise _truncated_png(path, size)
     return PngInfo(width, height, bit_depth, color_type)
 
 
@@ -73,6 +77,22 @@ def check_png(path, what, bit_depth=None, grey=False, size=None) -> PngInfo:
     return info
 
 
+def check_headers(files, expect):
+    """Reads the header of every PNG of ``files`` (complete, grey with ``expect[key] = (what, bit depth)``, the size of
+    the image when it is a PNG); DataError naming the first bad file. Returns ``{(width, height): count}`` of the
+    PNG images."""
+    sizes = collections.Counter()
+    for entry in files:
+        size = None
+        if entry["image"].lower().endswith(".png"):
+            info = check_png(entry["image"], "image")
+            sizes[size := (info.width, info.height)] += 1
+        for key, (what, depth) in expect.items():
+            if key in entry:
+                check_png(entry[key], what, bit_depth=depth, grey=True, size=size)
+    return dict(sizes)
+
+
 def decode_png_file(path, dtype="uint8"):
     """Decodes a PNG with TensorFlow, as the pipeline does; :class:`DataError` naming the file on failure."""
     import tensorflow as tf
@@ -89,8 +109,7 @@ def imread_png(path, flags=cv2.IMREAD_UNCHANGED):
     with open(path, "rb") as f:
         data = f.read()
     if len(data) < 45 or data[-12:] != PNG_IEND:
-        raise DataError(f"{path} is a truncated or corrupt PNG: it does not end with the IEND chunk "
-                        f"({len(data)} bytes; re-extract or re-download it)")
+        raise _truncated_png(path, len(data))
     array = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if array is None:
         raise DataError(f"{path}: OpenCV cannot decode the PNG; the file is corrupt: re-extract or re-download it")
@@ -199,7 +218,7 @@ class SplitReport:
 
     split: str
     examples: int = 0
-    sizes: dict = dataclasses.field(default_factory=dict)  # "WxH" -> count
+    sizes: dict = dataclasses.field(default_factory=collections.Counter)  # "WxH" -> count
     pixels: int = 0
     labelled_pixels: int = 0  # pixels with a (non-ignored) label
     depth_pixels: int = 0
@@ -209,24 +228,12 @@ class SplitReport:
     notes: list = dataclasses.field(default_factory=list)
     missing: bool = False  # the split does not exist (not an error for optional splits)
 
-    @property
-    def labelled(self):
-        return self.labelled_pixels / self.pixels if self.pixels else float("nan")
-
-    @property
-    def depth_valid(self):
-        return self.valid_depth_pixels / self.depth_pixels if self.depth_pixels else float("nan")
-
-    def add_size(self, width, height):
-        key = f"{width}x{height}"
-        self.sizes[key] = self.sizes.get(key, 0) + 1
-
     def add(self, counts):
         """Adds one example's ``counts``: ``size`` (w, h) and any of the counters above."""
         for key, value in counts.items():
             if key == "size":
                 if value:
-                    self.add_size(*value)
+                    self.sizes["{}x{}".format(*value)] += 1
             elif hasattr(self, key):
                 setattr(self, key, getattr(self, key) + value)
 

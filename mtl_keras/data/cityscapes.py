@@ -12,8 +12,8 @@ import os
 
 import numpy as np
 
-from mtl_keras.data.checks import (PNG_IEND, DataError, SplitReport, check_image_size, check_png, check_rows,
-                                   check_tasks, decode_png_file, error_message, pair_files)
+from mtl_keras.data.checks import (PNG_IEND, DataError, SplitReport, check_headers, check_image_size, check_png,
+                                   check_rows, check_tasks, decode_png_file, error_message, pair_files)
 from mtl_keras.data.pipeline import Source, resize_image, resize_nearest
 from mtl_keras.labels import known_label_mask, label_lookup_table
 from mtl_keras.tasks import IGNORE_LABEL
@@ -39,11 +39,6 @@ _WITHHELD_ON_TEST = ("label_ids", "instance_ids", "disparity", "camera")
 _TASK_FILES = {"semantic": "label_ids", "instance": "instance_ids", "depth": "disparity"}
 
 
-def _stem(path: str, suffix: str) -> str:
-    name = os.path.basename(path)
-    return name[: -len(suffix) - 1]  # strip "_" + suffix
-
-
 def _split_dir(data_dir, split, key):
     return os.path.join(data_dir, FILE_TYPES[key][0], split)
 
@@ -56,7 +51,7 @@ def _scan(data_dir: str, split: str, key: str) -> dict:
             f"missing folder {split_dir}: expected {folder}/{split}/{{city}}/"
             f"{{city}}_{{seq}}_{{frame}}_{suffix} files under the CityScapes root {data_dir}")
     files = glob.glob(os.path.join(glob.escape(split_dir), "*", f"*_{suffix}"))
-    return {(os.path.basename(os.path.dirname(p)), _stem(p, suffix)): p for p in files}
+    return {(os.path.basename(os.path.dirname(p)), os.path.basename(p)[: -len(suffix) - 1]): p for p in files}
 
 
 def list_cityscapes_files(data_dir, split: str = "train", require=_ALL_KEYS, check: bool = False,
@@ -107,17 +102,7 @@ def list_task_files(data_dir, split, tasks, check_files, metric_depth=False):
 
 
 def check_cityscapes_files(files) -> dict:
-    """Reads the header of every PNG of ``files`` (complete PNG, bit depth, grey, the image's size); DataError naming
-    the first bad file. Returns ``{(width, height): count}`` of the images."""
-    sizes = {}
-    for entry in files:
-        info = check_png(entry["image"], "image")
-        size = (info.width, info.height)
-        sizes[size] = sizes.get(size, 0) + 1
-        for key, (what, depth) in _PNG_EXPECT.items():
-            if key in entry:
-                check_png(entry[key], what, bit_depth=depth, grey=True, size=size)
-    return sizes
+    return check_headers(files, _PNG_EXPECT)
 
 
 def _read_baseline_fx(camera_path: str) -> float:
@@ -307,10 +292,9 @@ def _check_cityscapes_entry(entry, num_classes):
 def validate_split(data_dir, split, num_classes, tasks, workers=4, max_errors=20, depth_target=None):
     """Every file of a split decoded and checked (``prepare_data.py --check``). Camera files are read by training only
     for metric depth: otherwise an unreadable one is a note, not an error."""
-    report = SplitReport(split)
     if not os.path.isdir(_split_dir(data_dir, split, "image")):
-        report.missing = True
-        return report
+        return SplitReport(split, missing=True)
+    report = SplitReport(split)
     # the files of each task, the labelIds that instanceIds are checked against, and the disparity's camera files
     require = ["image"] + [_TASK_FILES[t] for t in TASKS if t in tasks]
     if "instance_ids" in require and "label_ids" not in require:

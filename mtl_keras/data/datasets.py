@@ -1,11 +1,6 @@
-"""The datasets: one entry per ``--dataset`` name, the one place that train.py, evaluate.py and prepare_data.py read
-names, splits, tasks, classes and checks from. Adding a dataset = its reader module (a ``source`` giving a
-``pipeline.Source``, ``count``, ``validate_split``) + one entry here + ``datasets/NAME.md`` + tests.
-
-Every dataset loads through :func:`load_dataset` as ``(image, targets)`` batches (the contract of
-``mtl_keras.data.pipeline``) with the same augmentation; ``image_size``, ``num_classes``, ``tasks`` and
-``depth_target`` default to the reader's.
-"""
+"""The datasets: one entry per ``--dataset`` name, where the scripts read names, splits, tasks, classes and checks.
+A new dataset is a reader module (``source`` giving a ``pipeline.Source``, ``count``, ``validate_split``), one entry
+here, ``datasets/NAME.md`` and tests. Every dataset loads through :func:`load_dataset` with the same augmentation."""
 
 from __future__ import annotations
 
@@ -36,11 +31,6 @@ class ClassTable:
 def _label_classes(num_classes, data_dir=None):
     ids = labels.instance_train_ids(num_classes) if num_classes in labels.VALID_NUM_CLASSES else ()
     return ClassTable(tuple(labels.class_names(num_classes)), labels.class_colors(num_classes), tuple(ids))
-
-
-def _folder_classes(num_classes, data_dir):
-    table = folder.read_classes(data_dir)
-    return ClassTable(table.names, table.colors, table.instance_ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +71,9 @@ DATASETS = {
     "nyuv2_npy": _npy("nyuv2_npy"),
     # A prepared cache holds its classes, tasks and depth unit in its manifest.
     "prepared": Dataset(prepared.prepared_source, prepared.count, prepared.validate_split, ALL + ("normals",), ()),
-    "folder": Dataset(folder.folder_source, folder.count, folder.validate_split, ALL, (), classes=_folder_classes,
+    # folder.Classes: the fields of a ClassTable and the ignore label
+    "folder": Dataset(folder.folder_source, folder.count, folder.validate_split, ALL, (),
+                      classes=lambda num_classes, data_dir: folder.read_classes(data_dir),
                       numpy_loader=numpy_loader.FolderPyDataset),
 }
 
@@ -105,10 +97,8 @@ _PIPELINE_ARGS = ("batch_size", "shuffle", "seed", "flip", "repeat", "drop_remai
 
 
 def load_dataset(name, data_dir, split="train", **kwargs):
-    """``(image, targets)`` batches of dataset ``name`` from ``data_dir``. ``kwargs``: the source's (``image_size``,
-    ``num_classes``, ``tasks``, ``depth_target``, ``check_files``, reader options) and the pipeline's (``batch_size``,
-    ``shuffle``, ``seed``, ``flip``, ``repeat``, ``drop_remainder``, ``cache``, ``input_context``, ``scale_range``,
-    ``crop_size``, ``random_crop``; see ``pipeline.load_source``)."""
+    """``(image, targets)`` batches of dataset ``name`` from ``data_dir``; ``kwargs``: :func:`make_source`'s and
+    ``pipeline.load_source``'s."""
     pipeline = {k: kwargs.pop(k) for k in _PIPELINE_ARGS if k in kwargs}
     return load_source(make_source(name, data_dir, split, **kwargs), split, **pipeline)
 
@@ -124,8 +114,7 @@ def class_table(name, num_classes, data_dir=None) -> ClassTable:
 
 def write_prepared(name, data_dir, out_dir, splits=("train", "val"), image_size=(128, 256), num_classes=19,
                    tasks=None, depth_target=None, level=3, verbose=False):
-    """Decodes ``splits`` of dataset ``name`` at ``image_size`` once into a prepared set (``mtl_keras.data.prepared``);
-    returns its manifest."""
+    """Decodes ``splits`` of dataset ``name`` at ``image_size`` into a prepared set; returns its manifest."""
     depth_target = depth_target or dataset_entry(name).depth_targets[0]
     if num_classes is None:  # a dataset whose classes file sets them
         num_classes = len(class_table(name, None, data_dir).names)

@@ -13,7 +13,7 @@ import os
 import cv2
 import numpy as np
 
-from mtl_keras.data.checks import (DataError, SplitReport, check_image_size, check_png, check_rows, check_tasks,
+from mtl_keras.data.checks import (DataError, SplitReport, check_headers, check_image_size, check_rows, check_tasks,
                                    error_message, imread_label, pair_files)
 from mtl_keras.data.cityscapes import disparity_depth, read_png
 from mtl_keras.data.pipeline import Source, resize_image, resize_nearest
@@ -40,22 +40,19 @@ def _classes_error(path, problem):
 
 
 def _class_rows(path):
-    if path.endswith(".json"):
-        with open(path) as f:
-            spec = json.load(f)
-        if not isinstance(spec, dict) or not isinstance(spec.get("classes"), list):
-            raise _classes_error(path, "no list \"classes\"")
-        rows = [(c.get("name"), c.get("color"), c.get("instances", False)) if isinstance(c, dict) else (None,) * 3
-                for c in spec["classes"]]
-        return rows, spec.get("ignore_label", IGNORE_INDEX)
+    """``[(name, colour, instances)]`` and the ignore label of a classes file."""
     with open(path, newline="") as f:
-        table = list(csv.DictReader(f))
-    try:
-        rows = [(r["name"], [int(r["r"]), int(r["g"]), int(r["b"])], r.get("instances", "0").strip() in ("1", "true"))
-                for r in table]
-    except (KeyError, TypeError, ValueError) as e:
-        raise _classes_error(path, f"a row lacks a whole-number r, g or b, or a name ({e})") from None
-    return rows, IGNORE_INDEX
+        if not path.endswith(".json"):
+            try:
+                return [(r["name"], [int(r[c]) for c in "rgb"], r.get("instances", "0").strip() in ("1", "true"))
+                        for r in csv.DictReader(f)], IGNORE_INDEX
+            except (KeyError, TypeError, ValueError) as e:
+                raise _classes_error(path, f"a row lacks a whole-number r, g or b, or a name ({e})") from None
+        spec = json.load(f)
+    if not isinstance(spec, dict) or not isinstance(spec.get("classes"), list):
+        raise _classes_error(path, "no list \"classes\"")
+    return ([(c.get("name"), c.get("color"), c.get("instances", False)) if isinstance(c, dict) else (None,) * 3
+             for c in spec["classes"]], spec.get("ignore_label", IGNORE_INDEX))
 
 
 def read_classes(data_dir) -> Classes:
@@ -112,21 +109,8 @@ def list_folder_files(data_dir, split="train", tasks=TASKS, problems=None, check
                        lambda stem: f"{os.path.join(image_dir, stem)}.png or .jpg", problems)
     files = [dict({"id": s, "image": images[s]}, **{t: found[t][s] for t in tasks}) for s in stems]
     if check:
-        _check_headers(files)
+        check_headers(files, {t: FOLDERS[t][1:] for t in TASKS})
     return files
-
-
-def _check_headers(files):
-    """The label PNGs' headers (complete, bit depth, grey, the image's size when the image is a PNG)."""
-    for entry in files:
-        size = None
-        if entry["image"].lower().endswith(".png"):
-            info = check_png(entry["image"], "image")
-            size = (info.width, info.height)
-        for task in TASKS:
-            if task in entry:
-                _, what, depth = FOLDERS[task]
-                check_png(entry[task], what, bit_depth=depth, grey=True, size=size)
 
 
 def label_table(classes):
@@ -244,10 +228,9 @@ def _check_example(entry, classes):
 
 def validate_split(data_dir, split, num_classes=None, tasks=None, workers=4, max_errors=20, depth_target=None):
     """Every file of a split decoded: pairing, bit depths, sizes, label values (``prepare_data.py --check``)."""
-    report = SplitReport(split)
     if not os.path.isdir(os.path.join(os.fspath(data_dir), split)):
-        report.missing = True
-        return report
+        return SplitReport(split, missing=True)
+    report = SplitReport(split)
     problems = []
     try:
         classes = read_classes(data_dir)

@@ -100,21 +100,17 @@ def count(name, data_dir, split="train"):
     return len(list_npy_release(name, data_dir, split)["image"])
 
 
-_EXPECTED = {  # field -> (allowed shapes as a text, channels)
-    "image": ("HxWx3", 3),
-    "label": ("HxW (or HxWx1)", 1),
-    "depth": ("HxWx1 (or HxW)", 1),
-    "normal": ("HxWx3", 3),
-}
+_CHANNELS = {"image": 3, "label": 1, "depth": 1, "normal": 3}  # a one-channel map may lack its channel axis
 
 
 def _shape3(path, field, shape):
-    text, channels = _EXPECTED[field]
-    if len(shape) == 2 and channels == 1:
+    c = _CHANNELS[field]
+    if len(shape) == 2 and c == 1:
         return (shape[0], shape[1], 1)
-    if len(shape) == 3 and shape[2] == channels and shape[0] > 0 and shape[1] > 0:
+    if len(shape) == 3 and shape[2] == c and shape[0] > 0 and shape[1] > 0:
         return tuple(shape)
-    raise DataError(f"{path}: expected a {field} array of shape {text}, got shape {tuple(shape)}")
+    raise DataError(f"{path}: expected a {field} array of shape HxWx{c}{' (or HxW)' if c == 1 else ''}, got shape "
+                    f"{tuple(shape)}")
 
 
 def _dtype_variant(dtype):
@@ -133,7 +129,7 @@ def _dtype_variant(dtype):
 
 def _field_columns(field, paths):
     """Header of every file -> columns (path, offset, nbytes, shape3, fortran, variant code) and the variants."""
-    variants, codes, offsets, nbytes, shapes, fortran, is_float = [], [], [], [], [], [], []
+    variants, rows = [], []
     for path in paths:
         info = npy_info(path)
         shape3 = _shape3(path, field, info.shape)
@@ -143,12 +139,9 @@ def _field_columns(field, paths):
             raise DataError(f"{path}: unsupported dtype {info.dtype} (expected a bool, int or float array)") from None
         if variant not in variants:
             variants.append(variant)
-        codes.append(variants.index(variant))
-        offsets.append(info.offset)
-        nbytes.append(int(np.prod(info.shape, dtype=np.int64)) * info.dtype.itemsize)
-        shapes.append(shape3)
-        fortran.append(info.fortran_order)
-        is_float.append(info.dtype.kind == "f")
+        rows.append((info.offset, int(np.prod(info.shape, dtype=np.int64)) * info.dtype.itemsize, shape3,
+                     info.fortran_order, variants.index(variant), info.dtype.kind == "f"))
+    offsets, nbytes, shapes, fortran, codes, is_float = zip(*rows)
     columns = {"path": list(paths), "offset": np.array(offsets, np.int64), "nbytes": np.array(nbytes, np.int64),
                "shape": np.array(shapes, np.int32), "fortran": np.array(fortran, bool),
                "code": np.array(codes, np.int32), "is_float": np.array(is_float, bool)}
@@ -322,11 +315,10 @@ def _check_npy_example(paths, num_classes):
 
 def validate_split(name, data_dir, split, num_classes, tasks, workers=4, max_errors=20, depth_target=None):
     """Pairing, headers and the value ranges of every array, as the loader checks them (``--check``)."""
-    report = SplitReport(split)
     folder = os.path.join(data_dir, _release(name).splits.get(split, split))
     if not os.path.isdir(folder):
-        report.missing = True
-        return report
+        return SplitReport(split, missing=True)
+    report = SplitReport(split)
     fields = ["image"] + [_FIELD_OF_TASK[t] for t in tasks]
     try:
         listing = list_npy_release(name, data_dir, split, fields, num_classes)

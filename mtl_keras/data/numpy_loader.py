@@ -1,21 +1,16 @@
-"""TensorFlow-free loaders (``keras.utils.PyDataset``: numpy, OpenCV and Keras only) of the CityScapes raw layout
-and of folder datasets, for the JAX and PyTorch backends without TensorFlow.
+"""TensorFlow-free loaders (``keras.utils.PyDataset``) of the CityScapes raw layout and of folder datasets, for the
+JAX and PyTorch backends without TensorFlow. Without augmentation the batches equal ``load_dataset``'s bit for bit:
+the image resize re-implements TF's antialiased bilinear ``ScaleAndTranslate`` (same float32 span weights, rows then
+columns, round half to even; OpenCV's resizes differ by up to 28 grey levels) and label maps use TF's half-pixel
+nearest indices.
 
-Without augmentation the batches equal ``load_dataset``'s bit for bit: the image resize re-implements
-``tf.image.resize(method="bilinear", antialias=True)`` (TF's ``ScaleAndTranslate``, triangle kernel: the same
-float32 span weights, rows then columns, round half to even) and label maps use TF's half-pixel-centre nearest
-indices; OpenCV's resizes differ by up to 28 grey levels or pick other pixels.
-
-Every batch is a pure function of ``(seed, epoch, index)``: data epoch ``e`` is in the order
-``default_rng([seed, e]).permutation(n)`` and example ``k`` is mirrored when ``default_rng([seed, e, k, 1]).random()
-< 0.5`` (the trailing 1 keeps the streams apart: seed sequences ignore trailing zeros). ``on_epoch_end`` advances the
-epoch, and Keras 3.15's ``fit`` also calls it once before the first epoch, so a run resumed with
-``fit(initial_epoch=k)`` on a dataset made with ``initial_epoch=k`` reads the data of the uninterrupted run (pass
-``shuffle=False`` to ``fit``). Keras draws at most ``len(ds)`` batches of a finite PyDataset per epoch, so
-``steps_per_epoch=S`` gives ``len(ds) == S`` full batches cut from an endless stream of passes (``repeat()`` before
-``batch()``). Keep ``workers=1`` where a run must be reproducible batch for batch: Keras keeps the batches it
-prefetched while ``fit`` builds the model. Not supported (use tf.data): metric depth, random scale and crop, caching,
-sharding.
+Batches are pure functions of ``(seed, epoch, index)``: epoch ``e``'s order is ``default_rng([seed, e])``'s
+permutation, example ``k`` is mirrored when ``default_rng([seed, e, k, 1]).random() < 0.5`` (seed sequences ignore
+trailing zeros). Keras 3.15's ``fit`` calls ``on_epoch_end`` once before the first epoch too, so ``initial_epoch=k``
+resumes the data of an uninterrupted run (pass ``shuffle=False`` to ``fit``); it draws at most ``len(ds)`` batches
+per epoch, so ``steps_per_epoch=S`` cuts ``len(ds) == S`` full batches from an endless stream of passes. Keep
+``workers=1`` for batch-exact runs (Keras keeps the batches it prefetched while building the model). Not supported:
+metric depth, random scale and crop, caching, sharding (use tf.data).
 """
 
 from __future__ import annotations
@@ -29,7 +24,7 @@ import numpy as np
 
 import mtl_keras.data.folder as folder
 from mtl_keras.data.checks import DataError, check_image_size, check_tasks, imread_label, imread_png
-from mtl_keras.data.cityscapes import _PNG_EXPECT, TASKS, list_task_files
+from mtl_keras.data.cityscapes import _PNG_EXPECT, _TASK_FILES, TASKS, list_task_files
 from mtl_keras.labels import IGNORE_INDEX, known_label_mask, label_lookup_table
 
 _FLIP_STREAM = 1  # last word of the flip seeds (non-zero: see the module docstring)
@@ -246,36 +241,34 @@ class CityscapesPyDataset(keras.utils.PyDataset):
     def on_epoch_end(self):
         self.epoch += 1
 
+    def _read(self, entry):
+        """(BGR image, {task: its map at the file's size}) of one sample; withheld targets are left out."""
+        image = imread_png(entry["image"], cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        maps = {task: imread_label(entry[key], *_PNG_EXPECT[key]) for task, key in _TASK_FILES.items()
+                if task in self.tasks and key in self._present}
+        if "semantic" in maps and int(maps["semantic"].max()) > self._max_known:  # one max: is the file clean?
+            bad = np.nonzero((np.bincount(maps["semantic"].reshape(-1), minlength=256) > 0) & ~self._known)[0]
+            raise DataError(f"unknown CityScapes labelId(s) (not in cityscapesscripts' table, ids 0..33) in labelIds "
+                            f"file {entry['label_ids']}: unknown ids {bad.tolist()}")
+        if "instance" in maps:  # plain labelIds (incl. groups) are no instance
+            maps["instance"] = np.where(maps["instance"] >= 1000, maps["instance"], 0)
+        return image, maps
+
     def prepared(self, example):
         """Example ``example`` (index into ``files``) at the training size before flips and targets (the prepared
-        example of ``mtl_keras.data.pipeline``)."""
-        entry = self.files[example]
+        example of ``mtl_keras.data.pipeline``); a withheld target is ignored (semantic) or invalid everywhere."""
         h, w = self.image_size
-        image = imread_png(entry["image"], cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        image, maps = self._read(self.files[example])
         out = {"image": resize_image_numpy(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), (h, w))}
         if "semantic" in self.tasks:
-            if "label_ids" in self._present:
-                ids = imread_label(entry["label_ids"], *_PNG_EXPECT["label_ids"])
-                if int(ids.max()) > self._max_known:  # known ids are 0..33: one max tells whether the file is clean
-                    hist = np.bincount(ids.reshape(-1), minlength=256)
-                    bad = np.nonzero((hist > 0) & ~self._known)[0]
-                    raise DataError(f"unknown CityScapes labelId(s) (not in cityscapesscripts' table, ids 0..33) "
-                                    f"in labelIds file {entry['label_ids']}: unknown ids {bad.tolist()}")
-                out["semantic"] = self._lut[resize_nearest_numpy(ids, (h, w))]
-            else:  # withheld test labels: ignore everywhere
-                out["semantic"] = np.full((h, w), IGNORE_INDEX, np.uint8)
+            out["semantic"] = (self._lut[resize_nearest_numpy(maps["semantic"], (h, w))] if "semantic" in maps
+                               else np.full((h, w), IGNORE_INDEX, np.uint8))
         if "instance" in self.tasks:
-            if "instance_ids" in self._present:
-                inst = imread_label(entry["instance_ids"], *_PNG_EXPECT["instance_ids"])
-                inst = resize_nearest_numpy(inst, (h, w)).astype(np.int32)
-                out["instance_ids"] = np.where(inst >= 1000, inst, 0)  # plain labelIds (incl. groups): no instance
-            else:
-                out["instance_ids"] = np.zeros((h, w), np.int32)
+            out["instance_ids"] = (resize_nearest_numpy(maps["instance"], (h, w)).astype(np.int32) if "instance" in maps
+                                   else np.zeros((h, w), np.int32))
         if "depth" in self.tasks:
-            if "disparity" in self._present:
-                out["depth"] = _disparity_depth(imread_label(entry["disparity"], *_PNG_EXPECT["disparity"]), (h, w))
-            else:
-                out["depth"] = np.full((h, w, 1), np.nan, _F32)
+            out["depth"] = (_disparity_depth(maps["depth"], (h, w)) if "depth" in maps
+                            else np.full((h, w, 1), np.nan, _F32))
         return out
 
     def example(self, example, flip=False):
@@ -318,20 +311,12 @@ class FolderPyDataset(CityscapesPyDataset):
     def _list_files(self, split, check_files):
         return folder.list_folder_files(self.data_dir, split, self.tasks, check=check_files)
 
-    def prepared(self, example):
-        entry = self.files[example]
-        h, w = self.image_size
+    def _read(self, entry):
         image = folder.read_image(entry["image"])
-        out = {"image": resize_image_numpy(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), (h, w))}
         maps = {t: imread_label(entry[t], *folder.FOLDERS[t][1:], size=image.shape[1::-1]) for t in self.tasks}
         if "semantic" in maps:
             bad = np.unique(maps["semantic"][~self._valid[maps["semantic"]]])
             if bad.size:
                 raise DataError(f"{entry['semantic']}: label values {bad[:10].tolist()} are neither class ids nor the "
                                 f"ignore label {self.classes.ignore_label}")
-            out["semantic"] = self._lut[resize_nearest_numpy(maps["semantic"], (h, w))]
-        if "instance" in maps:
-            out["instance_ids"] = resize_nearest_numpy(maps["instance"], (h, w)).astype(np.int32)
-        if "depth" in maps:
-            out["depth"] = _disparity_depth(maps["depth"], (h, w))
-        return out
+        return image, maps

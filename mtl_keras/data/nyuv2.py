@@ -1,49 +1,37 @@
-"""tf.data loader for NYUv2's labeled set (``nyu_depth_v2_labeled.mat``, MATLAB v7.3 = HDF5, read with h5py).
-
-Files in ``data_dir`` (names can be overridden):
-
-* ``nyu_depth_v2_labeled.mat``: h5py shows MATLAB's dimensions reversed: ``images`` (N, 3, W, H) uint8,
-  ``depths`` (N, W, H) float32 metres, ``labels`` (N, W, H) uint16 (0 = unlabeled, 1..894), ``instances``
-  (N, W, H) uint8 (N = 1449, W x H = 640 x 480). Image ``i`` as HxWxC is ``images[i].transpose(2, 1, 0)``.
-* ``splits.mat`` (v5): ``trainNdxs`` (795) and ``testNdxs`` (654), 1-based. ``split="train"`` reads the first,
-  ``"val"`` (and its alias ``"test"``) the second: NYUv2 has no separate validation split.
-* ``classMapping40.mat`` (v5): ``mapClass`` (1 x 894): 894 -> 40 classes, 1-based.
-* ``class13Mapping.mat`` (v5, for ``num_classes=13``): ``classMapping13.labels13`` (1 x 40): 40 -> 13, 1-based.
-
-Targets: ``semantic`` = 894 -> 40 (-> 13) class - 1, with label 0 (unlabeled) -> 255 (ignore); ``depth`` in metres
-(``depth_target="metric"``, the default) or 1/m (``"inverse"``), invalid where not finite or <= 0 (the labeled
-set's depths are in-painted, so normally all valid) and unchanged by random scaling (a zoom does not move the
-scene; see ``mtl_keras.data.augment``); ``instance`` = centroid vectors of the objects: a pixel belongs to the
-instance ``(labels, instances)`` when its label is > 0, its ``instances`` value is > 0 and its 40-class is not
-wall, floor or ceiling (those are "stuff": NYUv2 numbers them too, but they have no meaningful centroid).
-NYUv2's labeled set has no surface normals (use the ``.npy`` release, ``nyuv2_npy``).
-
-The ``.mat`` is read in the parallel map (h5py serialises access to the file; resizing and label mapping run in
-TF ops in parallel). For many epochs, write a prepared cache once with
-``experiments/prepare_data.py``.
+"""tf.data loader of NYUv2's labeled set (``nyu_depth_v2_labeled.mat``, MATLAB v7.3 = HDF5, read with h5py) with
+the standard split (``splits.mat``; ``val`` = its 654-image test split) and the user's class maps
+(``classMapping40.mat``, ``class13Mapping.mat``); files, shapes and targets in ``datasets/nyuv2.md``. Instances are
+objects only: wall, floor and ceiling are numbered too, but "stuff" has no meaningful centroid. The ``.mat`` is read
+in the parallel map (h5py serialises access; resizing and label mapping run in TF ops in parallel).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
 
 from mtl_keras.data.checks import (DataError, SplitReport, check_image_size, check_num_classes, check_tasks,
                                    error_message)
-from mtl_keras.data.pipeline import Source, resize_image, resize_nearest
+from mtl_keras.data.pipeline import Source, metric_depth, resize_image, resize_nearest
 from mtl_keras.labels import IGNORE_INDEX, NYUV2_NUM_CLASSES
 
 TASKS = ("semantic", "instance", "depth")
 NYUV2_FILES = {"mat": "nyu_depth_v2_labeled.mat", "splits": "splits.mat", "map40": "classMapping40.mat",
                "map13": "class13Mapping.mat"}
 _STUFF_40 = (1, 2, 22)  # wall, floor, ceiling (1-based 40-class ids)
-_SPLIT_KEYS = {"train": "trainNdxs", "val": "testNdxs", "test": "testNdxs"}
 _NEEDS = {"semantic": ("labels",), "instance": ("labels", "instances"), "depth": ("depths",)}
 
 
 def _path(data_dir, key, override=None):
     return os.fspath(override) if override else os.path.join(os.fspath(data_dir), NYUV2_FILES[key])
+
+
+def _split_key(split):
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"NYUv2 has the splits train, val (= the 654-image test split) and test, got {split!r}")
+    return "train" if split == "train" else "val"
 
 
 def _loadmat(path, what):
@@ -82,11 +70,8 @@ def _mat_vector(path, mat, key, what, field=None):
 
 
 def nyuv2_label_table(data_dir, num_classes=13, map40_path=None, map13_path=None):
-    """uint8 lookup table (index = raw NYUv2 label 0..894) -> training id (0..C-1), 255 for label 0 (unlabeled).
-
-    Built from the user's ``classMapping40.mat`` (and ``class13Mapping.mat`` for 13 classes). Also returns the
-    1-based 40-class of each raw label (0 for unlabeled), used to tell objects from stuff.
-    """
+    """(uint8 table: raw label 0..894 -> training id 0..C-1, 255 for 0 = unlabeled; the 1-based 40-class of each raw
+    label, 0 for unlabeled) from ``classMapping40.mat`` (and ``class13Mapping.mat`` for 13 classes)."""
     num_classes = check_num_classes(num_classes, NYUV2_NUM_CLASSES, "NYUv2 (13 = Couprie et al., 40 = Gupta et al.)")
     p40 = _path(data_dir, "map40", map40_path)
     what40 = "mapClass: 1 x 894, the 894 NYUv2 labels -> 40 classes (1-based)"
@@ -131,10 +116,7 @@ def read_nyuv2_splits(data_dir, num_images, splits_path=None):
 
 
 def check_nyuv2_mat(path, tasks=TASKS):
-    """Opens the labeled ``.mat`` and checks its datasets for ``tasks``; returns ``(N, (H, W))``.
-
-    Raises ``FileNotFoundError`` / :class:`DataError` naming the file and the datasets it should hold.
-    """
+    """Checks the labeled ``.mat``'s datasets for ``tasks``; returns ``(N, (H, W))``."""
     import h5py
 
     path = os.fspath(path)
@@ -143,8 +125,7 @@ def check_nyuv2_mat(path, tasks=TASKS):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"missing file {path}: expected NYUv2's nyu_depth_v2_labeled.mat (MATLAB v7.3) "
                                 f"with {expected}")
-    needed = ["images"] + [d for t in tasks for d in _NEEDS.get(t, ())]
-    needed = list(dict.fromkeys(needed))
+    needed = list(dict.fromkeys(["images"] + [d for t in tasks for d in _NEEDS.get(t, ())]))
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -171,33 +152,20 @@ def check_nyuv2_mat(path, tasks=TASKS):
     return int(n), (int(h), int(w))
 
 
-class _MatReader:
-    """Reads sample ``i`` of the labeled .mat.
+def _read_sample(path, fields, i):
+    """The image and ``fields`` of sample ``i``, opening the file each time (about a millisecond): no handle stays
+    open between epochs, and forked workers never share one."""
+    import h5py
 
-    The file is opened for each sample (about a millisecond; h5py serialises access anyway), so no handle stays
-    open between epochs: the file can be replaced, and forked workers never share a handle.
-    """
-
-    def __init__(self, path, fields):
-        self.path = os.fspath(path)
-        self.fields = tuple(fields)
-
-    def __call__(self, i):
-        import h5py
-
-        i = int(i)
-        with h5py.File(self.path, "r") as f:
-            out = [np.ascontiguousarray(f["images"][i].transpose(2, 1, 0)).astype(np.uint8)]
-            for name in self.fields:
-                out.append(np.ascontiguousarray(f[name][i].T))
-        return out
+    with h5py.File(path, "r") as f:
+        image = np.ascontiguousarray(f["images"][int(i)].transpose(2, 1, 0)).astype(np.uint8)
+        return [image] + [np.ascontiguousarray(f[name][int(i)].T) for name in fields]
 
 
 def nyuv2_source(data_dir, split="train", image_size=(288, 384), num_classes=13, tasks=TASKS,
                  depth_target="metric", check_files=True, mat_path=None, splits_path=None, map40_path=None,
                  map13_path=None) -> Source:
-    """The rows and decode function of a NYUv2 split (see ``mtl_keras.data.pipeline.Source``). ``*_path``: files
-    that replace the default names in ``data_dir``."""
+    """The ``pipeline.Source`` of a NYUv2 split; ``*_path``: files that replace the default names in ``data_dir``."""
     import tensorflow as tf
 
     del check_files  # the .mat's datasets and the mapping files are always checked up front
@@ -205,34 +173,24 @@ def nyuv2_source(data_dir, split="train", image_size=(288, 384), num_classes=13,
     if depth_target not in ("metric", "inverse"):
         raise ValueError(f"depth_target must be 'metric' (metres) or 'inverse' (1/m) for NYUv2, got "
                          f"{depth_target!r}")
-    if split not in _SPLIT_KEYS:
-        raise ValueError(f"NYUv2 has the splits train, val (= the 654-image test split) and test, got {split!r}")
+    split_key = _split_key(split)
     h, w = check_image_size(image_size)
     if not os.path.isdir(os.fspath(data_dir)):
         raise FileNotFoundError(f"NYUv2 folder {data_dir} does not exist")
     table, class40 = nyuv2_label_table(data_dir, num_classes, map40_path, map13_path)
     mat = _path(data_dir, "mat", mat_path)
     n, _ = check_nyuv2_mat(mat, tasks)
-    indices = read_nyuv2_splits(data_dir, n, splits_path)["train" if split == "train" else "val"]
+    indices = read_nyuv2_splits(data_dir, n, splits_path)[split_key]
     if indices.size == 0:
         raise ValueError(f"empty split {split!r}: {_path(data_dir, 'splits', splits_path)} lists no image")
 
-    fields = []
-    if "semantic" in tasks or "instance" in tasks:
-        fields.append("labels")
-    if "instance" in tasks:
-        fields.append("instances")
-    if "depth" in tasks:
-        fields.append("depths")
-    reader = _MatReader(mat, fields)
+    fields = list(dict.fromkeys(d for t in TASKS if t in tasks for d in _NEEDS[t]))  # labels, instances, depths
+    reader = functools.partial(_read_sample, os.fspath(mat), tuple(fields))
     out_types = [tf.uint8] + [{"labels": tf.uint16, "instances": tf.uint8, "depths": tf.float32}[k]
                               for k in fields]
     lut = tf.constant(table)
     c40 = tf.constant(class40)
     stuff = tf.constant(_STUFF_40, tf.int32)
-
-    def nearest(x):
-        return tf.image.resize(x, (h, w), method="nearest")
 
     def decode(row):
         index = row["index"]
@@ -248,20 +206,18 @@ def nyuv2_source(data_dir, split="train", image_size=(288, 384), num_classes=13,
             with tf.control_dependencies([check]):
                 labels = tf.identity(labels)
             if "semantic" in tasks:
-                out["semantic"] = tf.ensure_shape(tf.gather(lut, nearest(labels[..., None])[..., 0]), (h, w))
+                out["semantic"] = tf.ensure_shape(tf.gather(lut, resize_nearest(labels[..., None], (h, w))[..., 0]),
+                                                  (h, w))
             if "instance" in tasks:
                 inst = tf.cast(tf.ensure_shape(values["instances"], (None, None)), tf.int32)
                 cls = tf.gather(c40, labels)
                 thing = (labels > 0) & (inst > 0) & (cls > 0) & tf.reduce_all(
                     tf.not_equal(cls[..., None], stuff), axis=-1)
                 ids = tf.where(thing, labels * 256 + inst, 0)
-                out["instance_ids"] = tf.ensure_shape(nearest(ids[..., None])[..., 0], (h, w))
+                out["instance_ids"] = tf.ensure_shape(resize_nearest(ids[..., None], (h, w))[..., 0], (h, w))
         if "depth" in tasks:
-            d = tf.ensure_shape(values["depths"], (None, None))[..., None]
-            valid = tf.math.is_finite(d) & (d > 0)
-            if depth_target == "inverse":
-                d = 1.0 / tf.where(valid, d, 1.0)
-            out["depth"] = tf.ensure_shape(nearest(tf.where(valid, d, float("nan"))), (h, w, 1))
+            d = metric_depth(tf.ensure_shape(values["depths"], (None, None))[..., None], depth_target == "inverse")
+            out["depth"] = tf.ensure_shape(resize_nearest(d, (h, w)), (h, w, 1))
         return out
 
     return Source(columns={"index": indices.astype(np.int64)}, decode=decode, num_examples=int(indices.size),
@@ -270,9 +226,7 @@ def nyuv2_source(data_dir, split="train", image_size=(288, 384), num_classes=13,
 
 def count(data_dir, split="train"):
     n, _ = check_nyuv2_mat(_path(data_dir, "mat"), ())
-    if split not in _SPLIT_KEYS:
-        raise ValueError(f"NYUv2 has the splits train, val (= the 654-image test split) and test, got {split!r}")
-    return int(read_nyuv2_splits(data_dir, n)["train" if split == "train" else "val"].size)
+    return int(read_nyuv2_splits(data_dir, n)[_split_key(split)].size)
 
 
 def validate_split(data_dir, split, num_classes, tasks, workers=4, max_errors=20, depth_target=None):
@@ -284,7 +238,7 @@ def validate_split(data_dir, split, num_classes, tasks, workers=4, max_errors=20
     try:
         table, _ = nyuv2_label_table(data_dir, num_classes)
         n, (h, w) = check_nyuv2_mat(mat, tasks)
-        indices = read_nyuv2_splits(data_dir, n)["train" if split == "train" else "val"]
+        indices = read_nyuv2_splits(data_dir, n)[_split_key(split)]
     except (OSError, ValueError) as e:
         report.errors.append((mat, error_message(e)))
         return report
@@ -292,7 +246,7 @@ def validate_split(data_dir, split, num_classes, tasks, workers=4, max_errors=20
     needed = {d for t in tasks for d in _NEEDS.get(t, ())}  # the .mat datasets the reader reads for the tasks
     with h5py.File(mat, "r") as f:
         for i in indices:
-            report.add_size(w, h)
+            report.add({"size": (w, h)})
             if "labels" in f and "labels" in needed:
                 lab = f["labels"][i]
                 if lab.max() >= len(table):

@@ -101,14 +101,9 @@ def prepared_to_targets(example, tasks):
 
 
 def shuffled_epochs(ds, num_elements, seed, repeat):
-    """``ds`` (``num_elements`` long) in a new order each epoch (repeated forever when ``repeat``), epoch ``e``'s a
-    stateless function of ``(seed, e)``.
-
-    Why not ``shuffle(reshuffle_each_iteration=True)``: it draws each iterator's order from a generator shared by the
-    dataset's iterators, and Keras' ``fit`` makes one more (to build the model) in a fresh run than in a resumed one,
-    so a resumed run would see other batches. Each epoch is gathered whole (as a full shuffle buffer) and permuted,
-    so the elements need one shape.
-    """
+    """``ds`` (``num_elements`` long, one shape) in a new order each epoch, epoch ``e``'s a stateless function of
+    ``(seed, e)``; forever when ``repeat``. Not ``shuffle(reshuffle_each_iteration=True)``: its iterators share one
+    generator, and Keras' ``fit`` makes one more in a fresh run (to build the model) than in a resumed one."""
     import tensorflow as tf
 
     whole = ds.batch(int(num_elements))
@@ -145,7 +140,6 @@ def load_source(source: Source, split, batch_size=8, shuffle=None, seed=0, flip=
     num_parallel_calls = tf.data.AUTOTUNE if num_parallel_calls is None else num_parallel_calls
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    tasks = source.tasks
     shard_id, num_shards = (0, 1) if input_context is None else (int(input_context.input_pipeline_id),
                                                                  int(input_context.num_input_pipelines))
     n = max(1, -(-int(source.num_examples) // num_shards))
@@ -164,12 +158,11 @@ def load_source(source: Source, split, batch_size=8, shuffle=None, seed=0, flip=
     if repeat and not repeated:
         ds = ds.repeat()
     ds = ds.enumerate()
-    aug_seed = int(seed)
 
     def to_batch_element(index, example):
-        image, targets = prepared_to_targets(example, tasks)
+        image, targets = prepared_to_targets(example, source.tasks)
         key = index * num_shards + shard_id  # position in the global stream: distinct over shards
-        return augment_example(image, targets, aug_seed, key, augment)
+        return augment_example(image, targets, int(seed), key, augment)
 
     ds = ds.map(to_batch_element, num_parallel_calls=num_parallel_calls)
     ds = ds.batch(int(batch_size), drop_remainder=bool(drop_remainder))

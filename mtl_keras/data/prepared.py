@@ -1,17 +1,9 @@
-"""A compact cache of any dataset at the training resolution ("prepared" set), written once, read fast.
-
-``write_prepared`` runs a format's decode step (PNG / .npy / .mat decoding, resizing, label mapping, depth
-conversion) once and stores each prepared example (see ``mtl_keras.data.pipeline``) as one zlib-compressed file:
-
-    {out}/prepared_manifest.json         dataset, source folder, image size, classes, tasks, depth unit, counts
-    {out}/{split}/{i:06d}.zlib            the raw bytes of image, semantic, instance ids, depth, normals in turn
-
-One file per example keeps a full shuffle cheap (file names are shuffled, not decoded examples), lets every
-``tf.data`` worker read and decompress in parallel, and shards by file for distributed input. Instance ids are
-renumbered 1..K per image (uint16); depth and normals stay float32 (NaN = invalid), so a prepared set gives exactly
-the tensors of the source loader. ``load_prepared`` (dataset name ``prepared``) checks that the requested image
-size, classes, tasks and depth unit are those of the cache, then runs the same targets + augmentation stage.
-"""
+"""A cache of any dataset's prepared examples (``mtl_keras.data.pipeline``) at the training size, written once:
+``{out}/prepared_manifest.json`` (dataset, image size, classes, tasks, depth unit, counts) and one zlib-compressed
+``{out}/{split}/{i:06d}.zlib`` per example holding the raw bytes of its fields in turn. One file per example keeps a
+full shuffle cheap (names are shuffled, not examples), lets tf.data workers decompress in parallel and shards by
+file. Instance ids are renumbered 1..K per image (uint16); the rest is stored as decoded, so the cache gives exactly
+the tensors of the source loader."""
 
 from __future__ import annotations
 
@@ -40,18 +32,16 @@ def _fields(tasks):
     return ["image"] + [t.example_key for t in TASKS.values() if t.name in tasks]
 
 
-def _field_shape(key, image_size):
-    dtype, c = _FIELDS[key]
-    return tuple(image_size) + ((c,) if c else ())
+def _layout(keys, image_size):
+    """``[(key, shape, bytes)]`` of the fields stored in a file, in turn."""
+    shapes = [tuple(image_size) + ((_FIELDS[k][1],) if _FIELDS[k][1] else ()) for k in keys]
+    return [(k, shape, int(np.prod(shape)) * np.dtype(_FIELDS[k][0]).itemsize) for k, shape in zip(keys, shapes)]
 
 
 def write_prepared_sources(make_source, dataset, data_dir, out_dir, splits, image_size, num_classes, depth_target,
                            level=3, verbose=False):
-    """Runs the decode step of ``make_source(split)`` (a ``Source`` of ``dataset``) once per split and writes the
-    prepared set to ``out_dir`` (``mtl_keras.data.datasets.write_prepared`` gives it the dataset's sources).
-
-    The manifest is written last, so an interrupted run leaves no usable (half) cache. Returns the manifest.
-    """
+    """Runs the decode step of ``make_source(split)`` once per split into ``out_dir``; returns the manifest, written
+    last so that an interrupted run leaves no usable half cache."""
     import tensorflow as tf
 
     out_dir = os.fspath(out_dir)
@@ -137,12 +127,8 @@ def count(data_dir, split="train"):
 
 
 def _decoder(keys, image_size):
-    sizes, shapes = [], []
-    for key in keys:
-        shape = _field_shape(key, image_size)
-        shapes.append(shape)
-        sizes.append(int(np.prod(shape)) * np.dtype(_FIELDS[key][0]).itemsize)
-    total = sum(sizes)
+    layout = _layout(keys, image_size)
+    total = sum(size for _, _, size in layout)
 
     def decode(row):
         import tensorflow as tf
@@ -153,7 +139,7 @@ def _decoder(keys, image_size):
         with tf.control_dependencies([check]):
             raw = tf.identity(raw)
         out, offset = {}, 0
-        for key, size, shape in zip(keys, sizes, shapes):
+        for key, shape, size in layout:
             x = tf.io.decode_raw(tf.strings.substr(raw, offset, size), getattr(tf, _FIELDS[key][0]))
             x = tf.reshape(x, shape)
             out[key] = tf.cast(x, _EXAMPLE_DTYPES[key]) if key in _EXAMPLE_DTYPES else x
@@ -165,8 +151,8 @@ def _decoder(keys, image_size):
 
 def prepared_source(data_dir, split="train", image_size=None, num_classes=None, tasks=None, depth_target=None,
                     check_files=True) -> Source:
-    """A split of a prepared set. ``image_size``, ``num_classes``, ``tasks`` and ``depth_target`` default to the
-    cache's and must match it when given (a cache is made at one resolution: prepare another for another size)."""
+    """A split of a prepared set; ``image_size``, ``num_classes``, ``tasks`` and ``depth_target`` must be the cache's
+    when given."""
     del check_files
     manifest = read_manifest(data_dir)
     size = tuple(manifest["image_size"])
@@ -204,11 +190,10 @@ def validate_split(data_dir, split, num_classes=None, tasks=None, workers=4, max
         report.errors.append((data_dir, error_message(e)))
         return report
     h, w = manifest["image_size"]
-    expected = sum(int(np.prod(_field_shape(k, (h, w)))) * np.dtype(_FIELDS[k][0]).itemsize
-                   for k in _fields(manifest["tasks"]))
+    expected = sum(size for _, _, size in _layout(_fields(manifest["tasks"]), (h, w)))
     report.examples = len(files)
     for path in files:
-        report.add_size(w, h)
+        report.add({"size": (w, h)})
         try:
             with open(path, "rb") as f:
                 size = len(zlib.decompress(f.read()))

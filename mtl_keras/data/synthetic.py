@@ -67,7 +67,6 @@ class _Canvas:
         cam = camera_parameters(height, width)["intrinsic"]
         self.fx, self.fy, self.u0, self.v0 = cam["fx"], cam["fy"], cam["u0"], cam["v0"]
         self.bf = BASELINE * self.fx
-        self.rng = rng
         self.label = np.full((height, width), SKY, np.uint8)
         self.inst = np.zeros((height, width), np.int32)  # 0 = no instance
         self.disp = np.zeros((height, width), np.float64)  # 0 = at infinity (sky)
@@ -76,7 +75,6 @@ class _Canvas:
         self.cols = np.arange(width, dtype=np.float64)[None, :]
         self.fine_noise = rng.standard_normal((height, width)).astype(np.float32)
 
-    # projection helpers -----------------------------------------------------------------
     def u_of(self, x, z):
         return self.u0 + self.fx * x / z
 
@@ -85,12 +83,8 @@ class _Canvas:
 
     def draw_object(self, x: float, z: float, half_width: float, height: float, shape_fn,
                     label: int, inst: int = 0):
-        """Draws a fronto-parallel object at lateral position x, distance z.
-
-        ``shape_fn(xl, yl)`` gets local metric coordinates (xl lateral from the object's
-        centre, yl height above the ground) of the pixels of the bounding box and returns
-        (mask, rgb) with rgb of shape mask.shape + (3,).
-        """
+        """Draws a fronto-parallel object at lateral position x, distance z. ``shape_fn(xl, yl)`` gets the metric
+        coordinates of the box's pixels (xl from the object's centre, yl above the ground) and returns (mask, rgb)."""
         u_a = int(np.floor(self.u_of(x - half_width, z)))
         u_b = int(np.ceil(self.u_of(x + half_width, z))) + 1
         v_a = int(np.floor(self.v_of(height, z)))
@@ -108,11 +102,15 @@ class _Canvas:
         mask = mask & (d >= self.disp[sl])
         if not mask.any():
             return False
-        self.disp[sl][mask] = d
+        self.paint(sl, mask, d, label, inst, rgb)
+        return True
+
+    def paint(self, sl, mask, disp, label, inst, rgb):
+        """Writes the pixels ``mask`` (already z-tested) of the window ``sl``."""
+        self.disp[sl][mask] = disp
         self.label[sl][mask] = label
         self.inst[sl][mask] = inst
         self.color[sl][mask] = rgb[mask]
-        return True
 
 
 def _render_ground(cv: _Canvas, rng, road_half, x_off, sw_left, sw_right, tint):
@@ -188,10 +186,7 @@ def _render_facade(cv: _Canvas, side: int, x_facade: float, z_a: float, z_b: flo
     col = np.where(win[..., None], window_rgb * (1 + 0.03 * n)[..., None], col)
     # ground floor darker
     col = np.where((y < 2.6)[..., None], col * 0.75, col)
-    cv.disp[sl][mask] = np.broadcast_to(d, mask.shape)[mask]
-    cv.label[sl][mask] = BUILDING
-    cv.inst[sl][mask] = 0
-    cv.color[sl][mask] = col[mask]
+    cv.paint(sl, mask, np.broadcast_to(d, mask.shape)[mask], BUILDING, 0, col)
 
 
 def _facade_colors(rng):
@@ -424,12 +419,6 @@ def _write_png(path: str, array: np.ndarray):
         raise OSError(f"could not write {path}")
 
 
-def _manifest_params(num_train, num_val, height, width, seed):
-    return {"version": _VERSION, "num_train": int(num_train), "num_val": int(num_val),
-            "height": int(height), "width": int(width), "seed": int(seed),
-            "cities": SYNTHETIC_CITIES}
-
-
 def _read_manifest(root):
     try:
         with open(os.path.join(root, _MANIFEST)) as f:
@@ -453,21 +442,19 @@ def _grows(old, new):
 def generate_synthetic_cityscapes(root, num_train: int = 200, num_val: int = 50,
                                   height: int = 256, width: int = 512, seed: int = 0,
                                   overwrite: bool = False) -> str:
-    """Writes ``num_train`` + ``num_val`` scenes in the CityScapes raw layout under ``root`` (cities ``synthtown``
-    and ``synthville``; files in ``datasets/synthetic.md``); returns ``root``.
+    """Writes ``num_train`` + ``num_val`` scenes in the CityScapes raw layout under ``root``; returns ``root``.
 
     Scene ``i`` of a split has its own random stream seeded by ``(seed, split, i)``: the same arguments give
-    byte-identical files, and a complete smaller set of the same size and seed is grown (its scenes kept). A complete
-    set with the same arguments (``synthetic_manifest.json``) is left as it is; one with other arguments raises
-    ``FileExistsError`` unless ``overwrite``.
-    """
+    byte-identical files, and a complete smaller set of the same size and seed is grown (its scenes kept). A set with
+    other arguments raises ``FileExistsError`` unless ``overwrite``."""
     root = os.fspath(root)
     for name, v in (("num_train", num_train), ("num_val", num_val)):
         if int(v) < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
     if height < 16 or width < 16:
         raise ValueError(f"height and width must be >= 16, got height={height}, width={width}")
-    params = _manifest_params(num_train, num_val, height, width, seed)
+    params = {"version": _VERSION, "num_train": int(num_train), "num_val": int(num_val), "height": int(height),
+              "width": int(width), "seed": int(seed), "cities": SYNTHETIC_CITIES}
     manifest_path = os.path.join(root, _MANIFEST)
     keep = {"train": 0, "val": 0}  # scenes of an existing smaller set that are kept (grown, not rewritten)
     manifest = None if overwrite else _read_manifest(root)
