@@ -1,17 +1,9 @@
-"""One-call prediction: numpy images of any size in, per-image label maps, instance ids and depth out.
+"""One-call prediction: numpy images of any size in, per-image label maps, instance ids, depth and normals out.
 
-:func:`predict` runs a zoo model (images float32 RGB 0..255, NHWC -> ``{task: output}``) on numpy images and
-post-processes its outputs per image: semantic labels (argmax), instance ids (the vote clustering of
-:func:`mtl_keras.instances.cluster_instances`), inverse depth and normals, each at the image's own size.
-
-Any image size: a model built for a fixed ``input_shape`` is rebuilt once for ``(None, None, 3)`` with the same
-weights (the rebuilt copy is cached per model; the weights are copied again at every call, so training between calls
-is seen). Architectures that need sizes divisible by ``m`` (MT-UNet: 16) get each image padded at the bottom and
-right to a multiple of ``m`` by repeating its last row and column, and every output is cropped back to the image
-(padding rather than resizing keeps instance vectors and disparities in image pixels): the rule of the serving export
-(``mtl_keras.export``). Kendall et al. models run at the exact size.
-
-Backend-neutral (numpy and ``keras.Model.predict_on_batch`` only): TensorFlow, JAX and PyTorch.
+A model built for a fixed size is rebuilt once for ``(None, None, 3)`` (the copy is cached per model; the weights are
+copied at every call, so training between calls is seen); sizes are padded and outputs cropped by the serving
+export's rule (``mtl_keras.export``), and instance ids are clustered with the export's parameters, so ``predict``
+and the served model agree. Backend-neutral: numpy and ``keras.Model.predict_on_batch`` only.
 """
 
 import weakref
@@ -61,10 +53,6 @@ def any_size_model(model):
             pass
     copy.set_weights(model.get_weights())
     return copy
-
-
-def _model_tasks(model):
-    return model_tasks(model)
 
 
 # ------------------------------------------------------------------------------------------------------ the input
@@ -136,7 +124,7 @@ def predict(model, images, batch_size=8, instances=True, instance_classes=None, 
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     arrays, single = _as_image_list(images)
-    tasks = _model_tasks(model)
+    tasks = model_tasks(model)
     if not tasks:
         raise ValueError(f"predict needs a model whose output is a dict with some of {tuple(TASKS)}; "
                          f"{getattr(model, 'name', model)!r} outputs {getattr(model, 'output', None)!r}.")

@@ -1,28 +1,18 @@
 """Models by name and preset folders: the one module for names, presets, weights files and their sha256.
 
-Two forms of preset, one loader (:func:`from_preset`):
+A **preset folder** (keras-hub's layout; ``model.save_to_preset(DIR)``, a run's ``RUN/preset``) holds
+``config.json`` (the serialized model), ``model.weights.h5`` and ``metadata.json`` (versions, class, architecture,
+parameters, tasks, classes, input size, ``size_multiple``, the weights' sha256; optionally the training config and
+metrics). A **named preset** is a registered dict ``models/NAME.json``: ``architecture`` (a registered entry point),
+its ``arguments`` (the architecture's defaults: every architecture has one under its own name), ``tiny_arguments``,
+``input``, ``classes``, ``training``, and for a published model ``weights`` (file, sha256) and ``metrics``.
+``build_model`` / ``from_preset`` / ``load_model``: see the README's table for which to use.
 
-- a **preset folder** (keras-hub's layout), written by ``model.save_to_preset(DIR)`` and by every run
-  (``RUN/preset``): ``config.json`` (``keras.saving.serialize_keras_object``), ``model.weights.h5`` and
-  ``metadata.json`` (versions, backend, class, architecture, parameters, tasks, classes, input size,
-  ``size_multiple``, the weights' sha256 and size; optionally the training config, metrics and a description);
-- a **named preset**, a registered dict ``models/NAME.json`` (installed as ``mtl_keras/presets/``): ``name``,
-  ``architecture`` (a registered entry point), ``arguments`` (``build_model(architecture, **arguments)``),
-  ``tiny_arguments`` (a very small model for tests), ``input``, ``classes``, ``training``, ``backbone``, ``parameters``,
-  and for a published model ``weights`` (``{"file", "sha256", "bytes"}``, a reference to the file), ``metrics`` and
-  ``source``. Every registered architecture has one under its own name: its defaults.
-
-Which call to use: ``build_model(NAME)`` builds an architecture with fresh weights; ``from_preset(NAME_or_DIR)`` loads a
-model with its weights; ``load_model(PATH)`` reads saved files (``.keras``, a run folder) or a name with
-``weights=FILE``.
-
-Named presets are looked up in ``$MTL_KERAS_PRESETS`` (``os.pathsep``-separated), ``$KERAS_HOME/mtl_keras/presets``,
-then the built-in folder; the weights files they name in ``$MTL_KERAS_WEIGHTS``, ``$KERAS_HOME/mtl_keras/weights``,
-then the preset's own folder. Nothing is downloaded. Every sha256 is checked before a file is read, and models load
-with ``safe_mode=True`` (a config that would run code is refused).
-
-The model classes register themselves when ``mtl_keras`` is imported (its ``__init__`` imports ``mtl_keras.models``),
-which is always before this module runs: this module imports no model code, so models can import it.
+Named presets are looked up in ``$MTL_KERAS_PRESETS``, ``$KERAS_HOME/mtl_keras/presets``, then the built-in folder;
+their weights files in ``$MTL_KERAS_WEIGHTS``, ``$KERAS_HOME/mtl_keras/weights``, then the preset's own folder.
+Nothing is downloaded; every sha256 is checked before a file is read; models load with ``safe_mode=True``. This
+module imports no model code (the classes register when ``mtl_keras`` imports ``mtl_keras.models``), so models can
+import it.
 """
 
 import datetime
