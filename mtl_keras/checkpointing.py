@@ -1,10 +1,6 @@
-"""Resumable training: atomic per-epoch backups that survive SIGKILL, with fallback past a corrupt file.
-
-Keras' ``BackupAndRestore`` writes the weights and then the epoch number as two plain files; a kill between the two
-(or during the first) leaves them inconsistent. Here each backup is written to a temporary name, checksummed and
-renamed into place, and only then recorded in ``state.json`` (itself replaced atomically). ``restore`` verifies the
-newest backup's sha256 and falls back, with a warning, to the one before it. The two newest backups are kept.
-"""
+"""Resumable training: per-epoch backups that survive SIGKILL. Unlike Keras' ``BackupAndRestore`` (weights, then
+the epoch, as two plain files), each backup is renamed into place and then recorded with its sha256 in ``state.json``
+(replaced atomically); ``restore`` falls back past a missing or corrupt backup to the one before."""
 
 import json
 import logging
@@ -24,22 +20,10 @@ KILL_AFTER_EPOCH_ENV = "MTL_KERAS_TEST_KILL_AFTER_EPOCH"
 KILLED_EXIT_CODE = 75
 
 
-def _atomic_write_text(path, text):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class EpochBackup(keras.callbacks.Callback):
-    """Backs the whole trainer (model, loss weights, optimizer state) up to ``backup_dir`` after every epoch.
-
-    ``state.json`` also keeps what the run has recorded, so that a resumed run reports its whole history (read back by
-    :func:`read_history`): ``epoch_logs`` (``{name: [value per epoch]}``, seeded with the resumed epochs') and the
-    points of ``weighting_history`` (a ``mtl_keras.training.WeightingHistory``).
-    """
+    """Backs the whole trainer up to ``backup_dir`` after every epoch, keeping the ``keep`` newest. ``state.json`` also
+    keeps the run's record for :func:`read_history`: ``epoch_logs`` (``{name: [value per epoch]}``, seeded with the
+    resumed epochs') and the points of ``weighting_history`` (a ``training.WeightingHistory``)."""
 
     def __init__(self, backup_dir, keep=2, epoch_logs=None, weighting_history=None):
         super().__init__()
@@ -67,20 +51,22 @@ class EpochBackup(keras.callbacks.Callback):
                 os.remove(stale_path)
         history = {"epochs": epoch + 1, "epoch_logs": self.epoch_logs,
                    "weighting": dict(self.weighting_history.history) if self.weighting_history is not None else {}}
-        _atomic_write_text(os.path.join(self.backup_dir, STATE_FILE),
-                           json.dumps({"backups": entries[:self.keep], "history": history}, indent=2))
+        state_path = os.path.join(self.backup_dir, STATE_FILE)
+        with open(f"{state_path}.tmp", "w") as f:
+            f.write(json.dumps({"backups": entries[:self.keep], "history": history}, indent=2))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(f"{state_path}.tmp", state_path)
         if os.environ.get(KILL_AFTER_EPOCH_ENV) == str(epoch + 1):
-            # Tests of resuming: the process dies here as under SIGKILL (no cleanup, no Python shutdown), at a
-            # known point instead of a racing signal.
+            # Tests of resuming: dies as under SIGKILL (no cleanup), at a known point instead of a racing signal.
             log.warning("%s=%d: exiting as if killed.", KILL_AFTER_EPOCH_ENV, epoch + 1)
             logging.shutdown()
             os._exit(KILLED_EXIT_CODE)
 
 
 def read_history(backup_dir, epochs_done, steps_per_epoch):
-    """What the run recorded up to the end of epoch ``epochs_done`` (the backup it resumes from):
-    ``{"epoch_logs": {name: [...]}, "weighting": {"step": [...], name: [...]}}``, empty when nothing was recorded.
-    The state may be ahead of the backup that was restored (the newest one was unusable): it is cut back."""
+    """``{"epoch_logs": {name: [...]}, "weighting": {"step": [...], name: [...]}}`` recorded up to the end of epoch
+    ``epochs_done`` (the state is ahead of the restored backup when the newest one was unusable)."""
     history = read_state(backup_dir).get("history") or {}
     logs = {k: list(v)[:epochs_done] for k, v in (history.get("epoch_logs") or {}).items()}
     weighting = history.get("weighting") or {}
@@ -102,10 +88,8 @@ def read_state(backup_dir):
 
 
 def restore(trainer, backup_dir):
-    """Loads the newest intact backup into ``trainer``; returns the number of epochs it completed (0: none).
-
-    A backup whose file is missing, fails its sha256 or does not load is skipped with a warning.
-    """
+    """Loads the newest intact backup into ``trainer`` (a missing, corrupt or unloadable one is skipped with a
+    warning); returns the number of epochs it completed (0: none)."""
     for entry in read_state(backup_dir).get("backups", []):
         path = os.path.join(backup_dir, entry["file"])
         problem = None
@@ -133,11 +117,8 @@ def remove_backups(backup_dir):
 
 
 class DivergenceGuard(keras.callbacks.Callback):
-    """Stops training at the first non-finite loss with a clear error, before any checkpoint can store it.
-
-    Keras' ``TerminateOnNaN`` lets the epoch end, so epoch-end callbacks would save the diverged weights; raising
-    here keeps the last good backup and checkpoint untouched.
-    """
+    """Stops training at the first non-finite loss or weight with a clear error, before any checkpoint can store it
+    (Keras' ``TerminateOnNaN`` lets the epoch end, and the epoch-end callbacks save the diverged weights)."""
 
     def __init__(self, backup_dir=None):
         super().__init__()
@@ -149,8 +130,7 @@ class DivergenceGuard(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         # A finite loss does not prove finite weights: oneDNN's max-pooling (and ReLU fused into batch norm) maps NaN
-        # to a number, so NaN images can leave the loss finite while they turn batch-norm statistics and scales into
-        # NaN. This runs before the epoch's backup is written (the guard comes first in the callback list).
+        # to a number, so NaN images can leave the loss finite while batch-norm statistics turn NaN.
         bad = [v.path for v in self.model.weights if not np.all(np.isfinite(keras.ops.convert_to_numpy(v)))]
         if bad:
             raise FloatingPointError(

@@ -1,11 +1,5 @@
-"""tf.distribute glue and its JAX / PyTorch counterpart (:class:`KerasPlacement`): strategies, cross-replica sums,
-chief-only outputs, synchronised batch norm.
-
-Keras divides each ``add_loss`` term by the number of replicas and sums their gradients, so a per-replica masked
-mean would average the replicas' means, not the one-device mean, whenever they hold different numbers of labelled
-pixels; ``losses.masked_mean`` therefore divides by the global count times the replicas. With one replica, or off
-TensorFlow, every function here is the identity.
-"""
+"""tf.distribute glue and its JAX / PyTorch counterpart (:class:`KerasPlacement`): strategies, cross-replica sums
+(the identity with one replica or off TensorFlow), chief-only outputs, synchronised batch norm."""
 
 import contextlib
 import json
@@ -67,12 +61,9 @@ def configure_cpu_replicas(count):
 
 
 class KerasPlacement:
-    """The JAX / PyTorch counterpart of a tf.distribute strategy (``scope()``, ``num_replicas_in_sync``).
-
-    On several JAX devices it holds a ``keras.distribution.DataParallel``, which compiles the step as one global
-    (SPMD) computation, so every masked mean is already global. ``scope()`` must cover model building *and* ``fit``:
-    Keras reads the distribution when it places data.
-    """
+    """The JAX / PyTorch counterpart of a tf.distribute strategy: on several JAX devices a
+    ``keras.distribution.DataParallel`` (one SPMD computation, so every mean is already global). ``scope()`` must
+    cover model building *and* ``fit`` (:func:`fit_scope`)."""
 
     def __init__(self, keras_distribution=None, devices=1):
         self.keras_distribution = keras_distribution
@@ -108,8 +99,7 @@ def _keras_placement(name, cpu_replicas):
 
 
 def fit_scope(strategy):
-    """What must surround ``fit`` as well as model building: the Keras distribution on JAX; nothing on TF (Keras
-    enters the tf.distribute strategy by itself)."""
+    """The Keras distribution on JAX; nothing on TF (Keras enters the tf.distribute strategy by itself in ``fit``)."""
     return strategy.scope() if isinstance(strategy, KerasPlacement) else contextlib.nullcontext()
 
 
@@ -118,8 +108,8 @@ def strategy_name(strategy):
 
 
 def create_strategy(name="auto", cpu_replicas=0):
-    """The tf.distribute strategy ``name`` (see ``TrainConfig.strategy``; ``mirrored`` without GPUs: over
-    ``cpu_replicas`` logical CPUs), or on JAX data parallelism over every device, on PyTorch one device."""
+    """The tf.distribute strategy ``name`` (``TrainConfig.strategy``; ``mirrored`` without GPUs: over ``cpu_replicas``
+    logical CPUs); on JAX data parallelism over every device, on PyTorch one device."""
     if name not in STRATEGIES:
         raise ValueError(f"Unknown strategy {name!r}. Valid: {', '.join(STRATEGIES)}.")
     tf = _tf()
@@ -141,7 +131,7 @@ def create_strategy(name="auto", cpu_replicas=0):
 
 
 def enable_determinism():
-    """Deterministic TensorFlow kernels (same inputs, same bits), e.g. to check that a resumed run reproduces."""
+    """Deterministic TensorFlow kernels (same inputs, same bits)."""
     tf = _tf()
     if tf is not None:
         tf.config.experimental.enable_op_determinism()
@@ -183,8 +173,7 @@ def is_chief():
 
 
 def set_synchronized_batchnorm(model, enabled=True):
-    """Makes every BatchNormalization layer of ``model`` compute its statistics over all replicas, not over each
-    replica's slice of the batch; returns how many."""
+    """Makes every BatchNormalization layer of ``model`` compute its statistics over all replicas; returns how many."""
     count = 0
     for layer in model._flatten_layers(include_self=False, recursive=True):
         if isinstance(layer, keras.layers.BatchNormalization):

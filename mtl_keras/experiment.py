@@ -1,13 +1,6 @@
 """One training run from a ``TrainConfig`` (``experiments/train.py`` is its command line), as five steps sharing a
-:class:`Run`: :func:`prepare` (output-folder safety, strategy, validation data; writes nothing), :func:`build` (model,
-weighting, compiled trainer, restored when resuming), :func:`start` (the folder becomes the run's; training data,
-untrained metrics, callbacks), :func:`fit` and :func:`finish` (evaluation, pictures, saving, export).
-
-The output folder: ``config.json``, ``checkpoints/last.weights.h5`` (trainer weights, each epoch), ``backup/`` (resume
-state while unfinished: mtl_keras/checkpointing.py), ``logs/`` (TensorBoard), ``metrics.json``,
-``metrics_untrained.json``, ``task_weights.png``, ``samples/*.png``, ``model.keras`` (the inference model), ``preset/``
-(the same model with its training config and metrics: ``mtl_keras.from_preset``) and ``export/`` (serving SavedModel).
-"""
+:class:`Run`: :func:`prepare`, :func:`build`, :func:`start`, :func:`fit` and :func:`finish`. The README lists the
+files of the output folder."""
 
 import dataclasses
 import hashlib
@@ -93,12 +86,8 @@ class Run:
 
 
 def run_training(config: TrainConfig, verbose=1):
-    """Trains, evaluates and exports; returns the dict written to ``metrics.json``.
-
-    Under ``multi_worker`` only the chief writes the output folder; other workers train in lockstep and keep their
-    own backups in a temporary folder. A run started again with the same output folder resumes after its last
-    completed epoch, on the same data order, and ends with the same weights as an uninterrupted run.
-    """
+    """Trains, evaluates and exports; returns the dict written to ``metrics.json``. Only the chief writes the output
+    folder; a run started again on it resumes after its last epoch and ends with an uninterrupted run's weights."""
     previous_policy = keras.mixed_precision.global_policy().name
     try:
         if config.precision != "float32":
@@ -114,8 +103,7 @@ def run_training(config: TrainConfig, verbose=1):
 
 def prepare(config):
     """Checks the output folder and the settings, creates the strategy, seeds, plans the steps and opens the
-    validation data. Nothing in the output folder is touched: a run that fails here, on its data or its model leaves
-    an existing run there as it was."""
+    validation data. Writes nothing: a run that fails before :func:`start` leaves the folder as it was."""
     started = time.time()
     if config.deterministic:
         distribution.enable_determinism()
@@ -173,10 +161,8 @@ def resolve_data_dir(config):
 
 
 def plan_steps(config, num_train_images):
-    """(epochs, steps_per_epoch) with ``epochs * steps_per_epoch == --steps`` exactly when --steps is given.
-
-    An epoch is at most one pass over the training split: the largest divisor of --steps that fits.
-    """
+    """(epochs, steps_per_epoch) with ``epochs * steps_per_epoch == --steps`` exactly when --steps is given; an epoch
+    is at most one pass over the training split (the largest divisor of --steps that fits)."""
     batches_per_pass = max(num_train_images // config.batch_size, 1)
     if config.steps > 0:
         steps_per_epoch = max(d for d in range(1, min(config.steps, batches_per_pass) + 1) if config.steps % d == 0)
@@ -198,8 +184,8 @@ def check_output_dir(config, out):
 
 
 def check_resumable(config, out, backup_dir):
-    """Refuses to resume the backups in ``out`` under other training settings than those they were made with: the
-    run would silently continue a different one (or fail to load obscurely). The error lists the differences."""
+    """Refuses to resume the backups in ``out`` under other training settings than they were made with (the run would
+    silently continue a different one)."""
     saved_path = os.path.join(out, "config.json")
     if not checkpointing.read_state(backup_dir).get("backups") or not os.path.exists(saved_path):
         return
@@ -220,8 +206,7 @@ def check_resumable(config, out, backup_dir):
 
 
 def _backbone_weights_argument(config, backup_dir):
-    """``{"backbone_weights": ...}`` for a run that starts from ImageNet weights; ``{}`` otherwise, and when the run
-    resumes (its backups hold the weights; the file may have moved since)."""
+    """``{"backbone_weights": ...}`` for a new run from ImageNet weights; ``{}`` otherwise and when resuming."""
     weights = config.backbone_weights
     if not weights or checkpointing.read_state(backup_dir).get("backups"):
         return {}
@@ -239,7 +224,6 @@ def _worker_dir(config):
 
 
 def _numpy_dataset(run, split, max_batches=0, **kwargs):
-    """The dataset's TensorFlow-free loader (``mtl_keras.data.numpy_loader``), where it has one."""
     config = run.config
     loader = datasets.dataset_entry(config.dataset).numpy_loader
     if loader is None or run.augment or run.data_kwargs.get("depth_target", "inverse") != "inverse":
@@ -248,10 +232,7 @@ def _numpy_dataset(run, split, max_batches=0, **kwargs):
                          f"--crop_size can be read (got --dataset {config.dataset}); install tensorflow for the "
                          f"tf.data pipelines.")
     kwargs.update({k: v for k, v in run.data_kwargs.items() if k != "depth_target"})
-    if split == "train":
-        kwargs.update(flip=config.flip, shuffle=True)
-    else:
-        kwargs.update(flip=False, shuffle=False)
+    kwargs.update(flip=config.flip if split == "train" else False, shuffle=split == "train")
     dataset = loader(run.data_dir, split, batch_size=config.batch_size, **kwargs)
     if max_batches:
         return [dataset[i] for i in range(min(max_batches, len(dataset)))]
@@ -259,10 +240,11 @@ def _numpy_dataset(run, split, max_batches=0, **kwargs):
 
 
 def build(run, make_optimizer=None):
-    """The model, its weighting and the compiled trainer, under the run's strategy; restored from the newest backup
-    when the run resumes. ``make_optimizer(config, total_steps)``: :func:`build_optimizer` when None."""
+    """The model, its weighting and the compiled trainer under the run's strategy, restored when the run resumes.
+    ``make_optimizer(config, total_steps)``: :func:`build_optimizer` when None."""
     config, replicas = run.config, run.replicas
-    run.jit_compile = backend_default_jit(config.jit_compile)
+    # Unset: XLA on JAX; off on TensorFlow (its XLA is 1.6 to 4.2x slower here on CPU, benchmarks/README.md) and torch.
+    run.jit_compile = keras.config.backend() == "jax" if config.jit_compile is None else bool(config.jit_compile)
     if run.jit_compile and replicas > 1 and keras.config.backend() == "tensorflow":
         log.warning("--jit_compile is off under %d replicas (XLA fails with add_loss across devices).", replicas)
         run.jit_compile = False
@@ -329,22 +311,17 @@ def build_optimizer(config, total_steps):
     raise ValueError(f"Unknown optimizer {config.optimizer!r}. Valid: adam, sgd.")
 
 
-def backend_default_jit(jit_compile):
-    """``--jit_compile`` or, when not given (None), the backend's faster default: XLA on JAX; off on TensorFlow (its
-    XLA is 1.6 to 4.2x slower for these models on CPU, benchmarks/README.md) and PyTorch (torch.compile)."""
-    if jit_compile is None:
-        return keras.config.backend() == "jax"
-    return bool(jit_compile)
-
-
 def start(run):
-    """The folder becomes the run's, then the training data, the untrained network's metrics (read back when the run
-    resumes) and the run's callbacks: backups, the last checkpoint, TensorBoard and the weighting's history."""
+    """The folder becomes the run's (a finished run's outputs there are removed), then the training data, the
+    untrained network's metrics (read back when resuming) and the callbacks."""
     config = run.config
     os.makedirs(run.out, exist_ok=True)
     if run.chief:
-        if run.replaces_finished_run:
-            clear_finished_run(run.out)
+        for path in [os.path.join(run.out, name) for name in RUN_OUTPUTS if run.replaces_finished_run]:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
         with open(os.path.join(run.out, "config.json"), "w") as f:
             f.write(config.to_json())
     log.info("model %s: %d parameters; %d epochs x %d steps; global batch %d = %d replica(s) x %d%s; %s", config.model,
@@ -364,44 +341,27 @@ def start(run):
     return run
 
 
-def clear_finished_run(out):
-    """Removes a finished run's outputs (:data:`RUN_OUTPUTS`) so that none of them is mistaken for the new run's."""
-    for name in RUN_OUTPUTS:
-        path = os.path.join(out, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
-
-
 def train_dataset(run):
-    """The repeated training batches; a resumed run skips those already seen (the data order of an uninterrupted
-    run)."""
+    """The repeated training batches; a resumed run skips those already seen (an uninterrupted run's order)."""
     config = run.config
     skip = run.initial_epoch * run.steps_per_epoch
     cache = {"cache": True} if run.use_tf_data and cache_training_examples(config, run.num_train) else {}
-    if run.num_workers > 1:
-        # Each worker reads its own shard of the files (no example is seen twice in a step) at its per-replica
-        # batch size.
-        def dataset_fn(context):
-            per_replica = context.get_per_replica_batch_size(config.batch_size)
-            return datasets.load_dataset(config.dataset, run.data_dir, "train", batch_size=per_replica,
-                                         flip=config.flip, repeat=True, input_context=context, **cache,
-                                         **run.augment, **run.data_kwargs).skip(skip)
 
-        return run.strategy.distribute_datasets_from_function(dataset_fn)
+    def load(batch_size, **context):
+        return datasets.load_dataset(config.dataset, run.data_dir, "train", batch_size=batch_size, flip=config.flip,
+                                     repeat=True, **context, **cache, **run.augment, **run.data_kwargs).skip(skip)
+
+    if run.num_workers > 1:  # each worker reads its own shard of the files at its per-replica batch size
+        return run.strategy.distribute_datasets_from_function(
+            lambda context: load(context.get_per_replica_batch_size(config.batch_size), input_context=context))
     if run.use_tf_data:  # Keras splits each global batch over the local replicas
-        return datasets.load_dataset(config.dataset, run.data_dir, "train", batch_size=config.batch_size,
-                                     flip=config.flip, repeat=True, **cache, **run.augment,
-                                     **run.data_kwargs).skip(skip)
-    # No TensorFlow: the numpy loader, resumed by its epoch number.
+        return load(config.batch_size)
     return _numpy_dataset(run, "train", steps_per_epoch=run.steps_per_epoch, initial_epoch=run.initial_epoch)
 
 
 def cache_training_examples(config, num_train_images):
-    """Whether the decoded training examples are kept in memory (``--cache``): decoding four PNGs per image takes a
-    core's worth of time at the default job's speed. ``auto``: when they take less than ``AUTO_CACHE_BYTES``, at
-    about 20 bytes per pixel (the float32 image and the targets)."""
+    """Whether the decoded training examples stay in memory (``--cache``; ``auto``: under ``AUTO_CACHE_BYTES`` at
+    about 20 bytes per pixel, the float32 image and the targets)."""
     if config.cache == "auto":
         height, width = (int(v) for v in config.image_size)
         return num_train_images * height * width * 20 < AUTO_CACHE_BYTES
@@ -411,7 +371,6 @@ def cache_training_examples(config, num_train_images):
 def _run_callbacks(run):
     # About 500 points for the sigma^2 plot: reading the loss weights syncs with the device, so not every step.
     run.history = WeightingHistory(run.weighting, every=max(run.total_steps // 500, 1))
-    # A resumed run continues its record from the backup's: the sigma^2 plot and train_history start at step 0.
     recorded = {}
     if run.initial_epoch:
         recorded = checkpointing.read_history(run.backup_dir, run.initial_epoch, run.steps_per_epoch)
@@ -433,8 +392,7 @@ def _run_callbacks(run):
 
 
 def fit(run, callbacks=(), verbose=1):
-    """Trains ``run.trainer`` on ``run.train_ds`` from the restored epoch to the planned one, with the run's callbacks
-    and ``callbacks``."""
+    """Trains from the restored epoch to the planned one, with the run's callbacks and ``callbacks``."""
     fit_start = time.time()
     with distribution.fit_scope(run.strategy):
         # shuffle=False: the datasets shuffle themselves, by (seed, epoch); Keras would reorder a PyDataset's batches.
@@ -446,8 +404,8 @@ def fit(run, callbacks=(), verbose=1):
 
 
 def finish(run):
-    """Removes the backups; on the chief, evaluates the trained model, draws the pictures, saves ``model.keras``,
-    ``preset/`` and ``export/`` and writes ``metrics.json``. Returns the results (a worker's: its weights digest)."""
+    """Removes the backups; on the chief, evaluates, draws, saves and exports the model and writes ``metrics.json``.
+    Returns the results (a worker's: its weights digest)."""
     config = run.config
     checkpointing.remove_backups(run.backup_dir)
     digest = weights_digest(run.trainer)
@@ -463,8 +421,6 @@ def finish(run):
                       title=f"{config.weighting} weighting", xlabel="step")
     _save_samples(run, model, os.path.join(run.out, "samples"))
     model.save(os.path.join(run.out, "model.keras"))
-    # The run as a preset folder (mtl_keras.from_preset(RUN/preset)): config, weights with sha256, the training
-    # config and the validation metrics, to share or publish.
     save_to_preset(model, os.path.join(run.out, "preset"), training_config=config, metrics=_to_jsonable(trained),
                    description=f"{config.model} trained by mtl_keras.experiment ({config.dataset}, "
                                f"{run.total_steps} steps, {config.weighting} weighting)", overwrite=True)
@@ -477,8 +433,7 @@ def finish(run):
 
 
 def _export(run, model):
-    """The serving export of experiments/export.py. JAX and PyTorch cannot run TensorFlow ops on the model: it is
-    written from model.keras in a child process with KERAS_BACKEND=tensorflow."""
+    """The serving export of experiments/export.py (off TensorFlow: from model.keras in a TensorFlow child process)."""
     export_dir = os.path.join(run.out, "export")
     command = serving_export.export_command(run.out, export_dir, serving_export.default_instances(model))
     if not run.use_tf_data:
@@ -514,7 +469,6 @@ def _results(run, model, trained, final_weights, digest):
 def _save_samples(run, model, folder):
     os.makedirs(folder, exist_ok=True)
     count = run.config.num_sample_images
-    # The legend's names and colours.
     classes = datasets.class_table(run.config.dataset, run.config.num_classes, run.data_dir)
     saved = 0
     for images, targets in run.val_ds:
@@ -558,8 +512,8 @@ def _to_jsonable(value):
 
 
 def load_run(run_dir):
-    """The inference model of a run folder: its ``preset/`` (or ``model.keras``) once finished, else the model of
-    its ``config.json`` with the trainer weights of its last epoch (``checkpoints/last.weights.h5``)."""
+    """The inference model of a run folder: its ``preset/`` (or ``model.keras``) once finished, else its
+    ``config.json`` model with the last epoch's ``checkpoints/last.weights.h5``."""
     run_dir = os.fspath(run_dir)
     if os.path.isdir(os.path.join(run_dir, "preset")) or os.path.isfile(os.path.join(run_dir, "model.keras")):
         return load_model(run_dir)

@@ -1,16 +1,16 @@
-"""What this machine and process can do, detected once: oneDNN, TensorFlow's dilated-convolution gradients.
+"""What this machine and process can do, detected once. TensorFlow enables oneDNN by default only on AVX-512 VNNI /
+AMX-class CPUs; elsewhere its Eigen kernels are slower and cannot differentiate dilated convolutions, so
+``import mtl_keras`` asks for oneDNN when nobody chose, and where it is off anyway ``layers.AtrousConv2D`` takes a
+slower, correct path (:func:`native_dilated_conv_gradients`)."""
 
-TensorFlow enables oneDNN by default only on CPUs with AVX-512 VNNI / AMX-class features; elsewhere (AVX2-only x86,
-e.g. AMD EPYC before Zen 4) its Eigen kernels are slower and cannot differentiate dilated convolutions. So
-``import mtl_keras`` asks for oneDNN when nobody chose and TensorFlow is not loaded yet; where it is off anyway,
-:func:`native_dilated_conv_gradients` finds out once and ``layers.AtrousConv2D`` takes a slower, correct path.
-TensorFlow is imported here only when it is the Keras backend (or already loaded).
-"""
-
+import contextlib
 import functools
+import importlib.util
+import json
 import logging
 import os
 import sys
+import tempfile
 
 log = logging.getLogger("mtl_keras")
 
@@ -30,8 +30,6 @@ def tensorflow_available():
     """True when TensorFlow can be imported (without importing it)."""
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"] is not None
-    import importlib.util
-
     try:
         return importlib.util.find_spec("tensorflow") is not None
     except (ImportError, ValueError):
@@ -46,13 +44,6 @@ def onednn_enabled():
     except ImportError:
         return False
     return bool(_pywrap_util_port.IsMklEnabled())
-
-
-_FALLBACK_WARNING = (
-    "TensorFlow runs without its oneDNN kernels in this process (%s), and its CPU kernels have no gradient for "
-    "dilated convolutions: mtl_keras computes those gradients another way, correctly but several times slower. "
-    "For the fast path set TF_ENABLE_ONEDNN_OPTS=1 before Python starts (or import mtl_keras before TensorFlow), "
-    "or use KERAS_BACKEND=jax.")
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,7 +65,10 @@ def native_dilated_conv_gradients():
             setting = os.environ.get(ONEDNN_ENV)
             why = (f"{ONEDNN_ENV}={setting}" if setting is not None and setting != "1"
                    else "TensorFlow was imported before mtl_keras, or this CPU lacks oneDNN support")
-            log.warning(_FALLBACK_WARNING, why)
+            log.warning("TensorFlow runs without its oneDNN kernels in this process (%s), and its CPU kernels have no "
+                        "gradient for dilated convolutions: mtl_keras computes those gradients another way, correctly "
+                        "but several times slower. For the fast path set TF_ENABLE_ONEDNN_OPTS=1 before Python starts "
+                        "(or import mtl_keras before TensorFlow), or use KERAS_BACKEND=jax.", why)
             return False
 
 
@@ -91,8 +85,6 @@ def _keras_backend_is_tensorflow():
         config = os.path.join(os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras")),
                               "keras.json")
         try:
-            import json
-
             with open(config) as f:
                 backend = json.load(f).get("backend")
         except (OSError, ValueError, AttributeError):
@@ -101,14 +93,11 @@ def _keras_backend_is_tensorflow():
 
 
 def import_tensorflow_quietly():
-    """Imports TensorFlow, when it is the Keras backend, installed and not loaded yet, with stderr captured and
-    written back without :data:`TENSORFLOW_BANNERS`; not when ``TF_CPP_MIN_LOG_LEVEL`` is 0 (the user asked for
-    TensorFlow's messages). Returns whether it imported TensorFlow."""
+    """Imports TensorFlow (when it is the Keras backend, installed, not loaded and ``TF_CPP_MIN_LOG_LEVEL`` is not 0)
+    with stderr written back without :data:`TENSORFLOW_BANNERS`; returns whether it did."""
     if ("tensorflow" in sys.modules or not _keras_backend_is_tensorflow() or not tensorflow_available()
             or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") in ("", "0")):
         return False
-    import tempfile
-
     try:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -130,18 +119,15 @@ def import_tensorflow_quietly():
     return True
 
 
-class quiet_tensorflow_logs:
-    """While active, TensorFlow's and absl's loggers pass on warnings and errors only (a SavedModel export logs a
-    dozen INFO lines otherwise)."""
-
-    def __enter__(self):
-        self._loggers = [logging.getLogger(name) for name in ("tensorflow", "absl")]
-        self._levels = [logger.level for logger in self._loggers]
-        for logger in self._loggers:
-            logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
-        return self
-
-    def __exit__(self, *exc):
-        for logger, level in zip(self._loggers, self._levels):
+@contextlib.contextmanager
+def quiet_tensorflow_logs():
+    """TensorFlow's and absl's loggers pass on warnings and errors only (an export logs a dozen INFO lines)."""
+    loggers = [logging.getLogger(name) for name in ("tensorflow", "absl")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
             logger.setLevel(level)
-        return False

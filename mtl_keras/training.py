@@ -1,10 +1,5 @@
-"""The trainer (an inference model plus a loss weighting, trained with ``fit``), Kendall et al.'s optimiser and the
-run's callbacks.
-
-``MultiTaskTrainer(model, weighting).fit(ds)`` takes ``(images, {task: target, ...})`` batches (plus the masks
-``instance_mask`` and ``depth_mask`` where the data has invalid pixels). The inference model stays a separate object
-that takes images only: that is what is exported and served.
-"""
+"""The trainer (an inference model plus a loss weighting, trained with ``fit`` on ``(images, {task: target})``
+batches; the inference model stays the separate, exported object), Kendall et al.'s optimiser and the callbacks."""
 
 import keras
 from keras import ops
@@ -22,15 +17,10 @@ NO_WEIGHT_DECAY = ["log_variance", "gamma", "beta", "moving_", "bias"]
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
 class MultiTaskTrainer(keras.Model):
-    """Adds the per-task losses, weighted by ``weighting``, to an inference model's outputs.
-
-    Logged each step (progress bar, history, TensorBoard): ``loss`` (the weighted total), ``{task}_loss`` and the
-    weighting's ``log_values()`` (``{task}_weight``, ``{task}_sigma2``).
-
-    With a ``GradientWeighting`` (PCGrad, MGDA, ...) the training step computes the per-task gradients
-    (``mtl_keras.gradient_training``): ``jacobian_mode`` "loop" takes K backward passes sharing one forward pass,
-    "batched" one vectorised Jacobian pass (JAX only; TF always loops).
-    """
+    """Adds the per-task losses, weighted by ``weighting``, to an inference model's outputs; logs ``loss``,
+    ``{task}_loss`` and the weighting's ``log_values()``. With a ``GradientWeighting`` the step takes per-task
+    gradients (``mtl_keras.gradient_training``): ``jacobian_mode`` "loop" (K backward passes after one forward pass)
+    or "batched" (one vectorised Jacobian pass, JAX only)."""
 
     def __init__(self, model, weighting, ignore_label=IGNORE_LABEL, jacobian_mode="loop", **kwargs):
         super().__init__(**kwargs)
@@ -61,8 +51,7 @@ class MultiTaskTrainer(keras.Model):
             weighting.build_state(self.partition.num_shared)
             if weighting.rep_grad:
                 self.partition.split_models()  # fails now, not at the first step, if the model cannot split
-        # Every variable exists now (functional model, eager weighting variables): callbacks such as
-        # BackupAndRestore may load weights before the first step.
+        # Every variable exists now: a backup may be loaded before the first step.
         self.built = True
 
     def call(self, images, training=None):
@@ -86,10 +75,8 @@ class MultiTaskTrainer(keras.Model):
             tracker.update_state(value)
         loss = super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
         if not any(term is total for term in self.loss_weighting.losses):
-            # The weighting's add_loss term is not collected here: JAX's trainer evaluates compute_loss in a
-            # stateless scope that drops add_loss terms made there (it collects only those of the forward pass).
-            # Added explicitly instead (JAX has no tf.distribute replica scaling to match); a direct call outside that
-            # scope collects it, and it must not count twice.
+            # JAX's trainer runs compute_loss in a stateless scope that drops the add_loss terms made there: added
+            # explicitly (no tf.distribute replica scaling to match), and only then, so that it never counts twice.
             loss = loss + total
         return loss
 
@@ -116,25 +103,20 @@ class MultiTaskTrainer(keras.Model):
             return gradient_training.jax_train_step(self, state, data)
 
     if keras.config.backend() == "tensorflow":
-        # TF-only hooks: the JAX and PyTorch trainers have their own train_step signatures and no tf.distribute.
-
         def train_step(self, data):
             if self.partition is not None:
                 logs = gradient_training.tensorflow_train_step(self, data)
             else:
                 logs = super().train_step(data)
             if distribution.is_multi_worker(self.distribute_strategy):
-                # Keras 3 reduces each scalar log with strategy.reduce(MEAN, axis=0) under
-                # MultiWorkerMirroredStrategy, which fails on rank-0 values (tensorflow/tensorflow#72388); shape (1,)
-                # reduces to the same scalar.
+                # Keras reduces each log with strategy.reduce(MEAN, axis=0) there, which fails on rank-0 values
+                # (tensorflow/tensorflow#72388); shape (1,) reduces to the same scalar.
                 logs = {name: ops.reshape(value, (1,)) for name, value in logs.items()}
             return logs
 
         def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-            # Keras 3.15's TF trainer reduces the first distributed batch across all replicas to build the model
-            # symbolically; under MultiWorkerMirroredStrategy that eager cross-worker reduce fails. This trainer is
-            # fully built at construction (functional model, eager loss-weight variables), so only the optimizer
-            # needs building there.
+            # Keras 3.15 reduces the first batch across replicas to build the model symbolically, an eager
+            # cross-worker reduce that fails under MultiWorkerMirroredStrategy; only the optimizer needs building.
             if distribution.is_multi_worker(self.distribute_strategy):
                 if self.optimizer is not None and not self.optimizer.built:
                     with self.distribute_strategy.scope():
@@ -160,11 +142,8 @@ class MultiTaskTrainer(keras.Model):
 
 
 def kendall_sgd(learning_rate=2.5e-3, total_steps=50_000, power=0.9, momentum=0.9, weight_decay=1e-4):
-    """Seed 001's optimiser: SGD, Nesterov momentum 0.9, lr 2.5e-3 with (1 - step/total)^0.9 decay, wd 1e-4.
-
-    Keras applies ``weight_decay`` as ``w -= lr * wd * w`` (decoupled from the momentum, unlike PyTorch's L2 term),
-    except on :data:`NO_WEIGHT_DECAY`.
-    """
+    """Kendall et al.'s optimiser: SGD, Nesterov momentum 0.9, lr 2.5e-3 with (1 - step/total)^0.9 decay, wd 1e-4.
+    Keras decays ``w -= lr * wd * w`` (decoupled from the momentum, unlike PyTorch's L2 term)."""
     schedule = keras.optimizers.schedules.PolynomialDecay(
         learning_rate, decay_steps=max(int(total_steps), 1), end_learning_rate=0.0, power=power)
     optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=momentum, nesterov=True,
@@ -174,9 +153,8 @@ def kendall_sgd(learning_rate=2.5e-3, total_steps=50_000, power=0.9, momentum=0.
 
 
 class ResumableTensorBoard(keras.callbacks.TensorBoard):
-    """Keras' TensorBoard callback, whose per-batch summaries continue at ``initial_step`` + 1 in a resumed run:
-    Keras counts them from 0 in every ``fit`` (``_global_train_batch``, reset in ``on_train_begin``), so a resumed run
-    would write over the interrupted run's steps. Epoch summaries already follow ``initial_epoch``."""
+    """Keras' TensorBoard callback with per-batch summaries continuing at ``initial_step`` + 1 in a resumed run
+    (Keras counts them from 0 in every ``fit``, writing over the interrupted run's steps)."""
 
     def __init__(self, log_dir, initial_step=0, **kwargs):
         super().__init__(log_dir, **kwargs)
@@ -188,8 +166,7 @@ class ResumableTensorBoard(keras.callbacks.TensorBoard):
 
 
 class WeightingHistory(keras.callbacks.Callback):
-    """Records the weighting's ``log_values()`` (sigma^2, effective weights) every ``every`` training steps:
-    ``history`` is ``{"step": [...], name: [...]}``, the points of the sigma^2 plot."""
+    """Records the weighting's ``log_values()`` every ``every`` steps as ``{"step": [...], name: [...]}``."""
 
     def __init__(self, weighting, every=1):
         super().__init__()
