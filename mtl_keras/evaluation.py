@@ -19,7 +19,7 @@ _NORMALS_BINS = int(round(180.0 / NORMALS_BIN_DEG))
 
 def confusion_matrix(labels, predictions, num_classes, ignore_label=IGNORE_LABEL):
     """Confusion matrix ``M[true, pred]`` (int64 (C, C)) of two label maps, skipping ``ignore_label`` (None: no
-    label); any other label or prediction outside ``[0, C)`` is a ValueError naming the values."""
+    label); any other value outside ``[0, C)`` is an error."""
     num_classes = int(num_classes)
     if num_classes <= 0:
         raise ValueError(f"num_classes must be positive, got {num_classes}.")
@@ -75,16 +75,14 @@ def _nanmean(values):
 
 # --------------------------------------------------------------------------------------- Streaming multi-task evaluator
 
-def _squeeze_last(x, ndim):
-    """(B, H, W, 1) -> (B, H, W) for ``ndim`` 3: drops a trailing singleton channel."""
+def _squeeze_last(x, ndim):  # (B, H, W, 1) -> (B, H, W) for ndim 3
     x = np.asarray(x)
     if x.ndim == ndim + 1 and x.shape[-1] == 1:
         x = x[..., 0]
     return x
 
 
-def _mask(targets, key, shape):
-    """Boolean mask of shape ``shape`` from ``targets[key]`` (> 0.5), or all True if the key is absent."""
+def _mask(targets, key, shape):  # targets[key] > 0.5, or all True if the key is absent
     if key not in targets or targets[key] is None:
         return np.ones(shape, dtype=bool)
     mask = _squeeze_last(targets[key], len(shape))
@@ -273,9 +271,8 @@ def _to_numpy_dict(d):
 
 
 def evaluate_model(model, dataset, num_classes, tasks=None, max_batches=None, ignore_label=IGNORE_LABEL):
-    """:meth:`MultiTaskEvaluator.result` of ``model`` (returning ``{task: output}``, or one array for one task)
-    over ``dataset``: ``(images, targets, ...)`` tuples or dicts with ``"images"`` / ``"image"`` beside the targets.
-    ``tasks``: default the model's outputs in the first batch."""
+    """:meth:`MultiTaskEvaluator.result` of ``model`` over ``dataset`` (``(images, targets, ...)`` tuples or dicts
+    with ``"images"`` / ``"image"`` beside the targets); ``tasks`` default to the model's outputs."""
     evaluator = MultiTaskEvaluator(num_classes, tasks, ignore_label) if tasks is not None else None
     for i, batch in enumerate(dataset):
         if max_batches is not None and i >= max_batches:

@@ -98,7 +98,7 @@ def depth_to_color(depth, mask=None, vmax=None, cmap="magma"):
 
 def instance_vectors_to_color(vectors, mask=None, max_magnitude=None):
     """Centroid vectors (H, W, 2) = (dy, dx) -> RGB, optical-flow style: hue the direction, value the magnitude
-    over ``max_magnitude`` (default: its 99th percentile). Masked (<= 0.5) or non-finite pixels are black."""
+    over ``max_magnitude`` (default: its 99th percentile). Masked or non-finite pixels are black."""
     vectors = np.asarray(vectors, dtype=np.float64)
     if vectors.ndim != 3 or vectors.shape[-1] != 2:
         raise ValueError(f"vectors must be (H, W, 2), got {vectors.shape}.")
@@ -185,8 +185,7 @@ def save_rgb(path, rgb):
 
 
 def sigma2_history(metrics):
-    """The ``*sigma2*`` series (``{"semantic_sigma2": [...], ...}``) of a run's ``metrics.json`` (dict or path):
-    its ``train_history``, else its top level; ``{}`` for a weighting without sigma^2."""
+    """The ``*sigma2*`` series of a run's ``metrics.json`` (dict or path), from ``train_history`` else the top level."""
     if isinstance(metrics, (str, os.PathLike)):
         with open(metrics) as f:
             metrics = json.load(f)
@@ -199,12 +198,12 @@ def sigma2_history(metrics):
 
 # --------------------------------------------------------------------------------------------------------------- Panels
 
-TITLE_HEIGHT = 20
-LEGEND_LINE_HEIGHT = 20  # one line of the class legend under the panel
-LEGEND_SWATCH = 14  # side of a legend swatch (a 1-px grey frame around the class colour), px
-COLORBAR_WIDTH = 72  # the depth colour-bar column at the right edge (at least; wider if its labels need it)
-COLORBAR_MARGIN = 6  # gap between the last tile and the bar, px
-COLORBAR_BAR = 12  # width of the bar itself, px
+TITLE_HEIGHT = 20  # px, as every size below
+LEGEND_LINE_HEIGHT = 20
+LEGEND_SWATCH = 14  # side of a legend swatch (a 1-px grey frame around the class colour)
+COLORBAR_WIDTH = 72  # the depth colour-bar column (at least; wider if its labels need it)
+COLORBAR_MARGIN = 6  # gap between the last tile and the bar
+COLORBAR_BAR = 12
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _FONT_SCALE = 0.45
 _SWATCH_FRAME = (160, 160, 160)
@@ -212,8 +211,7 @@ _SWATCH_FRAME = (160, 160, 160)
 _PANEL_TASKS = ("semantic", "instance", "depth")
 
 
-def _unbatch(x):
-    """(1, H, W, ...) -> (H, W, ...); leaves unbatched arrays alone."""
+def _unbatch(x):  # (1, H, W, ...) -> (H, W, ...)
     x = np.asarray(x)
     if x.ndim == 4 and x.shape[0] == 1:
         x = x[0]
@@ -290,8 +288,7 @@ def default_class_names(num_classes):
 
 
 def render_legend(classes, palette, class_names, width):
-    """RGB (lines * LEGEND_LINE_HEIGHT, width, 3): a framed swatch and the name of each class id in ``classes``,
-    left to right, wrapped to fit ``width``."""
+    """RGB legend rows: a framed swatch and the name of each class id in ``classes``, wrapped to fit ``width``."""
     palette = np.asarray(palette, dtype=np.uint8)
     entries = []
     for c in classes:
@@ -319,8 +316,8 @@ def render_legend(classes, palette, class_names, width):
 
 
 def render_colorbar(height, vmax, cmap="magma", top=TITLE_HEIGHT):
-    """The depth colour-bar column, RGB (height, width >= COLORBAR_WIDTH, 3): from row ``top`` down, ``vmax`` to 0
-    as :func:`depth_to_color` maps them, labelled in disparity pixels at its ends."""
+    """The depth colour-bar column (RGB): from row ``top`` down, ``vmax`` to 0 as :func:`depth_to_color` maps
+    them, labelled in disparity pixels."""
     import matplotlib
 
     high, low = f"{vmax:.3g} px", "0 px"
@@ -423,11 +420,9 @@ def save_prediction_panel(path, image, prediction, target=None, palette=None, cl
                           instance_ids=None, instance_classes=None):
     """Writes a PNG of one image's prediction (row 1) over its ground truth (row 2, optional); returns ``path``.
 
-    ``image``: (H, W, 3) RGB 0..255; ``prediction`` / ``target``: per-image dicts (a batch axis of 1 is dropped) of
-    ``semantic`` (logits or labels), ``instance``, ``depth`` and the targets' masks. Columns: the input, then each
-    task present on either side; depth and vector scales come from the ground truth. The instances column shows
-    ``instance_ids`` or, with ``cluster``, :func:`mtl_keras.instances.cluster_instances`' ids, renumbered after the
-    true instances they overlap. A depth colour bar and a legend of the classes present follow.
+    ``image``: (H, W, 3) RGB 0..255; ``prediction`` / ``target``: per-image dicts of task outputs and the targets'
+    masks. The instances column shows ``instance_ids`` or, with ``cluster``, the clustered ids, renumbered after the
+    true instances they overlap; depth and vector scales come from the ground truth.
     """
     img = _image_to_uint8(image)
     height, width = img.shape[:2]
@@ -479,7 +474,7 @@ _SIGMA2, _WEIGHT = "_sigma2", "_weight"
 
 
 def _positive_log_axis(ax, values, require_range=1.0):
-    """Log y-axis when all finite values are positive (and max / min >= ``require_range``)."""
+    # log y-axis when all finite values are positive and max / min >= require_range
     finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.zeros(0)
     if finite.size and (finite > 0).all() and finite.max() / finite.min() >= require_range:
         ax.set_yscale("log")
@@ -494,9 +489,8 @@ def _plot_series(ax, values, colour, label, x=None):
 
 
 def task_weights_figure(history, title=None, xlabel="epoch"):
-    """The matplotlib ``Figure`` of :func:`plot_task_weights`: with both ``<task>_sigma2`` and ``<task>_weight``
-    series, sigma^2 over the effective weight (one colour per task; other series on a third axes), else one axes;
-    log axes where the values allow; the legend outside at the right, so it never covers a curve."""
+    """The ``Figure`` of :func:`plot_task_weights`: sigma^2 over the effective weight when both series exist (other
+    series on a third axes), else one axes; the legend outside at the right, so it never covers a curve."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -555,8 +549,8 @@ def task_weights_figure(history, title=None, xlabel="epoch"):
 
 
 def plot_task_weights(history, path, title=None, xlabel="epoch"):
-    """Writes a PNG of ``history`` (``{series: floats}`` or a Keras ``History``; lengths may differ) against its
-    ``"step"`` series (as ``WeightingHistory`` records it) where the lengths match, else the index; returns ``path``."""
+    """Writes a PNG of ``history`` (``{series: floats}`` or a Keras ``History``) against its ``"step"`` series where
+    the lengths match, else the index; returns ``path``."""
     fig = task_weights_figure(history, title=title, xlabel=xlabel)
     _make_parent(path)
     fig.savefig(os.fspath(path), format="png")

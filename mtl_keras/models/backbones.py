@@ -1,30 +1,11 @@
-"""Backbones (keras-hub style): functional ``keras.Model``s from images (RGB, 0..255) to a named feature pyramid.
+"""Backbones (keras-hub style): functional models from RGB images (0..255) to a pyramid ``{"P1": ..., "P5": ...}``.
 
-A backbone's output is a dict ``{"P1": ..., "P5": ...}`` (level ``Pk`` nominally at stride ``2**k``;
-``backbone.pyramid_strides`` gives the real strides, which dilation keeps at ``output_stride``). The ImageNet
-normalisation is inside, so every model of the zoo takes raw images. Heads (``mtl_keras.models.kendall``,
-``mtl_keras.models.mt_unet``) are built on ``backbone.pyramid_outputs``: the task model is one flat functional graph
-that shares the backbone's layers, so its weights file has the same layout with or without a user-given backbone,
-and ``model.backbone`` is a view whose ``trainable = False`` freezes the encoder inside the task model.
-
-The pyramid is a chain, so it also splits into ``backbone.stem`` (images -> normalised images) and
-``backbone.stages`` (``stage_names[k]``: level ``k-1`` -> level ``k``), keras Models on the backbone's own layers and
-named after the backbone. A sharing scheme (cross-stitch, MTAN, NDDR-CNN) calls them in its own graph and puts its
-units between them, with one backbone per task from ``type(backbone).from_config({**config, "name": ...})``
-(``tests/test_backbones.py`` builds a cross-stitch network this way).
-
-=========================  ==========================================================================================
-``DilatedResNetBackbone``  the (dilated) ResNet v1 of depth 26, 50 or 101 at output stride 8, 16 or 32; layer names
-                           of ``keras.applications.ResNet50/101``, so ``backbone_weights="imagenet"`` (the
-                           application's download) or a local ``.h5`` file of that application loads into it
-``DenseUNetEncoder``       MT-UNet's encoder (the MT-UNet paper): four densely connected blocks of two 3x3 convs, each
-                           followed by dropout and 2x2 max-pooling; P1..P4 are the blocks' outputs (the U-Net skips,
-                           strides 1..8), P5 the last pooled features (stride 16)
-=========================  ==========================================================================================
-
-Which head fits which backbone: Kendall et al.'s ASPP head reads the deepest level and fits any backbone; MT-UNet's
-attention decoders read the deepest level and one skip per finer stride, so they fit any backbone whose strides are
-powers of two (both above; inputs must then be multiples of ``model.size_multiple``).
+Level ``Pk`` is nominally at stride ``2**k`` (``pyramid_strides`` gives the real ones); the ImageNet normalisation is
+inside. Heads build on ``pyramid_outputs`` as one flat graph sharing the backbone's layers, so the weights layout is
+the same with or without a user-given backbone, and ``model.backbone.trainable = False`` freezes the encoder. The
+pyramid also splits into ``stem`` and ``stages`` (models on the same layers), so a sharing scheme (cross-stitch, MTAN,
+NDDR-CNN) can put units between stages (``tests/test_backbones.py`` builds a cross-stitch network). Kendall et al.'s
+ASPP head fits any backbone; MT-UNet's decoders need strides that are powers of two.
 """
 
 import functools
@@ -39,18 +20,13 @@ from mtl_keras.presets import PresetMixin
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
 class Backbone(PresetMixin, keras.Model):
-    """Base class: a functional model ``image -> {level: features}`` with ``pyramid_strides``.
-
-    Subclasses build their graph, call ``super().__init__(inputs=image, outputs=pyramid, ...)`` and set
-    ``pyramid_strides`` ({level: stride}). Each level must be computed from the previous one only (the first from
-    the output of the layer named ``stem_layer``), so that the pyramid splits into stages.
-    """
+    """Base class: ``image -> {level: features}``; subclasses set ``pyramid_strides``. Each level is computed from the
+    previous one only (the first from the layer ``stem_layer``), so that the pyramid splits into stages."""
 
     pyramid_strides = {}
     stem_layer = "image_normalization"
 
-    # Cached outside keras' attribute tracking (functools writes the instance __dict__): the stem and stages hold
-    # the backbone's own layers, so they add no weights and leave the backbone's saved layout as it is.
+    # Cached outside keras' attribute tracking (functools writes __dict__), so the saved layout stays the same.
     @functools.cached_property
     def stem(self):
         """images -> the first stage's input, a keras Model sharing the backbone's layers."""
@@ -58,9 +34,7 @@ class Backbone(PresetMixin, keras.Model):
 
     @functools.cached_property
     def stages(self):
-        """One keras Model per level of ``stage_names``, from the previous level (the stem's output for the first)
-        to this level, at stride ``pyramid_strides[level]`` with ``pyramid_channels[level]`` channels:
-        ``stages[-1](...stages[0](stem(images)))`` is the deepest level."""
+        """One Model per level, previous level -> this level: ``stages[-1](...stages[0](stem(images)))``."""
         inputs, stages = self.stem.output, []
         for level, features in self.output.items():
             stages.append(keras.Model(inputs, features, name=f"{self.name}_{level}"))
@@ -94,22 +68,16 @@ class Backbone(PresetMixin, keras.Model):
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
 class DilatedResNetBackbone(Backbone):
-    """Dilated ResNet v1 (bottleneck) encoder; ``output_stride`` 8 or 16 dilates the last stages (DeepLab).
-
-    ``backbone_weights``: None (random), ``"imagenet"`` (``keras.applications``' download, cached under
-    ``~/.keras/models``) or a local file of ``keras.applications.ResNet50/101`` (depth 50 / 101, ``width=64``); the
-    caffe-style input convention of those weights is folded into ``conv1`` (see ``mtl_keras.models.resnet``).
-    """
+    """Dilated ResNet v1 of depth 26, 50 or 101; ``output_stride`` 8 or 16 dilates the last stages (DeepLab).
+    ``backbone_weights``: None, ``"imagenet"`` or a local ``keras.applications.ResNet50/101`` file (width 64)."""
 
     def __init__(self, depth=101, output_stride=8, width=64, input_shape=(None, None, 3), backbone_weights=None,
                  **kwargs):
         kwargs.setdefault("name", f"dilated_resnet{depth}")
-        # === Functional graph ===
         image = keras.Input(shape=tuple(input_shape), name="image")
         x = image_normalization()(image)
         pyramid = dilated_resnet_pyramid(x, depth=depth, output_stride=output_stride, width=width)
         super().__init__(inputs=image, outputs=pyramid, **kwargs)
-        # === Config ===
         self.depth = depth
         self.backbone_depth = depth  # the name load_resnet_weights reads, as on task models
         self.output_stride = output_stride
@@ -125,18 +93,14 @@ class DilatedResNetBackbone(Backbone):
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
 class DenseUNetEncoder(Backbone):
-    """MT-UNet's encoder (the MT-UNet paper): blocks of ``base_filters * 2**i`` channels (64..512 in the paper).
-
-    A dense block's output, taken before dropout, is both the skip (level P1..P4) and, after dropout and pooling,
-    the next block's input; P5 is the last pooled output (the bottleneck's input). Input height and width must be
-    multiples of 16.
-    """
+    """MT-UNet's encoder: four dense blocks of ``base_filters * 2**i`` channels (64..512 in the paper), each followed
+    by dropout and 2x2 max-pooling. P1..P4 are the blocks' outputs before dropout (the skips), P5 the last pooled
+    output (stride 16)."""
 
     NUM_BLOCKS = 4
 
     def __init__(self, base_filters=64, dropout=0.1, input_shape=(None, None, 3), **kwargs):
         kwargs.setdefault("name", "dense_unet_encoder")
-        # === Functional graph ===
         image = keras.Input(shape=tuple(input_shape), name="image")
         x = image_normalization()(image)
         pyramid = {}
@@ -147,7 +111,6 @@ class DenseUNetEncoder(Backbone):
             x = keras.layers.MaxPooling2D(2, name=f"encoder_block{i}_pool")(x)
         pyramid[f"P{self.NUM_BLOCKS + 1}"] = x
         super().__init__(inputs=image, outputs=pyramid, **kwargs)
-        # === Config ===
         self.base_filters = base_filters
         self.dropout = dropout
         self.pyramid_strides = {f"P{i}": 2 ** (i - 1) for i in range(1, self.NUM_BLOCKS + 2)}
@@ -164,8 +127,7 @@ def dense_block(x, filters, name):
 
 
 def load_backbone_weights(model, weights):
-    """ImageNet weights (``"imagenet"`` or a local ``keras.applications`` file) into the dilated ResNet of
-    ``model`` (a backbone or a task model built on one); errors name the file."""
+    """ImageNet weights into the dilated ResNet of ``model`` (a backbone or a task model built on one)."""
     if weights != "imagenet":
         weights = os.fspath(weights)
         if not os.path.isfile(weights):
@@ -186,8 +148,8 @@ def load_backbone_weights(model, weights):
 
 
 def build_backbone(backbone, input_shape=None):
-    """A ``Backbone`` from an instance, or from its config dict (``keras.saving.serialize_keras_object`` form, or
-    ``{"class_name": "DilatedResNetBackbone", "config": {...}}``); ``input_shape`` replaces the config's."""
+    """A ``Backbone`` from an instance or its config dict (``{"class_name": ..., "config": {...}}``);
+    ``input_shape`` replaces the config's."""
     if isinstance(backbone, Backbone):
         if input_shape is not None and tuple(input_shape) != backbone.image_shape:
             raise ValueError(f"input_shape {tuple(input_shape)} differs from the backbone's {backbone.image_shape}; "

@@ -1,7 +1,5 @@
 """Kendall, Gal & Cipolla (CVPR 2018): a DeepLabV3 encoder shared by light per-task decoders.
 
-Order of this file: blocks (ASPP, task decoder), the model, registered entry points.
-
 Encoder (the paper's appendix A): dilated ResNet-101 at output stride 8, then ASPP with four parallel convolutions
 (1x1; 3x3 at rates 12, 24, 36) of 256 channels and an image-pooling branch (global average pool, 1x1 conv to 256),
 each followed by BN (and ReLU, as in DeepLabV3), concatenated to 1280 channels: the shared representation.
@@ -43,15 +41,10 @@ def task_decoder(x, task, num_classes, image, channels=256, kernel_size=1):
 # ---------------------------------------------------------------------------------------------------------- model
 @keras.saving.register_keras_serializable(package="mtl_keras")
 class KendallMultiTaskModel(MultiTaskModel):
-    """Shared encoder + ASPP, one light decoder per task; images (0..255 RGB) -> {task: output}.
+    """Shared encoder + ASPP, one light decoder per task; images (0..255 RGB) -> {task: output} at input resolution.
 
-    Outputs: ``semantic`` logits (C channels), ``instance`` (dy, dx) vectors from each pixel to its instance's
-    centroid in pixels, ``depth`` inverse depth (disparity in pixels), ``normals``, all at the input resolution.
-
-    The encoder is a :class:`~mtl_keras.models.backbones.Backbone`: by default the paper's dilated ResNet built from
-    ``backbone_depth``, ``backbone_width`` and ``output_stride`` (with ``backbone_weights``: ``"imagenet"`` or a
-    local ``keras.applications`` file), or any ``backbone`` given (an instance or its config); the head reads its
-    deepest pyramid level. ``model.backbone`` is that encoder (a view sharing the layers).
+    The encoder is the paper's dilated ResNet (``backbone_depth``, ``backbone_width``, ``output_stride``,
+    ``backbone_weights``) or any ``backbone`` given (an instance or its config); the head reads its deepest level.
     """
 
     def __init__(self, tasks=("semantic", "instance", "depth"), num_classes=19, input_shape=(128, 256, 3),
@@ -59,18 +52,15 @@ class KendallMultiTaskModel(MultiTaskModel):
                  aspp_rates=(12, 24, 36), decoder_channels=256, decoder_kernel_size=1, backbone=None,
                  backbone_weights=None, **kwargs):
         tasks = validate_tasks(tasks)
-        # === Layers: the encoder ===
         backbone, custom_backbone = self._resolve_encoder(backbone, input_shape, lambda: DilatedResNetBackbone(
             depth=backbone_depth, output_stride=output_stride, width=backbone_width, input_shape=tuple(input_shape)),
             backbone_weights)
-        # === Functional graph ===
         image = backbone.input
         features = backbone.pyramid_outputs[deepest_level(backbone)]
         shared = aspp(features, channels=aspp_channels, rates=tuple(aspp_rates))
         outputs = {task: task_decoder(shared, task, num_classes, image, channels=decoder_channels,
                                       kernel_size=decoder_kernel_size) for task in tasks}
         super().__init__(inputs=image, outputs=outputs, **kwargs)
-        # === Config ===
         self._set_common(backbone, custom_backbone, tasks, num_classes, size_multiple=1)  # outputs resized to input
         self.backbone_depth = getattr(backbone, "depth", None)
         self.backbone_width = getattr(backbone, "width", None)
@@ -117,10 +107,7 @@ def kendall_deeplabv3_resnet50(tasks=("semantic", "instance", "depth"), num_clas
 @register_model
 def kendall_deeplabv3_resnet26_slim(tasks=("semantic", "instance", "depth"), num_classes=19,
                                     input_shape=(128, 256, 3), **overrides):
-    """A small member of the family for CPU runs: ResNet-26 at half width, output stride 8, ASPP of 128 channels.
-
-    Same structure as the paper's model; twice the width of ``kendall_deeplabv3_resnet26_cpu`` (about 4x its compute).
-    """
+    """A small member of the family for CPU runs: ResNet-26 at half width, output stride 8, ASPP of 128 channels."""
     slim = dict(backbone_depth=26, backbone_width=32, output_stride=8, aspp_channels=128, decoder_channels=128)
     return build_kendall_model("kendall_deeplabv3_resnet26_slim", slim, tasks, num_classes, input_shape, **overrides)
 
@@ -128,12 +115,9 @@ def kendall_deeplabv3_resnet26_slim(tasks=("semantic", "instance", "depth"), num
 @register_model
 def kendall_deeplabv3_resnet26_cpu(tasks=("semantic", "instance", "depth"), num_classes=19, input_shape=(128, 256, 3),
                                    **overrides):
-    """The family sized for training on two CPU cores: ResNet-26 at quarter width, output stride 8, ASPP of 64.
-
-    The default model of ``experiments/train.py``: a 128x256 step (batch 8) costs about 0.4 s on 2 cores against
-    1.8 s for ``kendall_deeplabv3_resnet26_slim``, so the default job takes 800 steps in its budget instead of 200.
-    Output stride 8 is kept: at 16 a step is twice as fast, but small people and far cars fall below one feature
-    cell and instance AP50 halves (the measurements: datasets/synthetic.md, "The default job").
+    """The family sized for two CPU cores (the default model of ``experiments/train.py``): ResNet-26 at quarter width,
+    ASPP of 64. Output stride 8 is kept: 16 is twice as fast, but small people and far cars fall below one feature
+    cell and instance AP50 halves (datasets/synthetic.md, "The default job").
     """
     cpu = dict(backbone_depth=26, backbone_width=16, output_stride=8, aspp_channels=64, decoder_channels=64)
     return build_kendall_model("kendall_deeplabv3_resnet26_cpu", cpu, tasks, num_classes, input_shape, **overrides)

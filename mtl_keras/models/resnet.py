@@ -1,22 +1,11 @@
 """Dilated ResNet (bottleneck, v1) encoder with a chosen output stride, and its ImageNet weights.
 
-Layer names and structure follow ``keras.applications.ResNet50/101`` exactly (stride on the first 1x1 conv, biased
-convs, BN epsilon 1.001e-5), so ImageNet weights of those applications load by layer name
-(:func:`load_resnet_weights`). ``output_stride`` 8 or 16 turns the strides of the last stages into dilation
-(DeepLab): as in torchvision, the first block of a dilated stage keeps the previous dilation and the following blocks
-use the new one. Dilation changes no weight shape, so the same weights serve every output stride.
-
-Where the weights come from: a local file that ``keras.applications.ResNet50/101(weights=path)`` reads (the release
-file ``resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5``, a ``.weights.h5`` of ``app.save_weights`` or a
-``.keras`` file of the application), or ``"imagenet"``: the application's own download (cached under
-``~/.keras/models``; with no network it works only if that file is already there).
-
-Input convention. The Keras ResNet (v1) weights were trained on "caffe" inputs: BGR, the ImageNet mean subtracted,
-no scaling. The zoo's models normalise RGB images in 0..255 with the ImageNet mean *and* standard deviation (the
-torchvision convention, ``mtl_keras.layers.image_normalization``). With ``fold_preprocessing=True`` (default) the
-conversion is folded into ``conv1_conv`` (its input channels are reversed and scaled by the std, its bias takes the
-mean difference), so the encoder computes what the application computes on ``preprocess_input(images)``, except in
-the 3-pixel zero padding of ``conv1`` where the two conventions pad with colours 0.5 grey-levels apart.
+Layer names and structure are those of ``keras.applications.ResNet50/101`` (stride on the first 1x1 conv, biased
+convs, BN epsilon 1.001e-5), so their ImageNet weights load by layer name. ``output_stride`` 8 or 16 turns the last
+strides into dilation (DeepLab; as in torchvision, a dilated stage's first block keeps the previous dilation), which
+changes no weight shape. Those weights expect "caffe" inputs (BGR minus the mean, unscaled) while the zoo normalises
+RGB by the ImageNet mean and std; ``fold_preprocessing`` folds the conversion into ``conv1_conv``, exact except in
+conv1's zero padding (the conventions pad with colours 0.5 grey-levels apart).
 """
 
 import logging
@@ -65,7 +54,7 @@ def stage_strides_and_dilations(output_stride):
     if output_stride not in (8, 16, 32):
         raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}.")
     plan, current_stride, dilation = [], 4, 1  # the stem (conv1 + max-pool) has stride 4
-    for stage, stride in enumerate((1, 2, 2, 2)):
+    for stride in (1, 2, 2, 2):
         first_dilation = dilation
         if stride > 1 and current_stride >= output_stride:
             dilation *= stride
@@ -77,11 +66,8 @@ def stage_strides_and_dilations(output_stride):
 
 
 def dilated_resnet_pyramid(inputs, depth=101, output_stride=8, width=64, name_prefix=""):
-    """Builds the encoder graph on ``inputs`` (normalised NHWC images); returns its pyramid ``{"P1": stem (stride
-    2), "P2".."P5": the last block of conv2..conv5}``. With dilation, P3..P5 keep stride ``output_stride``.
-
-    ``width`` is the first stage's bottleneck width (64 in the papers); smaller values make test models.
-    """
+    """The encoder on ``inputs`` (normalised images) -> ``{"P1": stem (stride 2), "P2".."P5": conv2..conv5}``;
+    ``width``: the first stage's bottleneck width (64 in the papers)."""
     if depth not in RESNET_BLOCKS:
         raise ValueError(f"ResNet depth must be one of {sorted(RESNET_BLOCKS)}, got {depth!r}.")
     p = name_prefix
@@ -117,8 +103,7 @@ def dilated_resnet(inputs, depth=101, output_stride=8, width=64, name_prefix="")
 
 # ---------------------------------------------------------------------------------------------- ImageNet weights
 def resnet_application(depth, weights=None):
-    """``keras.applications.ResNet50/101(include_top=False)`` at any input size, with ``weights`` (None, "imagenet"
-    or a local file)."""
+    """``keras.applications.ResNet50/101(include_top=False)`` at any input size, with ``weights``."""
     if depth not in RESNET_APPLICATIONS:
         raise ValueError(f"keras.applications has ImageNet ResNets of depth {sorted(RESNET_APPLICATIONS)} only; "
                          f"this encoder has depth {depth!r}.")
@@ -165,14 +150,11 @@ def fold_caffe_preprocessing(kernel, bias):
 
 def load_resnet_weights(model, weights="imagenet", depth=None, name_prefix="", fold_preprocessing=True,
                         sha256=None):
-    """Copies the weights of ``keras.applications.ResNet{depth}`` into the dilated ResNet layers of ``model``.
+    """Copies ``keras.applications.ResNet{depth}``'s weights into the dilated ResNet layers of ``model``; returns the
+    names of the layers loaded. Every weighted layer must match by name and shape before any is set.
 
-    ``weights``: ``"imagenet"``, a local file (see the module docstring) or an application model already holding
-    its weights (to fill several models from one read); ``sha256``: expected hash of the file (checked before
-    anything is read). ``depth``: default from the model. ``name_prefix``: the ``name_prefix`` the encoder was built
-    with. ``fold_preprocessing=False`` copies ``conv1`` unchanged (for an encoder fed caffe-style inputs). Every
-    weighted layer of the application must find a layer of the same name and weight shapes in ``model`` (a narrower
-    ``backbone_width`` is an error); nothing is set before all are checked. Returns the names of the layers loaded.
+    ``weights``: ``"imagenet"``, a local file or an application model holding them; ``sha256``: the file's expected
+    hash; ``fold_preprocessing=False`` copies ``conv1`` unchanged (for caffe-style inputs).
     """
     if weights is None:
         raise ValueError("weights must be 'imagenet', a local weights file or a keras.applications ResNet model.")

@@ -7,19 +7,17 @@ from mtl_keras.presets import PresetMixin
 
 
 class MultiTaskModel(PresetMixin, keras.Model):
-    """A head (per-task decoders) on a :class:`~mtl_keras.models.backbones.Backbone`, as one flat functional graph.
+    """Per-task decoders on a :class:`~mtl_keras.models.backbones.Backbone`, as one flat functional graph.
 
-    Subclasses build in three parts (keras-hub's constructor): the encoder (:meth:`_resolve_encoder`), the
-    functional graph on ``backbone.pyramid_outputs``, then ``super().__init__(inputs=backbone.input, outputs=...)``,
-    :meth:`_set_common` and their own config. ``model.backbone`` is the encoder, a view sharing the layers
-    (``model.backbone.trainable = False`` freezes it); the weights file lists the layers flat, with no backbone
-    group: the layout of the published weights files, whichever backbone built them.
+    Subclasses resolve the encoder (:meth:`_resolve_encoder`), build on ``backbone.pyramid_outputs``, then call
+    ``super().__init__`` and :meth:`_set_common`. The weights file lists the layers flat (no backbone group): the
+    published files' layout, whichever backbone built them.
     """
 
     @staticmethod
     def _resolve_encoder(backbone, input_shape, build_default, backbone_weights=None):
-        """``(backbone, custom)``: the given backbone (an instance, or a config that ``input_shape`` resizes), else
-        ``build_default()``; then ``backbone_weights`` (ImageNet weights) if given."""
+        """``(backbone, custom)``: the given backbone (a config is resized to ``input_shape``), else
+        ``build_default()``, with ``backbone_weights`` loaded if given."""
         custom = backbone is not None
         if custom:
             backbone = build_backbone(backbone, None if isinstance(backbone, Backbone) else input_shape)
