@@ -348,13 +348,13 @@ def docs_fragment(name):
     return os.path.join("docs", "results", f"{name}.md")
 
 
-def fragment_path(name, path="", write_docs=False):
+def fragment_path(name, path="", write_docs=False, default=""):
     """Where a script's markdown fragment goes: ``path`` (the user's), or the tracked ``docs/results/NAME.md`` only
-    with ``write_docs``; "" for neither."""
+    with ``write_docs``; ``default`` for neither."""
     if write_docs and path:
         raise ValueError(f"--write_docs writes {docs_fragment(name)}; drop --results_md / --markdown {path}.")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(root, docs_fragment(name)) if write_docs else path
+    return os.path.join(root, docs_fragment(name)) if write_docs else (path or default)
 
 
 def write_fragment(path, heading, paragraphs, table, remarks):

@@ -253,20 +253,11 @@ def run(quick=False, initial_sigmas=(1.0, 5.0), num_samples=1000, hidden=1024, e
     return {"results": results, "passed": passed, "settings": settings, "seconds": seconds}
 
 
-def results_path(output_dir, results_md="", write_docs=False):
-    """Where the markdown fragment goes: the tracked docs fragment only with ``write_docs``, else ``results_md`` or
-    ``OUTPUT_DIR/results.md``."""
-    if write_docs and results_md:
-        raise ValueError(f"--write_docs writes {DOCS_FRAGMENT}; drop --results_md {results_md}.")
-    if write_docs:
-        return os.path.join(ROOT, DOCS_FRAGMENT)
-    return results_md or os.path.join(output_dir, "results.md")
-
-
 def main(argv):
     del argv
     try:
-        results_md = results_path(FLAGS.output_dir, FLAGS.results_md, FLAGS.write_docs)
+        results_md = reproduction.fragment_path("toy_uncertainty", FLAGS.results_md, FLAGS.write_docs,
+                                                default=os.path.join(FLAGS.output_dir, "results.md"))
     except ValueError as error:
         raise app.UsageError(str(error)) from None
     command = reproduction.command_line()

@@ -1,5 +1,5 @@
-"""experiments/toy_uncertainty.py (the reproduction report's toy, section 2.3): the learned sigmas recover the noise std (10 and 1) from
-both initialisations, in the script's quick form (full-batch Adam, a few seconds of training)."""
+"""experiments/toy_uncertainty.py (the reproduction report's toy, section 2.3): the learned sigmas recover the noise
+std (10 and 1) from both initialisations, in the script's quick form (full-batch Adam, a few seconds of training)."""
 
 import os
 
@@ -12,13 +12,17 @@ DOCS_FRAGMENT = os.path.join(ROOT, "docs", "results", "toy_uncertainty.md")
 
 
 def test_results_go_where_the_user_points_and_into_docs_only_with_write_docs(tmp_path):
-    toy = load_script("experiments/toy_uncertainty.py", "toy_uncertainty_script")
+    # toy_uncertainty.py picks its fragment with the scripts' shared helper (imported here without the script's absl
+    # flags, which would clash with other scripts' flags in this process); its default is OUTPUT_DIR/results.md.
+    reproduction = load_script("experiments/reproduction.py", "reproduction")
     out = str(tmp_path / "out")
-    assert toy.results_path(out) == os.path.join(out, "results.md")
-    assert toy.results_path(out, results_md=str(tmp_path / "r.md")) == str(tmp_path / "r.md")
-    assert toy.results_path(out, write_docs=True) == DOCS_FRAGMENT
+    default = os.path.join(out, "results.md")
+    assert reproduction.fragment_path("toy_uncertainty", default=default) == default
+    chosen = str(tmp_path / "r.md")
+    assert reproduction.fragment_path("toy_uncertainty", chosen, default=default) == chosen
+    assert reproduction.fragment_path("toy_uncertainty", write_docs=True, default=default) == DOCS_FRAGMENT
     with pytest.raises(ValueError, match="--write_docs writes"):
-        toy.results_path(out, results_md="r.md", write_docs=True)
+        reproduction.fragment_path("toy_uncertainty", "r.md", write_docs=True)
 
 
 def test_quick_toy_recovers_the_noise_std_from_both_initialisations(tmp_path):
