@@ -207,8 +207,6 @@ COLORBAR_BAR = 12
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _FONT_SCALE = 0.45
 _SWATCH_FRAME = (160, 160, 160)
-# The tasks with a tile renderer in _task_tile_rgb, drawn in the task table's order under its display names.
-_PANEL_TASKS = ("semantic", "instance", "depth")
 
 
 def _unbatch(x):  # (1, H, W, ...) -> (H, W, ...)
@@ -398,11 +396,18 @@ def _task_tile_rgb(task, source, is_target, target, palette, depth_vmax, vector_
     x = _unbatch(source[task])
     if task == "semantic":
         return semantic_to_color(_semantic_labels(x) if not is_target else _squeeze_channel(x), palette)
+    mask = _mask_of(source, task) if is_target else None
     if task == "depth":
-        return depth_to_color(x, mask=_mask_of(source, task) if is_target else None, vmax=depth_vmax)
-    # Predicted vectors are shown on the ground-truth instance pixels when those are known.
-    return instance_vectors_to_color(x, mask=_mask_of(source if is_target else (target or {}), task),
-                                     max_magnitude=vector_vmax)
+        return depth_to_color(x, mask=mask, vmax=depth_vmax)
+    if task == "instance":  # predicted vectors on the ground-truth instance pixels when those are known
+        return instance_vectors_to_color(x, mask=_mask_of(source if is_target else (target or {}), task),
+                                         max_magnitude=vector_vmax)
+    # Any other task of the table: 3 channels as normals, else its (per-pixel norm's) value on a colour map.
+    if x.ndim == 3 and x.shape[-1] == 3:
+        return normals_to_color(x, mask=mask)
+    value = _squeeze_channel(x)
+    value = np.sqrt((np.asarray(value, np.float64) ** 2).sum(axis=-1)) if value.ndim == 3 else value
+    return depth_to_color(value, mask=mask, cmap="viridis")
 
 
 def _add_colorbar_and_legend(panel, tasks, depth_vmax, label_maps, palette, class_names):
@@ -428,7 +433,7 @@ def save_prediction_panel(path, image, prediction, target=None, palette=None, cl
     height, width = img.shape[:2]
     prediction = {k: v for k, v in (prediction or {}).items() if v is not None}
     target = {k: v for k, v in (target or {}).items() if v is not None} if target is not None else None
-    tasks = [t for t in TASKS if t in _PANEL_TASKS and (t in prediction or (target is not None and t in target))]
+    tasks = [t for t in TASKS if t in prediction or (target is not None and t in target)]
     pred_sem = _semantic_labels(prediction["semantic"]) if "semantic" in prediction else None
     true_sem = (_squeeze_channel(_unbatch(target["semantic"])) if target is not None and "semantic" in target
                 else None)

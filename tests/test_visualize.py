@@ -104,6 +104,26 @@ def test_save_prediction_panel_full_and_subsets(tmp_path):
     assert png.shape[1] == 2 * W and png.shape[0] > grid_h and (png.shape[0] - grid_h) % LEGEND_LINE_HEIGHT == 0
 
 
+def test_every_task_of_the_table_gets_a_tile_normals_and_a_new_row_too(tmp_path, monkeypatch):
+    # The panel draws the tasks of mtl_keras.tasks.TASKS: normals by their colour rule, and a task added as a row
+    # (an "edges" regression) as its value on a colour map.
+    import dataclasses
+
+    from mtl_keras import tasks
+    from mtl_keras.visualize import normals_to_color
+
+    monkeypatch.setitem(tasks.TASKS, "edges", dataclasses.replace(tasks.TASKS["depth"], name="edges",
+                                                                  output_name="edges", display_name="edges"))
+    rng = np.random.default_rng(1)
+    image = rng.uniform(0, 255, (H, W, 3)).astype(np.float32)
+    normals = rng.normal(size=(H, W, 3)).astype(np.float32)
+    save_prediction_panel(tmp_path / "input.png", image, {"edges": rng.uniform(0, 1, (H, W, 1)).astype(np.float32)})
+    save_prediction_panel(tmp_path / "normals.png", image, {"normals": normals})
+    with_edges, with_normals = _rgb_png(tmp_path / "input.png"), _rgb_png(tmp_path / "normals.png")
+    assert with_edges.shape == with_normals.shape == (H + TITLE_HEIGHT, 2 * W, 3)  # the input and the task's tile
+    np.testing.assert_array_equal(with_normals[TITLE_HEIGHT:, W:], normals_to_color(normals))
+
+
 def _rgb_png(path):
     return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
 
