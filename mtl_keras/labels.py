@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import colorsys
+
 import numpy as np
 
 from cityscapesscripts.helpers.labels import labels as _CS_LABELS
@@ -76,8 +78,6 @@ def _first_per_train_id(num_classes: int, value) -> list:
 
 def _nyuv2_palette(num_classes: int) -> np.ndarray:
     """A fixed, well separated palette for the NYUv2 classes (golden-angle hues, alternating brightness)."""
-    import colorsys
-
     colors = [colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.65 if i % 2 else 0.85, 0.95 if i % 3 else 0.7)
               for i in range(num_classes)]
     return np.round(np.array(colors) * 255).astype(np.uint8)
