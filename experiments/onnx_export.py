@@ -86,7 +86,3 @@ def _explicit_same_padding(model_proto):
         pads = begin + [t - b for t, b in zip(total, begin)]
         node.attribute.remove(auto_pad)
         node.attribute.append(onnx.helper.make_attribute("pads", pads))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -515,3 +515,7 @@ def main(argv=None):
     info = export_saved_model(load_model(args.keras_file), args.output, instances=args.instances)
     print(f"SavedModel: {args.output} (outputs: {', '.join(info['outputs'])})")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
