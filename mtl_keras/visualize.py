@@ -421,6 +421,12 @@ def _add_colorbar_and_legend(panel, tasks, depth_vmax, label_maps, palette, clas
     return panel
 
 
+def panel_tasks(prediction, target=None):
+    """The tasks a panel draws, one tile each under its display name: those of the task table in ``prediction`` or
+    ``target``, in the table's order."""
+    return [t for t in TASKS if t in prediction or (target is not None and t in target)]
+
+
 def save_prediction_panel(path, image, prediction, target=None, palette=None, class_names=None, cluster=True,
                           instance_ids=None, instance_classes=None):
     """Writes a PNG of one image's prediction (row 1) over its ground truth (row 2, optional); returns ``path``.
@@ -433,7 +439,7 @@ def save_prediction_panel(path, image, prediction, target=None, palette=None, cl
     height, width = img.shape[:2]
     prediction = {k: v for k, v in (prediction or {}).items() if v is not None}
     target = {k: v for k, v in (target or {}).items() if v is not None} if target is not None else None
-    tasks = [t for t in TASKS if t in prediction or (target is not None and t in target)]
+    tasks = panel_tasks(prediction, target)
     pred_sem = _semantic_labels(prediction["semantic"]) if "semantic" in prediction else None
     true_sem = (_squeeze_channel(_unbatch(target["semantic"])) if target is not None and "semantic" in target
                 else None)
