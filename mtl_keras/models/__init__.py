@@ -2,6 +2,7 @@
 
 from mtl_keras.models import kendall  # noqa: F401  (registers entry points)
 from mtl_keras.models import mt_unet  # noqa: F401  (registers entry points)
+from mtl_keras.models import sharing  # noqa: F401  (registers entry points)
 from mtl_keras.models.backbones import Backbone, DenseUNetEncoder, DilatedResNetBackbone
 from mtl_keras.models.kendall import KendallMultiTaskModel
 from mtl_keras.models.mt_unet import MTUNet

@@ -69,15 +69,18 @@ class Backbone(PresetMixin, keras.Model):
 @keras.saving.register_keras_serializable(package="mtl_keras")
 class DilatedResNetBackbone(Backbone):
     """Dilated ResNet v1 of depth 26, 50 or 101; ``output_stride`` 8 or 16 dilates the last stages (DeepLab).
-    ``backbone_weights``: None, ``"imagenet"`` or a local ``keras.applications.ResNet50/101`` file (width 64)."""
+    ``backbone_weights``: None, ``"imagenet"`` or a local ``keras.applications.ResNet50/101`` file (width 64).
+    ``layout``: "keras" (keras.applications' convention, whose ImageNet weights load) or "torchvision" (no conv bias,
+    stride on the 3x3 conv: LibMTL's encoder, for parameter-count parity)."""
 
     def __init__(self, depth=101, output_stride=8, width=64, input_shape=(None, None, 3), backbone_weights=None,
-                 **kwargs):
+                 layout="keras", **kwargs):
         kwargs.setdefault("name", f"dilated_resnet{depth}")
         image = keras.Input(shape=tuple(input_shape), name="image")
         x = image_normalization()(image)
-        pyramid = dilated_resnet_pyramid(x, depth=depth, output_stride=output_stride, width=width)
+        pyramid = dilated_resnet_pyramid(x, depth=depth, output_stride=output_stride, width=width, layout=layout)
         super().__init__(inputs=image, outputs=pyramid, **kwargs)
+        self.layout = layout
         self.depth = depth
         self.backbone_depth = depth  # the name load_resnet_weights reads, as on task models
         self.output_stride = output_stride
@@ -87,8 +90,11 @@ class DilatedResNetBackbone(Backbone):
             load_backbone_weights(self, backbone_weights)
 
     def get_config(self):
-        return {**super().get_config(), "depth": self.depth, "output_stride": self.output_stride,
-                "width": self.width}
+        config = {**super().get_config(), "depth": self.depth, "output_stride": self.output_stride,
+                  "width": self.width}
+        if self.layout != "keras":  # the published configs stay as they were
+            config["layout"] = self.layout
+        return config
 
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
@@ -170,10 +176,19 @@ def build_backbone(backbone, input_shape=None):
     raise TypeError(f"backbone must be an mtl_keras Backbone or its config dict, got {type(backbone).__name__}.")
 
 
+def copy_backbone(backbone, name, copy_weights=True):
+    """A new backbone of ``backbone``'s class and config named ``name``, its own variables; with ``copy_weights`` they
+    start as ``backbone``'s (a copy of a pretrained encoder), else from their own initialisation."""
+    clone = type(backbone).from_config({**backbone.get_config(), "name": name})
+    if copy_weights:
+        clone.set_weights(backbone.get_weights())
+    return clone
+
+
 def serialize_backbone(backbone):
     """The config dict of ``backbone`` that :func:`build_backbone` reads back."""
     return {"class_name": type(backbone).__name__, "config": backbone.get_config()}
 
 
-__all__ = ["Backbone", "DenseUNetEncoder", "DilatedResNetBackbone", "build_backbone", "dense_block",
+__all__ = ["Backbone", "DenseUNetEncoder", "DilatedResNetBackbone", "build_backbone", "copy_backbone", "dense_block",
            "load_backbone_weights", "serialize_backbone"]

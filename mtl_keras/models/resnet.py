@@ -30,21 +30,44 @@ RESNET_APPLICATIONS = {50: "ResNet50", 101: "ResNet101"}
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
-def bottleneck_block(x, filters, stride=1, dilation=1, conv_shortcut=False, name=None):
-    """keras.applications ``residual_block_v1`` with a dilation rate on the 3x3 conv."""
+# The two conventions of a bottleneck ResNet: keras.applications' (v1: stride on the first 1x1 conv, biased convs, BN
+# epsilon 1.001e-5; its ImageNet weights load by name) and torchvision's (v1.5: stride on the 3x3 conv, convs without
+# bias, BN epsilon 1e-5; the encoder of LibMTL and of most PyTorch multi-task code, so parameter counts compare).
+RESNET_LAYOUTS = {
+    "keras": {"use_bias": True, "epsilon": _BN_EPS, "stride_on_3x3": False},
+    "torchvision": {"use_bias": False, "epsilon": 1e-5, "stride_on_3x3": True},
+}
+
+
+def resnet_layout(layout):
+    if layout not in RESNET_LAYOUTS:
+        raise ValueError(f"backbone_layout must be one of {sorted(RESNET_LAYOUTS)}, got {layout!r}.")
+    return RESNET_LAYOUTS[layout]
+
+
+def bottleneck_block(x, filters, stride=1, dilation=1, conv_shortcut=False, name=None, layout="keras"):
+    """keras.applications ``residual_block_v1`` with a dilation rate on the 3x3 conv (``layout``: RESNET_LAYOUTS)."""
+    style = resnet_layout(layout)
+    bias, eps = style["use_bias"], style["epsilon"]
+    stride_1x1, stride_3x3 = (1, stride) if style["stride_on_3x3"] else (stride, 1)
     if conv_shortcut:
-        shortcut = keras.layers.Conv2D(4 * filters, 1, strides=stride, name=f"{name}_0_conv")(x)
-        shortcut = BatchNormalization(epsilon=_BN_EPS, name=f"{name}_0_bn")(shortcut)
+        shortcut = keras.layers.Conv2D(4 * filters, 1, strides=stride, use_bias=bias, name=f"{name}_0_conv")(x)
+        shortcut = BatchNormalization(epsilon=eps, name=f"{name}_0_bn")(shortcut)
     else:
         shortcut = x
-    x = keras.layers.Conv2D(filters, 1, strides=stride, name=f"{name}_1_conv")(x)
-    x = BatchNormalization(epsilon=_BN_EPS, name=f"{name}_1_bn")(x)
+    x = keras.layers.Conv2D(filters, 1, strides=stride_1x1, use_bias=bias, name=f"{name}_1_conv")(x)
+    x = BatchNormalization(epsilon=eps, name=f"{name}_1_bn")(x)
     x = keras.layers.Activation("relu", name=f"{name}_1_relu")(x)
-    x = AtrousConv2D(filters, 3, padding="same", dilation_rate=dilation, name=f"{name}_2_conv")(x)
-    x = BatchNormalization(epsilon=_BN_EPS, name=f"{name}_2_bn")(x)
+    if stride_3x3 > 1:  # torchvision pads 1 on each side, Keras' "same" pads only bottom/right for stride 2
+        x = keras.layers.ZeroPadding2D(dilation, name=f"{name}_2_pad")(x)
+        x = keras.layers.Conv2D(filters, 3, strides=stride_3x3, dilation_rate=dilation, use_bias=bias,
+                                name=f"{name}_2_conv")(x)
+    else:
+        x = AtrousConv2D(filters, 3, padding="same", dilation_rate=dilation, use_bias=bias, name=f"{name}_2_conv")(x)
+    x = BatchNormalization(epsilon=eps, name=f"{name}_2_bn")(x)
     x = keras.layers.Activation("relu", name=f"{name}_2_relu")(x)
-    x = keras.layers.Conv2D(4 * filters, 1, name=f"{name}_3_conv")(x)
-    x = BatchNormalization(epsilon=_BN_EPS, name=f"{name}_3_bn")(x)
+    x = keras.layers.Conv2D(4 * filters, 1, use_bias=bias, name=f"{name}_3_conv")(x)
+    x = BatchNormalization(epsilon=eps, name=f"{name}_3_bn")(x)
     x = keras.layers.Add(name=f"{name}_add")([shortcut, x])
     return keras.layers.Activation("relu", name=f"{name}_out")(x)
 
@@ -65,15 +88,16 @@ def stage_strides_and_dilations(output_stride):
     return plan
 
 
-def dilated_resnet_pyramid(inputs, depth=101, output_stride=8, width=64, name_prefix=""):
+def dilated_resnet_pyramid(inputs, depth=101, output_stride=8, width=64, name_prefix="", layout="keras"):
     """The encoder on ``inputs`` (normalised images) -> ``{"P1": stem (stride 2), "P2".."P5": conv2..conv5}``;
-    ``width``: the first stage's bottleneck width (64 in the papers)."""
+    ``width``: the first stage's bottleneck width (64 in the papers); ``layout``: "keras" or "torchvision"."""
+    style = resnet_layout(layout)
     if depth not in RESNET_BLOCKS:
         raise ValueError(f"ResNet depth must be one of {sorted(RESNET_BLOCKS)}, got {depth!r}.")
     p = name_prefix
     x = keras.layers.ZeroPadding2D(padding=((3, 3), (3, 3)), name=f"{p}conv1_pad")(inputs)
-    x = keras.layers.Conv2D(width, 7, strides=2, name=f"{p}conv1_conv")(x)
-    x = BatchNormalization(epsilon=_BN_EPS, name=f"{p}conv1_bn")(x)
+    x = keras.layers.Conv2D(width, 7, strides=2, use_bias=style["use_bias"], name=f"{p}conv1_conv")(x)
+    x = BatchNormalization(epsilon=style["epsilon"], name=f"{p}conv1_bn")(x)
     x = keras.layers.Activation("relu", name=f"{p}conv1_relu")(x)
     pyramid = {"P1": x}
     x = keras.layers.ZeroPadding2D(padding=((1, 1), (1, 1)), name=f"{p}pool1_pad")(x)
@@ -84,7 +108,7 @@ def dilated_resnet_pyramid(inputs, depth=101, output_stride=8, width=64, name_pr
         for b in range(blocks):
             x = bottleneck_block(
                 x, filters, stride=stride if b == 0 else 1, dilation=first_dilation if b == 0 else dilation,
-                conv_shortcut=b == 0, name=f"{p}conv{stage + 2}_block{b + 1}")
+                conv_shortcut=b == 0, name=f"{p}conv{stage + 2}_block{b + 1}", layout=layout)
         pyramid[f"P{stage + 2}"] = x
     return pyramid
 
