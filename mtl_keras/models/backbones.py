@@ -185,10 +185,32 @@ def copy_backbone(backbone, name, copy_weights=True):
     return clone
 
 
+def resnet_style_stages(backbone):
+    """``(stem, stages, levels)``: the split of LibMTL's ResNet schemes, images -> ``stem`` -> ``stages[0]`` -> ... ->
+    ``stages[-1]``, ``levels[i]`` naming the output of ``stages[i]``; Models on ``backbone``'s own layers.
+
+    On a :class:`DilatedResNetBackbone` the stem is LibMTL's (conv1, BN, ReLU and the max-pool: images -> stride 4)
+    and the stages are conv2..conv5 (LibMTL's layer1..layer4; levels P2..P5). On any other backbone: its ``stem`` and
+    ``stages`` (the levels are its pyramid levels)."""
+    if not isinstance(backbone, DilatedResNetBackbone):
+        return backbone.stem, list(backbone.stages), list(backbone.stage_names)
+    cached = backbone.__dict__.get("_resnet_style_stages")  # outside keras' tracking, as Backbone.stem
+    if cached is None:
+        pooled = backbone.get_layer("pool1_pool").output
+        stem = keras.Model(backbone.input, pooled, name=f"{backbone.name}_stem_pool")
+        levels = [level for level in backbone.stage_names if level != "P1"]
+        inputs, stages = pooled, []
+        for level in levels:
+            stages.append(keras.Model(inputs, backbone.output[level], name=f"{backbone.name}_{level}"))
+            inputs = backbone.output[level]
+        cached = backbone.__dict__["_resnet_style_stages"] = (stem, stages, levels)
+    return cached[0], list(cached[1]), list(cached[2])
+
+
 def serialize_backbone(backbone):
     """The config dict of ``backbone`` that :func:`build_backbone` reads back."""
     return {"class_name": type(backbone).__name__, "config": backbone.get_config()}
 
 
 __all__ = ["Backbone", "DenseUNetEncoder", "DilatedResNetBackbone", "build_backbone", "copy_backbone", "dense_block",
-           "load_backbone_weights", "serialize_backbone"]
+           "load_backbone_weights", "resnet_style_stages", "serialize_backbone"]
