@@ -380,6 +380,8 @@ def _run_callbacks(run):
     # The guard comes first: it raises before a diverged epoch is backed up.
     callbacks = [checkpointing.DivergenceGuard(run.backup_dir), run.backup, run.history,
                  WeightingEpochCallback(run.weighting)]
+    # An architecture with a schedule of its own (LTB's branching temperature) brings its callbacks.
+    callbacks += list(getattr(run.model, "training_callbacks", lambda epochs: [])(run.epochs))
     if run.chief:
         os.makedirs(os.path.join(run.out, "checkpoints"), exist_ok=True)
         callbacks.append(keras.callbacks.ModelCheckpoint(os.path.join(run.out, "checkpoints", "last.weights.h5"),

@@ -1,0 +1,154 @@
+"""One harness for every sharing scheme of the zoo (keras-hub's ``run_vision_backbone_test`` in spirit): each
+architecture builds on the zoo's dilated ResNet and on keras-hub backbones, trains on the synthetic scenes with a
+loss weighting and a gradient weighting, and comes back from ``.keras``, a preset folder and the serving export in a
+fresh process. The architecture files' own tests check their structure and parameter counts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import mtl_keras
+from mtl_keras import presets
+from mtl_keras.data.numpy_loader import CityscapesPyDataset
+from mtl_keras.data.synthetic import generate_synthetic_cityscapes
+from mtl_keras.training import MultiTaskTrainer
+from mtl_keras.weighting import build_weighting
+from tests.helpers import random_images
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BACKEND = keras.config.backend()
+# The sharing schemes of LibMTL and of Vandenhende et al.'s survey (the papers' own models have their own tests).
+ARCHITECTURES = [name for name in ("hps", "cross_stitch", "mtan", "mmoe", "cgc", "ple", "dselect_k", "ltb",
+                                   "nddr_cnn", "pad_net", "mti_net") if name in mtl_keras.list_models()]
+TINY = (32, 64)
+
+
+def tiny(name, **overrides):
+    return presets.build_from_preset(name, tiny=True, **overrides)
+
+
+def test_every_scheme_of_the_field_is_registered():
+    assert ARCHITECTURES == ["hps", "cross_stitch", "mtan", "mmoe", "cgc", "ple", "dselect_k", "ltb", "nddr_cnn",
+                             "pad_net", "mti_net"]
+
+
+# ------------------------------------------------------------------------------------------------------ backbones
+def _hub_backbones():
+    keras_hub = pytest.importorskip("keras_hub")
+    resnet = keras_hub.models.ResNetBackbone(
+        input_conv_filters=[8], input_conv_kernel_sizes=[7], stackwise_num_filters=[64, 8, 8, 8],
+        stackwise_num_blocks=[1, 1, 1, 1], stackwise_num_strides=[1, 2, 2, 2], block_type="basic_block",
+        use_pre_activation=False, image_shape=(*TINY, 3))
+    mit = keras_hub.models.MiTBackbone(
+        layerwise_depths=[1, 1, 1, 1], num_layers=4, hidden_dims=[4, 8, 8, 8], layer_norm_epsilon=1e-6,
+        blockwise_num_heads=[1, 1, 1, 1], blockwise_sr_ratios=[4, 2, 1, 1], max_drop_path_rate=0.0,
+        patch_sizes=[7, 3, 3, 3], strides=[4, 2, 2, 2], image_shape=(*TINY, 3))
+    return {"keras_hub_resnet": resnet, "keras_hub_mit": mit}
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_each_scheme_builds_on_the_dilated_resnet_and_on_keras_hub_backbones(name):
+    images = random_images(2, *TINY)
+    expected = {"semantic": (2, *TINY, 19), "instance": (2, *TINY, 2), "depth": (2, *TINY, 1)}
+    model = tiny(name)
+    assert type(model.backbone).__name__ == "DilatedResNetBackbone"
+    assert {k: tuple(v.shape) for k, v in model(images, training=False).items()} == expected
+    for label, backbone in _hub_backbones().items():
+        model = tiny(name, backbone=backbone)
+        out = model(images, training=False)
+        assert {k: tuple(v.shape) for k, v in out.items()} == expected, label
+        assert all(np.isfinite(keras.ops.convert_to_numpy(v)).all() for v in out.values()), label
+
+
+# ------------------------------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def synthetic_batches(tmp_path_factory):
+    root = generate_synthetic_cityscapes(str(tmp_path_factory.mktemp("synthetic")), num_train=4, num_val=1,
+                                         height=64, width=128)
+    data = CityscapesPyDataset(root, "train", image_size=TINY, batch_size=4, shuffle=False, flip=False)
+    images, targets = data[0]
+    return images, targets
+
+
+def _task_losses(trainer, images, targets):
+    # Training mode (batch statistics): the objective the steps lower; 20 steps barely move the moving averages.
+    outputs = trainer.inference_model(images, training=True)
+    return {t: float(keras.ops.convert_to_numpy(trainer.task_loss(t, targets, outputs))) for t in trainer.tasks}
+
+
+WEIGHTINGS = ["uncertainty"] + (["pcgrad"] if BACKEND in ("tensorflow", "jax") else [])  # gradient methods: TF, JAX
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_each_scheme_trains_twenty_steps_lowering_every_task_loss(name, weighting, synthetic_batches):
+    """20 steps on one batch of synthetic scenes: every task's loss ends below where it began."""
+    images, targets = synthetic_batches
+    keras.utils.set_random_seed(0)
+    model = tiny(name)
+    trainer = MultiTaskTrainer(model, build_weighting(weighting, model.tasks))
+    trainer.compile(optimizer=keras.optimizers.Adam(3e-3), run_eagerly=BACKEND == "tensorflow")
+    for callback in getattr(model, "training_callbacks", lambda epochs: [])(20):
+        callback.set_model(trainer)
+        callback.on_epoch_begin(10)  # past LTB's warm-up: the branches are sampled
+    before = _task_losses(trainer, images, targets)
+    repeated = (np.concatenate([images] * 20), {t: np.concatenate([v] * 20) for t, v in targets.items()})
+    history = trainer.fit(*repeated, batch_size=len(images), epochs=1, shuffle=False, verbose=0).history
+    assert np.isfinite(history["loss"]).all()
+    after = _task_losses(trainer, images, targets)
+    assert all(after[t] < before[t] for t in trainer.tasks), (before, after)
+
+
+# ------------------------------------------------------------------------------------------- in a fresh process
+FRESH_PROCESS = """
+import json, sys
+import keras, numpy as np
+import mtl_keras
+folder, names = sys.argv[1], sys.argv[2:]
+result = {}
+for name in names:
+    images = np.load(f"{folder}/{name}.images.npy")
+    loaded = {"keras": keras.saving.load_model(f"{folder}/{name}.keras"), "preset": mtl_keras.from_preset(f"{folder}/{name}")}
+    out = {kind: {k: keras.ops.convert_to_numpy(v) for k, v in m(images, training=False).items()} for kind, m in loaded.items()}
+    if keras.config.backend() == "tensorflow":
+        import tensorflow as tf
+        served = tf.saved_model.load(f"{folder}/{name}.export").signatures["serving_default"](images=tf.constant(images))
+        out["export"] = {"semantic": served["semantic_logits"].numpy(), "instance": served["instance_vectors"].numpy(),
+                         "depth": served["depth"].numpy()}
+    np.savez(f"{folder}/{name}.fresh.npz", **{f"{kind}/{k}": v for kind, o in out.items() for k, v in o.items()})
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_each_scheme_comes_back_from_keras_preset_and_export_in_a_fresh_process(tmp_path):
+    expected = {}
+    for name in ARCHITECTURES:
+        model = tiny(name)
+        rng = np.random.default_rng(0)  # trained-looking weights, moving statistics included
+        model.set_weights([w + rng.normal(0, 0.05, w.shape).astype(w.dtype) ** 2 for w in model.get_weights()])
+        images = random_images(2, *TINY, seed=1)
+        np.save(tmp_path / f"{name}.images.npy", images)
+        expected[name] = {k: keras.ops.convert_to_numpy(v) for k, v in model(images, training=False).items()}
+        model.save(tmp_path / f"{name}.keras")
+        model.save_to_preset(str(tmp_path / name))
+        if BACKEND == "tensorflow":
+            from mtl_keras import export
+
+            export.export_saved_model(model, str(tmp_path / f"{name}.export"))
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(tmp_path), *expected], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kinds = ["keras", "preset"] + (["export"] if BACKEND == "tensorflow" else [])
+    for name, outputs in expected.items():
+        loaded = dict(np.load(tmp_path / f"{name}.fresh.npz"))
+        assert sorted(loaded) == sorted(f"{kind}/{task}" for kind in kinds for task in outputs), name
+        for key, value in loaded.items():
+            np.testing.assert_allclose(value, outputs[key.split("/")[1]], atol=2e-4, rtol=1e-4, err_msg=f"{name} {key}")
+    assert json.loads((tmp_path / ARCHITECTURES[0] / "metadata.json").read_text())["architecture"] == ARCHITECTURES[0]
