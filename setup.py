@@ -59,6 +59,12 @@ setup(
         # The JAX and PyTorch backends, CPU builds: the backend tests and benchmarks (torch 2.13.0 is the CPU wheel
         # this project's machines carry; a newer torch from PyPI is a CUDA build of several GB).
         "backends": ["jax>=0.4.36", "torch==2.13.0"],
+        # keras-hub's FeaturePyramidBackbones (ResNet, EfficientNet, MiT, CSPNet, DenseNet...) as encoders of every
+        # architecture: backbone=<a keras_hub backbone> or "keras_hub:PRESET" (mtl_keras.models.hub). keras-hub 0.32
+        # pulls tensorflow-text, which requires the full `tensorflow` wheel: it must be the same version as the
+        # `tensorflow-cpu` above (one TensorFlow version installed as both distributions, which share their files),
+        # hence the same range here; if pip picks two versions, `pip install tensorflow==<tensorflow-cpu's version>`.
+        "hub": ["keras-hub>=0.32", "tensorflow>=2.16,<2.22"],
         "test": ["pytest", "pytest-xdist", "tf2onnx", "onnxruntime", "jax>=0.4.36", "torch==2.13.0",
                  "import-linter"],  # the layer contract (.importlinter)
     },

@@ -3,6 +3,7 @@
 import keras
 
 from mtl_keras.models.backbones import Backbone, build_backbone, load_backbone_weights, serialize_backbone
+from mtl_keras.models.hub import hub_backbone_spec
 from mtl_keras.presets import PresetMixin
 
 
@@ -17,9 +18,12 @@ class MultiTaskModel(PresetMixin, keras.Model):
     @staticmethod
     def _resolve_encoder(backbone, input_shape, build_default, backbone_weights=None):
         """``(backbone, custom)``: the given backbone (a config is resized to ``input_shape``), else
-        ``build_default()``, with ``backbone_weights`` loaded if given."""
+        ``build_default()``, with ``backbone_weights`` loaded if given. A keras-hub ``FeaturePyramidBackbone``
+        instance or ``"keras_hub:PRESET"`` is wrapped in a :class:`~mtl_keras.models.hub.KerasHubBackbone` for
+        ``input_shape``."""
         custom = backbone is not None
         if custom:
+            backbone = hub_backbone_spec(backbone, input_shape)
             backbone = build_backbone(backbone, None if isinstance(backbone, Backbone) else input_shape)
         else:
             backbone = build_default()
