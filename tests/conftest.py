@@ -9,6 +9,8 @@ MARKERS = {
                "skipped on the other backends",
     "slow": "takes more than about 20 seconds",
     "subprocess": "launches Python subprocesses",
+    "matrix": "the architecture x weighting training matrix (tests/test_architectures.py); .ci/run runs it in a stage "
+              "of its own, the README suite skips it unless MTL_KERAS_MATRIX=1",
 }
 
 
@@ -20,6 +22,11 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     import keras
 
+    if not os.environ.get("MTL_KERAS_MATRIX"):
+        skip_matrix = pytest.mark.skip(reason="matrix: set MTL_KERAS_MATRIX=1 (.ci/run's architecture stage)")
+        for item in items:
+            if "matrix" in item.keywords:
+                item.add_marker(skip_matrix)
     backend = keras.config.backend()
     if backend == "tensorflow":
         return

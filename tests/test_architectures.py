@@ -88,6 +88,7 @@ WEIGHTINGS = ["uncertainty"] + (["pcgrad"] if BACKEND in ("tensorflow", "jax") e
 
 
 @pytest.mark.slow
+@pytest.mark.matrix
 @pytest.mark.parametrize("weighting", WEIGHTINGS)
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_each_scheme_trains_twenty_steps_lowering_every_task_loss(name, weighting, synthetic_batches):
@@ -112,7 +113,7 @@ def test_each_scheme_trains_twenty_steps_lowering_every_task_loss(name, weightin
 # `.keras` files and preset folders of every registered model are loaded in a fresh process by
 # tests/test_zoo.py::test_every_registered_model_round_trips_through_a_keras_file_in_a_new_process and
 # tests/test_model_presets.py::test_every_architecture_round_trips_through_a_preset_folder_in_a_fresh_process; the
-# serving export of the schemes is loaded in one here.
+# serving export of the schemes is loaded in one here (tests/test_export.py exports the other models in-process).
 SERVE_IN_A_FRESH_PROCESS = """
 import sys
 import numpy as np, tensorflow as tf
@@ -122,6 +123,10 @@ for name in names:
     served = tf.saved_model.load(f"{folder}/{name}.export").signatures["serving_default"](images=tf.constant(images))
     np.savez(f"{folder}/{name}.served.npz", semantic=served["semantic_logits"].numpy(),
              instance=served["instance_vectors"].numpy(), depth=served["depth"].numpy())
+    odd = tf.random.uniform((1, images.shape[1] + 5, images.shape[2] - 3, 3), 0, 255, seed=1)
+    shapes = {k: v.shape[1:3] for k, v in tf.saved_model.load(f"{folder}/{name}.export").signatures[
+        "serving_default"](images=odd).items()}
+    assert all(s == odd.shape[1:3] for s in shapes.values()), (name, shapes)
 """
 
 

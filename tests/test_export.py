@@ -14,6 +14,7 @@ import tensorflow as tf
 import mtl_keras
 from mtl_keras import export, presets
 from tests.helpers import load_script, random_images
+from tests.test_architectures import ARCHITECTURES as SHARING_SCHEMES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KENDALL = "kendall_deeplabv3_resnet26_slim"
@@ -132,9 +133,10 @@ def test_export_cli_serves_without_mtl_keras_saved_model_cli_and_onnx(tmp_path):
                     {f"{key}/{k}": v for k, v in onnx_out.items()})
 
 
-@pytest.mark.parametrize("name", mtl_keras.list_models())
+@pytest.mark.parametrize("name", [n for n in mtl_keras.list_models() if n not in SHARING_SCHEMES])
 @pytest.mark.slow
 def test_every_registered_model_exports_and_serves_its_outputs(name, tmp_path):
+    """The sharing schemes' exports are served in a fresh process by tests/test_architectures.py."""
     model = presets.build_from_preset(name, tiny=True)
     info = export.export_saved_model(model, str(tmp_path / "served"))
     loaded = tf.saved_model.load(str(tmp_path / "served"))
