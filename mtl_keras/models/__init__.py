@@ -1,6 +1,10 @@
 """Architectures of the zoo: backbones, task models; importing this package registers them."""
 
+from mtl_keras.models import cross_stitch  # noqa: F401  (registers entry points)
+from mtl_keras.models import experts  # noqa: F401  (registers entry points)
 from mtl_keras.models import kendall  # noqa: F401  (registers entry points)
+from mtl_keras.models import distillation, mtan  # noqa: F401  (registers entry points)
+from mtl_keras.models import ltb  # noqa: F401  (registers entry points)
 from mtl_keras.models import mt_unet  # noqa: F401  (registers entry points)
 from mtl_keras.models import sharing  # noqa: F401  (registers entry points)
 from mtl_keras.models.backbones import Backbone, DenseUNetEncoder, DilatedResNetBackbone
