@@ -43,15 +43,10 @@ def _hub_backbones():
         input_conv_filters=[64], input_conv_kernel_sizes=[7], stackwise_num_filters=[64, 8, 8, 8],
         stackwise_num_blocks=[1, 1, 1, 1], stackwise_num_strides=[1, 2, 2, 2], block_type="basic_block",
         use_pre_activation=False, image_shape=(*TINY, 3))
-    # EfficientNet (MiT, SegFormer's encoder, needs square images: its attention reshapes N tokens to sqrt(N)^2)
-    efficientnet = keras_hub.models.EfficientNetBackbone(
-        stackwise_kernel_sizes=[3, 3, 3, 3], stackwise_num_repeats=[1, 1, 1, 1],
-        stackwise_input_filters=[8, 8, 8, 8], stackwise_output_filters=[8, 8, 8, 8],
-        stackwise_expansion_ratios=[1, 2, 2, 2], stackwise_squeeze_and_excite_ratios=[0, 0, 0.25, 0.25],
-        stackwise_strides=[1, 2, 2, 2], stackwise_block_types=["fused", "fused", "unfused", "unfused"],
-        stackwise_force_input_filters=[0] * 4, stackwise_nores_option=[False] * 4, width_coefficient=1.0,
-        depth_coefficient=1.0, num_features=16)
-    return {"keras_hub_resnet": resnet, "keras_hub_efficientnet": efficientnet}
+    # DenseNet: a second family (MiT needs square images, its attention reshapes N tokens to sqrt(N)^2; keras-hub's
+    # EfficientNetBackbone config drops num_features, so the copies some schemes make of it do not rebuild)
+    densenet = keras_hub.models.DenseNetBackbone(stackwise_num_repeats=[1, 1, 1, 1], growth_rate=2)
+    return {"keras_hub_resnet": resnet, "keras_hub_densenet": densenet}
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
