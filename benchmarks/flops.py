@@ -131,7 +131,7 @@ def _walk(model, training, rows, prefix=""):
             name = prefix + layer.name
             cls = type(layer).__name__
             if hasattr(layer, "_nodes_by_depth") and layer is not model:
-                _walk(layer, training, rows, prefix=name + "/")
+                _walk(_at_shapes(layer, ins), training, rows, prefix=name + "/")
                 continue
             if not outs:
                 continue
@@ -153,6 +153,16 @@ def _walk(model, training, rows, prefix=""):
             rows.append({"layer": name, "class": cls, "output_shape": out, "matmul_flops": matmul,
                          "effective_flops": effective, "other_flops": other, "dilated": max(dilation) > 1})
     return rows
+
+
+def _at_shapes(model, shapes):
+    """``model`` itself when its inputs have the static ``shapes`` of the call, else a clone built on them: a nested
+    model built for any size (e.g. a block shared by tasks) is counted at the size it is called with."""
+    own = [_shape(t) for t in model.inputs]
+    if all(None not in s[1:] for s in own) or any(None in s[1:] for s in shapes) or len(shapes) != len(own):
+        return model
+    inputs = [keras.Input(batch_shape=s) for s in shapes]
+    return keras.models.clone_model(model, input_tensors=inputs[0] if len(inputs) == 1 else inputs)
 
 
 def layer_flops(model, training=False):
