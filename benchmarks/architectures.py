@@ -5,7 +5,8 @@ one backbone and size, next to the machine's float32 matmul rate measured in the
                                                             # job's encoder), heads of 64 channels, batch 4
     python benchmarks/architectures.py --architectures hps,mtan --steps 3 --output /tmp/costs.md
 
-Training is ``MultiTaskTrainer.fit`` (TensorFlow graph, no XLA) on random data with uncertainty weighting and Adam,
+Training is ``MultiTaskTrainer.train_on_batch`` (TensorFlow graph, no XLA; the median of ``--steps`` steps after two
+warm-up steps) on random data with uncertainty weighting and Adam,
 and, with ``--gradient_weighting pcgrad``, a second column with that gradient method (T backward passes per step).
 FLOPs: ``benchmarks/flops.py`` (a multiply-add = 2 FLOPs; matmul FLOPs of convs and dense layers, forward, per image).
 """
@@ -20,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import load_average, random_batch  # noqa: E402
+from common import load_average, random_batch, timed  # noqa: E402
 
 ARCHITECTURES = ("hps", "cross_stitch", "mtan", "mmoe", "cgc", "ple", "dselect_k", "ltb", "nddr_cnn", "pad_net",
                  "mti_net")
@@ -43,8 +44,9 @@ def matmul_gflops(n=1024, repeats=5):
 
 
 def training_images_per_s(model, weighting, batch, steps):
+    """Images/s of the median training step: ``train_on_batch`` (the compiled train function, one call per step)
+    timed ``steps`` times after 2 warm-up steps (the first traces)."""
     import keras
-    import tensorflow as tf
 
     from mtl_keras.training import MultiTaskTrainer
     from mtl_keras.weighting import build_weighting
@@ -53,11 +55,8 @@ def training_images_per_s(model, weighting, batch, steps):
     trainer.compile(optimizer=keras.optimizers.Adam(1e-4))
     height, width = model.input.shape[1:3]
     x, y = random_batch(batch, height, width, model.tasks)
-    data = tf.data.Dataset.from_tensors((x, y)).repeat()
-    trainer.fit(data, steps_per_epoch=2, epochs=1, verbose=0)  # tracing and warm-up
-    start = time.perf_counter()
-    trainer.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
-    return steps * batch / (time.perf_counter() - start)
+    step = timed(lambda: trainer.train_on_batch(x, y, return_dict=True), steps, warmup=2)
+    return batch / step["median_s"]
 
 
 def measure(name, height, width, batch, steps, gradient_weighting):
@@ -82,7 +81,7 @@ def table(rows, args, gflops):
     grad = f"{args.gradient_weighting}_images_per_s" if args.gradient_weighting else None
     lines = [f"Dilated ResNet-{ENCODER['backbone_depth']} at width {ENCODER['backbone_width']} (output stride "
              f"{ENCODER['output_stride']}), heads of {ENCODER['head_channels']} channels, {args.height}x{args.width}, "
-             f"batch {args.batch_size}, {args.steps} timed steps; float32 matmul rate in the same run: "
+             f"batch {args.batch_size}, median of {args.steps} training steps; float32 matmul rate in the same run: "
              f"{gflops:.1f} GFLOP/s; load average {load_average():.2f}.", "",
              "| architecture | parameters | forward GFLOPs / image | x HPS | train images/s (uncertainty) | x HPS |"
              + (f" train images/s ({args.gradient_weighting}) |" if grad else ""),
@@ -103,7 +102,7 @@ def main():
     parser.add_argument("--height", type=int, default=128)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--gradient_weighting", default="", help="also time this gradient method, e.g. pcgrad")
     parser.add_argument("--output", default="", help="also write the table (Markdown) here")
     parser.add_argument("--json", default="", help="also write the rows (JSON) here")

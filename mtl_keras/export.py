@@ -55,7 +55,11 @@ def serving_model(model):
     config = model.get_config()
     if "input_shape" not in config:
         return model
-    config = dict(config, input_shape=[None, None, config["input_shape"][-1]])
+    config = dict(config)
+    for key in getattr(model, "input_size_arguments", ()):  # defaults to the input size: keep the built size
+        if config.get(key) is None:
+            config[key] = list(config["input_shape"][:2])
+    config["input_shape"] = [None, None, config["input_shape"][-1]]
     clone = type(model).from_config(config)
     clone.set_weights(model.get_weights())
     return clone

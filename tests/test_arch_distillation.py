@@ -176,7 +176,7 @@ def test_mti_net_partition(mti):
 @pytest.mark.slow
 def test_mti_net_round_trips(mti, tmp_path):
     images = random_images(2, 32, 64, seed=1)
-    assert mti.get_config()["task_channels"] == [8, 8, 8, 8]
+    assert mti.get_config()["task_channels"] == 8 and mti.task_channels == [8, 8, 8, 8]  # the argument as given
     assert_model_config_round_trip(mti, images)
     assert_keras_save_load(mti, images, str(tmp_path))
 

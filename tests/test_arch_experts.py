@@ -11,6 +11,7 @@ import pytest
 
 import mtl_keras
 from mtl_keras import presets
+from mtl_keras.export import serving_model
 from mtl_keras.gradient_training import SharedPartition
 from mtl_keras.models.backbones import DenseUNetEncoder, DilatedResNetBackbone
 from mtl_keras.models.experts import CGC, PLE, DSelectK, DSelectKGate, ExpertMixture, MMoE, smooth_step
@@ -142,8 +143,9 @@ def test_gates_start_as_pytorch_linear_layers_and_dselect_k_as_libmtl():
 
 def test_gates_read_the_image_at_the_size_they_were_built_for_and_the_models_serve_any_size():
     model = tiny("ple")
-    any_size = type(model).from_config({**model.get_config(), "input_shape": [None, None, 3]})
-    any_size.set_weights(model.get_weights())
+    assert model.get_config()["gate_image_size"] is None  # the default: the input size
+    any_size = serving_model(model)  # input_shape (None, None, 3): gate_image_size frozen at the built size
+    assert any_size.get_config()["gate_image_size"] == [H, W]
     assert any_size.gate_image_size == (H, W) and any_size.count_params() == model.count_params()
     images = random_images(2, H, W)
     for task, value in model(images, training=False).items():  # at the built size no resize is added: the same

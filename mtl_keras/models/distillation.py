@@ -211,6 +211,8 @@ class MTINet(SharingModel):
         backbone, custom = self._encoder(encoder, input_shape)
         levels = mti_levels(backbone)
         pyramid, strides = backbone.pyramid_outputs, backbone.pyramid_strides
+        given_channels = task_channels if task_channels is None or isinstance(task_channels, int) \
+            else [int(c) for c in task_channels]  # the config keeps the argument (None: from the levels)
         if task_channels is None:
             task_channels = [max(1, backbone.pyramid_channels[level] // 8) for level in levels]
         elif isinstance(task_channels, int):
@@ -254,10 +256,10 @@ class MTINet(SharingModel):
         # === Config ===
         self._set_sharing(backbone, custom, tasks, num_classes, encoder, head)
         self.levels = levels
-        self.task_channels = task_channels
+        self.task_channels, self.given_task_channels = task_channels, given_channels
 
     def get_config(self):
-        return {**super().get_config(), "task_channels": list(self.task_channels)}
+        return {**super().get_config(), "task_channels": self.given_task_channels}
 
 
 @register_model

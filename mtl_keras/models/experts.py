@@ -163,6 +163,11 @@ def gate_size(gate_image_size, input_shape):
     return int(size[0]), int(size[1])
 
 
+def _gate_config(model):
+    """``gate_image_size`` as the config holds it: None when it is the input size (the default), else [H, W]."""
+    return None if tuple(model.gate_image_size) == tuple(model.image_shape[:2]) else list(model.gate_image_size)
+
+
 def gate_view(x, size, name):
     """``x`` as a gate reads it: as it is at ``size`` (H, W), else resized bilinearly to ``size``."""
     if tuple(x.shape[1:3]) == tuple(size):
@@ -236,6 +241,9 @@ class MMoE(SharingModel):
     Trainable parameters: ``num_experts`` backbones + per task ``(H * W * 3 + 1) * num_experts`` (gate) + the heads,
     as LibMTL's (``experts_shared`` and ``gate_specific``)."""
 
+    # the gates' size defaults to the input's: an any-size copy (export.serving_model) keeps the built one
+    input_size_arguments = ("gate_image_size",)
+
     def __init__(self, tasks=DEFAULT_TASKS, num_classes=19, input_shape=DEFAULT_INPUT_SHAPE, num_experts=2,
                  gate_image_size=None, **kwargs):
         tasks = validate_tasks(tasks)
@@ -260,7 +268,7 @@ class MMoE(SharingModel):
         self.num_experts, self.gate_image_size = num_experts, gates_at
 
     def get_config(self):
-        return {**super().get_config(), "num_experts": self.num_experts, "gate_image_size": list(self.gate_image_size)}
+        return {**super().get_config(), "num_experts": self.num_experts, "gate_image_size": _gate_config(self)}
 
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
@@ -273,6 +281,9 @@ class CGC(SharingModel):
     keeps its ``experts_shared``: trainable parameters = ``shared + sum(own)`` backbones + per task ``(H * W * 3 + 1) *
     (shared + own)`` + the heads, as LibMTL's. Each task's own experts feed only its head (LibMTL's
     ``get_share_params`` returns the shared experts alone)."""
+
+    # the gates' size defaults to the input's: an any-size copy (export.serving_model) keeps the built one
+    input_size_arguments = ("gate_image_size",)
 
     def __init__(self, tasks=DEFAULT_TASKS, num_classes=19, input_shape=DEFAULT_INPUT_SHAPE, num_shared_experts=1,
                  num_task_experts=1, gate_image_size=None, **kwargs):
@@ -304,7 +315,7 @@ class CGC(SharingModel):
 
     def get_config(self):
         return {**super().get_config(), "num_shared_experts": self.num_shared_experts,
-                "num_task_experts": self.num_task_experts, "gate_image_size": list(self.gate_image_size)}
+                "num_task_experts": self.num_task_experts, "gate_image_size": _gate_config(self)}
 
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
@@ -325,6 +336,9 @@ class PLE(SharingModel):
     of the representation it reads (static shapes). Trainable parameters: ``shared + sum(own)`` backbones + per task
     ``sum_i (size_i + 1) * (shared + own)`` + the heads, as LibMTL's. A task's own experts feed only its later levels
     and its head (LibMTL's ``get_share_params``: the shared experts alone)."""
+
+    # the gates' size defaults to the input's: an any-size copy (export.serving_model) keeps the built one
+    input_size_arguments = ("gate_image_size",)
 
     def __init__(self, tasks=DEFAULT_TASKS, num_classes=19, input_shape=DEFAULT_INPUT_SHAPE, num_shared_experts=1,
                  num_task_experts=1, gate_image_size=None, **kwargs):
@@ -373,7 +387,7 @@ class PLE(SharingModel):
 
     def get_config(self):
         return {**super().get_config(), "num_shared_experts": self.num_shared_experts,
-                "num_task_experts": self.num_task_experts, "gate_image_size": list(self.gate_image_size)}
+                "num_task_experts": self.num_task_experts, "gate_image_size": _gate_config(self)}
 
 
 @keras.saving.register_keras_serializable(package="mtl_keras")
@@ -394,6 +408,9 @@ class DSelectK(SharingModel):
     ``entropy_regularization=0`` drops the entropy term (the training LibMTL runs when ``num_experts`` is a power of
     two). The smooth step uses ``gamma`` (LibMTL passes ``kgamma`` to the initialisation only, its smooth step keeps
     1.0: the same at the default 1.0)."""
+
+    # the gates' size defaults to the input's: an any-size copy (export.serving_model) keeps the built one
+    input_size_arguments = ("gate_image_size",)
 
     def __init__(self, tasks=DEFAULT_TASKS, num_classes=19, input_shape=DEFAULT_INPUT_SHAPE, num_experts=2,
                  num_nonzeros=2, gamma=1.0, entropy_regularization=1e-6, gate_image_size=None, **kwargs):
@@ -430,7 +447,7 @@ class DSelectK(SharingModel):
     def get_config(self):
         return {**super().get_config(), "num_experts": self.num_experts, "num_nonzeros": self.num_nonzeros,
                 "gamma": self.gamma, "entropy_regularization": self.entropy_regularization,
-                "gate_image_size": list(self.gate_image_size)}
+                "gate_image_size": _gate_config(self)}
 
 
 # ------------------------------------------------------------------------------------------------ entry points
