@@ -148,3 +148,17 @@ def test_each_scheme_serves_its_outputs_from_an_export_loaded_in_a_fresh_process
         assert sorted(served) == sorted(outputs), name
         for task, value in served.items():
             np.testing.assert_allclose(value, outputs[task], atol=2e-4, rtol=1e-4, err_msg=f"{name} {task}")
+
+
+def test_kendall_s_head_per_task_on_a_scheme():
+    """head="aspp": each task gets Kendall et al.'s ASPP (1x1, three atrous 3x3 and image pooling: 5 x 8 = 40
+    channels) and light decoder instead of LibMTL's DeepLab head."""
+    model = tiny("mmoe", head="aspp")
+    names = {layer.name for layer in model.layers}
+    assert {"semantic_head_aspp_concat", "depth_decoder_conv", "instance_decoder_logits"} <= names
+    assert not any("aspp_project" in n for n in names)  # the DeepLab head's projection is not there
+    assert model.get_layer("semantic_head_aspp_concat").output.shape[-1] == 5 * 8
+    out = model(random_images(1, *TINY), training=False)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"semantic": (1, *TINY, 19), "instance": (1, *TINY, 2),
+                                                           "depth": (1, *TINY, 1)}
+    assert type(model).from_config(model.get_config()).get_config()["head"] == "aspp"
