@@ -89,10 +89,16 @@ flags.DEFINE_integer("steps", _D.steps, f"Total training steps (0: use --epochs;
                      f"{DEFAULT_SYNTHETIC_STEPS}).")
 flags.DEFINE_integer("epochs", _D.epochs, "Passes over the training split when --steps is 0 (0: 10).")
 flags.DEFINE_enum("optimizer", _D.optimizer, ["adam", "sgd"], "sgd = the paper's (Nesterov, poly decay, wd); adam.")
-flags.DEFINE_float("learning_rate", _D.learning_rate, "Initial learning rate (polynomial decay to 0).")
+flags.DEFINE_float("learning_rate", _D.learning_rate, "Initial learning rate (then --lr_schedule).")
+flags.DEFINE_enum("lr_schedule", _D.lr_schedule, ["poly", "step"], "Learning-rate schedule: poly (polynomial "
+                  "decay to 0, --lr_power) or step (x --lr_step_gamma every --lr_step_epochs epochs, torch's StepLR).")
 flags.DEFINE_float("lr_power", _D.lr_power, "Power of the polynomial decay (0: constant).")
+flags.DEFINE_integer("lr_step_epochs", _D.lr_step_epochs, "--lr_schedule step: epochs between the drops.")
+flags.DEFINE_float("lr_step_gamma", _D.lr_step_gamma, "--lr_schedule step: factor at each drop.")
 flags.DEFINE_float("momentum", _D.momentum, "sgd: Nesterov momentum.")
 flags.DEFINE_float("weight_decay", _D.weight_decay, "sgd: weight decay.")
+flags.DEFINE_float("adam_l2", _D.adam_l2, "adam: torch.optim.Adam's coupled L2 weight decay (gradient + adam_l2 * "
+                   "weight before the moments; LibMTL's --weight_decay); 0: plain Adam.")
 flags.DEFINE_boolean("jit_compile", _D.jit_compile, "Compile the train step with XLA (default: on with "
                      "KERAS_BACKEND=jax, off with tensorflow and torch).")
 flags.DEFINE_integer("seed", _D.seed, "Random seed.")

@@ -26,6 +26,7 @@ WEIGHTING_NAMES = (
 # The settings with a fixed set of values (each also an enum flag of experiments/train.py).
 CHOICES = {
     "optimizer": ("sgd", "adam"),
+    "lr_schedule": ("poly", "step"),
     "precision": ("float32", "mixed_float16", "mixed_bfloat16"),
     "depth_target": ("", "inverse", "metric"),
     "cache": ("auto", "memory", "none"),
@@ -70,9 +71,17 @@ class TrainConfig:
     # 0.9, wd 1e-4; lr 2.5e-3 from ImageNet weights over 50k steps) does not. The paper presets set that optimiser.
     optimizer: str = "adam"  # sgd | adam
     learning_rate: float = 2e-3
+    # poly: (1 - step/total)^lr_power to 0; step: x lr_step_gamma every lr_step_epochs epochs (torch's StepLR stepped
+    # once per epoch, LibMTL's examples: 100 epochs, 0.5)
+    lr_schedule: str = "poly"
     lr_power: float = 0.9
+    lr_step_epochs: int = 100
+    lr_step_gamma: float = 0.5
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    # adam: torch.optim.Adam's coupled L2 term (gradient + adam_l2 * variable before the moments, every variable;
+    # LibMTL's weight_decay); 0 = Keras' Adam unchanged. (--weight_decay is sgd's decoupled decay.)
+    adam_l2: float = 0.0
     batch_size: int = 8  # global batch size (split over replicas)
     steps: int = 0  # total training steps; 0 = use epochs
     epochs: int = 0  # passes over the training split; used when steps == 0
@@ -106,13 +115,21 @@ class TrainConfig:
         def positive_ints(v, n):
             return isinstance(v, (tuple, list)) and len(v) == n and all(is_int(x, 1) for x in v)
 
+        def is_number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < float("inf")
+
         for flag, low in (("batch_size", 1), ("num_classes", 1), ("steps", 0), ("epochs", 0), ("val_batches", 0),
                           ("num_sample_images", 0), ("cpu_replicas", 0), ("synthetic_num_train", 1),
-                          ("synthetic_num_val", 1)):
+                          ("synthetic_num_val", 1), ("lr_step_epochs", 1)):
             check(is_int(getattr(self, flag), low), flag, f"an integer >= {low}")
         check(isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < float("inf"),
               "learning_rate", "a positive number")
         check(isinstance(self.lr_power, (int, float)) and self.lr_power >= 0, "lr_power", "a number >= 0")
+        check(is_number(self.lr_step_gamma) and self.lr_step_gamma > 0, "lr_step_gamma", "a positive number")
+        check(is_number(self.adam_l2) and self.adam_l2 >= 0, "adam_l2", "a number >= 0")
+        if is_number(self.adam_l2) and self.adam_l2 > 0 and self.optimizer != "adam":
+            problems.append(f"--adam_l2 applies to --optimizer adam (got --optimizer {self.optimizer!r}); sgd's decay "
+                            f"is --weight_decay")
         check(positive_ints(self.image_size, 2), "image_size", "height,width (two positive integers)")
         check(self.crop_size in ((), []) or positive_ints(self.crop_size, 2), "crop_size",
               "empty or height,width (two positive integers)")

@@ -21,7 +21,8 @@ from mtl_keras.data import datasets
 from mtl_keras.evaluation import evaluate_model
 from mtl_keras.presets import build_model, load_model, save_to_preset
 from mtl_keras.tasks import validate_tasks
-from mtl_keras.training import MultiTaskTrainer, ResumableTensorBoard, WeightingHistory, kendall_sgd
+from mtl_keras.training import (AdamL2, MultiTaskTrainer, ResumableTensorBoard, StepDecay, WeightingHistory,
+                                kendall_sgd)
 from mtl_keras.visualize import plot_task_weights, save_prediction_panel
 from mtl_keras.weighting import WeightingEpochCallback, build_weighting
 
@@ -261,7 +262,8 @@ def build(run, make_optimizer=None):
         run.weighting = build_loss_weighting(config, run.tasks)
         _check_gradient_samples(config, run.weighting, replicas)
         run.trainer = MultiTaskTrainer(run.model, run.weighting, jacobian_mode=config.jacobian_mode)
-        optimizer = (make_optimizer or build_optimizer)(config, run.total_steps)
+        optimizer = make_optimizer(config, run.total_steps) if make_optimizer else build_optimizer(
+            config, run.total_steps, run.steps_per_epoch)
         run.trainer.compile(optimizer=optimizer, jit_compile=run.jit_compile)
         run.initial_epoch = checkpointing.restore(run.trainer, run.backup_dir)
     return run
@@ -300,13 +302,24 @@ def _check_gradient_samples(config, weighting, replicas):
                     config.weighting, samples, per_replica, samples)
 
 
-def build_optimizer(config, total_steps):
-    if config.optimizer == "sgd":
-        return kendall_sgd(config.learning_rate, total_steps, power=config.lr_power, momentum=config.momentum,
-                           weight_decay=config.weight_decay)
-    if config.optimizer == "adam":
+def build_optimizer(config, total_steps, steps_per_epoch=None):
+    """``--optimizer`` with ``--lr_schedule``: poly decays to 0 over ``total_steps``; step multiplies by
+    ``--lr_step_gamma`` every ``--lr_step_epochs`` epochs of ``steps_per_epoch`` steps (needed then)."""
+    if config.lr_schedule == "step":
+        if not steps_per_epoch:
+            raise ValueError("--lr_schedule step needs the steps per epoch (build_optimizer(..., steps_per_epoch)).")
+        schedule = StepDecay(config.learning_rate, config.lr_step_epochs * int(steps_per_epoch),
+                             gamma=config.lr_step_gamma)
+    else:
         schedule = keras.optimizers.schedules.PolynomialDecay(
             config.learning_rate, decay_steps=max(total_steps, 1), end_learning_rate=0.0, power=config.lr_power)
+    if config.optimizer == "sgd":
+        step = schedule if config.lr_schedule == "step" else None  # poly: kendall_sgd's own, as before
+        return kendall_sgd(config.learning_rate, total_steps, power=config.lr_power, momentum=config.momentum,
+                           weight_decay=config.weight_decay, schedule=step)
+    if config.optimizer == "adam":
+        if config.adam_l2:
+            return AdamL2(l2=config.adam_l2, learning_rate=schedule)
         return keras.optimizers.Adam(schedule)
     raise ValueError(f"Unknown optimizer {config.optimizer!r}. Valid: adam, sgd.")
 

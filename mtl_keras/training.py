@@ -141,15 +141,62 @@ class MultiTaskTrainer(keras.Model):
         return cls(model, weighting, **config)
 
 
-def kendall_sgd(learning_rate=2.5e-3, total_steps=50_000, power=0.9, momentum=0.9, weight_decay=1e-4):
+def kendall_sgd(learning_rate=2.5e-3, total_steps=50_000, power=0.9, momentum=0.9, weight_decay=1e-4,
+                schedule=None):
     """Kendall et al.'s optimiser: SGD, Nesterov momentum 0.9, lr 2.5e-3 with (1 - step/total)^0.9 decay, wd 1e-4.
-    Keras decays ``w -= lr * wd * w`` (decoupled from the momentum, unlike PyTorch's L2 term)."""
-    schedule = keras.optimizers.schedules.PolynomialDecay(
-        learning_rate, decay_steps=max(int(total_steps), 1), end_learning_rate=0.0, power=power)
+    Keras decays ``w -= lr * wd * w`` (decoupled from the momentum, unlike PyTorch's L2 term). ``schedule``: another
+    learning-rate schedule in place of the polynomial decay (``learning_rate`` and ``power`` then unused)."""
+    if schedule is None:
+        schedule = keras.optimizers.schedules.PolynomialDecay(
+            learning_rate, decay_steps=max(int(total_steps), 1), end_learning_rate=0.0, power=power)
     optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=momentum, nesterov=True,
                                      weight_decay=weight_decay)
     optimizer.exclude_from_weight_decay(var_names=NO_WEIGHT_DECAY)
     return optimizer
+
+
+@keras.saving.register_keras_serializable(package="mtl_keras")
+class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """``initial_learning_rate * gamma ** floor(step / decay_steps)``: torch's ``StepLR(step_size, gamma)`` stepped
+    once per epoch, with ``decay_steps = step_size * steps_per_epoch`` (``step`` counts the updates done, so the
+    first step of epoch ``step_size`` is the first at the lower rate)."""
+
+    def __init__(self, initial_learning_rate, decay_steps, gamma=0.5):
+        super().__init__()
+        if int(decay_steps) < 1:
+            raise ValueError(f"StepDecay's decay_steps must be >= 1, got {decay_steps}.")
+        self.initial_learning_rate = float(initial_learning_rate)
+        self.decay_steps = int(decay_steps)
+        self.gamma = float(gamma)
+
+    def __call__(self, step):
+        drops = ops.floor_divide(ops.cast(step, "int64"), self.decay_steps)
+        return self.initial_learning_rate * ops.power(ops.cast(self.gamma, "float32"), ops.cast(drops, "float32"))
+
+    def get_config(self):
+        return {"initial_learning_rate": self.initial_learning_rate, "decay_steps": self.decay_steps,
+                "gamma": self.gamma}
+
+
+@keras.saving.register_keras_serializable(package="mtl_keras")
+class AdamL2(keras.optimizers.Adam):
+    """``torch.optim.Adam(weight_decay=l2)``: the coupled L2 term ``g + l2 * w`` enters the moments (Keras' own
+    ``weight_decay`` is AdamW's decoupled decay, a different update). Every variable is decayed, as torch's Adam over
+    ``model.parameters()`` (LibMTL: batch norm, biases and a weighting's parameters too); ``l2 = 0`` is Keras' Adam."""
+
+    def __init__(self, l2=0.0, **kwargs):
+        super().__init__(**kwargs)
+        if not float(l2) >= 0:
+            raise ValueError(f"AdamL2's l2 must be >= 0, got {l2}.")
+        self.l2 = float(l2)
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self.l2:
+            gradient = ops.add(gradient, ops.multiply(ops.cast(self.l2, variable.dtype), variable))
+        return super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self):
+        return {**super().get_config(), "l2": self.l2}
 
 
 class ResumableTensorBoard(keras.callbacks.TensorBoard):

@@ -316,3 +316,130 @@ def test_evaluate_model_with_functional_model_and_tf_dataset():
     assert result == {"depth_mean_error_px": 2.0, "depth_rel_error": 0.5, "num_images": 3.0}
     dict_batches = [{"images": images, **targets}]  # dict batches with the images under "images"
     assert evaluate_model(model, dict_batches, num_classes=19, tasks=("depth",)) == result
+
+
+# ------------------------------------------------------------------------------ LibMTL's NYUv2 metrics as a reference
+
+class _LibMTLSegMetric:
+    """LibMTL examples/nyu/utils.py SegMetric (lines 10-32) in numpy: a confusion matrix of argmax(softmax(logits))
+    over the pixels with 0 <= label < num_classes (its ignore label is -1); mIoU = the plain mean of the per-class
+    IoU (a class absent from both labels and predictions makes it NaN), pixel accuracy = trace / total."""
+
+    def __init__(self, num_classes):
+        self.num_classes = num_classes
+        self.record = np.zeros((num_classes, num_classes), dtype=np.int64)
+
+    def update_fun(self, pred, gt):  # pred (B, C, H, W) logits, gt (B, H, W) float labels
+        e = np.exp(pred - pred.max(axis=1, keepdims=True))
+        pred = (e / e.sum(axis=1, keepdims=True)).argmax(1).flatten()
+        gt = gt.astype(np.int64).flatten()
+        k = (gt >= 0) & (gt < self.num_classes)
+        inds = self.num_classes * gt[k] + pred[k]
+        self.record += np.bincount(inds, minlength=self.num_classes ** 2).reshape(self.num_classes, self.num_classes)
+
+    def score_fun(self):
+        h = self.record.astype(np.float64)
+        iu = np.diag(h) / (h.sum(1) + h.sum(0) - np.diag(h))
+        return [np.mean(iu), np.diag(h).sum() / h.sum()]
+
+
+class _LibMTLDepthMetric:
+    """LibMTL examples/nyu/utils.py DepthMetric (lines 35-63): per batch, the mean abs and rel error over the pixels
+    with gt != 0, then averaged over batches weighted by ``pred.size()[0]`` taken after ``masked_select``, i.e. the
+    batch's valid pixel count (so the result is the pixel mean over the split)."""
+
+    def __init__(self):
+        self.abs_record, self.rel_record, self.bs = [], [], []
+
+    def update_fun(self, pred, gt):  # (B, 1, H, W)
+        binary_mask = (np.sum(gt, axis=1) != 0)[:, None]
+        pred, gt = pred[binary_mask], gt[binary_mask]
+        abs_err = np.abs(pred - gt)
+        rel_err = np.abs(pred - gt) / gt
+        n = int(np.count_nonzero(binary_mask))
+        self.abs_record.append(np.sum(abs_err) / n)
+        self.rel_record.append(np.sum(rel_err) / n)
+        self.bs.append(pred.shape[0])
+
+    def score_fun(self):
+        records = np.stack([np.array(self.abs_record), np.array(self.rel_record)])
+        batch_size = np.array(self.bs)
+        return [(records[i] * batch_size).sum() / sum(batch_size) for i in range(2)]
+
+
+class _LibMTLNormalMetric:
+    """LibMTL examples/nyu/utils.py NormalMetric (lines 66-82): the prediction normalised, the ground truth used as
+    stored (unit), pixels with sum(gt) != 0, degrees of acos(clamp(dot)); mean, median and shares strictly below
+    11.25 / 22.5 / 30 over all pixels of the split."""
+
+    def __init__(self):
+        self.record = []
+
+    def update_fun(self, pred, gt):  # (B, 3, H, W)
+        pred = pred / np.linalg.norm(pred, axis=1, keepdims=True)
+        binary_mask = np.sum(gt, axis=1) != 0
+        error = np.degrees(np.arccos(np.clip(np.sum(pred * gt, 1)[binary_mask], -1, 1)))
+        self.record.append(error)
+
+    def score_fun(self):
+        records = np.concatenate(self.record)
+        return [np.mean(records), np.median(records), np.mean((records < 11.25) * 1.0),
+                np.mean((records < 22.5) * 1.0), np.mean((records < 30) * 1.0)]
+
+
+def test_nyuv2_metrics_match_libmtl_reference():
+    """MultiTaskEvaluator against a numpy transliteration of LibMTL's NYUv2 metric classes, batch by batch.
+
+    Definitional differences, kept out of the data here (none arises on the NYUv2 .npy release):
+    - mIoU: LibMTL takes the plain mean over all 13 classes, NaN once a class is absent from both the labels and the
+      predictions; ours averages the classes with a non-empty union (the CityScapes script's rule). Every class
+      appears in the labels below.
+    - ignore label: LibMTL's is -1 (any label outside 0..12), ours 255 (the loaders map -1 to 255).
+    - normals mask: LibMTL keeps pixels whose gt components do not sum to 0 (a unit normal such as (1, -1, 0)/sqrt(2)
+      would be dropped); ours keeps pixels whose normal is not all zero (normals_mask), and also re-normalises the
+      ground truth. Unit normals with a non-zero sum below. A zero prediction: LibMTL NaN, ours 90 degrees.
+    - depth rel error: LibMTL divides by every gt != 0 pixel, ours by gt > 0 (the loaders refuse negative depth).
+    - median angle: ours is exact to half a 0.01-degree histogram bin (streaming), LibMTL's np.median exact.
+    """
+    rng = np.random.default_rng(0)
+    num_classes, batches = 13, [(2, 24, 32), (3, 24, 32), (1, 24, 32)]  # unequal batches: the batch weighting counts
+    ours = MultiTaskEvaluator(num_classes=num_classes, tasks=("semantic", "depth", "normals"))
+    seg, depth, normal = _LibMTLSegMetric(num_classes), _LibMTLDepthMetric(), _LibMTLNormalMetric()
+    for b, h, w in batches:
+        labels = rng.integers(0, num_classes, size=(b, h, w))
+        labels[:, 0, :num_classes] = np.arange(num_classes)  # every class present
+        ignore = rng.random((b, h, w)) < 0.1
+        logits = rng.normal(size=(b, h, w, num_classes)).astype(np.float32)
+        logits += 2.0 * np.eye(num_classes, dtype=np.float32)[labels]  # better than chance
+        true_depth = rng.uniform(0.5, 10.0, size=(b, h, w, 1))
+        true_depth[rng.random((b, h, w)) < 0.15] = 0.0  # invalid pixels
+        pred_depth = true_depth + rng.normal(scale=0.5, size=true_depth.shape)
+        true_normals = rng.normal(size=(b, h, w, 3))
+        true_normals /= np.linalg.norm(true_normals, axis=-1, keepdims=True)
+        true_normals[rng.random((b, h, w)) < 0.15] = 0.0  # invalid pixels
+        pred_normals = true_normals + rng.normal(scale=0.4, size=true_normals.shape)
+        assert not np.any((true_normals.sum(-1) == 0) & (np.abs(true_normals).sum(-1) > 0))
+
+        ours.update({"semantic": np.where(ignore, 255, labels), "depth": true_depth,
+                     "depth_mask": (true_depth != 0).astype(np.float32), "normals": true_normals,
+                     "normals_mask": (np.abs(true_normals).sum(-1) > 0).astype(np.float32)},
+                    {"semantic": logits, "depth": pred_depth, "normals": pred_normals})
+        nchw = (0, 3, 1, 2)
+        seg.update_fun(logits.transpose(nchw), np.where(ignore, -1, labels).astype(np.float32))
+        depth.update_fun(pred_depth.transpose(nchw), true_depth.transpose(nchw))
+        normal.update_fun(pred_normals.transpose(nchw), true_normals.transpose(nchw))
+
+    got = ours.result()
+    miou, pix_acc = seg.score_fun()
+    abs_err, rel_err = depth.score_fun()
+    mean, median, within_11, within_22, within_30 = normal.score_fun()
+    assert np.isfinite([miou, pix_acc, abs_err, rel_err, mean, median]).all()
+    assert got["semantic_miou"] == pytest.approx(miou, rel=1e-12)
+    assert got["semantic_pixel_accuracy"] == pytest.approx(pix_acc, rel=1e-12)
+    assert got["depth_mean_error_px"] == pytest.approx(abs_err, rel=1e-9)
+    assert got["depth_rel_error"] == pytest.approx(rel_err, rel=1e-9)
+    assert got["normals_mean_angle_deg"] == pytest.approx(mean, rel=1e-9)
+    assert abs(got["normals_median_angle_deg"] - median) <= 0.005 + 1e-9  # half a histogram bin
+    assert got["normals_within_11_25"] == pytest.approx(within_11, rel=1e-12)
+    assert got["normals_within_22_5"] == pytest.approx(within_22, rel=1e-12)
+    assert got["normals_within_30"] == pytest.approx(within_30, rel=1e-12)
