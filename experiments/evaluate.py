@@ -34,8 +34,9 @@ other files is refused:
   Labeling`` results (mIoU, iIoU, AP, AP50), and our mIoU on the very same files with the difference to the
   official one (it should be 0);
 * ``--baseline_metrics`` (``metrics.json`` files of single-task runs): ``delta_m`` in percent, Delta_m =
-  (1/T) sum_i (-1)^{l_i} (M_m,i - M_b,i) / M_b,i * 100 with l_i = 1 where higher is better; NEGATIVE = the
-  multi-task model is better (:func:`delta_m`);
+  100 / T sum over tasks of the mean over the task's metrics of (-1)^{w} (M_b - M_m) / M_b, w = 1 where higher
+  is better (LibMTL's count_improvement, as the benchmark's table); POSITIVE = the multi-task model is better
+  (:func:`delta_m`);
 * ``images/``: for the first ``--num_images`` images, the semantic prediction and ground truth in CityScapes
   colours, the inverse depth colour map, surface normals (when predicted), the instances over the image, and the
   usual prediction panel;
@@ -394,24 +395,28 @@ def prepare_output_dir(output_dir):
 
 
 def delta_m(multi_task, single_task, higher_is_better):
-    """Delta_m in percent (module docstring) over the metrics of ``higher_is_better`` (``{metric: bool}``); NEGATIVE
-    means the multi-task model is better (the MTAN / LibMTL convention). A metric missing from either dict is a
-    KeyError, a zero or non-finite baseline or a non-finite multi-task value a ValueError."""
+    """Delta_m in percent over the metrics of ``higher_is_better`` (``{metric: bool}``), grouped by task as
+    :func:`mtl_keras.benchmark.delta_m` (LibMTL's count_improvement, the benchmark's table): POSITIVE means the
+    multi-task model is better. A metric missing from either dict is a KeyError, a zero or non-finite baseline or a
+    non-finite multi-task value a ValueError."""
+    from mtl_keras import benchmark
+    from mtl_keras.tasks import TASKS
+
     if not higher_is_better:
         raise ValueError("higher_is_better must name at least one metric.")
     missing = [k for k in higher_is_better if k not in multi_task or k not in single_task]
     if missing:
         raise KeyError(f"Metrics missing from multi_task or single_task: {missing}.")
-    total = 0.0
+    directions = {}
     for name, higher in higher_is_better.items():
-        m, b = float(multi_task[name]), float(single_task[name])
-        if not math.isfinite(b) or b == 0.0:
-            raise ValueError(f"Baseline of {name!r} must be finite and non-zero, got {b}.")
-        if not math.isfinite(m):
-            raise ValueError(f"Multi-task value of {name!r} must be finite, got {m}.")
-        sign = -1.0 if higher else 1.0
-        total += sign * (m - b) / b
-    return total / len(higher_is_better) * 100.0
+        for label, value in (("Baseline", single_task[name]), ("Multi-task value", multi_task[name])):
+            if not math.isfinite(float(value)) or (label == "Baseline" and float(value) == 0.0):
+                raise ValueError(f"{label} of {name!r} must be finite{' and non-zero' if label == 'Baseline' else ''}, "
+                                 f"got {value}.")
+        task = next((t for t in TASKS if name.startswith(f"{t}_")), name)
+        directions.setdefault(task, {})[name] = "higher" if higher else "lower"
+    return benchmark.delta_m({k: float(multi_task[k]) for k in higher_is_better},
+                             {k: float(single_task[k]) for k in higher_is_better}, directions)
 
 
 def run_evaluation(model_path, dataset=None, data_dir=None, split="val", image_size=None, num_classes=None,

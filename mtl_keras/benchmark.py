@@ -309,7 +309,7 @@ def run_cell(config):
     experiment.build(run)
     experiment.start(run)
     timer = StepTimer()
-    experiment.fit(run, callbacks=[timer], verbose=2 if not sys.stdout.isatty() else 1)
+    experiment.fit(run, callbacks=[timer])
     memory, kind = peak_memory()
     cost = {"median_step_seconds": float(np.median(timer.seconds)) if timer.seconds else None,
             "mean_step_seconds": float(np.mean(timer.seconds)) if timer.seconds else None,

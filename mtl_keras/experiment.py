@@ -21,8 +21,8 @@ from mtl_keras.data import datasets
 from mtl_keras.evaluation import evaluate_model
 from mtl_keras.presets import build_model, load_model, save_to_preset
 from mtl_keras.tasks import validate_tasks
-from mtl_keras.training import (AdamL2, MultiTaskTrainer, ResumableTensorBoard, StepDecay, WeightingHistory,
-                                kendall_sgd)
+from mtl_keras.training import (AdamL2, EpochLogLine, MultiTaskTrainer, ResumableTensorBoard, StepDecay,
+                                WeightingHistory, kendall_sgd)
 from mtl_keras.visualize import plot_task_weights, save_prediction_panel
 from mtl_keras.weighting import WeightingEpochCallback, build_weighting
 
@@ -86,9 +86,10 @@ class Run:
         return os.path.join(self.out, "backup")
 
 
-def run_training(config: TrainConfig, verbose=1):
+def run_training(config: TrainConfig, verbose=None):
     """Trains, evaluates and exports; returns the dict written to ``metrics.json``. Only the chief writes the output
-    folder; a run started again on it resumes after its last epoch and ends with an uninterrupted run's weights."""
+    folder; a run started again on it resumes after its last epoch and ends with an uninterrupted run's weights.
+    ``verbose``: :func:`fit`'s."""
     previous_policy = keras.mixed_precision.global_policy().name
     try:
         if config.precision != "float32":
@@ -406,8 +407,15 @@ def _run_callbacks(run):
     return callbacks
 
 
-def fit(run, callbacks=(), verbose=1):
-    """Trains from the restored epoch to the planned one, with the run's callbacks and ``callbacks``."""
+def fit(run, callbacks=(), verbose=None):
+    """Trains from the restored epoch to the planned one, with the run's callbacks and ``callbacks``. ``verbose``
+    None: Keras' progress bar on a terminal (or in a notebook), else one log line per epoch (``EpochLogLine``: a log
+    written to a file gets no bar redrawn at every step); a number: Keras' own ``verbose`` (0: silent)."""
+    callbacks = list(callbacks)
+    if verbose is None:
+        verbose = 1 if EpochLogLine.interactive() else 0
+        if not verbose:
+            callbacks.append(EpochLogLine(run.config.batch_size, run.weighting))
     fit_start = time.time()
     with distribution.fit_scope(run.strategy):
         # shuffle=False: the datasets shuffle themselves, by (seed, epoch); Keras would reorder a PyDataset's batches.

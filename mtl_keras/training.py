@@ -1,13 +1,20 @@
 """The trainer (an inference model plus a loss weighting, trained with ``fit`` on ``(images, {task: target})``
 batches; the inference model stays the separate, exported object), Kendall et al.'s optimiser and the callbacks."""
 
+import logging
+import sys
+import time
+
 import keras
+import numpy as np
 from keras import ops
 
 from mtl_keras import distribution, gradient_training
 from mtl_keras.losses import task_loss
 from mtl_keras.tasks import IGNORE_LABEL, validate_tasks
 from mtl_keras.weighting import GradientWeighting, LossWeighting
+
+log = logging.getLogger("mtl_keras")
 
 JACOBIAN_MODES = ("loop", "batched")
 # Variables Kendall et al.'s SGD does not decay: batch norm, biases and the loss weights (decaying log sigma^2 towards 0
@@ -56,6 +63,25 @@ class MultiTaskTrainer(keras.Model):
 
     def call(self, images, training=None):
         return self.inference_model(images, training=training)
+
+    def _random_states(self):
+        """The random-number states of the layers (Dropout's SeedGenerator): Keras leaves them out of saved weights,
+        yet a resumed run must restore them to draw the uninterrupted run's masks."""
+        return [v for v in self.variables if v.path.endswith("seed_generator_state")]
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        for i, state in enumerate(self._random_states()):
+            store[f"random_state_{i}"] = keras.ops.convert_to_numpy(state)
+
+    def load_own_variables(self, store):
+        keys = list(store.keys())
+        super().load_own_variables({k: store[k] for k in keys if not k.startswith("random_state_")})
+        states = self._random_states()
+        saved = [k for k in keys if k.startswith("random_state_")]
+        if len(saved) == len(states):  # a file written before the states were saved: the layers keep theirs
+            for i, state in enumerate(states):
+                state.assign(store[f"random_state_{i}"])
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         if y is None:
@@ -236,3 +262,101 @@ class WeightingHistory(keras.callbacks.Callback):
         self.history["step"].append(self._step)
         for name, value in self.weighting.log_values().items():
             self.history.setdefault(name, []).append(float(ops.convert_to_numpy(value)))
+
+
+class EpochLogLine(keras.callbacks.Callback):
+    """One line per epoch, for a log written to a file, in place of Keras' progress bar (which redraws itself with
+    carriage returns and escape codes on every POSIX system, terminal or not: a file grows by a redraw per step)::
+
+        epoch 3/10, step 150/500: loss=1.234 semantic_loss=0.9812 depth_loss=0.2531; semantic_weight=0.5312
+        semantic_sigma2=0.9412; 41.2 images/s; elapsed 0:01:02, ETA 0:02:25
+
+    (one line). The losses and metrics are the epoch's means, as Keras logs them; the weighting's ``log_values()``
+    (each task's weight, and sigma^2 under uncertainty weighting) are read at the epoch's end: what the run has now.
+    images/s counts ``batch_size`` (the global batch) images per step over the epoch's steps, the epoch-end work
+    (backups) left out; elapsed is since this ``fit`` began; the ETA is the remaining epochs at the mean length of
+    this fit's epochs after the first (which traces the step). Written with the ``mtl_keras`` logger, as the run's
+    other lines are; printed where no handler would show it (this line replaces Keras' output: it must not vanish).
+    """
+
+    def __init__(self, batch_size, weighting=None):
+        super().__init__()
+        self.batch_size = int(batch_size)
+        self.weighting = weighting
+        self._fit_start = self._previous_end = self._epoch_start = self._last_step_end = None
+        self._steps = 0
+        self._epoch_seconds = []
+
+    @staticmethod
+    def interactive():
+        """Whether Keras' progress bar has a screen to redraw: stdout is a terminal, or a notebook's kernel runs
+        (IPython renders the carriage returns; its stdout is no terminal)."""
+        try:
+            terminal = bool(sys.stdout is not None and sys.stdout.isatty())
+        except (AttributeError, ValueError):  # no isatty, or a closed stream
+            terminal = False
+        return terminal or "ipykernel" in sys.modules
+
+    def on_train_begin(self, logs=None):
+        self._fit_start = self._previous_end = time.perf_counter()
+        self._epoch_seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start, self._last_step_end, self._steps = time.perf_counter(), None, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._last_step_end = time.perf_counter()
+        self._steps += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.perf_counter()
+        self._epoch_seconds.append(now - self._previous_end)
+        self._previous_end = now
+        model = self.model  # on JAX, reading Callback.model writes the training state back to the variables
+        weighting = self.weighting if self.weighting is not None else getattr(model, "loss_weighting", None)
+        values = weighting.log_values() if weighting is not None else {}
+        weights = {name: self._as_float(value) for name, value in values.items()}
+        self._write(self.line(epoch, logs or {}, weights, now))
+
+    def line(self, epoch, logs, weights, now):
+        """The line of epoch ``epoch`` (0-based): ``logs`` Keras' epoch logs, ``weights`` the weighting's values."""
+        epochs, steps = self.params.get("epochs"), self.params.get("steps")
+        where = f"epoch {epoch + 1}/{epochs}"
+        if steps:
+            where += f", step {(epoch + 1) * steps}/{epochs * steps}"
+        values = {name: self._as_float(value) for name, value in logs.items() if name not in weights}
+        values = {name: value for name, value in values.items() if value is not None}
+        order = ["loss"] * ("loss" in values) + [name for name in values if name != "loss"]
+        parts = [" ".join(f"{name}={values[name]:.4g}" for name in order)]
+        if weights:
+            parts.append(" ".join(f"{name}={value:.4g}" for name, value in weights.items() if value is not None))
+        seconds = (self._last_step_end or now) - self._epoch_start
+        parts.append(f"{self._steps * self.batch_size / seconds:.1f} images/s" if self._steps and seconds > 0
+                     else "no steps timed")
+        later = self._epoch_seconds[1:] or self._epoch_seconds
+        remaining = max((epochs or 0) - (epoch + 1), 0)
+        eta = remaining * sum(later) / len(later)
+        parts.append(f"elapsed {self._clock(now - self._fit_start)}, ETA {self._clock(eta)}")
+        return f"{where}: " + "; ".join(part for part in parts if part)
+
+    @staticmethod
+    def _write(line):
+        if log.isEnabledFor(logging.INFO) and log.hasHandlers():
+            log.info("%s", line)
+        else:
+            print(line, flush=True)
+
+    @staticmethod
+    def _as_float(value):
+        """A log value as a float (a multi-worker run logs shape-(1,) values); None for anything else."""
+        try:
+            return float(np.mean(ops.convert_to_numpy(value)))
+        except (TypeError, ValueError):
+            return None
+
+    @staticmethod
+    def _clock(seconds):
+        """``H:MM:SS``."""
+        minutes, seconds = divmod(int(round(seconds)), 60)
+        hours, minutes = divmod(minutes, 60)
+        return f"{hours}:{minutes:02d}:{seconds:02d}"

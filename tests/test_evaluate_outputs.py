@@ -103,12 +103,18 @@ def test_a_task_without_an_output_is_one_line_naming_the_path_and_the_output(con
 
 
 def test_delta_m_sign_convention():
+    """LibMTL's count_improvement, as the benchmark's table: positive = better than single-task."""
     single = {"miou": 0.50, "depth_err": 1.0}
     better = {"miou": 0.55, "depth_err": 0.9}  # +10 % mIoU, -10 % error
     hib = {"miou": True, "depth_err": False}
-    assert evaluate.delta_m(better, single, hib) == pytest.approx(-10.0)
+    assert evaluate.delta_m(better, single, hib) == pytest.approx(10.0)
     worse = {"miou": 0.45, "depth_err": 1.2}  # -10 %, +20 %
-    assert evaluate.delta_m(worse, single, hib) == pytest.approx(15.0)
+    assert evaluate.delta_m(worse, single, hib) == pytest.approx(-15.0)
+    # two metrics of one task are averaged first: depth (-10 % + 30 %) / 2 = +10 %, semantic 0 -> 5
+    two = {"depth_mean_error_px": False, "depth_rel_error": False, "semantic_miou": True}
+    base = {"depth_mean_error_px": 1.0, "depth_rel_error": 0.1, "semantic_miou": 0.5}
+    assert evaluate.delta_m({"depth_mean_error_px": 1.1, "depth_rel_error": 0.07, "semantic_miou": 0.5}, base,
+                            two) == pytest.approx(5.0)
     assert evaluate.delta_m({"miou": 0.55, "depth_err": 1.1}, single, hib) == pytest.approx(0.0)
     with pytest.raises(KeyError):
         evaluate.delta_m({"miou": 0.5}, single, hib)

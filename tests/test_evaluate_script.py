@@ -159,7 +159,7 @@ def test_keras_file_and_saved_model_give_the_same_metrics(run_folder, reference,
     from_run = script.run_evaluation(str(run), output_dir=str(tmp_path / "a"), baseline_metrics=[str(baseline)],
                                      **common)
     miou, depth = from_run["semantic_miou"], from_run["depth_mean_error_px"]
-    assert from_run["delta_m"] == pytest.approx((-(miou - 0.5) / 0.5 + (depth - 2.0) / 2.0) / 2 * 100)
+    assert from_run["delta_m"] == pytest.approx(((miou - 0.5) / 0.5 - (depth - 2.0) / 2.0) / 2 * 100)
     assert set(from_run["delta_m_metrics"]) == {"semantic_miou", "depth_mean_error_px"}
     # a .keras file: data settings from the config.json beside it
     from_file = script.run_evaluation(str(run / "model.keras"), output_dir=str(tmp_path / "b"), **common)
