@@ -324,6 +324,17 @@ def fmt_g(value):
     return "-" if value is None or not math.isfinite(value) else f"{value:.3g}"
 
 
+def fmt_time(value, digits=3):
+    """A duration to ``digits`` significant digits, in plain notation: 3.41, 0.853, 0.00123, 1234. Fixed decimals
+    would print a fast step (a GPU, a tiny model) as 0.00, a measurement lost in the table."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    value = float(f"{value:.{digits}g}")  # rounded first: 99.96 -> 100, not 100.0
+    if value == 0:
+        return "0"
+    return f"{value:.{max(digits - 1 - math.floor(math.log10(abs(value))), 0)}f}"
+
+
 def pct(value):
     if value is None or not math.isfinite(value):
         return "-"
@@ -361,12 +372,12 @@ def train_row(r):
             f"{fmt_g(r['gflops_nominal'])} / {fmt_g(r['gflops_effective'])}"]
     if "error" in r:
         return _row(head, r, None, ["-"])
-    return _row(head, r, f"{r['best_s']:.2f} ({r['median_s']:.2f})", [f"{r['warmup_s']:.1f}"])
+    return _row(head, r, f"{fmt_time(r['best_s'])} ({fmt_time(r['median_s'])})", [f"{r['warmup_s']:.1f}"])
 
 
 def infer_row(r):
     head = [r["model"], r["size"], str(r["batch"]), r["path"]]
-    return _row(head, r, "" if "error" in r else f"{1000 * r['best_s']:.1f} ({1000 * r['median_s']:.1f})")
+    return _row(head, r, "" if "error" in r else f"{fmt_time(1000 * r['best_s'])} ({fmt_time(1000 * r['median_s'])})")
 
 
 def separator(header):

@@ -305,18 +305,19 @@ def run_cell(config):
     import keras
 
     keras.utils.clear_session()  # cells in one process: each starts from a fresh graph and name scope
-    run = experiment.prepare(config)
-    experiment.build(run)
-    experiment.start(run)
-    timer = StepTimer()
-    experiment.fit(run, callbacks=[timer])
-    memory, kind = peak_memory()
-    cost = {"median_step_seconds": float(np.median(timer.seconds)) if timer.seconds else None,
-            "mean_step_seconds": float(np.mean(timer.seconds)) if timer.seconds else None,
-            "steps_timed": len(timer.seconds), "peak_memory_bytes": memory, "memory_kind": kind,
-            "backend": keras.config.backend(), "resumed_from_epoch": int(run.initial_epoch)}
-    _write_json_atomically(os.path.join(config.output_dir, CELL_COST_FILE), cost)
-    return experiment.finish(run)
+    with experiment.output_lock(config):  # two processes never train the same cell at once
+        run = experiment.prepare(config)
+        experiment.build(run)
+        experiment.start(run)
+        timer = StepTimer()
+        experiment.fit(run, callbacks=[timer])
+        memory, kind = peak_memory()
+        cost = {"median_step_seconds": float(np.median(timer.seconds)) if timer.seconds else None,
+                "mean_step_seconds": float(np.mean(timer.seconds)) if timer.seconds else None,
+                "steps_timed": len(timer.seconds), "peak_memory_bytes": memory, "memory_kind": kind,
+                "backend": keras.config.backend(), "resumed_from_epoch": int(run.initial_epoch)}
+        _write_json_atomically(os.path.join(config.output_dir, CELL_COST_FILE), cost)
+        return experiment.finish(run)
 
 
 def _write_json_atomically(path, value):

@@ -6,6 +6,7 @@ programming errors keep theirs). Standard library and absl only: the entry point
 import logging
 import os
 import sys
+import traceback
 
 # What the library raises for a user's mistake: bad values, and files missing, in the way or unreadable.
 USER_ERRORS = (ValueError, OSError)
@@ -76,8 +77,9 @@ def run(main, argv=None):
         try:
             return main(args)
         except USER_ERRORS as e:
-            if debug_requested():
-                raise
+            if debug_requested():  # the traceback asked for, and still a user mistake's exit status
+                traceback.print_exc()
+                sys.exit(USAGE_EXIT_CODE)
             sys.exit(report(prog, e))
 
     app.run(wrapped, argv=argv, flags_parser=_flags_parser(prog))

@@ -2,6 +2,7 @@
 :class:`Run`: :func:`prepare`, :func:`build`, :func:`start`, :func:`fit` and :func:`finish`. The README lists the
 files of the output folder."""
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,6 +21,7 @@ from mtl_keras.config import TrainConfig, read_json
 from mtl_keras.data import datasets
 from mtl_keras.evaluation import evaluate_model
 from mtl_keras.presets import build_model, load_model, save_to_preset
+from mtl_keras.run_lock import RunLock
 from mtl_keras.tasks import validate_tasks
 from mtl_keras.training import (AdamL2, EpochLogLine, MultiTaskTrainer, ResumableTensorBoard, StepDecay,
                                 WeightingHistory, kendall_sgd)
@@ -92,15 +94,25 @@ def run_training(config: TrainConfig, verbose=None):
     ``verbose``: :func:`fit`'s."""
     previous_policy = keras.mixed_precision.global_policy().name
     try:
-        if config.precision != "float32":
-            keras.mixed_precision.set_global_policy(config.precision)
-        run = prepare(config)
-        build(run)
-        start(run)
-        fit(run, verbose=verbose)
-        return finish(run)
+        with output_lock(config):
+            if config.precision != "float32":
+                keras.mixed_precision.set_global_policy(config.precision)
+            run = prepare(config)
+            build(run)
+            start(run)
+            fit(run, verbose=verbose)
+            return finish(run)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def output_lock(config):
+    """The output folder's lock (``OUTPUT_DIR/run.lock``), to hold from before :func:`prepare` reads the folder until
+    the run ends: a second process on the folder is refused in one line, before it reads or writes anything there.
+    Only the chief writes the folder, so only it locks it (the other workers keep their own folders)."""
+    if not distribution.is_chief():
+        return contextlib.nullcontext()
+    return RunLock(config.output_dir, name="--output_dir")
 
 
 def prepare(config):

@@ -7,7 +7,7 @@ import pytest  # noqa: E402
 MARKERS = {
     "tf_only": "needs the TensorFlow backend (tf.distribute, tf.data internals, SavedModel, TF-specific fast paths); "
                "skipped on the other backends",
-    "slow": "takes more than about 20 seconds",
+    "slow": "takes more than about 5 seconds",
     "subprocess": "launches Python subprocesses",
     "matrix": "the architecture x weighting training matrix (tests/test_architectures.py); .ci/run runs it in a stage "
               "of its own, the README suite skips it unless MTL_KERAS_MATRIX=1",

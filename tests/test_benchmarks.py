@@ -154,6 +154,20 @@ def test_run_all_quick_models(tmp_path, monkeypatch):
         assert row["images_per_s"] > 0 and math.isfinite(row["peak_cpu"]) and row["peak_cpu"] > 0
 
 
+def test_run_all_times_keep_three_significant_digits_at_any_speed():
+    """A fast machine's step (a GPU, the tiny model above) is a number in the table, never 0.00: the time cells keep
+    three significant digits in plain notation."""
+    run_all = load_script("benchmarks/run_all.py", "run_all_under_test_times")
+    cases = {3.4149: "3.41", 0.8531: "0.853", 0.0004: "0.000400", 0.0000123: "0.0000123", 12.34: "12.3",
+             1234.5: "1230", 99.96: "100", 0.0009996: "0.00100", float("nan"): "-", None: "-"}
+    assert {value: run_all.fmt_time(value) for value in cases} == cases
+    row = {"model": TINY, "size": "32x64", "batch": 2, "xla": False, "gflops_nominal": 0.01, "gflops_effective": 0.01,
+           "best_s": 0.0004, "median_s": 0.00051, "warmup_s": 1.0, "images_per_s": 5000.0, "peak_nominal": 0.001,
+           "peak_effective": 0.001, "peak_cpu": None, "load": 0.5}
+    assert "| 0.000400 (0.000510) |" in run_all.train_row(row)
+    assert "| 0.400 (0.510) |" in run_all.infer_row({**row, "path": "Keras tf.function"})
+
+
 @pytest.mark.slow  # about 30 s
 @pytest.mark.subprocess
 def test_run_all_isolate_measures_in_a_child_process_against_the_parents_peak(tmp_path, monkeypatch):

@@ -52,6 +52,7 @@ def fake_val(root, num_images=3, seed=0):
     return stems
 
 
+@pytest.mark.subprocess  # the official scripts run in a Python child process
 def test_official_pixel_level_score_equals_ours(tmp_path):
     root = str(tmp_path / "cityscapes")
     stems = fake_val(root)
@@ -93,6 +94,7 @@ def test_official_pixel_level_score_equals_ours(tmp_path):
     assert np.isnan(ours["per_class_iou"][18]) and ours["per_class_iou"][16] == 0.0  # absent / only in GT
 
 
+@pytest.mark.subprocess  # the official scripts run in a Python child process
 def test_non_evaluated_predicted_labels_and_categories(tmp_path):
     """A predicted labelId outside the evaluated set is a miss (FN, no FP), as in the official script; and the
     7-category mode equals the official category score."""
@@ -115,6 +117,7 @@ def test_non_evaluated_predicted_labels_and_categories(tmp_path):
         assert ours["mean_iou"] == pytest.approx(official[key], abs=1e-12), num_classes
 
 
+@pytest.mark.subprocess  # the official scripts run in a Python child process
 def test_official_instance_evaluation_of_written_instances(tmp_path):
     root = str(tmp_path / "cityscapes")
     fake_val(root, num_images=2)
@@ -155,6 +158,7 @@ def test_official_instance_evaluation_of_written_instances(tmp_path):
     json.dumps(result)  # plain JSON
 
 
+@pytest.mark.subprocess  # the official scripts run in a Python child process
 def test_failures_are_reported_not_exited(tmp_path):
     root = str(tmp_path / "cityscapes")
     fake_val(root, num_images=1)

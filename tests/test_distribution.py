@@ -65,6 +65,7 @@ def test_mirrored_over_two_replicas_gives_the_one_device_weights_for_every_weigh
             np.testing.assert_allclose(mirrored, one_device, rtol=1e-6, atol=1e-12, err_msg=path)
 
 
+@pytest.mark.subprocess
 def test_per_replica_losses_use_the_global_pixel_count():
     """Two replicas with 1 and 3 labelled pixels: each returns R * local_sum / global_count."""
     script = """

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import logging
 import os
@@ -78,9 +79,9 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_backup(tmp_
     assert all(np.all(np.isfinite(w)) for w in restored.get_weights())
 
 
-def _train_command(out, data, weighting="uncertainty"):
+def _train_command(out, data, weighting="uncertainty", epochs=6):
     return [sys.executable, os.path.join(ROOT, "experiments", "train.py"), f"--output_dir={out}",
-            f"--data_dir={data}", "--image_size=32,64", "--batch_size=2", "--epochs=6", "--deterministic",
+            f"--data_dir={data}", "--image_size=32,64", "--batch_size=2", f"--epochs={epochs}", "--deterministic",
             "--tasks=semantic,depth", "--export=false", "--val_batches=1", "--model=kendall_deeplabv3_resnet26_slim",
             f"--weighting={weighting}"]
 
@@ -92,6 +93,11 @@ def _tensorboard_steps(folder, tag):
         for event in tf.compat.v1.train.summary_iterator(str(folder / name)):
             steps += [event.step for value in event.summary.value if value.tag == tag]
     return steps
+
+
+def sha256_of(path):
+    """By hashlib: mtl_keras.presets.file_sha256 is what the backups use."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _generate(data):
@@ -146,6 +152,49 @@ def test_sigkill_mid_training_resumes_from_the_last_completed_epoch_and_ends_as_
     steps = sorted(_tensorboard_steps(out / "logs" / "train", "batch_loss"))
     assert len(steps) == len(set(steps)) and set(steps) <= set(range(1, 19))
     assert [s for s in steps if s > 9] == list(range(10, 19)) and len(steps) >= 12
+
+
+# A kill inside the write of epoch 3's backup (the previous ones: epochs 2 and 1), at each of its two steps.
+@pytest.mark.parametrize("stage", checkpointing.KILL_DURING_BACKUP_STAGES)
+@pytest.mark.slow  # 40 to 60 s each: two train.py processes
+@pytest.mark.subprocess
+def test_sigkill_during_a_backup_write_resumes_from_the_previous_backup_and_finishes(tmp_path, stage):
+    data = tmp_path / "synthetic"
+    _generate(data)  # 6 training images at batch 2: 3 steps per epoch
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    out = tmp_path / "run"
+    backup = out / "backup"
+    killed = subprocess.run(_train_command(out, data, epochs=4), capture_output=True, text=True, timeout=900,
+                            env={**env, checkpointing.KILL_DURING_BACKUP_ENV: f"3:{stage}"})
+    assert killed.returncode == checkpointing.KILLED_EXIT_CODE, killed.stderr[-3000:]
+    assert "exiting as if killed while writing" in killed.stderr, killed.stderr[-3000:]
+    assert not (out / "metrics.json").exists()
+    # What the kill left: the half-written file, and a state.json still naming epoch 2's backup, intact.
+    if stage == "weights":
+        assert (backup / "epoch-00003.weights.h5.tmp.weights.h5").exists()
+        assert not (backup / "epoch-00003.weights.h5").exists()
+    else:
+        assert (backup / "epoch-00003.weights.h5").exists()
+        with pytest.raises(ValueError):
+            json.loads((backup / "state.json.tmp").read_text())  # cut in half: not JSON
+    state = json.loads((backup / "state.json").read_text())
+    assert [entry["epoch"] for entry in state["backups"]] == [2, 1]
+    newest = backup / state["backups"][0]["file"]
+    assert newest.name == "epoch-00002.weights.h5" and sha256_of(newest) == state["backups"][0]["sha256"]
+    # Every backup state.json lists is still there (stale ones are removed only after state.json is replaced).
+    assert all(sha256_of(backup / entry["file"]) == entry["sha256"] for entry in state["backups"])
+
+    resumed = subprocess.run(_train_command(out, data, epochs=4), env=env, capture_output=True, text=True,
+                             timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {newest}" in resumed.stderr, resumed.stderr[-3000:]
+    assert "unusable" not in resumed.stderr  # state.json never named the half-written file
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from_epoch"] == 2 and metrics["steps"] == 12
+    # The record is whole: 4 epochs' logs, the weights from step 1 to 12, none twice.
+    assert len(metrics["train_history"]["loss"]) == 4
+    assert metrics["weighting_history"]["step"] == list(range(1, 13))
+    assert not backup.exists()  # removed once the run completed, leftovers included
 
 
 def test_resuming_with_other_training_settings_is_refused_with_the_differences(tmp_path):

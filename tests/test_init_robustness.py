@@ -16,6 +16,7 @@ TASKS = ("semantic", "instance", "depth")
 INITS = ("-2.0", "-1.0", "0.0", "1.0", "2.0", "3.0", "4.0", "5.0")
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_quick_run_converges_from_every_initialisation(tmp_path):
     summary, results_md = run_quick_experiment("init_robustness.py", tmp_path, "log_variances.json", timeout=600)

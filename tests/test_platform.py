@@ -30,6 +30,7 @@ FAKE = """
 """
 
 
+@pytest.mark.subprocess
 def test_banners_are_dropped_and_other_lines_kept(tmp_path):
     result = _import_mtl_keras_platform(tmp_path, FAKE, {"TF_CPP_MIN_LOG_LEVEL": "2"})
     assert result.returncode == 0, result.stderr
@@ -37,12 +38,14 @@ def test_banners_are_dropped_and_other_lines_kept(tmp_path):
     assert result.stderr == "a real problem while loading\n"
 
 
+@pytest.mark.subprocess
 def test_tf_cpp_min_log_level_0_leaves_the_import_to_tensorflow(tmp_path):
     result = _import_mtl_keras_platform(tmp_path, FAKE, {"TF_CPP_MIN_LOG_LEVEL": "0"})
     assert "imported False" in result.stdout
     assert result.stderr == ""  # nothing imported TensorFlow: the function left it alone
 
 
+@pytest.mark.subprocess
 def test_import_error_is_raised_with_its_output(tmp_path):
     broken = FAKE + "\n    raise ImportError('libfoo.so missing')\n"
     result = _import_mtl_keras_platform(tmp_path, broken, {"TF_CPP_MIN_LOG_LEVEL": "2"})

@@ -37,6 +37,8 @@ def test_kendall_tiny_preset_has_the_papers_optimiser():
                                                                    (256, 256))
 
 
+@pytest.mark.slow  # about 9 s: a process importing train.py (TensorFlow)
+@pytest.mark.subprocess
 def test_flags_override_a_preset():
     code = ("import sys; sys.path.insert(0, 'experiments'); import train; from absl import flags; "
             "flags.FLAGS(['t', '--preset', 'mtunet_cityscapes_7', '--epochs', '3', '--tasks', 'semantic']); "

@@ -67,6 +67,7 @@ def _check_common(text, results, names, steps=2):
         assert set(record["final_task_weights"]) >= {f"{t}_weight" for t in record["tasks"]}
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_reproduce_kendall_ci(tmp_path):
     text, results = _run_script("reproduce_kendall", tmp_path, "single_depth,uncertainty_semantic_depth")
@@ -92,6 +93,7 @@ def test_reproduce_kendall_ci(tmp_path):
     assert results["variants"][0]["weighting"] == "equal"
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_reproduce_mtunet_ci(tmp_path):
     text, results = _run_script("reproduce_mtunet", tmp_path, "no_cross_talk,fixed_d03_s07")
@@ -123,6 +125,7 @@ def _plan(name, *flags):
     return {p["name"]: p["config"] for p in plans}
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_full_mode_plans_use_the_papers_schedules(tmp_path):
     """Without --quick: the presets' schedules (no training here, --dry_run)."""

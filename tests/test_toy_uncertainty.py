@@ -25,6 +25,8 @@ def test_results_go_where_the_user_points_and_into_docs_only_with_write_docs(tmp
         reproduction.fragment_path("toy_uncertainty", "r.md", write_docs=True)
 
 
+@pytest.mark.slow  # about 15 s: a toy_uncertainty.py --quick process
+@pytest.mark.subprocess
 def test_quick_toy_recovers_the_noise_std_from_both_initialisations(tmp_path):
     docs_before = open(DOCS_FRAGMENT).read() if os.path.exists(DOCS_FRAGMENT) else None
     summary, results_md = run_quick_experiment("toy_uncertainty.py", tmp_path, "sigmas.json", timeout=300)
