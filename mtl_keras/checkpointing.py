@@ -17,6 +17,11 @@ log = logging.getLogger("mtl_keras")
 STATE_FILE = "state.json"
 # Test hook: the process exits abruptly right after the backup of this epoch (1-based) is recorded.
 KILL_AFTER_EPOCH_ENV = "MTL_KERAS_TEST_KILL_AFTER_EPOCH"
+# Test hook, "EPOCH:STAGE": the process exits abruptly in the middle of that epoch's backup, its temporary file cut
+# to half as a write stopped short leaves it: "weights" (the new weights file, before it is renamed into place) or
+# "state" (state.json's replacement, the new weights file already in place).
+KILL_DURING_BACKUP_ENV = "MTL_KERAS_TEST_KILL_DURING_BACKUP"
+KILL_DURING_BACKUP_STAGES = ("weights", "state")
 KILLED_EXIT_CODE = 75
 
 
@@ -42,13 +47,10 @@ class EpochBackup(keras.callbacks.Callback):
         name = f"epoch-{epoch + 1:05d}.weights.h5"
         path = os.path.join(self.backup_dir, name)
         self.model.save_weights(f"{path}.tmp.weights.h5", overwrite=True)
+        self._test_kill_during_write(epoch + 1, "weights", f"{path}.tmp.weights.h5")
         os.replace(f"{path}.tmp.weights.h5", path)
         state = read_state(self.backup_dir)
         entries = [{"epoch": epoch + 1, "file": name, "sha256": file_sha256(path)}] + state.get("backups", [])
-        for stale in entries[self.keep:]:
-            stale_path = os.path.join(self.backup_dir, stale["file"])
-            if os.path.exists(stale_path):
-                os.remove(stale_path)
         history = {"epochs": epoch + 1, "epoch_logs": self.epoch_logs,
                    "weighting": dict(self.weighting_history.history) if self.weighting_history is not None else {}}
         state_path = os.path.join(self.backup_dir, STATE_FILE)
@@ -56,12 +58,31 @@ class EpochBackup(keras.callbacks.Callback):
             f.write(json.dumps({"backups": entries[:self.keep], "history": history}, indent=2))
             f.flush()
             os.fsync(f.fileno())
+        self._test_kill_during_write(epoch + 1, "state", f"{state_path}.tmp")
         os.replace(f"{state_path}.tmp", state_path)
+        # Only now that state.json no longer lists them: a kill before this point keeps every listed file.
+        for stale in entries[self.keep:]:
+            stale_path = os.path.join(self.backup_dir, stale["file"])
+            if os.path.exists(stale_path):
+                os.remove(stale_path)
         if os.environ.get(KILL_AFTER_EPOCH_ENV) == str(epoch + 1):
             # Tests of resuming: dies as under SIGKILL (no cleanup), at a known point instead of a racing signal.
             log.warning("%s=%d: exiting as if killed.", KILL_AFTER_EPOCH_ENV, epoch + 1)
             logging.shutdown()
             os._exit(KILLED_EXIT_CODE)
+
+    @staticmethod
+    def _test_kill_during_write(epoch, stage, partial_file):
+        """KILL_DURING_BACKUP_ENV's hook: dies as under SIGKILL with ``partial_file`` half written (tests of resuming:
+        a kill inside the backup's write, at a known point instead of a racing signal)."""
+        if os.environ.get(KILL_DURING_BACKUP_ENV) != f"{epoch}:{stage}":
+            return
+        with open(partial_file, "r+b") as f:
+            f.truncate(os.path.getsize(partial_file) // 2)
+        log.warning("%s=%d:%s: exiting as if killed while writing %s.", KILL_DURING_BACKUP_ENV, epoch, stage,
+                    partial_file)
+        logging.shutdown()
+        os._exit(KILLED_EXIT_CODE)
 
 
 def read_history(backup_dir, epochs_done, steps_per_epoch):
@@ -80,11 +101,29 @@ def read_state(backup_dir):
     if not os.path.exists(path):
         return {}
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        log.warning("Ignoring unreadable backup state %s (%s).", path, e)
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        log.warning("Ignoring unreadable backup state %s (%s).", path, " ".join(str(e).split())[:200])
         return {}
+    # JSON of another shape (a corrupt or foreign file) is unreadable too: restore and read_history index it blindly
+    backups = state.get("backups") if isinstance(state, dict) else None  # EpochBackup always writes the key
+    if not isinstance(backups, list) or not all(
+            isinstance(b, dict) and isinstance(b.get("epoch"), int) and not isinstance(b["epoch"], bool)
+            and b["epoch"] >= 0 and isinstance(b.get("file"), str) and b["file"]
+            and os.path.basename(b["file"]) == b["file"] and isinstance(b.get("sha256"), str) for b in backups):
+        log.warning("Ignoring unreadable backup state %s (expected {\"backups\": [{\"epoch\": int, \"file\": "
+                    "name, \"sha256\": hex}, ...], \"history\": {...}}).", path)
+        return {}
+    history = state.get("history") or {}
+    logs, weighting = (history.get("epoch_logs") or {}, history.get("weighting") or {}) \
+        if isinstance(history, dict) else (None, None)
+    if not (isinstance(logs, dict) and all(isinstance(v, list) for v in logs.values())
+            and isinstance(weighting, dict) and all(isinstance(v, list) for v in weighting.values())
+            and all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in weighting.get("step", []))):
+        log.warning("Ignoring the unreadable history in backup state %s (the backups are kept).", path)
+        state = {k: v for k, v in state.items() if k != "history"}
+    return state
 
 
 def restore(trainer, backup_dir):
@@ -93,9 +132,9 @@ def restore(trainer, backup_dir):
     for entry in read_state(backup_dir).get("backups", []):
         path = os.path.join(backup_dir, entry["file"])
         problem = None
-        if not os.path.exists(path):
+        if not os.path.isfile(path):
             problem = "the file is missing"
-        elif file_sha256(path) != entry["sha256"]:
+        elif file_sha256(path) != entry["sha256"].lower():
             problem = "its sha256 does not match (partial or corrupt write)"
         else:
             try:
