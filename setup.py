@@ -65,7 +65,8 @@ setup(
         # `tensorflow-cpu` above (one TensorFlow version installed as both distributions, which share their files),
         # hence the same range here; if pip picks two versions, `pip install tensorflow==<tensorflow-cpu's version>`.
         "hub": ["keras-hub>=0.32", "tensorflow>=2.16,<2.22"],
+        # import-linter: the layer contract (.importlinter); hypothesis: the fuzzed readers (tests/test_fuzz_readers.py)
         "test": ["pytest", "pytest-xdist", "tf2onnx", "onnxruntime", "jax>=0.4.36", "torch==2.13.0",
-                 "import-linter"],  # the layer contract (.importlinter)
+                 "import-linter", "hypothesis"],
     },
 )

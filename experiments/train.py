@@ -145,8 +145,14 @@ def parse_options(pairs):
 
 
 def load_preset(name):
-    with open(os.path.join(PRESET_DIR, f"{name}.json")) as f:
-        return TrainConfig.from_dict(json.load(f))
+    from mtl_keras.config import read_json
+
+    path = os.path.join(PRESET_DIR, f"{name}.json")
+    settings = read_json(path)  # its errors name the file
+    try:
+        return TrainConfig.from_dict(settings)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def config_from_flags():

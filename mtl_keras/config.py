@@ -7,11 +7,16 @@ from typing import Optional
 
 def read_json(path):
     """The JSON document in ``path``; malformed JSON is a ValueError naming the file, line and column."""
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:  # JSON is UTF-8 (RFC 8259), whatever the locale
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.") from None
+        except UnicodeDecodeError as e:  # binary or corrupt bytes: the codec's message would not name the file
+            raise ValueError(f"{path} is not valid JSON: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                             f"{e.start}).") from None
+        except RecursionError:  # json's decoder recurses once per nesting level
+            raise ValueError(f"{path} is not valid JSON: nested too deeply.") from None
 
 
 # Every --weighting name, in weighting.weighting_names() order: a copy for `train.py --help`, which must not import
@@ -154,6 +159,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values):
         """A config from a (JSON) dict: lists become tuples where the default is a tuple."""
+        if not isinstance(values, dict):
+            raise ValueError(f"A training config is a JSON object of settings, got a JSON {type(values).__name__}.")
         defaults = cls()
         converted = {}
         for key, value in values.items():

@@ -204,8 +204,9 @@ def check_resumable(config, out, backup_dir):
     if not checkpointing.read_state(backup_dir).get("backups") or not os.path.exists(saved_path):
         return
     try:
-        with open(saved_path) as f:
-            saved = json.load(f)
+        saved = read_json(saved_path)
+        if not isinstance(saved, dict):
+            raise ValueError(f"expected a JSON object, got a JSON {type(saved).__name__}")
     except (OSError, ValueError) as e:
         log.warning("Cannot read %s (%s): resuming without comparing the settings.", saved_path, e)
         return
@@ -557,7 +558,11 @@ def load_run(run_dir):
     if not (os.path.isfile(config_file) and os.path.isfile(checkpoint)):
         raise FileNotFoundError(f"{run_dir} holds neither preset/, model.keras nor config.json + "
                                 f"checkpoints/last.weights.h5.")
-    config = TrainConfig.from_dict(read_json(config_file))
+    settings = read_json(config_file)  # its errors name the file
+    try:
+        config = TrainConfig.from_dict(settings)
+    except ValueError as error:
+        raise ValueError(f"{config_file}: {error}") from None
     tasks = validate_tasks(config.tasks)
     model = build_model(config.model, tasks=tasks, num_classes=config.num_classes,
                         input_shape=(*[int(v) for v in config.image_size], 3), **dict(config.model_overrides))

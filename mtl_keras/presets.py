@@ -169,16 +169,37 @@ def list_presets(pattern="*", architecture=None):
 
 
 def validate_preset(preset, path="<preset>"):
+    if not isinstance(preset, dict):
+        raise ValueError(f"Preset {path} is a JSON {type(preset).__name__}; expected an object with the fields "
+                         f"{list(REQUIRED_FIELDS)}.")
     missing = [k for k in REQUIRED_FIELDS if k not in preset]
     if missing:
         raise ValueError(f"Preset {path} lacks field(s) {missing}.")
-    if preset.get("format_version", PRESET_FORMAT_VERSION) > PRESET_FORMAT_VERSION:
+    version = preset.get("format_version", PRESET_FORMAT_VERSION)
+    if not _is_int(version):
+        raise ValueError(f"Preset {path}: format_version must be an int, got {version!r}.")
+    if version > PRESET_FORMAT_VERSION:
         raise ValueError(f"Preset {path} has format_version {preset['format_version']}; this mtl_keras reads "
                          f"<= {PRESET_FORMAT_VERSION}. Upgrade mtl_keras.")
+    optional = (dict, type(None))
+    for key, kinds, expected in (("name", str, "a string"), ("architecture", str, "a string"),
+                                 ("arguments", dict, "an object"), ("tiny_arguments", optional, "an object or null"),
+                                 ("training", optional, "an object or null"),
+                                 ("metrics", optional, "an object or null")):
+        if key in preset and not isinstance(preset[key], kinds):
+            raise ValueError(f"Preset {path}: {key!r} must be {expected}, got {str(preset[key])[:100]}.")
+    tasks = preset["arguments"].get("tasks", [])
+    if not (isinstance(tasks, (list, tuple)) and all(isinstance(t, str) for t in tasks)):  # tuple: write_preset
+        raise ValueError(f"Preset {path}: arguments.tasks must be a list of task names, got {str(tasks)[:100]}.")
     weights = preset.get("weights")
-    if weights is not None and not (isinstance(weights, dict) and weights.get("file")):
+    if weights is not None and not (isinstance(weights, dict) and isinstance(weights.get("file"), str)
+                                    and weights["file"] and isinstance(weights.get("sha256"), (str, type(None)))):
         raise ValueError(f"Preset {path}: 'weights' must be null or an object with a 'file' (and 'sha256').")
     return preset
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def get_preset(name):
@@ -349,9 +370,16 @@ def save_to_preset(model, preset_dir, training_config=None, metrics=None, descri
 def read_preset_metadata(preset_dir):
     path = os.path.join(os.fspath(preset_dir), METADATA_FILE)
     metadata = read_json(path)
-    if not isinstance(metadata, dict) or metadata.get("format_version", 0) > PRESET_FOLDER_FORMAT:
+    if not isinstance(metadata, dict) or not _is_int(metadata.get("format_version", 0)) \
+            or metadata.get("format_version", 0) > PRESET_FOLDER_FORMAT:
         raise ValueError(f"{path}: not an mtl_keras preset of format <= {PRESET_FOLDER_FORMAT} (a newer mtl_keras "
                          f"wrote it?).")
+    spec = metadata.get("weights")
+    file = spec.get("file", WEIGHTS_FILE) if isinstance(spec, dict) else None
+    if spec is not None and not (isinstance(file, str) and file and os.path.basename(file) == file
+                                 and isinstance(spec.get("sha256"), (str, type(None)))):
+        raise ValueError(f"{path}: 'weights' must be an object with the 'file' name of the weights in the preset "
+                         f"folder and its 'sha256', got {str(spec)[:200]}.")
     return metadata
 
 
@@ -361,7 +389,7 @@ def load_preset_dir(preset_dir, load_weights=True, safe_mode=True, **overrides):
     metadata = read_preset_metadata(preset_dir)
     config_path = os.path.join(preset_dir, CONFIG_FILE)
     serialized = read_json(config_path)
-    if not isinstance(serialized, dict) or "config" not in serialized:
+    if not isinstance(serialized, dict) or not isinstance(serialized.get("config"), dict):
         raise ValueError(f"{config_path}: expected a serialized Keras model (with 'class_name' and 'config').")
     weights_path = None
     if load_weights:
@@ -375,8 +403,10 @@ def load_preset_dir(preset_dir, load_weights=True, safe_mode=True, **overrides):
         serialized = dict(serialized, config={**serialized["config"], **overrides})
     try:
         model = keras.saving.deserialize_keras_object(serialized, safe_mode=safe_mode)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # what a corrupt config raises in Keras
         raise ValueError(f"{config_path}: cannot rebuild the model ({' '.join(str(e).split())[:300]}).") from e
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"{config_path}: holds a {type(model).__name__}, not a Keras model.")
     if weights_path is not None:
         load_weights_file(model, weights_path)
     return model
@@ -422,7 +452,7 @@ def load_weights_file(model, path):
     """``model.load_weights(path)`` whose errors name the file and the likely cause (h5py's own do not)."""
     try:
         model.load_weights(path)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:  # h5py, Keras
         raise ValueError(f"Cannot load the weights {path} into {model.name}: {' '.join(str(e).split())[:300]} "
                          f"(a truncated or corrupt file, or weights of another architecture or size?)") from e
 

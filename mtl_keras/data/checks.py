@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import os
 import struct
+import tokenize
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -53,10 +56,38 @@ def png_info(path) -> PngInfo:
     if len(head) < 33 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
         raise DataError(f"{path} is not a PNG file (expected the PNG signature and an IHDR chunk; the file has "
                         f"{size} bytes)")
+    # the IHDR's own CRC (in the 33 bytes read): a flipped bit in the size, depth or colour type would otherwise pass
+    if head[8:12] != b"\x00\x00\x00\x0d" or zlib.crc32(head[12:29]) != struct.unpack(">I", head[29:33])[0]:
+        raise DataError(f"{path} is a corrupt PNG: its IHDR chunk (size, bit depth, colour type) fails its CRC "
+                        f"(re-extract or re-download it)")
     width, height, bit_depth, color_type = struct.unpack(">IIBB", head[16:26])
     if tail != PNG_IEND:
         raise _truncated_png(path, size)
     return PngInfo(width, height, bit_depth, color_type)
+
+
+JPEG_SOI, JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
+
+
+def check_jpeg_end(path, data=None):
+    """DataError unless the JPEG ``path`` (or its bytes ``data``) starts with SOI and ends with the EOI marker
+    (trailing zero padding allowed): libjpeg, and so OpenCV, decodes a truncated JPEG without an error, greying out
+    the missing part."""
+    path = os.fspath(path)
+    if data is None:
+        with open(path, "rb") as f:
+            head = f.read(2)
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(size - 64, 0))
+            tail = f.read()
+    else:
+        head, tail, size = data[:2], data[-64:], len(data)
+    if head != JPEG_SOI:
+        raise DataError(f"{path} is not a JPEG file (expected the JPEG SOI marker FFD8; the file has {size} bytes)")
+    if not tail.rstrip(b"\x00").endswith(JPEG_EOI):
+        raise DataError(f"{path} is a truncated or corrupt JPEG: it does not end with the EOI marker FFD9 ({size} "
+                        f"bytes; re-export or re-download it)")
 
 
 def check_png(path, what, bit_depth=None, grey=False, size=None) -> PngInfo:
@@ -87,6 +118,8 @@ def check_headers(files, expect):
         if entry["image"].lower().endswith(".png"):
             info = check_png(entry["image"], "image")
             sizes[size := (info.width, info.height)] += 1
+        elif entry["image"].lower().endswith((".jpg", ".jpeg")):
+            check_jpeg_end(entry["image"])
         for key, (what, depth) in expect.items():
             if key in entry:
                 check_png(entry[key], what, bit_depth=depth, grey=True, size=size)
@@ -139,17 +172,23 @@ def npy_info(path) -> NpyInfo:
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
             else:
                 raise ValueError(f"unsupported .npy version {version}")
-        except (ValueError, OSError, SyntaxError) as e:
-            raise DataError(f"{path} is not a readable .npy file ({e})") from None
+        except (ValueError, OSError, SyntaxError, TypeError, RecursionError, tokenize.TokenError) as e:
+            # the header is a Python literal: numpy parses it with ast, then (for Python 2 headers) tokenize
+            raise DataError(f"{path} is not a readable .npy file ({' '.join(str(e).split())[:200]})") from None
         offset = f.tell()
         f.seek(0, os.SEEK_END)
         size = f.tell()
     if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biuf":
         raise DataError(f"{path}: expected a numeric (bool, int or float) array, got dtype {dtype}")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if any(d < 0 for d in shape):
+        raise DataError(f"{path} is corrupt: its header says shape {shape}")
+    nbytes = math.prod(shape) * dtype.itemsize  # Python ints: a corrupt header's huge shape cannot overflow
     if size < offset + nbytes:
         raise DataError(f"{path} is truncated: its header says {shape} {dtype} ({nbytes} bytes of data) but the "
                         f"file has {size - offset} bytes after the header")
+    if size > offset + nbytes:  # np.save writes exactly the data: a corrupt shape or offset would read a wrong array
+        raise DataError(f"{path} is corrupt: its header says {shape} {dtype} ({nbytes} bytes of data) but the file "
+                        f"has {size - offset} bytes after the header")
     return NpyInfo(tuple(shape), dtype, bool(fortran), int(offset))
 
 

@@ -107,13 +107,17 @@ def check_cityscapes_files(files) -> dict:
 
 def _read_baseline_fx(camera_path: str) -> float:
     try:
-        with open(camera_path) as f:
+        with open(camera_path, encoding="utf-8") as f:
             cam = json.load(f)
-        return float(cam["extrinsic"]["baseline"]) * float(cam["intrinsic"]["fx"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        baseline_fx = float(cam["extrinsic"]["baseline"]) * float(cam["intrinsic"]["fx"])
+        if not 0 < baseline_fx < float("inf"):  # json reads NaN and Infinity; depth = baseline * fx / disparity
+            raise ValueError(f"baseline * fx = {baseline_fx}, expected a positive number")
+        return baseline_fx
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise ValueError(
             f"cannot read extrinsic.baseline and intrinsic.fx from {camera_path} (expected the CityScapes "
-            f"camera.json: {{\"extrinsic\": {{\"baseline\", ...}}, \"intrinsic\": {{\"fx\", ...}}}}): {e}") from e
+            f"camera.json: {{\"extrinsic\": {{\"baseline\", ...}}, \"intrinsic\": {{\"fx\", ...}}}}): "
+            f"{' '.join(str(e).split())[:200]}") from e
 
 
 def read_png(path, what, bit_depth=None):

@@ -13,8 +13,8 @@ import os
 import cv2
 import numpy as np
 
-from mtl_keras.data.checks import (DataError, SplitReport, check_headers, check_image_size, check_rows, check_tasks,
-                                   error_message, imread_label, pair_files)
+from mtl_keras.data.checks import (DataError, SplitReport, check_headers, check_image_size, check_jpeg_end, check_rows,
+                                   check_tasks, error_message, imread_label, imread_png, pair_files)
 from mtl_keras.data.cityscapes import disparity_depth, read_png
 from mtl_keras.data.pipeline import Source, resize_image, resize_nearest
 from mtl_keras.labels import IGNORE_INDEX
@@ -41,12 +41,12 @@ def _classes_error(path, problem):
 
 def _class_rows(path):
     """``[(name, colour, instances)]`` and the ignore label of a classes file."""
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: the byte-order mark of spreadsheets' UTF-8 CSV
         if not path.endswith(".json"):
-            try:
-                return [(r["name"], [int(r[c]) for c in "rgb"], r.get("instances", "0").strip() in ("1", "true"))
+            try:  # a short row has None in its missing columns
+                return [(r["name"], [int(r[c]) for c in "rgb"], (r.get("instances") or "0").strip() in ("1", "true"))
                         for r in csv.DictReader(f)], IGNORE_INDEX
-            except (KeyError, TypeError, ValueError) as e:
+            except (KeyError, TypeError, ValueError, AttributeError, csv.Error) as e:
                 raise _classes_error(path, f"a row lacks a whole-number r, g or b, or a name ({e})") from None
         spec = json.load(f)
     if not isinstance(spec, dict) or not isinstance(spec.get("classes"), list):
@@ -66,15 +66,23 @@ def read_classes(data_dir) -> Classes:
                                 f"folder dataset names its classes there (see datasets/folder.md)")
     try:
         rows, ignore = _class_rows(path)
-    except (OSError, ValueError) as e:
-        raise _classes_error(path, f"cannot read it ({e})") from None
+    except DataError:
+        raise
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deeply
+        raise _classes_error(path, f"cannot read it ({' '.join(str(e).split())[:200]})") from None
     if not rows:
         raise _classes_error(path, "no class")
-    for i, (name, color, _) in enumerate(rows):
+
+    def is_int(v):  # JSON's true / false are Python ints: not a colour value nor a label
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for i, (name, color, instances) in enumerate(rows):
         if not isinstance(name, str) or not isinstance(color, (list, tuple)) or len(color) != 3 \
-                or not all(isinstance(v, int) and 0 <= v <= 255 for v in color):
+                or not all(is_int(v) and 0 <= v <= 255 for v in color):
             raise _classes_error(path, f"class {i} needs a name and a colour [r, g, b] in 0..255")
-    if not isinstance(ignore, int) or not len(rows) <= ignore <= 255:
+        if not isinstance(instances, bool):
+            raise _classes_error(path, f"class {i}: \"instances\" must be true or false, got {instances!r}")
+    if not is_int(ignore) or not len(rows) <= ignore <= 255:
         raise _classes_error(path, f"ignore_label {ignore!r} must be an int in {len(rows)}..255 (not a class id)")
     return Classes(tuple(r[0] for r in rows), np.array([r[1] for r in rows], np.uint8),
                    tuple(i for i, r in enumerate(rows) if r[2]), ignore)
@@ -160,8 +168,15 @@ def _decode_stage(tasks, image_size, classes):
 
 
 def read_image(path):
-    """An RGB PNG or JPG as uint8 HxWx3 BGR (OpenCV's order)."""
-    image = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    """An RGB PNG or JPG as uint8 HxWx3 BGR (OpenCV's order); DataError naming the file if it is truncated or
+    corrupt."""
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    if path.lower().endswith(".png"):
+        return imread_png(path, flags)
+    with open(path, "rb") as f:
+        data = f.read()
+    check_jpeg_end(path, data)  # OpenCV returns a truncated JPEG greyed out, without an error
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if image is None:
         raise DataError(f"{path}: cannot decode the image (expected an RGB PNG or JPG)")
     return image

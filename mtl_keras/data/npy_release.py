@@ -105,7 +105,7 @@ _CHANNELS = {"image": 3, "label": 1, "depth": 1, "normal": 3}  # a one-channel m
 
 def _shape3(path, field, shape):
     c = _CHANNELS[field]
-    if len(shape) == 2 and c == 1:
+    if len(shape) == 2 and c == 1 and shape[0] > 0 and shape[1] > 0:
         return (shape[0], shape[1], 1)
     if len(shape) == 3 and shape[2] == c and shape[0] > 0 and shape[1] > 0:
         return tuple(shape)
@@ -269,7 +269,7 @@ def _check_npy_example(paths, num_classes):
     arrays = {}
     for field, path in paths.items():
         try:
-            npy_info(path)
+            _shape3(path, field, npy_info(path).shape)  # an empty map would fail the value checks below
             arrays[field] = np.load(path, allow_pickle=False)
         except (DataError, OSError, ValueError) as e:
             errors.append((path, error_message(e)))

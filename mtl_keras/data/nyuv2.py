@@ -8,7 +8,11 @@ in the parallel map (h5py serialises access; resizing and label mapping run in T
 from __future__ import annotations
 
 import functools
+import io
+import math
 import os
+import struct
+import zlib
 
 import numpy as np
 
@@ -39,13 +43,150 @@ def _loadmat(path, what):
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"missing file {path}: expected {what}")
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        return scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
+        # scipy's v5 reader trusts the sizes and flags it reads: one flipped bit can crash the process (segfault)
+        _check_mat_v5(data)
+        return scipy.io.loadmat(io.BytesIO(data), squeeze_me=True, struct_as_record=False)
+    except _MatV5Error as e:
+        raise DataError(f"{path}: not a readable MATLAB v5 .mat file with {what} ({e})") from None
     except NotImplementedError as e:  # a v7.3 (HDF5) file
         raise DataError(f"{path}: expected a MATLAB v5 .mat with {what}, got a v7.3 (HDF5) file ({e})") from None
     except Exception as e:  # noqa: BLE001 - scipy raises many types on a broken file
-        raise DataError(f"{path}: cannot read it as a MATLAB .mat file with {what} ({type(e).__name__}: {e})") \
-            from None
+        raise DataError(f"{path}: cannot read it as a MATLAB .mat file with {what} ({type(e).__name__}: "
+                        f"{_one_line(e)})") from None
+
+
+class _MatV5Error(Exception):
+    pass
+
+
+_MI_SIZES = {1: 1, 2: 1, 3: 2, 4: 2, 5: 4, 6: 4, 7: 4, 9: 8, 12: 8, 13: 8}  # numeric miTYPE -> bytes per value
+_MI_CHAR_SIZES = {1: 1, 2: 1, 4: 2, 17: 2, 18: 4}  # miINT8, miUINT8, miUINT16, miUTF16, miUTF32 (miUTF8: 1 to 4)
+_MI_MATRIX, _MI_COMPRESSED = 14, 15
+_MX_CELL, _MX_STRUCT, _MX_CHAR = 1, 2, 4
+_MX_NUMERIC = range(6, 16)  # double, single, int8 ... uint64
+
+
+def _check_mat_v5(data):
+    """Walks the elements of a MATLAB v5 file (v7: compressed elements) and checks that every size, count and type
+    is consistent before scipy reads it; _MatV5Error otherwise. Other versions are left to scipy (v7.3: HDF5).
+    Supported classes: numeric, char, cell, struct (a sparse matrix, object or function handle is refused)."""
+    if len(data) < 128 or 0 in data[:4]:
+        raise _MatV5Error(f"no MATLAB v5 header ({len(data)} bytes; a v4 file or not a .mat)")
+    if data[126:128] not in (b"IM", b"MI"):
+        raise _MatV5Error("no MATLAB v5 header (no endian indicator)")
+    order = "<" if data[126:128] == b"IM" else ">"
+    if data[125 if order == "<" else 124] != 1:  # the major version: 2 is v7.3 (HDF5), read by scipy's error
+        return
+    pos = 128
+    while pos < len(data):
+        mdtype, nbytes, start = _mat_tag(data, pos, len(data), order)
+        if mdtype == _MI_COMPRESSED:
+            inflate = zlib.decompressobj()
+            try:
+                element = inflate.decompress(data[start:start + nbytes], 1 << 26)
+            except zlib.error as e:
+                raise _MatV5Error(f"corrupt compressed variable at byte {pos}: {e}") from None
+            if not inflate.eof or inflate.unconsumed_tail:
+                raise _MatV5Error(f"truncated or oversized compressed variable at byte {pos}")
+            inner, inner_bytes, inner_start = _mat_tag(element, 0, len(element), order)
+            if inner != _MI_MATRIX or inner_start + inner_bytes != len(element):
+                raise _MatV5Error(f"the compressed variable at byte {pos} is not one matrix")
+            _check_mat_matrix(element, inner_start, inner_bytes, order, 0)
+            pos = start + nbytes
+        elif mdtype == _MI_MATRIX:
+            _check_mat_matrix(data, start, nbytes, order, 0)
+            pos = start + nbytes
+        else:
+            raise _MatV5Error(f"element type {mdtype} at byte {pos}, expected a matrix")
+
+
+def _mat_tag(data, pos, end, order):
+    """(type, byte count, data offset) of the element tag at ``pos``; its data must end by ``end``."""
+    if pos + 8 > end:
+        raise _MatV5Error(f"truncated element tag at byte {pos}")
+    word, nbytes = struct.unpack(order + "II", data[pos:pos + 8])
+    if word >> 16:  # small data element: type and count in the first word, up to 4 bytes of data
+        if (word >> 16) > 4:
+            raise _MatV5Error(f"corrupt small element at byte {pos}")
+        return word & 0xFFFF, word >> 16, pos + 4
+    if pos + 8 + nbytes > end:
+        raise _MatV5Error(f"element at byte {pos} ends past its container ({nbytes} bytes)")
+    return word, nbytes, pos + 8
+
+
+def _mat_next(pos, start, nbytes):
+    """The offset of the element after the one at ``pos`` (data at ``start``): padded to 8 bytes."""
+    return pos + 8 if start == pos + 4 else start + (nbytes + 7) // 8 * 8
+
+
+def _check_mat_matrix(data, start, nbytes, order, depth):
+    """The sub-elements of one miMATRIX element (data at ``start``, ``nbytes`` long)."""
+    if nbytes == 0:  # an empty matrix
+        return
+    if depth > 16:
+        raise _MatV5Error("matrices nested too deeply")
+    end = start + nbytes
+
+    def element(pos, types=None):
+        mdtype, count, at = _mat_tag(data, pos, end, order)
+        if types is not None and mdtype not in types:
+            raise _MatV5Error(f"element type {mdtype} at byte {pos}, expected one of {sorted(types)}")
+        return mdtype, count, at, _mat_next(pos, at, count)
+
+    _, count, at, pos = element(start, {6})  # array flags: 2 x uint32
+    if count != 8:
+        raise _MatV5Error(f"array flags of {count} bytes at byte {start}")
+    flags = struct.unpack(order + "I", data[at:at + 4])[0]
+    mx_class, is_complex = flags & 0xFF, bool(flags & 0x800)
+    _, count, at, pos = element(pos, {5})  # dimensions: int32
+    if count < 8 or count % 4 or count > 4 * 32:
+        raise _MatV5Error(f"dimensions of {count} bytes at byte {at}")
+    dims = struct.unpack(order + f"{count // 4}i", data[at:at + count])
+    if min(dims) < 0:
+        raise _MatV5Error(f"negative dimensions {dims}")
+    n = math.prod(dims)
+    _, _, _, pos = element(pos, {1, 2})  # the name (int8 characters)
+    if mx_class in _MX_NUMERIC:
+        for _ in range(2 if is_complex else 1):  # the real part, then the imaginary part
+            mdtype, count, _, pos = element(pos, set(_MI_SIZES))
+            if count != n * _MI_SIZES[mdtype]:
+                raise _MatV5Error(f"{count} bytes of data for {n} values of type {mdtype}")
+    elif mx_class == _MX_CHAR:
+        mdtype, count, _, pos = element(pos, set(_MI_CHAR_SIZES) | {16})
+        if not (n <= count <= 4 * n if mdtype == 16 else count == n * _MI_CHAR_SIZES[mdtype]):
+            raise _MatV5Error(f"{count} bytes of characters for {n} characters of type {mdtype}")
+    elif mx_class in (_MX_CELL, _MX_STRUCT):
+        fields = 1
+        if mx_class == _MX_STRUCT:
+            _, count, at, pos = element(pos, {5})  # the length of each field name
+            length = struct.unpack(order + "i", data[at:at + 4])[0] if count == 4 else 0
+            _, count, _, pos = element(pos, {1, 2})  # the field names
+            if length < 1 or count % length:
+                raise _MatV5Error(f"field names of {count} bytes in names of {length} bytes")
+            fields = count // length
+        if n * fields * 8 > end - pos:
+            raise _MatV5Error(f"{n * fields} matrices cannot fit in {end - pos} bytes")
+        for _ in range(n * fields):
+            mdtype, count, at, _ = element(pos, {_MI_MATRIX})
+            if at != pos + 8:
+                raise _MatV5Error(f"a small element at byte {pos} where a matrix belongs")
+            _check_mat_matrix(data, at, count, order, depth + 1)
+            pos = _mat_next(pos, at, count)
+    else:
+        raise _MatV5Error(f"unsupported or corrupt array class {mx_class}")
+    if pos != end:
+        raise _MatV5Error(f"a matrix of {nbytes} bytes holds {pos - start} bytes of elements")
+
+
+def _one_line(e):
+    return " ".join(str(e).split())[:300]
+
+
+# What h5py raises on a corrupt HDF5 file past its superblock (a broken object header, B-tree or chunk)
+_H5_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError, IndexError)
 
 
 def _mat_vector(path, mat, key, what, field=None):
@@ -64,7 +205,7 @@ def _mat_vector(path, mat, key, what, field=None):
         arr = np.asarray(value, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError):
         raise DataError(f"{path}: {key}{'.' + field if field else ''} is not numeric; expected {what}") from None
-    if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+    if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)) or np.any(np.abs(arr) > 2 ** 31):
         raise DataError(f"{path}: {key}{'.' + field if field else ''} must hold whole numbers; expected {what}")
     return arr.astype(np.int64)
 
@@ -128,27 +269,40 @@ def check_nyuv2_mat(path, tasks=TASKS):
     needed = list(dict.fromkeys(["images"] + [d for t in tasks for d in _NEEDS.get(t, ())]))
     try:
         f = h5py.File(path, "r")
-    except OSError as e:
-        raise DataError(f"{path} is not an HDF5 (MATLAB v7.3) file ({e}); expected NYUv2's labeled set with "
-                        f"{expected}") from None
+    except _H5_ERRORS as e:
+        raise DataError(f"{path} is not an HDF5 (MATLAB v7.3) file ({_one_line(e)}); expected NYUv2's labeled set "
+                        f"with {expected}") from None
     with f:
-        missing = [d for d in needed if not isinstance(f.get(d), h5py.Dataset)]
-        if missing:
-            found = sorted(k for k in f.keys() if isinstance(f[k], h5py.Dataset))
-            raise DataError(f"{path} has no dataset(s) {missing} (found {found}); expected {expected}")
-        images = f["images"]
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise DataError(f"{path}: images has shape {images.shape}; expected (N, 3, W, H) (h5py order)")
-        n, _, w, h = images.shape
-        if n == 0:
-            raise DataError(f"{path}: images holds no image (shape {images.shape})")
-        for name in needed[1:]:
-            if f[name].shape != (n, w, h):
-                raise DataError(f"{path}: {name} has shape {f[name].shape}; expected {(n, w, h)} like images "
-                                f"{images.shape}")
-        for name, kinds in (("images", "u"), ("labels", "ui"), ("instances", "ui"), ("depths", "f")):
-            if name in needed and f[name].dtype.kind not in kinds:
-                raise DataError(f"{path}: {name} has dtype {f[name].dtype}; expected {expected}")
+        try:
+            return _check_datasets(f, path, needed, expected)
+        except DataError:
+            raise
+        except _H5_ERRORS as e:
+            raise DataError(f"{path} is a corrupt HDF5 file ({type(e).__name__}: {_one_line(e)}); expected NYUv2's "
+                            f"labeled set with {expected}") from None
+
+
+def _check_datasets(f, path, needed, expected):
+    """The body of :func:`check_nyuv2_mat` on the open file ``f``."""
+    import h5py
+
+    missing = [d for d in needed if not isinstance(f.get(d), h5py.Dataset)]
+    if missing:
+        found = sorted(k for k in f.keys() if isinstance(f[k], h5py.Dataset))
+        raise DataError(f"{path} has no dataset(s) {missing} (found {found}); expected {expected}")
+    images = f["images"]
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise DataError(f"{path}: images has shape {images.shape}; expected (N, 3, W, H) (h5py order)")
+    n, _, w, h = images.shape
+    if n == 0:
+        raise DataError(f"{path}: images holds no image (shape {images.shape})")
+    for name in needed[1:]:
+        if f[name].shape != (n, w, h):
+            raise DataError(f"{path}: {name} has shape {f[name].shape}; expected {(n, w, h)} like images "
+                            f"{images.shape}")
+    for name, kinds in (("images", "u"), ("labels", "ui"), ("instances", "ui"), ("depths", "f")):
+        if name in needed and f[name].dtype.kind not in kinds:
+            raise DataError(f"{path}: {name} has dtype {f[name].dtype}; expected {expected}")
     return int(n), (int(h), int(w))
 
 
@@ -157,9 +311,13 @@ def _read_sample(path, fields, i):
     open between epochs, and forked workers never share one."""
     import h5py
 
-    with h5py.File(path, "r") as f:
-        image = np.ascontiguousarray(f["images"][int(i)].transpose(2, 1, 0)).astype(np.uint8)
-        return [image] + [np.ascontiguousarray(f[name][int(i)].T) for name in fields]
+    try:
+        with h5py.File(path, "r") as f:
+            image = np.ascontiguousarray(f["images"][int(i)].transpose(2, 1, 0)).astype(np.uint8)
+            return [image] + [np.ascontiguousarray(f[name][int(i)].T) for name in fields]
+    except _H5_ERRORS as e:  # a chunk or B-tree corrupt past the header checks: the pipeline's error names the file
+        raise DataError(f"{path}: cannot read image {int(i) + 1} (1-based) and its {', '.join(fields) or 'targets'} "
+                        f"({type(e).__name__}: {_one_line(e)}); the file is corrupt: re-download it") from None
 
 
 def nyuv2_source(data_dir, split="train", image_size=(288, 384), num_classes=13, tasks=TASKS,
@@ -244,7 +402,16 @@ def validate_split(data_dir, split, num_classes, tasks, workers=4, max_errors=20
         return report
     report.examples = int(indices.size)
     needed = {d for t in tasks for d in _NEEDS.get(t, ())}  # the .mat datasets the reader reads for the tasks
-    with h5py.File(mat, "r") as f:
+    try:
+        _validate_images(h5py.File(mat, "r"), mat, indices, needed, table, (h, w), report, max_errors)
+    except _H5_ERRORS as e:  # a chunk or B-tree corrupt past the header checks
+        report.errors.append((mat, f"{mat} is a corrupt HDF5 file ({type(e).__name__}: {_one_line(e)})"))
+    return report
+
+
+def _validate_images(f, mat, indices, needed, table, size, report, max_errors):
+    h, w = size
+    with f:
         for i in indices:
             report.add({"size": (w, h)})
             if "labels" in f and "labels" in needed:
@@ -259,4 +426,3 @@ def validate_split(data_dir, split, num_classes, tasks, workers=4, max_errors=20
                 report.add({"depth_pixels": d.size, "valid_depth_pixels": int((np.isfinite(d) & (d > 0)).sum())})
             if len(report.errors) >= max_errors:
                 break
-    return report

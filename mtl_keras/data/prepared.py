@@ -14,7 +14,8 @@ import zlib
 
 import numpy as np
 
-from mtl_keras.data.checks import SplitReport, check_image_size, error_message
+from mtl_keras.config import read_json
+from mtl_keras.data.checks import DataError, SplitReport, check_image_size, error_message
 from mtl_keras.data.pipeline import Source
 from mtl_keras.tasks import TASKS
 
@@ -99,11 +100,39 @@ def read_manifest(data_dir):
         raise FileNotFoundError(f"{path} does not exist: {data_dir} is not a prepared set (write one with "
                                 f"python experiments/prepare_data.py --dataset NAME --data_dir RAW --output "
                                 f"{data_dir})")
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get("version") != _VERSION:
-        raise ValueError(f"{path} has version {manifest.get('version')}, expected {_VERSION}: prepare it again")
+    manifest = read_json(path)
+    if not isinstance(manifest, dict) or manifest.get("version") != _VERSION:
+        version = manifest.get("version") if isinstance(manifest, dict) else None
+        raise ValueError(f"{path} has version {version!r}, expected {_VERSION}: prepare it again")
+    _check_manifest(path, manifest)
     return manifest
+
+
+def _check_manifest(path, m):
+    """DataError naming the manifest unless it has the fields and types :func:`write_prepared_sources` writes (a
+    corrupt value would otherwise fail later, far from the file)."""
+    def is_int(v, low):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    problems = []
+    if not (isinstance(m.get("image_size"), list) and len(m["image_size"]) == 2
+            and all(is_int(v, 1) for v in m["image_size"])):
+        problems.append("image_size: [height, width]")
+    if not is_int(m.get("num_classes"), 1):
+        problems.append("num_classes: a positive int")
+    tasks = m.get("tasks")
+    if not (isinstance(tasks, list) and tasks and all(isinstance(t, str) and t in TASKS for t in tasks)):
+        problems.append(f"tasks: a list of {', '.join(TASKS)}")
+    if not isinstance(m.get("depth_target"), str):
+        problems.append("depth_target: a string")
+    if not isinstance(m.get("depth_scales_with_zoom"), bool):
+        problems.append("depth_scales_with_zoom: true or false")
+    splits = m.get("splits")
+    if not (isinstance(splits, dict) and all(isinstance(v, dict) and is_int(v.get("count"), 0)
+                                             for v in splits.values())):
+        problems.append("splits: {split: {\"count\": int}}")
+    if problems:
+        raise DataError(f"{path} is corrupt: expected {'; '.join(problems)} (prepare the set again)")
 
 
 def _split_files(data_dir, manifest, split):

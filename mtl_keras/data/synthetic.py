@@ -420,11 +420,18 @@ def _write_png(path: str, array: np.ndarray):
 
 
 def _read_manifest(root):
+    """The manifest of a generated set, None if absent or unreadable (the set is then generated again)."""
     try:
-        with open(os.path.join(root, _MANIFEST)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        with open(os.path.join(root, _MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError, RecursionError):
         return None
+    params, files = (manifest.get("params"), manifest.get("files")) if isinstance(manifest, dict) else (None, None)
+    counts_ok = isinstance(params, dict) and all(
+        isinstance(params.get(k), int) and not isinstance(params.get(k), bool) for k in ("num_train", "num_val"))
+    if not counts_ok or not isinstance(files, list) or not all(isinstance(p, str) for p in files):
+        return None  # as unreadable: what _is_complete and _grows compare must have the written types
+    return manifest
 
 
 def _is_complete(root, manifest, params):
