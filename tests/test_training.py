@@ -283,6 +283,7 @@ def test_saved_trainer_weights_carry_the_dropout_random_states(tmp_path):
     saved = [keras.ops.convert_to_numpy(v).copy() for v in trainer._random_states()]
     assert len(saved) == 2  # the two heads' ASPP dropout
     trainer.train_on_batch(images, targets)
-    assert not any(np.array_equal(a, keras.ops.convert_to_numpy(v)) for a, v in zip(saved, trainer._random_states()))
+    for state in trainer._random_states():  # whatever the step drew (backends advance the states differently)
+        state.assign(keras.ops.convert_to_numpy(state) + 7)
     trainer.load_weights(path)
     assert all(np.array_equal(a, keras.ops.convert_to_numpy(v)) for a, v in zip(saved, trainer._random_states()))
