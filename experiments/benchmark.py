@@ -12,6 +12,7 @@ table (OUTPUT_DIR/table.md, table.csv, delta_m_vs_cost.png) is rebuilt from the 
 several machines that share OUTPUT_DIR need only a final --merge.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -44,8 +45,7 @@ def main(argv):
 
     protocol = benchmark.load_protocol(FLAGS.protocol)
     if FLAGS.data_dir:
-        protocol = protocol.__class__(**{**protocol.__dict__,
-                                         "training": {**protocol.training, "data_dir": FLAGS.data_dir}})
+        protocol = dataclasses.replace(protocol, training={**protocol.training, "data_dir": FLAGS.data_dir})
     root = FLAGS.output_dir or os.path.join("runs", "benchmark", protocol.name)
     cells = benchmark.grid(protocol, FLAGS.weightings or None, FLAGS.architectures or None, FLAGS.seeds)
     everything = cells

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 
+import keras
 import numpy as np
 
 from mtl_keras import checkpointing, experiment
@@ -247,35 +248,28 @@ def cell_state(config):
     return "new"
 
 
-class StepTimer:
-    """Keras callback (built lazily: this module must not import keras at import time for the parent) recording
-    the seconds between consecutive training steps, the first ``skip`` of each fit left out (tracing)."""
+class StepTimer(keras.callbacks.Callback):
+    """Records the seconds between consecutive training steps, the first ``skip`` of the run left out (tracing) and
+    the epoch-end work (backups) between epochs not counted."""
 
-    def __new__(cls, skip=2):
-        import keras
+    def __init__(self, skip=2):
+        super().__init__()
+        self.skip = skip
+        self.seconds, self._last, self._seen = [], None, 0
 
-        class _StepTimer(keras.callbacks.Callback):
-            def __init__(self):
-                super().__init__()
-                self.seconds, self._last, self._seen = [], None, 0
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        if self._last is not None and self._seen >= self.skip:
+            self.seconds.append(now - self._last)
+        self._last, self._seen = now, self._seen + 1
 
-            def on_train_batch_end(self, batch, logs=None):
-                now = time.perf_counter()
-                if self._last is not None and self._seen >= skip:
-                    self.seconds.append(now - self._last)
-                self._last, self._seen = now, self._seen + 1
-
-            def on_epoch_begin(self, epoch, logs=None):
-                self._last = None  # the steps of an epoch; not the epoch-end work (backups) in between
-
-        return _StepTimer()
+    def on_epoch_begin(self, epoch, logs=None):
+        self._last = None
 
 
 def peak_memory():
     """``(bytes, kind)``: the accelerator's peak allocation where the backend reports one, else the process's peak
     resident set (``ru_maxrss``; includes the framework's own memory)."""
-    import keras
-
     backend = keras.config.backend()
     try:
         if backend == "jax":
@@ -302,8 +296,6 @@ def peak_memory():
 def run_cell(config):
     """Trains (or resumes) one cell in this process; writes ``cost.json`` after training and the run's
     ``metrics.json`` after evaluation (the cell is done when both are there). Returns the run's results."""
-    import keras
-
     keras.utils.clear_session()  # cells in one process: each starts from a fresh graph and name scope
     with experiment.output_lock(config):  # two processes never train the same cell at once
         run = experiment.prepare(config)
