@@ -15,6 +15,7 @@ the single-task baselines (the Nash-MTL and FAMO papers print the opposite sign)
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -22,14 +23,17 @@ import logging
 import math
 import os
 import resource
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import keras
 import numpy as np
 
 from mtl_keras import checkpointing, experiment
+from mtl_keras.atomic_files import atomic_path, write_json_atomically, write_text_atomically
 from mtl_keras.config import WEIGHTING_NAMES, TrainConfig, read_json
 from mtl_keras.registry import is_model
 from mtl_keras.tasks import TASKS, validate_tasks
@@ -308,24 +312,15 @@ def run_cell(config):
                 "mean_step_seconds": float(np.mean(timer.seconds)) if timer.seconds else None,
                 "steps_timed": len(timer.seconds), "peak_memory_bytes": memory, "memory_kind": kind,
                 "backend": keras.config.backend(), "resumed_from_epoch": int(run.initial_epoch)}
-        _write_json_atomically(os.path.join(config.output_dir, CELL_COST_FILE), cost)
+        write_json_atomically(os.path.join(config.output_dir, CELL_COST_FILE), cost, indent=2, sort_keys=True)
         return experiment.finish(run)
-
-
-def _write_json_atomically(path, value):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def prepare_cell_folder(protocol, cell, config):
     os.makedirs(config.output_dir, exist_ok=True)
-    _write_json_atomically(os.path.join(config.output_dir, CELL_FILE),
-                           {"protocol": protocol.name, "cell": dataclasses.asdict(cell),
-                            "config": json.loads(config.to_json())})
+    write_json_atomically(os.path.join(config.output_dir, CELL_FILE),
+                          {"protocol": protocol.name, "cell": dataclasses.asdict(cell),
+                           "config": json.loads(config.to_json())}, indent=2, sort_keys=True)
 
 
 def cell_command(folder):
@@ -367,13 +362,51 @@ def _core_sets(jobs):
     return [set(cores[i * share:(i + 1) * share]) for i in range(jobs)]
 
 
+@contextlib.contextmanager
+def _passing_signals_on(running, on_event):
+    """SIGTERM / SIGINT to the grid (a scheduler's preemption, Ctrl-C): the running cells get SIGTERM (each finishes
+    its step, backs up and exits 75), no cell starts, and the grid exits 75 once they are done. Yields the list of
+    signals received. (A cell also reached by the scheduler itself takes a second SIGTERM as the same request.)"""
+    received = []
+
+    def on_signal(number, frame):
+        if not received:
+            on_event(f"{signal.Signals(number).name}: the {len(running)} running cell(s) back up and stop; no cell "
+                     f"starts; exiting with status {checkpointing.PREEMPTED_EXIT_CODE} (run the same command again "
+                     f"to resume)")
+        received.append(number)
+        for process in list(running):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {number: signal.signal(number, on_signal) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def _run_children(protocol, todo, configs, jobs, on_event):
     core_sets = _core_sets(jobs)
     free = list(range(jobs))
-    running, failed, number = {}, [], 0
+    running, failed = {}, []
     queue = list(todo)
-    while queue or running:
-        while queue and free:
+    with _passing_signals_on(running, on_event) as received:
+        _schedule(protocol, todo, configs, core_sets, free, running, failed, queue, received, on_event)
+    if received:
+        raise checkpointing.Preempted(f"benchmark preempted ({signal.Signals(received[0]).name}): the cells back "
+                                      f"up and stop; run the same command again to resume")
+    return failed
+
+
+def _schedule(protocol, todo, configs, core_sets, free, running, failed, queue, received, on_event):
+    number = 0
+    while (queue and not received) or running:
+        while queue and free and not received:
             cell, slot = queue.pop(0), free.pop(0)
             number += 1
             prepare_cell_folder(protocol, cell, configs[cell])
@@ -391,11 +424,12 @@ def _run_children(protocol, todo, configs, jobs, on_event):
             where = os.path.join(configs[cell].output_dir, "train.log")
             if process.returncode == 0:
                 on_event(f"[{num}/{len(todo)}] {cell.name}: done in {time.time() - started:.0f} s")
+            elif received and process.returncode in (checkpointing.PREEMPTED_EXIT_CODE, -signal.SIGTERM):
+                on_event(f"[{num}/{len(todo)}] {cell.name}: backed up and stopped (resumes next time)")
             else:
                 failed.append(cell.name)
                 on_event(f"[{num}/{len(todo)}] {cell.name}: FAILED with exit status {process.returncode}: "
                          f"{_last_line(where)} (log: {where})")
-    return failed
 
 
 def _last_line(path):
@@ -552,8 +586,7 @@ def write_csv(protocol, rows, path):
     header = (["architecture", "weighting", "seeds"] + [f"{m}_{s}" for m in metric_names for s in ("mean", "std")]
               + ["delta_m_mean", "delta_m_std", "step_time_vs_ew", "peak_memory_vs_ew", "step_seconds",
                  "peak_memory_mb"])
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for row in rows:
@@ -562,7 +595,6 @@ def write_csv(protocol, rows, path):
             values += [*row["delta_m"], row["step_time_vs_ew"], row["peak_memory_vs_ew"], row["step_seconds"],
                        row["peak_memory_mb"]]
             writer.writerow([v if isinstance(v, str) else _csv_value(v) for v in values])
-    os.replace(tmp, path)
 
 
 def _csv_value(value):
@@ -595,10 +627,11 @@ def plot_delta_m(protocol, rows, path):
     ax.set_title(f"protocol {protocol.name}: Δm (mean ± std over seeds) against cost")
     ax.legend(title="architecture", fontsize=8)
     fig.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:  # ends with .png: savefig picks the format from it
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def build_table(protocol, root, expected=None):
@@ -615,10 +648,7 @@ def build_table(protocol, root, expected=None):
             + markdown_table(protocol, rows))
     if missing:
         text += f"\n{len(missing)} cell(s) of the grid not finished: {', '.join(missing)}\n"
-    tmp = os.path.join(root, f"table.md.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(root, "table.md"))
+    write_text_atomically(os.path.join(root, "table.md"), text)
     write_csv(protocol, rows, os.path.join(root, "table.csv"))
     if any(r["architecture"] != "STL" for r in rows):
         plot_delta_m(protocol, rows, os.path.join(root, "delta_m_vs_cost.png"))

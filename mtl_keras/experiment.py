@@ -17,6 +17,7 @@ import numpy as np
 
 from mtl_keras import checkpointing, distribution, platform
 from mtl_keras import export as serving_export
+from mtl_keras.atomic_files import atomic_path, write_json_atomically, write_text_atomically
 from mtl_keras.config import TrainConfig, read_json
 from mtl_keras.data import datasets
 from mtl_keras.evaluation import evaluate_model
@@ -68,11 +69,14 @@ class Run:
     trainer: MultiTaskTrainer = None
     jit_compile: bool = False
     initial_epoch: int = 0
+    initial_step: int = 0  # a preempted run's steps into epoch initial_epoch + 1
+    metric_states: tuple = ()  # ... and that epoch's running metrics then
     train_ds: object = None  # start
     untrained: dict = None
     callbacks: list = dataclasses.field(default_factory=list)
     history: WeightingHistory = None
     backup: checkpointing.EpochBackup = None
+    preemption: checkpointing.PreemptionGuard = None
     fit_seconds: float = 0.0  # fit
 
     @property
@@ -279,7 +283,8 @@ def build(run, make_optimizer=None):
         optimizer = make_optimizer(config, run.total_steps) if make_optimizer else build_optimizer(
             config, run.total_steps, run.steps_per_epoch)
         run.trainer.compile(optimizer=optimizer, jit_compile=run.jit_compile)
-        run.initial_epoch = checkpointing.restore(run.trainer, run.backup_dir)
+        point = checkpointing.restore_point(run.trainer, run.backup_dir)
+        run.initial_epoch, run.initial_step, run.metric_states = point.epoch, point.step, point.metric_states
     return run
 
 
@@ -349,41 +354,60 @@ def start(run):
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.remove(path)
-        with open(os.path.join(run.out, "config.json"), "w") as f:
-            f.write(config.to_json())
+        write_text_atomically(os.path.join(run.out, "config.json"), config.to_json())
     log.info("model %s: %d parameters; %d epochs x %d steps; global batch %d = %d replica(s) x %d%s; %s", config.model,
              run.model.count_params(), run.epochs, run.steps_per_epoch, config.batch_size, run.replicas,
              config.batch_size // run.replicas, f" over {run.num_workers} workers" if run.num_workers > 1 else "",
              config.precision)
     run.train_ds = train_dataset(run)
     untrained_path = os.path.join(run.out, "metrics_untrained.json")
-    if run.chief and run.initial_epoch == 0:
+    if run.chief and run.initial_epoch == 0 and run.initial_step == 0:
         run.untrained = evaluate_model(_local_copy(run.model), run.val_ds, config.num_classes, run.tasks)
-        with open(untrained_path, "w") as f:
-            json.dump(_to_jsonable(run.untrained), f)
+        write_json_atomically(untrained_path, _to_jsonable(run.untrained))
     elif run.chief:
         with open(untrained_path) as f:
             run.untrained = json.load(f)
-    run.callbacks = _run_callbacks(run)
+    run.callbacks = distribution.callbacks_outside_distribution(run.strategy, _run_callbacks(run))
     return run
 
 
-def train_dataset(run):
-    """The repeated training batches; a resumed run skips those already seen (an uninterrupted run's order)."""
+def train_dataset(run, skip=None):
+    """The repeated training batches; a resumed run skips those already seen (an uninterrupted run's order).
+    ``skip``: the batches to skip (default: the restored point's, epochs and steps)."""
     config = run.config
-    skip = run.initial_epoch * run.steps_per_epoch
+    skip = run.initial_epoch * run.steps_per_epoch + run.initial_step if skip is None else int(skip)
     cache = {"cache": True} if run.use_tf_data and cache_training_examples(config, run.num_train) else {}
 
     def load(batch_size, **context):
         return datasets.load_dataset(config.dataset, run.data_dir, "train", batch_size=batch_size, flip=config.flip,
                                      repeat=True, **context, **cache, **run.augment, **run.data_kwargs).skip(skip)
 
-    if run.num_workers > 1:  # each worker reads its own shard of the files at its per-replica batch size
+    # TensorFlow's workers each read their own shard of the files at the per-replica batch size
+    if run.num_workers > 1 and distribution.is_multi_worker(run.strategy):
         return run.strategy.distribute_datasets_from_function(
             lambda context: load(context.get_per_replica_batch_size(config.batch_size), input_context=context))
-    if run.use_tf_data:  # Keras splits each global batch over the local replicas
+    if run.use_tf_data:  # Keras splits each global batch over the local replicas (on JAX: over the processes)
         return load(config.batch_size)
-    return _numpy_dataset(run, "train", steps_per_epoch=run.steps_per_epoch, initial_epoch=run.initial_epoch)
+    epoch, step = divmod(skip, run.steps_per_epoch)
+    dataset = _numpy_dataset(run, "train", steps_per_epoch=run.steps_per_epoch, initial_epoch=epoch)
+    return SkipBatches(dataset, step) if step else dataset
+
+
+class SkipBatches(keras.utils.PyDataset):
+    """A PyDataset without its first ``skip`` batches of the current epoch: a mid-epoch resume's first epoch."""
+
+    def __init__(self, dataset, skip):
+        super().__init__()
+        self.dataset, self.skip = dataset, int(skip)
+
+    def __len__(self):
+        return len(self.dataset) - self.skip
+
+    def __getitem__(self, index):
+        return self.dataset[index + self.skip]
+
+    def on_epoch_end(self):
+        self.dataset.on_epoch_end()
 
 
 def cache_training_examples(config, num_train_images):
@@ -399,24 +423,33 @@ def _run_callbacks(run):
     # About 500 points for the sigma^2 plot: reading the loss weights syncs with the device, so not every step.
     run.history = WeightingHistory(run.weighting, every=max(run.total_steps // 500, 1))
     recorded = {}
-    if run.initial_epoch:
-        recorded = checkpointing.read_history(run.backup_dir, run.initial_epoch, run.steps_per_epoch)
-        run.history.resume(recorded.get("weighting"), run.initial_epoch * run.steps_per_epoch)
+    resumed_steps = run.initial_epoch * run.steps_per_epoch + run.initial_step
+    if resumed_steps:
+        recorded = checkpointing.read_history(run.backup_dir, run.initial_epoch, run.steps_per_epoch, run.initial_step)
+        run.history.resume(recorded.get("weighting"), resumed_steps)
     run.backup = checkpointing.EpochBackup(run.backup_dir, epoch_logs=recorded.get("epoch_logs"),
                                            weighting_history=run.history)
-    # The guard comes first: it raises before a diverged epoch is backed up.
-    callbacks = [checkpointing.DivergenceGuard(run.backup_dir), run.backup, run.history,
-                 WeightingEpochCallback(run.weighting)]
-    # An architecture with a schedule of its own (LTB's branching temperature) brings its callbacks.
+    # The guard comes first: it raises before a diverged epoch is backed up. The backup comes after every callback
+    # that changes the training state at an epoch's end (DWA's weights from the epoch's losses; an architecture's
+    # schedule, e.g. LTB's branching temperature): a run resumed from it goes on as the uninterrupted run did.
+    callbacks = [checkpointing.DivergenceGuard(run.backup_dir), run.history, WeightingEpochCallback(run.weighting)]
     callbacks += list(getattr(run.model, "training_callbacks", lambda epochs: [])(run.epochs))
+    callbacks.append(run.backup)
     if run.chief:
         os.makedirs(os.path.join(run.out, "checkpoints"), exist_ok=True)
-        callbacks.append(keras.callbacks.ModelCheckpoint(os.path.join(run.out, "checkpoints", "last.weights.h5"),
-                                                         save_weights_only=True))
+        callbacks.append(checkpointing.LastWeights(os.path.join(run.out, "checkpoints", "last.weights.h5")))
         if run.use_tf_data:  # Keras' TensorBoard callback writes with tf.summary
             callbacks.append(ResumableTensorBoard(os.path.join(run.out, "logs"),
-                                                  initial_step=run.initial_epoch * run.steps_per_epoch,
+                                                  initial_step=resumed_steps,
                                                   update_freq=max(run.steps_per_epoch // 4, 1)))
+    # Last: at an epoch's end it stops only after the other callbacks (the epoch's backup among them) have run.
+    point = (run.initial_epoch, run.initial_step, run.metric_states)
+    if run.num_workers > 1 and keras.config.backend() == "tensorflow":  # all workers stop at one step: TF's handler
+        run.preemption = checkpointing.WorkerPreemptionGuard(run.backup, run.steps_per_epoch,
+                                                             run.strategy.cluster_resolver, *point)
+    else:
+        run.preemption = checkpointing.PreemptionGuard(run.backup, run.steps_per_epoch, *point)
+    callbacks.append(run.preemption)
     return callbacks
 
 
@@ -430,23 +463,54 @@ def fit(run, callbacks=(), verbose=None):
         if not verbose:
             callbacks.append(EpochLogLine(run.config.batch_size, run.weighting))
     fit_start = time.time()
-    with distribution.fit_scope(run.strategy):
-        # shuffle=False: the datasets shuffle themselves, by (seed, epoch); Keras would reorder a PyDataset's batches.
-        run.trainer.fit(run.train_ds, epochs=run.epochs, initial_epoch=run.initial_epoch,
-                        steps_per_epoch=run.steps_per_epoch, callbacks=[*run.callbacks, *callbacks], verbose=verbose,
-                        shuffle=False)
+    # shuffle=False: the datasets shuffle themselves, by (seed, epoch); Keras would reorder a PyDataset's batches.
+    options = dict(callbacks=[*run.callbacks, *callbacks], verbose=verbose, shuffle=False)
+    first_epoch, dataset = run.initial_epoch, run.train_ds
+    with distribution.fit_scope(run.strategy), run.preemption or contextlib.nullcontext(), _lost_workers(run):
+        if run.initial_step and first_epoch < run.epochs:
+            # A mid-epoch resume: Keras' epochs all have steps_per_epoch steps, so the rest of this one is a fit of
+            # its own, and the next epochs read on from a dataset that skips to their start.
+            run.trainer.fit(dataset, epochs=first_epoch + 1, initial_epoch=first_epoch,
+                            steps_per_epoch=run.steps_per_epoch - run.initial_step, **options)
+            first_epoch += 1
+            dataset = train_dataset(run, skip=first_epoch * run.steps_per_epoch)
+        if first_epoch < run.epochs:
+            run.trainer.fit(dataset, epochs=run.epochs, initial_epoch=first_epoch,
+                            steps_per_epoch=run.steps_per_epoch, **options)
     run.fit_seconds = time.time() - fit_start
     return run
+
+
+@contextlib.contextmanager
+def _lost_workers(run):
+    """Under several TensorFlow workers, a worker that dies (or stops answering) makes the others' next collective
+    fail once the coordination service misses its heartbeats: the run stops in one line with the preemption's status
+    (75: a scheduler restarts every worker, and they resume from their last backups) instead of a traceback."""
+    if run.num_workers == 1 or keras.config.backend() != "tensorflow":
+        yield
+        return
+    import tensorflow as tf
+
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError) as e:
+        cause = " ".join(str(e).split("[type.googleapis")[0].split())
+        cause = cause.split("Collective ops is aborted by: ")[-1][:300]
+        message = (f"Training stopped: lost contact with the other workers ({type(e).__name__}: {cause}). The "
+                   f"backups are kept: start every worker again to resume from the last one (exit status "
+                   f"{checkpointing.PREEMPTED_EXIT_CODE}).")
+        log.error("%s", message)
+        raise checkpointing.Preempted(message) from None
 
 
 def finish(run):
     """Removes the backups; on the chief, evaluates, draws, saves and exports the model and writes ``metrics.json``.
     Returns the results (a worker's: its weights digest)."""
     config = run.config
-    checkpointing.remove_backups(run.backup_dir)
     digest = weights_digest(run.trainer)
     log.info("weights digest %s", digest)
     if not run.chief:
+        checkpointing.remove_backups(run.backup_dir)
         return {"chief": False, "weights_digest": digest, "steps": int(run.total_steps)}
     # Evaluation, pictures and export use a copy outside the strategy: under MultiWorkerMirroredStrategy the
     # distributed model's predict gathers across workers, which only the chief runs here.
@@ -456,15 +520,17 @@ def finish(run):
     plot_task_weights(dict(run.history.history), os.path.join(run.out, "task_weights.png"),
                       title=f"{config.weighting} weighting", xlabel="step")
     _save_samples(run, model, os.path.join(run.out, "samples"))
-    model.save(os.path.join(run.out, "model.keras"))
+    with atomic_path(os.path.join(run.out, "model.keras")) as temporary:
+        model.save(temporary)
     save_to_preset(model, os.path.join(run.out, "preset"), training_config=config, metrics=_to_jsonable(trained),
                    description=f"{config.model} trained by mtl_keras.experiment ({config.dataset}, "
                                f"{run.total_steps} steps, {config.weighting} weighting)", overwrite=True)
     if config.export:
         _export(run, model)
     results = _to_jsonable(_results(run, model, trained, final_weights, digest))
-    with open(os.path.join(run.out, "metrics.json"), "w") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
+    write_json_atomically(os.path.join(run.out, "metrics.json"), results, indent=2, sort_keys=True)
+    # Last: a run stopped before here (preempted, killed) finds its final backup and finishes again.
+    checkpointing.remove_backups(run.backup_dir)
     return results
 
 
@@ -487,14 +553,16 @@ def _export(run, model):
 
 def _results(run, model, trained, final_weights, digest):
     config, replicas = run.config, run.replicas
-    steps_run = (run.epochs - run.initial_epoch) * run.steps_per_epoch
+    resumed_steps = run.initial_epoch * run.steps_per_epoch + run.initial_step
+    steps_run = run.total_steps - resumed_steps
     return dict(
         chief=True, model=config.model, dataset=config.dataset, tasks=list(run.tasks), weighting=config.weighting,
         strategy=distribution.strategy_name(run.strategy), backend=keras.config.backend(),
         jit_compile=bool(run.jit_compile), replicas=int(replicas), global_batch_size=int(config.batch_size),
         per_replica_batch_size=int(config.batch_size // replicas), precision=config.precision,
         parameters=int(model.count_params()), steps=int(run.total_steps), resumed_from_epoch=int(run.initial_epoch),
-        train_images_per_s=steps_run * config.batch_size / run.fit_seconds, fit_seconds=run.fit_seconds,
+        resumed_from_step=int(resumed_steps),
+        train_images_per_s=steps_run * config.batch_size / max(run.fit_seconds, 1e-9), fit_seconds=run.fit_seconds,
         wall_seconds=time.time() - run.started, weights_digest=digest, val=trained, val_untrained=run.untrained,
         final_task_weights=final_weights,
         train_history=run.backup.epoch_logs,  # every epoch, also those before a resume

@@ -26,6 +26,7 @@ import cv2
 import keras
 import numpy as np
 
+from mtl_keras.atomic_files import atomic_directory
 from mtl_keras.instances import clustering_parameters
 from mtl_keras.labels import class_names, instance_train_ids
 from mtl_keras.platform import quiet_tensorflow_logs
@@ -379,10 +380,16 @@ def export_saved_model(model, path, instances=False, instance_classes=None, inst
     ``instances``: add ``instance_ids`` (needs semantic + instance tasks); ``instance_classes``: training ids with
     instances (default for 7 / 19 CityScapes classes); ``instance_image_size``: the (H, W) the clustering lengths
     are set for (default: the model's input size, else 128x256). Returns the export's info dict (also written to
-    ``path/assets.extra/export_info.json``).
+    ``path/assets.extra/export_info.json``). ``path`` is replaced whole or not at all (a staging folder swapped in,
+    :func:`mtl_keras.atomic_files.atomic_directory`): a failed write (``DiskWriteError``) leaves the previous export;
+    a non-empty folder that is not a SavedModel is refused (``FileExistsError``), never replaced.
     """
     import tensorflow as tf
 
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, "saved_model.pb")):
+        # the export replaces the folder whole: never a folder that holds something else
+        raise FileExistsError(f"{path} exists and is not a SavedModel folder: choose another output or remove it.")
     config = model.get_config()
     serving = serving_model(model)
     clustering = None
@@ -401,13 +408,6 @@ def export_saved_model(model, path, instances=False, instance_classes=None, inst
                                                                     name=INPUT_NAME)], autograph=False)
     serve_float = module.serve.get_concrete_function()
     serve_uint8 = module.serve_uint8.get_concrete_function()
-    with quiet_tensorflow_logs():
-        tf.saved_model.save(module, path, signatures={"serving_default": serve_float, "serve": serve_float,
-                                                      "serve_uint8": serve_uint8})
-    if verbose:
-        print(f"Saved the serving model at {path}: signatures serving_default / serve (float32 images) and "
-              f"serve_uint8 (uint8 images).")
-
     tasks = model_tasks(serving)
     outputs = [TASKS[t].output_name for t in tasks]
     if "semantic" in tasks:
@@ -434,10 +434,20 @@ def export_saved_model(model, path, instances=False, instance_classes=None, inst
         info["class_names"] = class_names(int(config.get("num_classes")))
     except (ValueError, TypeError, ImportError):
         info["class_names"] = None
-    extra = os.path.join(path, "assets.extra")
-    os.makedirs(extra, exist_ok=True)
-    with open(os.path.join(extra, "export_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # Written in a staging folder and swapped in whole: a full or read-only disk (DiskWriteError) or any other
+    # failure leaves the previous export loadable, and no reader ever sees a half-written one.
+    with atomic_directory(path) as staging:
+        with quiet_tensorflow_logs():
+            tf.saved_model.save(module, staging, signatures={"serving_default": serve_float, "serve": serve_float,
+                                                             "serve_uint8": serve_uint8})
+        extra = os.path.join(staging, "assets.extra")
+        os.makedirs(extra, exist_ok=True)
+        with open(os.path.join(extra, "export_info.json"), "w") as f:
+            json.dump(info, f, indent=2)
+    if verbose:
+        print(f"Saved the serving model at {path}: signatures serving_default / serve (float32 images) and "
+              f"serve_uint8 (uint8 images).")
     return info
 
 

@@ -18,15 +18,20 @@ import it.
 import datetime
 import fnmatch
 import hashlib
+import io
 import json
 import logging
 import os
-import shutil
-import tempfile
 import zipfile
 
 import keras
 
+try:  # Keras' own weights writer, pointed at a buffer by save_weights_file (internals: checked at import)
+    from keras.src.saving.saving_lib import H5IOStore as _H5IOStore, _save_state
+except ImportError:
+    _H5IOStore = _save_state = None
+
+from mtl_keras.atomic_files import atomic_directory, atomic_path, write_bytes_atomically, write_text_atomically
 from mtl_keras.config import read_json
 from mtl_keras.registry import is_model, model_entry_point
 from mtl_keras.tasks import validate_tasks
@@ -256,23 +261,11 @@ def dumps_preset(preset):
 
 
 def write_preset(preset, folder):
-    """Writes ``folder/NAME.json`` (atomically) and returns its path."""
+    """Writes ``folder/NAME.json`` (atomically: the previous file stays whole if the write fails) and returns its
+    path."""
     validate_preset(preset)
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{preset['name']}.json")
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(dumps_preset(preset))
-    _readable(tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def _readable(path):
-    """mkstemp files are 0600: give them the usual mode (0666 minus the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    return write_text_atomically(os.path.join(folder, f"{preset['name']}.json"), dumps_preset(preset))
 
 
 # --------------------------------------------------------------------------------------------------------- weights
@@ -321,14 +314,14 @@ def save_to_preset(model, preset_dir, training_config=None, metrics=None, descri
         raise FileExistsError(f"{preset_dir} exists and is not empty; pass overwrite=True to replace it.")
     if training_config is not None and not isinstance(training_config, dict):
         training_config = json.loads(training_config.to_json())
-    parent = os.path.dirname(preset_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(preset_dir)}.")
-    try:
-        with open(os.path.join(staging, CONFIG_FILE), "w") as f:
+    os.makedirs(os.path.dirname(preset_dir), exist_ok=True)
+    # Written in a staging folder and swapped in whole: a full or read-only disk (DiskWriteError) or any other
+    # failure leaves the previous preset as it was, and no reader ever sees a half-written one.
+    with atomic_directory(preset_dir) as staging:
+        with open(os.path.join(staging, CONFIG_FILE), "w") as f:  # fsynced with the folder before the swap
             json.dump(keras.saving.serialize_keras_object(model), f, indent=2)
         weights_path = os.path.join(staging, WEIGHTS_FILE)
-        model.save_weights(weights_path)
+        save_weights_file(model, weights_path)
         config = model.get_config()
         metadata = {
             "format_version": PRESET_FOLDER_FORMAT,
@@ -354,16 +347,6 @@ def save_to_preset(model, preset_dir, training_config=None, metrics=None, descri
         for name in os.listdir(staging):
             os.chmod(os.path.join(staging, name), 0o644)
         os.chmod(staging, 0o755)
-        if os.path.isdir(preset_dir):
-            old = preset_dir + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(preset_dir, old)
-            os.replace(staging, preset_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, preset_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return preset_dir
 
 
@@ -446,6 +429,36 @@ def load_keras_file(path):
         raise ValueError(f"{path} is not a .keras file (a zip archive): truncated or corrupt? "
                          f"({os.path.getsize(path)} bytes)")
     return keras.saving.load_model(path, safe_mode=True)
+
+
+def weights_file_bytes(model):
+    """The bytes of ``model.save_weights(PATH.weights.h5)``, built in memory; None where this Keras lacks the
+    internals used (then :func:`save_weights_file` lets HDF5 write the file itself)."""
+    if _H5IOStore is None or not model.built:
+        return None
+    buffer = io.BytesIO()
+    store = _H5IOStore(buffer, mode="w")  # HDF5 writes to this buffer through h5py's file-object driver
+    try:
+        _save_state(model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set())
+    finally:
+        store.close()
+    return buffer.getvalue()
+
+
+def save_weights_file(model, path):
+    """``model.save_weights(path)`` whole or not at all: a failed write raises ``DiskWriteError`` (one line, the
+    errno) and leaves the previous ``path``. Returns ``path``.
+
+    The file is built in memory and written by Python: HDF5 that meets a full disk or a file size limit itself
+    segfaults when the file is closed (h5py 3.14 / HDF5 1.14.6; h5py issues 914 and 2160), killing the process
+    instead of raising."""
+    data = weights_file_bytes(model)
+    if data is None:
+        with atomic_path(path) as tmp:
+            model.save_weights(tmp)
+    else:
+        write_bytes_atomically(path, data)
+    return path
 
 
 def load_weights_file(model, path):

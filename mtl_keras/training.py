@@ -234,8 +234,9 @@ class ResumableTensorBoard(keras.callbacks.TensorBoard):
         self.initial_step = int(initial_step)
 
     def on_train_begin(self, logs=None):
+        done = getattr(self, "_global_train_batch", 0)  # a second fit of the same run (a mid-epoch resume's) goes on
         super().on_train_begin(logs)
-        self._global_train_batch = self.initial_step
+        self._global_train_batch = max(self.initial_step, done)
 
 
 class WeightingHistory(keras.callbacks.Callback):

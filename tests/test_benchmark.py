@@ -225,7 +225,7 @@ def _table_without_cost(root):
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-def test_killed_grid_resumes_and_shards_merge_to_the_same_table(tmp_path):
+def test_preempted_grid_resumes_and_shards_merge_to_the_same_table(tmp_path):
     protocol = _tiny_protocol(tmp_path)
     # Two shards side by side into one folder, then a merge.
     sharded = str(tmp_path / "sharded")
@@ -237,26 +237,30 @@ def test_killed_grid_resumes_and_shards_merge_to_the_same_table(tmp_path):
     _, missing = benchmark.build_table(loaded, sharded, expected=benchmark.grid(loaded))  # the merge
     assert missing == []
 
-    # One process, a child process per cell, killed with its children (SIGKILL, no cleanup) once a cell is finished
-    # and another has a backup.
+    # One process, a child process per cell, preempted (SIGTERM to the grid alone, as Kubernetes sends it) once a
+    # cell is finished and another has a backup: the grid passes it on; the cell backs up its step and stops.
+    # (SIGKILL mid-run: tests/test_fault_tolerance.py.)
     single = str(tmp_path / "single")
     cells_dir = os.path.join(single, "cells")
     process = _benchmark(protocol, single, "--jobs=1", start_new_session=True)
     from mtl_keras import checkpointing
 
-    killed_in = None
+    stopped_in = None
     deadline = time.time() + 600
-    while process.poll() is None and time.time() < deadline and killed_in is None:
+    while process.poll() is None and time.time() < deadline and stopped_in is None:
         names = os.listdir(cells_dir) if os.path.isdir(cells_dir) else []
         done = [n for n in names if os.path.isfile(os.path.join(cells_dir, n, "metrics.json"))]
         partial = [n for n in names if n not in done
                    and checkpointing.read_state(os.path.join(cells_dir, n, "backup")).get("backups")]
         if done and partial:
-            os.killpg(process.pid, signal.SIGKILL)
-            killed_in = partial[0]
+            process.send_signal(signal.SIGTERM)
+            stopped_in = partial[0]
         time.sleep(0.05)
-    process.communicate(timeout=60)
-    assert killed_in is not None, "the grid finished before it could be killed mid-cell"
+    out, _ = process.communicate(timeout=120)
+    assert stopped_in is not None, "the grid finished before it could be preempted mid-cell"
+    assert process.returncode == 75, out  # EX_TEMPFAIL: requeue
+    assert "SIGTERM: the 1 running cell(s) back up and stop" in out and "backed up and stopped" in out, out
+    assert not os.path.exists(os.path.join(cells_dir, stopped_in, "metrics.json"))
     finished_before = {n: os.path.getmtime(os.path.join(cells_dir, n, "metrics.json")) for n in done}
 
     restart = _benchmark(protocol, single, "--jobs=1")
@@ -265,7 +269,7 @@ def test_killed_grid_resumes_and_shards_merge_to_the_same_table(tmp_path):
     assert f"{len(done)} done" in out and "(1 resuming)" in out, out
     for name, mtime in finished_before.items():  # not trained again
         assert os.path.getmtime(os.path.join(cells_dir, name, "metrics.json")) == mtime
-    with open(os.path.join(cells_dir, killed_in, "metrics.json")) as f:
+    with open(os.path.join(cells_dir, stopped_in, "metrics.json")) as f:
         assert json.load(f)["resumed_from_epoch"] >= 1
     # Deterministic cells: the resumed grid and the sharded one give the same metrics and Delta_m.
     assert _table_without_cost(single) == _table_without_cost(sharded)

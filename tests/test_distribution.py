@@ -5,12 +5,13 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from mtl_keras import distribution
+from mtl_keras import checkpointing, distribution
 from mtl_keras.data.datasets import load_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,41 +133,76 @@ def _reserved_ports(n):
 
 # pcgrad: per-task gradients all-reduced across the workers, then a random projection order that must be the same
 # on both: a divergence would show as different digests.
-@pytest.mark.slow  # 1.5 to 2.5 min each
-@pytest.mark.subprocess
-@pytest.mark.parametrize("weighting", ["uncertainty", "pcgrad"])
-def test_two_worker_processes_train_in_lockstep_and_only_the_chief_writes(tmp_path, weighting):
-    from mtl_keras.data import generate_synthetic_cityscapes
-
-    data = str(generate_synthetic_cityscapes(str(tmp_path / "d"), num_train=8, num_val=2, height=32, width=64))
-    out = tmp_path / "run"
-    command = [sys.executable, os.path.join(ROOT, "experiments", "train.py"), "--strategy=multi_worker",
-               f"--output_dir={out}", f"--data_dir={data}", "--image_size=32,64", "--batch_size=4", "--steps=4",
-               "--tasks=semantic,depth", "--export=false", "--val_batches=1", f"--weighting={weighting}"]
-    # Logs go to files: a full pipe would block one worker while the other waits for it in a collective.
-    log_files = [open(tmp_path / f"worker{i}.log", "w") for i in range(2)]
-    with _reserved_ports(2) as ports:
+def _run_workers(tmp_path, command, name, envs, timeout=600):
+    """Starts one process per entry of ``envs`` (TF_CONFIG worker i each), waits for all; returns (return codes, logs,
+    seconds from the first exit to the last)."""
+    log_paths = [tmp_path / f"{name}{i}.log" for i in range(len(envs))]
+    log_files = [open(path, "w") for path in log_paths]  # a full pipe would block a worker inside a collective
+    exits = {}
+    with _reserved_ports(len(envs)) as ports:
         cluster = {"worker": [f"localhost:{p}" for p in ports]}
         procs = [subprocess.Popen(command, cwd=str(tmp_path), stdout=log_files[i], stderr=subprocess.STDOUT,
-                                  env={**ENV, "TF_CONFIG": json.dumps({"cluster": cluster,
-                                                                       "task": {"type": "worker", "index": i}})})
-                 for i in range(2)]
+                                  env={**ENV, **env, "TF_CONFIG": json.dumps({"cluster": cluster,
+                                                                              "task": {"type": "worker", "index": i}})})
+                 for i, env in enumerate(envs)]
         try:
-            for p in procs:
-                p.wait(timeout=900)
+            deadline = time.monotonic() + timeout
+            while len(exits) < len(procs) and time.monotonic() < deadline:
+                for i, p in enumerate(procs):
+                    if i not in exits and p.poll() is not None:
+                        exits[i] = time.monotonic()
+                time.sleep(0.2)
         finally:
             for p, f in zip(procs, log_files):
                 p.kill()
                 p.wait()
                 f.close()
-    logs = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
-    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(log[-3000:] for log in logs)
+    logs = [path.read_text() for path in log_paths]
+    spread = max(exits.values()) - min(exits.values()) if len(exits) == len(procs) else float("inf")
+    return [p.returncode for p in procs], logs, spread
+
+
+@pytest.mark.slow  # three rounds of two worker processes: 2 to 3 min
+@pytest.mark.subprocess
+def test_workers_stop_together_on_sigterm_a_dead_worker_stops_the_other_and_a_restart_finishes(tmp_path):
+    from mtl_keras.data import generate_synthetic_cityscapes
+
+    data = str(generate_synthetic_cityscapes(str(tmp_path / "d"), num_train=8, num_val=2, height=32, width=64))
+    out = tmp_path / "run"
+    # 8 images at global batch 4: 2 steps per epoch, 4 epochs. PCGrad: per-task gradients across workers.
+    command = [sys.executable, os.path.join(ROOT, "experiments", "train.py"), "--strategy=multi_worker",
+               f"--output_dir={out}", f"--data_dir={data}", "--image_size=32,64", "--batch_size=4", "--steps=8",
+               "--tasks=semantic,depth", "--export=false", "--val_batches=1", "--weighting=pcgrad", "--deterministic"]
+    # 1. A real SIGTERM reaches worker 1 alone as step 2 begins: TF's PreemptionCheckpointHandler has both workers
+    #    agree on the step after the one it arrived in (its protocol: the signalled worker cannot know that the
+    #    others have not begun the next), back up after it (epoch 2, step 1) and exit 75.
+    codes, logs, _ = _run_workers(tmp_path, command, "preempted", [{}, {checkpointing.SIGNAL_AT_STEP_ENV: "2"}])
+    assert codes == [75, 75], "\n\n".join(log[-3000:] for log in logs)
+    assert "Preempted (SIGTERM on another worker) at epoch 2, step 1/2" in logs[0], logs[0][-3000:]
+    assert "Preempted (SIGTERM) at epoch 2, step 1/2" in logs[1], logs[1][-3000:]
+    newest = json.loads((out / "backup" / "state.json").read_text())["backups"][0]
+    assert (newest["epoch"], newest["step"]) == (1, 1)
+
+    # 2. Restarted, both resume mid-epoch 2; worker 1 dies as under SIGKILL right after its epoch-3 backup: the
+    #    chief, waiting for it in epoch 4's first collective, stops with one error line within a bounded time.
+    codes, logs, spread = _run_workers(tmp_path, command, "killed", [{}, {checkpointing.KILL_AFTER_EPOCH_ENV: "3"}])
+    assert codes[1] == checkpointing.KILLED_EXIT_CODE, logs[1][-3000:]
+    assert "Resuming from" in logs[0] and "after epoch 1 and 1 step(s) of the next" in logs[0], logs[0][-3000:]
+    assert codes[0] == 75, logs[0][-3000:]
+    assert "lost contact with the other workers" in logs[0], logs[0][-3000:]
+    assert spread < 120, f"the chief stopped {spread:.0f} s after the worker died"
+    assert not (out / "metrics.json").exists()
+
+    # 3. Both restarted: they resume after epoch 3 and finish in lockstep; only the chief writes the output folder.
+    codes, logs, _ = _run_workers(tmp_path, command, "restarted", [{}, {}])
+    assert codes == [0, 0], "\n\n".join(log[-3000:] for log in logs)
     digests = [re.findall(r"weights digest ([0-9a-f]{64})", log)[-1] for log in logs]
     assert digests[0] == digests[1]
     assert "global batch 4 = 2 replica(s) x 2 over 2 workers" in logs[0]
     assert "Worker done" in logs[1] and "Worker done" not in logs[0]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["weights_digest"] == digests[0] and metrics["replicas"] == 2
+    assert metrics["resumed_from_epoch"] == 3 and metrics["steps"] == 8 and metrics["weights_digest"] == digests[0]
+    assert metrics["replicas"] == 2 and len(metrics["train_history"]["loss"]) == 4
     assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "logs", "metrics.json", "metrics_untrained.json",
                                        "model.keras", "preset", "samples", "task_weights.png"]
 

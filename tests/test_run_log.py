@@ -134,6 +134,7 @@ class FakeStdout:
 def _run(trainer, epochs=2, steps=2):
     """What experiment.fit reads of a Run."""
     return types.SimpleNamespace(strategy=None, trainer=trainer, train_ds=batches(), epochs=epochs, initial_epoch=0,
+                                 initial_step=0, preemption=None, num_workers=1,
                                  steps_per_epoch=steps, callbacks=[], config=types.SimpleNamespace(batch_size=4),
                                  weighting=trainer.loss_weighting)
 

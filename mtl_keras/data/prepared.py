@@ -7,13 +7,13 @@ the tensors of the source loader."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import zlib
 
 import numpy as np
 
+from mtl_keras.atomic_files import write_json_atomically
 from mtl_keras.config import read_json
 from mtl_keras.data.checks import DataError, SplitReport, check_image_size, error_message
 from mtl_keras.data.pipeline import Source
@@ -87,10 +87,7 @@ def write_prepared_sources(make_source, dataset, data_dir, out_dir, splits, imag
         if verbose:
             print(f"{dataset} {split}: {count} examples at {h}x{w} -> {folder} ({nbytes / 2**20:.1f} MiB) in "
                   f"{time.perf_counter() - t0:.1f} s", flush=True)
-    tmp = manifest_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(tmp, manifest_path)
+    write_json_atomically(manifest_path, manifest, indent=2)
     return manifest
 
 

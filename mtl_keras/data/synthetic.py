@@ -15,6 +15,8 @@ import shutil
 import cv2
 import numpy as np
 
+from mtl_keras.atomic_files import write_json_atomically
+
 __all__ = ["generate_synthetic_cityscapes", "SYNTHETIC_CITIES", "render_scene"]
 
 SYNTHETIC_CITIES = {"train": "synthtown", "val": "synthville"}
@@ -503,10 +505,7 @@ def generate_synthetic_cityscapes(root, num_train: int = 200, num_val: int = 50,
             with open(p["camera"], "w") as f:
                 f.write(cam_text)
             files.extend(os.path.relpath(v, root) for v in p.values())
-    tmp = manifest_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"params": params, "files": files}, f, indent=1)
-    os.replace(tmp, manifest_path)
+    write_json_atomically(manifest_path, {"params": params, "files": files}, indent=1)
     return root
 
 
