@@ -103,7 +103,8 @@ flags.DEFINE_boolean("jit_compile", _D.jit_compile, "Compile the train step with
                      "KERAS_BACKEND=jax, off with tensorflow and torch).")
 flags.DEFINE_integer("seed", _D.seed, "Random seed.")
 flags.DEFINE_enum("strategy", _D.strategy, ["auto", "one_device", "mirrored", "multi_worker"],
-                  "auto: mirrored over all GPUs if any, else one device. multi_worker reads TF_CONFIG.")
+                  "auto: mirrored over all GPUs if any, else one device. multi_worker: several processes, from TF_CONFIG (on JAX "
+                  "also KERAS_DISTRIBUTION_JOB_ADDRESSES / _NUM_PROCESSES / _PROCESS_ID).")
 flags.DEFINE_integer("cpu_replicas", _D.cpu_replicas, "mirrored without GPUs: logical CPU devices to mirror over.")
 flags.DEFINE_boolean("deterministic", _D.deterministic, "Deterministic TF ops (reproducible resumes; slower).")
 flags.DEFINE_boolean("sync_batchnorm", _D.sync_batchnorm, "Batch-norm statistics over all replicas (only matters "

@@ -360,6 +360,34 @@ class WorkerPreemptionGuard(PreemptionGuard):
         self._stop(self._path)
 
 
+class JaxProcessPreemptionGuard(PreemptionGuard):
+    """:class:`PreemptionGuard` for JAX's processes (``--strategy multi_worker`` on JAX): JAX's coordination service,
+    started by ``keras.distribution.initialize``, takes SIGTERM on any process and agrees with every process on a
+    step; ``jax.experimental.multihost_utils.reached_preemption_sync_point(step)`` is then True on all of them at that
+    step, where each writes its backup and stops with :class:`Preempted` (TensorFlow's handler's counterpart). It is
+    asked once per step with the global step number, after each step but an epoch's last, and after the epoch's end
+    for that one."""
+
+    SIGNALS = ()  # JAX's preemption notifier takes SIGTERM
+
+    def _reached(self):
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.reached_preemption_sync_point(self.epoch * self.steps_per_epoch + self.step)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step < self.steps_per_epoch and self._reached():
+            self.received = "SIGTERM to a process"
+            states = [np.asarray(keras.ops.convert_to_numpy(v)).reshape(-1).tolist() for v in self.metric_variables()]
+            self._stop(self.backup.write(self.epoch, self.step, metric_states=states))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._reached():
+            self.received = "SIGTERM to a process"
+            self._stop(os.path.join(self.backup.backup_dir, read_state(self.backup.backup_dir)["backups"][0]["file"]))
+
+
 def remove_backups(backup_dir):
     if os.path.isdir(backup_dir):
         shutil.rmtree(backup_dir)

@@ -447,6 +447,8 @@ def _run_callbacks(run):
     if run.num_workers > 1 and keras.config.backend() == "tensorflow":  # all workers stop at one step: TF's handler
         run.preemption = checkpointing.WorkerPreemptionGuard(run.backup, run.steps_per_epoch,
                                                              run.strategy.cluster_resolver, *point)
+    elif run.num_workers > 1:  # JAX's processes: its coordination service's preemption sync point
+        run.preemption = checkpointing.JaxProcessPreemptionGuard(run.backup, run.steps_per_epoch, *point)
     else:
         run.preemption = checkpointing.PreemptionGuard(run.backup, run.steps_per_epoch, *point)
     callbacks.append(run.preemption)

@@ -325,3 +325,29 @@ def test_resuming_with_other_training_settings_is_refused_with_the_differences(t
     # Without backups there is nothing to resume: any settings start afresh.
     checkpointing.remove_backups(str(backup))
     check_resumable(saved.replace(learning_rate=0.02), str(out), str(backup))
+
+
+def test_a_mid_epoch_resume_without_tensorflow_skips_the_epoch_s_first_batches():
+    """The TensorFlow-free loaders (PyDataset) resume mid-epoch through experiment.SkipBatches: the rest of the
+    epoch's batches, then the dataset's next epoch as it would have come."""
+    from mtl_keras.experiment import SkipBatches
+
+    class Numbered(keras.utils.PyDataset):  # batch i of epoch e is (e, i), as CityscapesPyDataset's are functions
+        def __init__(self):
+            super().__init__()
+            self.epoch = 0
+
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, index):
+            return self.epoch, index
+
+        def on_epoch_end(self):
+            self.epoch += 1
+
+    dataset = Numbered()
+    rest = SkipBatches(dataset, 3)
+    assert len(rest) == 2 and [rest[i] for i in range(len(rest))] == [(0, 3), (0, 4)]
+    rest.on_epoch_end()
+    assert dataset.epoch == 1 and dataset[0] == (1, 0)

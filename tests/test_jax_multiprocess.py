@@ -13,7 +13,7 @@ import sys
 import keras
 import pytest
 
-from mtl_keras import distribution
+from mtl_keras import checkpointing, distribution
 
 pytest.importorskip("jax", reason="JAX is not installed: no multi-process JAX training to test")
 
@@ -47,11 +47,12 @@ def _wait_all(procs, log_files, timeout):
             f.close()
 
 
-@pytest.mark.slow  # 70 s on 2 shared cores (80 s of CPU: three processes, each builds and compiles the model)
+@pytest.mark.slow  # 100 s on 2 shared cores: three processes, then the two preempted ones again
 @pytest.mark.subprocess
-def test_two_jax_processes_train_to_the_weights_of_one_process_on_the_same_global_batches(tmp_path):
+def test_two_jax_processes_preempted_and_restarted_train_to_the_weights_of_one_process(tmp_path):
     """Two processes of one CPU device each end with the weights (sha256 of every weight, bit for bit) of one process
-    that trains the same global batches over two CPU devices; only process 0 writes the output folder.
+    that trains the same global batches over two CPU devices, also when a SIGTERM to one of them stops both and they
+    are started again; only process 0 writes the output folder.
 
     The one-process run has two devices, not one: the two-process run sums each mean over the two halves of the
     global batch (then all-reduces), a one-device run over the four examples at once, and float32 rounds these
@@ -83,10 +84,13 @@ def test_two_jax_processes_train_to_the_weights_of_one_process_on_the_same_globa
     log_files = [open(tmp_path / f"{name}.log", "w") for name in names]
     with _reserved_port() as port:
         cluster = {"worker": [f"localhost:{port}", "localhost:0"]}  # JAX uses process 0's address only
+        # Process 1 alone gets a real SIGTERM as step 2 begins (a test hook): JAX's preemption sync point stops both
+        # processes at one step, each backs up, and both exit 75; started again, they resume and finish.
         procs = [subprocess.Popen(command + ["--strategy=multi_worker", f"--output_dir={out}"], cwd=str(tmp_path),
                                   stdout=log_files[i], stderr=subprocess.STDOUT,
                                   env={**env, "TF_CONFIG": json.dumps({"cluster": cluster,
-                                                                       "task": {"type": "worker", "index": i}})})
+                                                                       "task": {"type": "worker", "index": i}}),
+                                       **({checkpointing.SIGNAL_AT_STEP_ENV: "2"} if i == 1 else {})})
                  for i in range(2)]
         # Started alongside (the machine's cores are shared anyway): one process over two CPU devices.
         procs.append(subprocess.Popen(command + ["--strategy=mirrored", "--cpu_replicas=2",
@@ -94,8 +98,20 @@ def test_two_jax_processes_train_to_the_weights_of_one_process_on_the_same_globa
                                       stdout=log_files[2], stderr=subprocess.STDOUT,
                                       env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}))
         _wait_all(procs, log_files, timeout=600)
+        preempted = [(tmp_path / f"{name}.log").read_text() for name in names]
+        assert [p.returncode for p in procs] == [75, 75, 0], "\n\n".join(log[-3000:] for log in preempted)
+        stops = [re.findall(r"Preempted \(SIGTERM to a process\) at (epoch \d+, step \d+/2)", log) for log in preempted[:2]]
+        assert len(stops[0]) == 1 and stops[0] == stops[1], stops  # the same step on both
+        log_files = [open(tmp_path / f"{name}.log", "w") for name in names[:2]]
+        procs[:2] = [subprocess.Popen(command + ["--strategy=multi_worker", f"--output_dir={out}"], cwd=str(tmp_path),
+                                      stdout=log_files[i], stderr=subprocess.STDOUT,
+                                      env={**env, "TF_CONFIG": json.dumps({"cluster": cluster,
+                                                                           "task": {"type": "worker", "index": i}})})
+                     for i in range(2)]
+        _wait_all(procs[:2], log_files, timeout=600)
     logs = [(tmp_path / f"{name}.log").read_text() for name in names]
     assert [p.returncode for p in procs] == [0, 0, 0], "\n\n".join(log[-3000:] for log in logs)
+    assert all("Resuming from" in log for log in logs[:2])
 
     digests = [re.findall(r"weights digest ([0-9a-f]{64})", log)[-1] for log in logs]
     metrics = json.loads((out / "metrics.json").read_text())
