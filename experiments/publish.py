@@ -5,12 +5,11 @@ file with its sha256, the run's metrics and training config. ``mtl_keras.load_mo
 import datetime
 import os
 import re
-import tempfile
 
 from mtl_keras.config import read_json
 from mtl_keras.labels import class_names, instance_train_ids
-from mtl_keras.presets import (PRESET_FORMAT_VERSION, _is_checkout, _readable, builtin_presets_dir,
-                               default_weights_dir, file_sha256, get_preset, load_model, log, user_presets_dir,
+from mtl_keras.presets import (PRESET_FORMAT_VERSION, _is_checkout, builtin_presets_dir, default_weights_dir,
+                               file_sha256, get_preset, load_model, log, save_weights_file, user_presets_dir,
                                write_preset)
 from mtl_keras.registry import is_model
 
@@ -60,17 +59,9 @@ def publish_run(run_dir, name, weights_dir=None, presets_dir=None, description=N
     arguments = {k: v for k, v in model.get_config().items() if k not in ("name", "trainable", "dtype")}
 
     os.makedirs(weights_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=weights_dir, suffix=".weights.h5")
-    os.close(fd)
-    try:
-        model.save_weights(tmp)
-        digest = file_sha256(tmp)
-        size = os.path.getsize(tmp)
-        _readable(tmp)
-        os.replace(tmp, weights_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_weights_file(model, weights_path)  # whole or not at all (and HDF5 never meets a full disk)
+    digest = file_sha256(weights_path)
+    size = os.path.getsize(weights_path)
 
     base = {}
     try:

@@ -147,6 +147,14 @@ class TrainConfig:
         # Only the type here: a saved run's config stays readable after its weights file moved; run_training
         # checks the file when a run starts.
         check(isinstance(self.backbone_weights, str), "backbone_weights", "'imagenet', a file name or empty")
+        # Every other field by its declared type: a JSON config's "flip": "no" is not taken as true.
+        expected = {bool: (bool, "true or false"), str: (str, "a string"), dict: (dict, "a JSON object"),
+                    float: ((int, float), "a number"), Optional[bool]: ((bool, type(None)), "true, false or null")}
+        for field in dataclasses.fields(self):
+            kinds, text = expected.get(field.type, (object, ""))
+            value = getattr(self, field.name)
+            if not isinstance(value, kinds) or (field.type is float and isinstance(value, bool)):
+                problems.append(f"--{field.name} must be {text}, got {value!r}")
         if problems:
             raise ValueError("; ".join(problems) + ".")
 

@@ -1,6 +1,7 @@
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -51,3 +52,16 @@ def test_flags_override_a_preset():
 def test_unknown_config_field_is_a_clear_error():
     with pytest.raises(ValueError, match="Unknown config field"):
         TrainConfig.from_dict({"learning_rat": 0.1})
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"flip": "no"}, "--flip must be true or false, got 'no'"),  # a JSON string is not a boolean
+    ({"momentum": True}, "--momentum must be a number, got True"),
+    ({"dataset": 3}, "--dataset must be a string, got 3"),
+    ({"model_overrides": [["depth", 26]]}, "--model_overrides must be a JSON object"),
+    ({"jit_compile": "yes"}, "--jit_compile must be true, false or null, got 'yes'"),
+])
+def test_a_config_value_of_the_wrong_type_is_refused_naming_the_field(settings, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig.from_dict(settings)
+    assert TrainConfig.from_dict({"flip": False, "momentum": 1, "jit_compile": None}).momentum == 1  # ints are numbers
