@@ -11,6 +11,9 @@ MARKERS = {
     "subprocess": "launches Python subprocesses",
     "matrix": "the architecture x weighting training matrix (tests/test_architectures.py); .ci/run runs it in a stage "
               "of its own, the README suite skips it unless MTL_KERAS_MATRIX=1",
+    "cluster": "several cooperating training processes at once (TF workers, JAX processes, a benchmark grid) "
+               "preempted, killed and restarted; each keeps both cores busy, so .ci/run runs them in a stage of their "
+               "own and the README suite skips them unless MTL_KERAS_CLUSTER=1",
 }
 
 
@@ -22,11 +25,13 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     import keras
 
-    if not os.environ.get("MTL_KERAS_MATRIX"):
-        skip_matrix = pytest.mark.skip(reason="matrix: set MTL_KERAS_MATRIX=1 (.ci/run's architecture stage)")
-        for item in items:
-            if "matrix" in item.keywords:
-                item.add_marker(skip_matrix)
+    for marker, variable, stage in (("matrix", "MTL_KERAS_MATRIX", "architecture"),
+                                    ("cluster", "MTL_KERAS_CLUSTER", "cluster")):
+        if not os.environ.get(variable):
+            skip_stage = pytest.mark.skip(reason=f"{marker}: set {variable}=1 (.ci/run's {stage} stage)")
+            for item in items:
+                if marker in item.keywords:
+                    item.add_marker(skip_stage)
     backend = keras.config.backend()
     if backend == "tensorflow":
         return

@@ -224,6 +224,7 @@ def _table_without_cost(root):
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 @pytest.mark.subprocess
 def test_preempted_grid_resumes_and_shards_merge_to_the_same_table(tmp_path):
     protocol = _tiny_protocol(tmp_path)

@@ -163,6 +163,7 @@ def _run_workers(tmp_path, command, name, envs, timeout=600):
 
 
 @pytest.mark.slow  # three rounds of two worker processes: 2 to 3 min
+@pytest.mark.cluster
 @pytest.mark.subprocess
 def test_workers_stop_together_on_sigterm_a_dead_worker_stops_the_other_and_a_restart_finishes(tmp_path):
     from mtl_keras.data import generate_synthetic_cityscapes

@@ -48,6 +48,7 @@ def _wait_all(procs, log_files, timeout):
 
 
 @pytest.mark.slow  # 100 s on 2 shared cores: three processes, then the two preempted ones again
+@pytest.mark.cluster
 @pytest.mark.subprocess
 def test_two_jax_processes_preempted_and_restarted_train_to_the_weights_of_one_process(tmp_path):
     """Two processes of one CPU device each end with the weights (sha256 of every weight, bit for bit) of one process
