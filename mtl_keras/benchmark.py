@@ -393,43 +393,38 @@ def _passing_signals_on(running, on_event):
 def _run_children(protocol, todo, configs, jobs, on_event):
     core_sets = _core_sets(jobs)
     free = list(range(jobs))
-    running, failed = {}, []
+    running, failed, number = {}, [], 0
     queue = list(todo)
     with _passing_signals_on(running, on_event) as received:
-        _schedule(protocol, todo, configs, core_sets, free, running, failed, queue, received, on_event)
+        while (queue and not received) or running:
+            while queue and free and not received:
+                cell, slot = queue.pop(0), free.pop(0)
+                number += 1
+                prepare_cell_folder(protocol, cell, configs[cell])
+                folder = configs[cell].output_dir
+                cores = core_sets[slot]
+                with open(os.path.join(folder, "train.log"), "a") as log_file:
+                    process = subprocess.Popen(
+                        cell_command(folder), stdout=log_file, stderr=subprocess.STDOUT,
+                        preexec_fn=(lambda c=cores: os.sched_setaffinity(0, c)) if cores else None)
+                running[process] = (cell, slot, time.time(), number)
+            time.sleep(0.5)
+            for process in [p for p in running if p.poll() is not None]:
+                cell, slot, started, num = running.pop(process)
+                free.append(slot)
+                where = os.path.join(configs[cell].output_dir, "train.log")
+                if process.returncode == 0:
+                    on_event(f"[{num}/{len(todo)}] {cell.name}: done in {time.time() - started:.0f} s")
+                elif received and process.returncode in (checkpointing.PREEMPTED_EXIT_CODE, -signal.SIGTERM):
+                    on_event(f"[{num}/{len(todo)}] {cell.name}: backed up and stopped (resumes next time)")
+                else:
+                    failed.append(cell.name)
+                    on_event(f"[{num}/{len(todo)}] {cell.name}: FAILED with exit status {process.returncode}: "
+                             f"{_last_line(where)} (log: {where})")
     if received:
         raise checkpointing.Preempted(f"benchmark preempted ({signal.Signals(received[0]).name}): the cells back "
                                       f"up and stop; run the same command again to resume")
     return failed
-
-
-def _schedule(protocol, todo, configs, core_sets, free, running, failed, queue, received, on_event):
-    number = 0
-    while (queue and not received) or running:
-        while queue and free and not received:
-            cell, slot = queue.pop(0), free.pop(0)
-            number += 1
-            prepare_cell_folder(protocol, cell, configs[cell])
-            folder = configs[cell].output_dir
-            cores = core_sets[slot]
-            with open(os.path.join(folder, "train.log"), "a") as log_file:
-                process = subprocess.Popen(
-                    cell_command(folder), stdout=log_file, stderr=subprocess.STDOUT,
-                    preexec_fn=(lambda c=cores: os.sched_setaffinity(0, c)) if cores else None)
-            running[process] = (cell, slot, time.time(), number)
-        time.sleep(0.5)
-        for process in [p for p in running if p.poll() is not None]:
-            cell, slot, started, num = running.pop(process)
-            free.append(slot)
-            where = os.path.join(configs[cell].output_dir, "train.log")
-            if process.returncode == 0:
-                on_event(f"[{num}/{len(todo)}] {cell.name}: done in {time.time() - started:.0f} s")
-            elif received and process.returncode in (checkpointing.PREEMPTED_EXIT_CODE, -signal.SIGTERM):
-                on_event(f"[{num}/{len(todo)}] {cell.name}: backed up and stopped (resumes next time)")
-            else:
-                failed.append(cell.name)
-                on_event(f"[{num}/{len(todo)}] {cell.name}: FAILED with exit status {process.returncode}: "
-                         f"{_last_line(where)} (log: {where})")
 
 
 def _last_line(path):

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from mtl_keras.atomic_files import atomic_path
-from mtl_keras.presets import file_sha256, save_weights_file, weights_file_bytes
+from mtl_keras.presets import file_sha256, save_weights_file, write_weights
 
 log = logging.getLogger("mtl_keras")
 
@@ -66,13 +66,8 @@ class EpochBackup(keras.callbacks.Callback):
         os.makedirs(self.backup_dir, exist_ok=True)
         name = f"epoch-{epochs_done:05d}" + (f"-step-{step:06d}" if step else "") + ".weights.h5"
         path = os.path.join(self.backup_dir, name)
-        data = weights_file_bytes(self.model)  # in memory: HDF5 segfaults on a full disk (save_weights_file)
         with atomic_path(path) as temporary:  # a failed write: DiskWriteError, the previous backups untouched
-            if data is None:
-                self.model.save_weights(temporary)
-            else:
-                with open(temporary, "wb") as f:
-                    f.write(data)
+            write_weights(self.model, temporary)  # built in memory: HDF5 segfaults on a full disk
             self._test_kill_during_write(epochs_done, "weights", temporary)
         state = read_state(self.backup_dir)
         entry = {"epoch": epochs_done, "file": name, "sha256": file_sha256(path)}
@@ -291,17 +286,28 @@ class PreemptionGuard(keras.callbacks.Callback):
         if self._signal_at and self._signal_at[0] == self.epoch * self.steps_per_epoch + self.step + 1:
             os.kill(os.getpid(), self._signal_at[1])
 
+    # Asked once per step, in the same order in every process (the multi-process agreements count the calls): after
+    # each step but an epoch's last, and after the epoch's end for that one (the epoch ends first, its backup too).
     def on_train_batch_end(self, batch, logs=None):
         self.step += 1
-        if self.received is None or self.step >= self.steps_per_epoch:
-            return  # at the epoch's last step: the epoch ends first (on_epoch_end)
-        states = [np.asarray(keras.ops.convert_to_numpy(v)).reshape(-1).tolist() for v in self.metric_variables()]
-        path = self.backup.write(self.epoch, self.step, metric_states=states)
-        self._stop(path)
+        if self.step < self.steps_per_epoch and self._preempted():
+            self._stop(self._back_up_here())
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.received is not None:
-            self._stop(os.path.join(self.backup.backup_dir, read_state(self.backup.backup_dir)["backups"][0]["file"]))
+        if self._preempted():
+            self._stop(self._back_up_here())
+
+    def _preempted(self):
+        """Whether to stop after this step; the multi-process guards ask their cluster here."""
+        return self.received is not None
+
+    def _back_up_here(self):
+        """The backup to resume from: written now mid-epoch (with the epoch's running metrics); after an epoch's last
+        step the epoch's own, which ``backup`` has just written."""
+        if self.step >= self.steps_per_epoch:
+            return os.path.join(self.backup.backup_dir, read_state(self.backup.backup_dir)["backups"][0]["file"])
+        states = [np.asarray(keras.ops.convert_to_numpy(v)).reshape(-1).tolist() for v in self.metric_variables()]
+        return self.backup.write(self.epoch, self.step, metric_states=states)
 
     def _stop(self, path):
         message = (f"Preempted ({self.received}) at epoch {self.epoch + 1}, step {self.step}/{self.steps_per_epoch}: "
@@ -317,8 +323,7 @@ class WorkerPreemptionGuard(PreemptionGuard):
     (through the coordination service) on the step to stop after, and there calls our ``save_fn`` (each worker writes
     its backup: the chief to the output folder, the others to their own) and ``exit_fn`` (:class:`Preempted`). Its
     own tf.train checkpoint stays empty: the backups are ours, so a restart resumes as a single process does.
-    It is asked once per step, in the same order on every worker (the agreement counts the calls): after each step but
-    an epoch's last, and after the epoch's end for that one. SIGINT keeps its default under several workers."""
+    SIGINT keeps its default under several workers."""
 
     SIGNALS = ()  # TF's handler installs its own SIGTERM handler
 
@@ -338,21 +343,12 @@ class WorkerPreemptionGuard(PreemptionGuard):
             termination_config=config)
         return self
 
-    def on_train_batch_end(self, batch, logs=None):
-        self.step += 1
-        if self.step < self.steps_per_epoch:
-            self.handler.save_checkpoint_if_preempted()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.handler.save_checkpoint_if_preempted()
+    def _preempted(self):
+        self.handler.save_checkpoint_if_preempted()  # on the agreed step: _save, then _exit raises Preempted
+        return False
 
     def _save(self, *args, **kwargs):
-        if self.step < self.steps_per_epoch:
-            states = [np.asarray(keras.ops.convert_to_numpy(v)).reshape(-1).tolist() for v in self.metric_variables()]
-            self._path = self.backup.write(self.epoch, self.step, metric_states=states)
-        else:  # the epoch's own backup is written
-            self._path = os.path.join(self.backup.backup_dir,
-                                      read_state(self.backup.backup_dir)["backups"][0]["file"])
+        self._path = self._back_up_here()
 
     def _exit(self):
         own = self.handler is not None and self.handler._received_own_sigterm.is_set()  # noqa: SLF001 - for the log
@@ -364,28 +360,17 @@ class JaxProcessPreemptionGuard(PreemptionGuard):
     """:class:`PreemptionGuard` for JAX's processes (``--strategy multi_worker`` on JAX): JAX's coordination service,
     started by ``keras.distribution.initialize``, takes SIGTERM on any process and agrees with every process on a
     step; ``jax.experimental.multihost_utils.reached_preemption_sync_point(step)`` is then True on all of them at that
-    step, where each writes its backup and stops with :class:`Preempted` (TensorFlow's handler's counterpart). It is
-    asked once per step with the global step number, after each step but an epoch's last, and after the epoch's end
-    for that one."""
+    step, where each writes its backup and stops with :class:`Preempted` (TensorFlow's handler's counterpart), asked
+    with the global step number."""
 
     SIGNALS = ()  # JAX's preemption notifier takes SIGTERM
 
-    def _reached(self):
+    def _preempted(self):
         from jax.experimental import multihost_utils
 
-        return multihost_utils.reached_preemption_sync_point(self.epoch * self.steps_per_epoch + self.step)
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.step += 1
-        if self.step < self.steps_per_epoch and self._reached():
+        if multihost_utils.reached_preemption_sync_point(self.epoch * self.steps_per_epoch + self.step):
             self.received = "SIGTERM to a process"
-            states = [np.asarray(keras.ops.convert_to_numpy(v)).reshape(-1).tolist() for v in self.metric_variables()]
-            self._stop(self.backup.write(self.epoch, self.step, metric_states=states))
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self._reached():
-            self.received = "SIGTERM to a process"
-            self._stop(os.path.join(self.backup.backup_dir, read_state(self.backup.backup_dir)["backups"][0]["file"]))
+        return self.received is not None
 
 
 def remove_backups(backup_dir):

@@ -31,7 +31,7 @@ try:  # Keras' own weights writer, pointed at a buffer by save_weights_file (int
 except ImportError:
     _H5IOStore = _save_state = None
 
-from mtl_keras.atomic_files import atomic_directory, atomic_path, write_bytes_atomically, write_text_atomically
+from mtl_keras.atomic_files import atomic_directory, atomic_path, write_text_atomically
 from mtl_keras.config import read_json
 from mtl_keras.registry import is_model, model_entry_point
 from mtl_keras.tasks import validate_tasks
@@ -452,13 +452,20 @@ def save_weights_file(model, path):
     The file is built in memory and written by Python: HDF5 that meets a full disk or a file size limit itself
     segfaults when the file is closed (h5py 3.14 / HDF5 1.14.6; h5py issues 914 and 2160), killing the process
     instead of raising."""
+    with atomic_path(path) as temporary:
+        write_weights(model, temporary)
+    return path
+
+
+def write_weights(model, path):
+    """``model.save_weights(path)``, the file built in memory (:func:`save_weights_file`'s reason); not atomic: for
+    the temporary path of an ``atomic_path`` block."""
     data = weights_file_bytes(model)
     if data is None:
-        with atomic_path(path) as tmp:
-            model.save_weights(tmp)
-    else:
-        write_bytes_atomically(path, data)
-    return path
+        model.save_weights(path)
+        return
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def load_weights_file(model, path):

@@ -357,13 +357,19 @@ def _stdlib_json(blob):
         return None
 
 
+def _json_case(data, tmp_path, name, valid, example):
+    """``(kind, blob, path)``: a corruption of ``valid`` drawn by hypothesis (or, with ``data`` None, the explicit
+    ``example`` (kind, blob)), written to ``tmp_path / name``."""
+    kind, blob = example if data is None else data.draw(corruptions(valid), label=name)[:2]
+    return kind, blob, write(tmp_path / name, blob)
+
+
 @fuzz(400)
 @given(data=st.data())
 @example(data=None)
 def test_json_configs_parse_as_json_or_fail_naming_the_file(data, tmp_path):
     """config.read_json (run configs, benchmark protocols, preset files) on a TrainConfig's JSON."""
-    kind, blob, _ = ("deep", DEEP, 0) if data is None else data.draw(corruptions(CONFIG_JSON), label="config.json")
-    path = write(tmp_path / "config.json", blob)
+    kind, blob, path = _json_case(data, tmp_path, "config.json", CONFIG_JSON, ("deep", DEEP))
     value, error = read_or_error(lambda: read_json(path), path)
     assert error is not None or value == _stdlib_json(blob), kind
 
@@ -373,8 +379,7 @@ def test_json_configs_parse_as_json_or_fail_naming_the_file(data, tmp_path):
 @example(data=None)
 def test_training_configs_are_a_config_or_a_value_error(data, tmp_path):
     """TrainConfig.from_dict(read_json(...)): experiment.load_run's and train.py --preset's reader."""
-    kind, blob, _ = ("list", b"[1, 2]", 0) if data is None else data.draw(corruptions(CONFIG_JSON), label="config.json")
-    path = write(tmp_path / "config.json", blob)
+    _, _, path = _json_case(data, tmp_path, "config.json", CONFIG_JSON, ("list", b"[1, 2]"))
     value, error = read_or_error(lambda: read_json(path), path)
     if error is None:
         try:
@@ -389,8 +394,7 @@ def test_training_configs_are_a_config_or_a_value_error(data, tmp_path):
 @example(data=None)
 def test_camera_json_gives_a_positive_baseline_fx_or_fails_naming_the_file(data, tmp_path):
     """cityscapes._read_baseline_fx (metric depth = baseline * fx / disparity)."""
-    kind, blob, _ = ("deep", DEEP, 0) if data is None else data.draw(corruptions(CAMERA_JSON), label="camera.json")
-    path = write(tmp_path / "camera.json", blob)
+    kind, _, path = _json_case(data, tmp_path, "camera.json", CAMERA_JSON, ("deep", DEEP))
     baseline_fx, _ = read_or_error(lambda: cityscapes._read_baseline_fx(path), path)
     assert baseline_fx is None or 0 < baseline_fx < float("inf")
     if kind in ("random", "truncated") and baseline_fx is not None:
